@@ -1,0 +1,3 @@
+from shardchat.cli import main
+
+main()

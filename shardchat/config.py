@@ -1,0 +1,278 @@
+"""TOML -> typed, validated configuration.
+
+Every error names the key at fault (``instances[2].port``) and says what would be accepted,
+because a config mistake found at start-up is cheap and one found in production is not.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from shardchat import urls
+
+SECRET_ENV = "SHARDCHAT_SECRET"
+DEFAULT_SECRET = "change-me"
+
+
+class ConfigError(ValueError):
+    """A config value is missing or wrong; ``key`` names it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str = "demo"
+    public_url: str = "http://127.0.0.1:8080"
+    secret: str = DEFAULT_SECRET
+    data_dir: str = "./data"
+
+
+@dataclass(frozen=True)
+class Instance:
+    number: int
+    host: str = "127.0.0.1"
+    port: int = 9001
+    internal_port: int = 9101
+    ec2_instance_id: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Limits and transport settings of every node (the ``[node]`` table)."""
+
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    websocket_compression: bool = False
+    max_message_chars: int = 4000
+    max_packet_bytes: int = 64 * 1024
+    max_body_bytes: int = 16 * 1024
+    max_name_chars: int = 40
+    rate_limit_messages: int = 20
+    rate_limit_window: float = 10.0
+    room_capacity: int = 500
+    history_retention: int = 10_000
+    max_recovery: int = 1000
+    invite_ttl_days: float = 30.0
+    write_buffer_cap: int = 1024 * 1024
+    fsync: bool = True
+    peer_timeout: float = 1.5
+    placement_reservation_seconds: float = 5.0
+    stats_interval: float = 1.0
+    drain_grace_seconds: float = 1.0
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class AwsConfig:
+    region: str = "us-east-1"
+    load_balancer: str = ""
+    vpc_id: str = ""
+    subnets: tuple[str, ...] = ()
+    security_groups: tuple[str, ...] = ()
+    scheme: str = "internet-facing"
+    listener_port: int = 80
+    certificate_arn: str = ""
+    target_type: str = "instance"
+    idle_timeout: int = 60
+    health_check_interval: int = 10
+    health_check_timeout: int = 5
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 2
+    deregistration_delay: int = 30
+    discover: str = "config"
+    rule_priority_offset: int = 0
+    max_target_groups: int = 100
+    max_rules: int = 100
+
+
+@dataclass(frozen=True)
+class Config:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    instances: tuple[Instance, ...] = ()
+    node: NodeSettings = field(default_factory=NodeSettings)
+    aws: AwsConfig = field(default_factory=AwsConfig)
+    source: str = "<defaults>"
+
+    def instance(self, number: int) -> Instance:
+        for inst in self.instances:
+            if inst.number == number:
+                return inst
+        known = ", ".join(str(i.number) for i in self.instances) or "none"
+        raise ConfigError("instances", f"no instance number {number} (configured: {known})")
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.cluster.data_dir)
+
+    def instance_data_dir(self, number: int) -> Path:
+        return self.data_dir / urls.prefix(number).lstrip("/")
+
+    def with_instances(self, instances: tuple[Instance, ...]) -> Config:
+        return replace(self, instances=tuple(sorted(instances, key=lambda i: i.number)))
+
+
+# ---------------------------------------------------------------------------------------
+# parsing
+
+
+def _check_type(key: str, value: Any, expected: type) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(key, f"must be a whole number, got {value!r}")
+    if not isinstance(value, expected):
+        names = {str: "a string", int: "a whole number", float: "a number", bool: "true or false",
+                 tuple: "a list of strings"}
+        raise ConfigError(key, f"must be {names.get(expected, expected.__name__)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, table: Any, prefix: str) -> Any:
+    if table is None:
+        table = {}
+    if not isinstance(table, dict):
+        raise ConfigError(prefix, "must be a table")
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"{prefix}.{key}"
+        if key not in known:
+            raise ConfigError(full, f"unknown key (known keys: {', '.join(sorted(known))})")
+        ftype = known[key].type
+        if ftype in ("str | None", str | None):
+            kwargs[key] = None if value in ("", None) else _check_type(full, value, str)
+        elif ftype in ("tuple[str, ...]",):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(full, f"must be a list of strings, got {value!r}")
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = _check_type(full, value, {"str": str, "int": int, "float": float,
+                                                     "bool": bool}[str(ftype)])
+    return cls(**kwargs)
+
+
+def _port(key: str, value: int) -> None:
+    if not 1 <= value <= 65535:
+        raise ConfigError(key, f"must be a TCP port 1..65535, got {value}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"must be greater than 0, got {value}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks; returns ``cfg`` unchanged or raises ConfigError."""
+    c = cfg.cluster
+    if not c.name or not all(ch.isalnum() or ch == "-" for ch in c.name) or len(c.name) > 20:
+        raise ConfigError("cluster.name", "must be 1..20 letters, digits or '-' "
+                          f"(it names AWS resources), got {c.name!r}")
+    if not c.public_url.startswith(("http://", "https://")):
+        raise ConfigError("cluster.public_url", f"must start with http:// or https://, "
+                          f"got {c.public_url!r}")
+    if not c.secret:
+        raise ConfigError("cluster.secret", f"must not be empty (or set {SECRET_ENV})")
+    seen: dict[int, str] = {}
+    endpoints: dict[tuple[str, int], str] = {}
+    for idx, inst in enumerate(cfg.instances):
+        key = f"instances[{idx}]"
+        if not urls.valid_instance(inst.number):
+            raise ConfigError(f"{key}.number", f"must be {urls.MIN_INSTANCE}..{urls.MAX_INSTANCE}"
+                              f", got {inst.number!r}")
+        if inst.number in seen:
+            raise ConfigError(f"{key}.number", f"duplicate instance number {inst.number} "
+                              f"(also {seen[inst.number]})")
+        seen[inst.number] = key
+        if not inst.host:
+            raise ConfigError(f"{key}.host", "must not be empty")
+        _port(f"{key}.port", inst.port)
+        _port(f"{key}.internal_port", inst.internal_port)
+        if inst.port == inst.internal_port:
+            raise ConfigError(f"{key}.internal_port", "must differ from port: the internal "
+                              "listener is never a load balancer target")
+        for which, port in (("port", inst.port), ("internal_port", inst.internal_port)):
+            ep = (inst.host, port)
+            if ep in endpoints:
+                raise ConfigError(f"{key}.{which}", f"{inst.host}:{port} is already used by "
+                                  f"{endpoints[ep]}")
+            endpoints[ep] = f"{key}.{which}"
+    n = cfg.node
+    for name in ("ping_interval", "ping_timeout", "max_message_chars", "max_packet_bytes",
+                 "max_body_bytes", "max_name_chars", "rate_limit_messages", "rate_limit_window",
+                 "room_capacity", "history_retention", "invite_ttl_days", "write_buffer_cap",
+                 "peer_timeout", "stats_interval"):
+        _positive(f"node.{name}", getattr(n, name))
+    if n.max_recovery < 50:
+        raise ConfigError("node.max_recovery", f"must be at least 50, got {n.max_recovery}")
+    a = cfg.aws
+    if a.scheme not in ("internet-facing", "internal"):
+        raise ConfigError("aws.scheme", f"must be \"internet-facing\" or \"internal\", "
+                          f"got {a.scheme!r}")
+    if a.target_type not in ("instance", "ip"):
+        raise ConfigError("aws.target_type",
+                          f"must be \"instance\" or \"ip\", got {a.target_type!r}")
+    if a.discover not in ("config", "ec2-tags"):
+        raise ConfigError("aws.discover", f"must be \"config\" or \"ec2-tags\", got {a.discover!r}")
+    _port("aws.listener_port", a.listener_port)
+    if not 1 <= a.idle_timeout <= 4000:
+        raise ConfigError("aws.idle_timeout", f"must be 1..4000 seconds, got {a.idle_timeout}")
+    if n.ping_interval + n.ping_timeout >= a.idle_timeout:
+        raise ConfigError("aws.idle_timeout", f"must exceed node.ping_interval + "
+                          f"node.ping_timeout ({n.ping_interval + n.ping_timeout:g} s), got "
+                          f"{a.idle_timeout} s: the load balancer would cut idle sockets")
+    return cfg
+
+
+def parse(data: dict[str, Any], source: str = "<dict>", env: dict[str, str] | None = None
+          ) -> Config:
+    """Build a validated Config from parsed TOML; ``env`` defaults to os.environ."""
+    env = os.environ if env is None else env
+    allowed = {"cluster", "instances", "node", "aws"}
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(key, f"unknown section (known: {', '.join(sorted(allowed))})")
+    cluster = _build(ClusterConfig, data.get("cluster"), "cluster")
+    if env.get(SECRET_ENV):
+        cluster = replace(cluster, secret=env[SECRET_ENV])
+    raw_instances = data.get("instances", [])
+    if not isinstance(raw_instances, list):
+        raise ConfigError("instances", "must be an array of tables ([[instances]])")
+    instances = []
+    for idx, table in enumerate(raw_instances):
+        if not isinstance(table, dict) or "number" not in table:
+            raise ConfigError(f"instances[{idx}].number", "is required")
+        instances.append(_build(Instance, table, f"instances[{idx}]"))
+    cfg = Config(
+        cluster=cluster,
+        instances=tuple(instances),
+        node=_build(NodeSettings, data.get("node"), "node"),
+        aws=_build(AwsConfig, data.get("aws"), "aws"),
+        source=source,
+    )
+    validate(cfg)
+    return cfg.with_instances(cfg.instances)
+
+
+def load(path: str | Path, env: dict[str, str] | None = None) -> Config:
+    """Read and validate a TOML config file. Relative ``data_dir`` is kept as written
+    (relative to the working directory), like every other CLI path."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file {str(p)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {str(p)!r}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(p), f"is not valid TOML: {exc}") from None
+    return parse(data, source=str(p), env=env)

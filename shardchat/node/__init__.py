@@ -1,0 +1,1 @@
+"""One chat node: the aiohttp app, the Socket.IO rooms, the embedded store."""
