@@ -38,3 +38,34 @@ def node(config_path: str, number: int) -> None:
         click.echo(f"config error: {exc}", err=True)
         sys.exit(2)
     sys.exit(run_node(cfg, number))
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="TOML config file to check.")
+def check(config_path: str) -> None:
+    """Validate a config file and print what it describes."""
+    from shardchat.cluster.rules import build_rules
+
+    cfg = _load(config_path)
+    click.echo(f"{config_path}: ok — cluster {cfg.cluster.name!r}, "
+               f"{len(cfg.instances)} instance(s), public URL {cfg.cluster.public_url}")
+    ruleset = build_rules([i.number for i in cfg.instances], cfg.aws.rule_priority_offset)
+    for inst, rule in zip(cfg.instances, ruleset.rules, strict=True):
+        click.echo(f"  instance {inst.number}: {inst.host}:{inst.port} (internal "
+                   f"{inst.internal_port})  rule {rule.priority}: {rule.path_pattern}")
+
+
+def _register_cluster_commands() -> None:
+    """`up` and `router` live with the cluster code they drive."""
+    try:
+        from shardchat.cluster import commands
+    except ImportError:  # a partial checkout: node and check still work
+        return
+    for name in ("up", "router"):
+        cmd = getattr(commands, name, None)
+        if cmd is not None:
+            main.add_command(cmd, name)
+
+
+_register_cluster_commands()

@@ -1,0 +1,300 @@
+"""One chat node: the public aiohttp app with its Socket.IO server, and its lifecycle.
+
+The public listener serves SPEC sections 2-4 for instance N; the internal listener
+(``internal.py``) answers peers. ``run_node`` wires both, handles SIGTERM/SIGINT by draining,
+and returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import socketio
+from aiohttp import web
+
+from shardchat import urls
+from shardchat.config import Config
+from shardchat.node import internal, transport
+from shardchat.node.fanout import Fanout
+from shardchat.node.limits import check_room_name
+from shardchat.node.rooms import RoomService
+from shardchat.node.store import Store
+
+log = logging.getLogger("shardchat.node")
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+CLIENT_JS_ENV = "SHARDCHAT_CLIENT_JS"
+CLIENT_JS_REL = Path("node_modules/socket.io-client/dist/socket.io.min.js")
+
+
+def json_error(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    body = {"error": code, "message": message, **extra}
+    return web.json_response(body, status=status)
+
+
+def find_client_js() -> Path | None:
+    """The official socket.io-client build, installed by npm at set-up (never in git)."""
+    if os.environ.get(CLIENT_JS_ENV):
+        return Path(os.environ[CLIENT_JS_ENV])
+    for base in (Path.cwd(), *Path(__file__).resolve().parents):
+        candidate = base / CLIENT_JS_REL
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class NodeSocketServer(socketio.AsyncServer):
+    """AsyncServer with a hook that runs once a namespace CONNECT has been sent.
+
+    The ``welcome`` must follow the CONNECT packet, and python-socketio sends CONNECT only
+    after the connect handler returns; this hook is the first moment the client is in.
+    """
+
+    on_connected: Any = None
+
+    async def _handle_connect(self, eio_sid, namespace, data):
+        await super()._handle_connect(eio_sid, namespace, data)
+        ns = namespace or "/"
+        sid = self.manager.sid_from_eio_sid(eio_sid, ns)
+        if sid is not None and self.manager.is_connected(sid, ns) and self.on_connected:
+            await self.on_connected(ns, sid)
+
+
+class Node:
+    """Everything of instance N inside one process."""
+
+    def __init__(self, cfg: Config, number: int):
+        self.cfg = cfg
+        self.number = number
+        self.settings = cfg.node
+        self.instance = cfg.instance(number)
+        self.store = Store(cfg.instance_data_dir(number), retention=cfg.node.history_retention,
+                           fsync=cfg.node.fsync, max_recovery=cfg.node.max_recovery)
+        self.sio = NodeSocketServer(
+            async_mode="aiohttp", namespaces="*",
+            ping_interval=cfg.node.ping_interval, ping_timeout=cfg.node.ping_timeout,
+            max_http_buffer_size=cfg.node.max_packet_bytes,
+            cors_allowed_origins=None, logger=False, engineio_logger=False)
+        transport.install(self.sio, cfg.node.websocket_compression)
+        self.fanout = Fanout(self.sio, cfg.node)
+        self.rooms = RoomService(cfg, number, self.store, self.fanout)
+        self.placer: Any = None
+        self._register_events()
+
+    # -- LocalNode protocol (used by placement) ------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {"instance": self.number, "connections": self.rooms.connection_count(),
+                "rooms": self.store.room_count(), "draining": self.rooms.draining}
+
+    async def create_room(self, name: str, private: bool) -> dict[str, Any]:
+        return await self.rooms.create_room(name, private)
+
+    @property
+    def draining(self) -> bool:
+        return self.rooms.draining
+
+    # -- Socket.IO ----------------------------------------------------------------------
+
+    def _register_events(self) -> None:
+        sio, rooms = self.sio, self.rooms
+
+        @sio.on("connect", namespace="*")
+        async def connect(namespace, sid, environ, auth=None):
+            rooms.admit(namespace, sid, auth)
+
+        @sio.on("disconnect", namespace="*")
+        async def disconnect(namespace, sid, reason=None):
+            await rooms.disconnected(namespace, sid)
+
+        @sio.on("message", namespace="*")
+        async def message(namespace, sid, data=None, *_):
+            return await rooms.message(namespace, sid, data)
+
+        @sio.on("typing", namespace="*")
+        async def typing(namespace, sid, data=None, *_):
+            await rooms.typing(namespace, sid, data)
+
+        @sio.on("history", namespace="*")
+        async def history(namespace, sid, data=None, *_):
+            return await rooms.history(namespace, sid, data)
+
+        @sio.on("*", namespace="*")
+        async def unknown(event, namespace, sid, *args):
+            log.debug("ignored unknown event %r on %s", event, namespace)
+            return {"ok": False, "error": "bad_request",
+                    "message": f"Unknown event {event!r}: use message, typing or history."}
+
+        sio.on_connected = rooms.connected
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.max_body_bytes,
+                              middlewares=[self._instance_guard, self._json_errors])
+        self.sio.attach(app, socketio_path=urls.socketio_path(self.number))
+        n = self.number
+        r = app.router
+        r.add_get("/", self._landing)
+        r.add_get("/healthz", self._healthz)
+        r.add_get(urls.healthz_path(n), self._healthz)
+        r.add_post("/api/rooms", self._api_create_room)
+        r.add_get(urls.room_path(n, "{room_id}"), self._room_page)
+        for base in ("/static", urls.static_prefix(n)):
+            r.add_get(base + "/vendor/socket.io.min.js", self._client_js)
+            r.add_static(base, WEB_DIR / "static", append_version=False)
+        return app
+
+    @web.middleware
+    async def _instance_guard(self, request: web.Request, handler):
+        """A request for another instance's prefix is a routing mistake: say so (421)."""
+        other = urls.instance_of_path(request.path)
+        if other is not None and other != self.number:
+            return json_error(421, "wrong_instance",
+                              f"{request.path} belongs to instance {other}, but this is "
+                              f"instance {self.number}: the load balancer rule for "
+                              f"{urls.path_pattern(other)} must point at instance {other}.",
+                              instance=self.number, requested_instance=other)
+        return await handler(request)
+
+    @web.middleware
+    async def _json_errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400 or exc.content_type == "application/json":
+                raise
+            codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+            return json_error(exc.status, codes.get(exc.status, "error"),
+                              exc.reason + f": {request.method} {request.path}")
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        status = "draining" if self.rooms.draining else "ok"
+        return web.json_response({"instance": self.number, "status": status},
+                                 status=503 if self.rooms.draining else 200)
+
+    async def _landing(self, request: web.Request) -> web.StreamResponse:
+        return _html(WEB_DIR / "index.html")
+
+    async def _room_page(self, request: web.Request) -> web.StreamResponse:
+        room_id = request.match_info["room_id"]
+        if not urls.valid_room_id(room_id) or self.store.get_room(room_id) is None:
+            return json_error(404, "not_found", f"There is no room {room_id!r} on instance "
+                              f"{self.number}: check the link, or create a new room at /.")
+        return _html(WEB_DIR / "room.html")
+
+    async def _client_js(self, request: web.Request) -> web.StreamResponse:
+        path = find_client_js()
+        if path is None:
+            return json_error(500, "missing_client", "socket.io-client is not installed: run "
+                              "`npm ci` (make install) in the project directory.")
+        return web.FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
+
+    async def _api_create_room(self, request: web.Request) -> web.Response:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return json_error(413, "too_large", f"The request body is larger than "
+                              f"{self.settings.max_body_bytes} bytes.")
+        body, refusal = parse_room_request(raw)
+        if refusal:
+            return refusal
+        from shardchat.cluster.placement import NoCapacity
+
+        try:
+            room = await self.placer.create_room(body["name"].strip(), body["private"])
+        except NoCapacity as exc:
+            return json_error(503, "no_capacity", str(exc) or "No instance can take a new room "
+                              "right now (all are down or draining); try again shortly.")
+        return web.json_response(room, status=201)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Stop taking rooms and connections, let in-flight messages commit, flush, close."""
+        self.rooms.draining = True
+        log.info("instance %d draining", self.number)
+        await asyncio.sleep(self.settings.drain_grace_seconds)  # lets health checks see it
+        await self.rooms.wait_idle(timeout=10)
+        for room in list(self.rooms.rooms.values()):
+            for sid in list(room.members):
+                with contextlib.suppress(Exception):
+                    await self.sio.disconnect(sid, namespace=room.namespace)
+        await self.store.close()
+
+
+def parse_room_request(raw: bytes) -> tuple[dict | None, web.Response | None]:
+    """Validate a POST /api/rooms body; returns (body, None) or (None, error response)."""
+    try:
+        body = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError):
+        return None, json_error(400, "bad_request", 'The body must be JSON, e.g. '
+                                '{"name": "Team chat", "private": false}.')
+    if not isinstance(body, dict):
+        return None, json_error(400, "bad_request", 'The body must be a JSON object with '
+                                '"name" and optionally "private".')
+    bad = check_room_name(body.get("name"))
+    if bad:
+        return None, json_error(400, bad.code, bad.message)
+    private = body.get("private", False)
+    if not isinstance(private, bool):
+        return None, json_error(400, "bad_request", '"private" must be true or false.')
+    return {"name": body["name"], "private": private}, None
+
+
+def _html(path: Path) -> web.StreamResponse:
+    if not path.is_file():
+        return json_error(500, "missing_page", f"{path.name} is missing from the install.")
+    return web.FileResponse(path, headers={"Content-Type": "text/html; charset=utf-8",
+                                           "Cache-Control": "no-cache"})
+
+
+async def serve(cfg: Config, number: int) -> int:
+    """Run node N until SIGTERM/SIGINT; drain and return 0."""
+    from shardchat.cluster.placement import Placer
+
+    node = Node(cfg, number)
+    await node.store.open()
+    node.placer = Placer(cfg, node)
+    await node.placer.start()
+    inst = node.instance
+    public = web.AppRunner(node.build_app(), access_log=None, handle_signals=False)
+    private = web.AppRunner(internal.build_app(cfg, node), access_log=None,
+                            handle_signals=False)
+    await public.setup()
+    await private.setup()
+    await web.TCPSite(private, inst.host, inst.internal_port).start()
+    await web.TCPSite(public, inst.host, inst.port).start()
+    log.info("instance %d serving http://%s:%d%s/ (internal port %d)", number, inst.host,
+             inst.port, urls.prefix(number), inst.internal_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await node.drain()
+    await node.placer.close()
+    await node.sio.shutdown()
+    await public.cleanup()
+    await private.cleanup()
+    log.info("instance %d stopped cleanly", number)
+    return 0
+
+
+def run_node(cfg: Config, number: int) -> int:
+    logging.basicConfig(level=cfg.node.log_level.upper(),
+                        format=f"%(asctime)s i{number} %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    return runner(serve(cfg, number))

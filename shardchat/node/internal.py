@@ -1,0 +1,64 @@
+"""The internal listener: what peers ask of this node, behind the cluster secret.
+
+It listens on ``internal_port``, which no load balancer ever targets, and every request must
+carry ``Authorization: Bearer <cluster secret>`` (compared in constant time). A wrong or
+missing secret is answered 401 and logged with the caller's address.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from shardchat.config import Config
+
+log = logging.getLogger("shardchat.internal")
+
+STATS_PATH = "/internal/stats"
+ROOMS_PATH = "/internal/rooms"
+
+
+def auth_header(secret: str) -> dict[str, str]:
+    """The header a peer sends; used by placement and tests alike."""
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def build_app(cfg: Config, node: Any) -> web.Application:
+    expected = f"Bearer {cfg.cluster.secret}".encode()
+
+    @web.middleware
+    async def check_secret(request: web.Request, handler):
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            log.warning("internal request %s %s from %s refused: wrong or missing secret",
+                        request.method, request.path, request.remote)
+            return web.json_response({"error": "unauthorized", "message": "Internal calls "
+                                      "need the cluster secret (Authorization: Bearer ...)."},
+                                     status=401)
+        return await handler(request)
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(node.stats())
+
+    async def create_room(request: web.Request) -> web.Response:
+        from shardchat.node.app import json_error, parse_room_request
+
+        if node.draining:
+            return json_error(503, "draining", f"Instance {node.number} is draining.")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return json_error(413, "too_large", "The request body is too large.")
+        body, refusal = parse_room_request(raw)
+        if refusal:
+            return refusal
+        room = await node.create_room(body["name"], body["private"])
+        return web.json_response(room, status=201)
+
+    app = web.Application(middlewares=[check_secret], client_max_size=cfg.node.max_body_bytes)
+    app.router.add_get(STATS_PATH, stats)
+    app.router.add_post(ROOMS_PATH, create_room)
+    return app

@@ -1,0 +1,297 @@
+"""The room service: join, leave, message, typing, history, presence, recovery.
+
+Every room is one Socket.IO namespace (``/i<N>/room/<id>``); the service keeps the member
+list of each room itself, so a broadcast is a loop over a dict and never a lookup in
+python-socketio's room tables.
+
+Joining is the subtle part. The ``welcome`` carries the room's history, and a message may be
+committed while a joiner is between "history read" and "member added". A joiner is therefore
+added at once but marked *not ready*: broadcasts meant for it are buffered, and once the
+welcome is out, buffered messages newer than the welcome's ``last_seq`` are delivered, so a
+joiner sees every message exactly once and in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from socketio.exceptions import ConnectionRefusedError as SioRefused
+
+from shardchat import urls
+from shardchat.config import Config
+from shardchat.node import limits
+from shardchat.node.fanout import Fanout
+from shardchat.node.invites import Invites
+from shardchat.node.limits import Refusal
+from shardchat.node.store import RoomRecord, Store, StoreError
+
+log = logging.getLogger("shardchat.rooms")
+
+WELCOME_HISTORY = 50
+
+
+@dataclass
+class Member:
+    sid: str
+    name: str
+    bucket: limits.TokenBucket
+    ready: bool = False
+    floor: int = 0  # highest seq the welcome already carried
+    buffered: list[tuple[str, Any]] = field(default_factory=list)
+
+    def public(self) -> dict[str, str]:
+        return {"sid": self.sid, "name": self.name}
+
+
+@dataclass
+class Joining:
+    """What the connect handler learned, kept until the CONNECT packet is out."""
+
+    room_id: str
+    name: str
+    last_seq: int | None
+
+
+@dataclass
+class Room:
+    record: RoomRecord
+    namespace: str
+    members: dict[str, Member] = field(default_factory=dict)
+
+
+class RoomService:
+    def __init__(self, cfg: Config, number: int, store: Store, fanout: Fanout):
+        self.cfg = cfg
+        self.number = number
+        self.settings = cfg.node
+        self.store = store
+        self.fanout = fanout
+        self.invites = Invites(cfg.cluster.secret, cfg.node.invite_ttl_days * 86400)
+        self.rooms: dict[str, Room] = {}
+        self.joining: dict[tuple[str, str], Joining] = {}
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- rooms --------------------------------------------------------------------------
+
+    async def create_room(self, name: str, private: bool) -> dict[str, Any]:
+        """Create a room on this node (durable before it returns) and describe it."""
+        record = RoomRecord(id=secrets.token_urlsafe(16), name=name.strip(),
+                            private=bool(private), created_at=int(time.time() * 1000))
+        await self.store.create_room(record)
+        return self.describe(record)
+
+    def describe(self, record: RoomRecord) -> dict[str, Any]:
+        path = urls.room_path(self.number, record.id)
+        out: dict[str, Any] = {
+            "id": record.id, "name": record.name, "private": record.private,
+            "instance": self.number, "path": path,
+            "url": urls.join_url(self.cfg.cluster.public_url, path),
+            "namespace": urls.room_namespace(self.number, record.id),
+            "socketio_path": urls.socketio_path(self.number),
+        }
+        if record.private:
+            out["invite"] = self.invites.issue(record.id)
+        return out
+
+    def _room(self, room_id: str) -> Room | None:
+        room = self.rooms.get(room_id)
+        if room is None:
+            record = self.store.get_room(room_id)
+            if record is None:
+                return None
+            room = Room(record, urls.room_namespace(self.number, room_id))
+            self.rooms[room_id] = room
+        return room
+
+    def connection_count(self) -> int:
+        return sum(len(r.members) for r in self.rooms.values()) + len(self.joining)
+
+    # -- connect ------------------------------------------------------------------------
+
+    def admit(self, namespace: str, sid: str, auth: Any) -> None:
+        """Connect handler: decide, or raise the refusal as a CONNECT_ERROR."""
+        refusal, joining = self._check_connect(namespace, auth)
+        if refusal is not None:
+            log.info("refused %s on %s: %s", sid, namespace, refusal.code)
+            raise SioRefused(refusal.message, {"code": refusal.code})
+        self.joining[(namespace, sid)] = joining
+
+    def _check_connect(self, namespace: str, auth: Any) -> tuple[Refusal | None, Any]:
+        addr = urls.parse_room_namespace(namespace)
+        if addr is None:
+            return Refusal("not_found", f"{namespace!r} is not a room: room namespaces look like "
+                           f"{urls.room_namespace(self.number, '<room id>')}."), None
+        if addr.instance != self.number:
+            return Refusal("wrong_instance", f"Room namespace {namespace} belongs to instance "
+                           f"{addr.instance}, but this is instance {self.number}: connect with "
+                           f"path {urls.socketio_path(addr.instance)}."), None
+        if self.draining:
+            return Refusal("draining", "This server is restarting; reconnect in a few "
+                           "seconds."), None
+        if auth is None:
+            auth = {}
+        if not isinstance(auth, dict):
+            return Refusal("bad_request", 'auth must be an object: {"name": "..."}.'), None
+        bad = limits.check_display_name(auth.get("name"), self.settings)
+        if bad:
+            return bad, None
+        last_seq = auth.get("last_seq")
+        if last_seq is not None and (not limits.is_int(last_seq) or last_seq < 0):
+            return Refusal("bad_request", '"last_seq" must be a whole number >= 0.'), None
+        room = self._room(addr.room_id)
+        if room is None:
+            return Refusal("not_found", f"There is no room {addr.room_id!r} on instance "
+                           f"{self.number}: check the link, or create a new room."), None
+        if room.record.private:
+            why = self.invites.check(room.record.id, auth.get("invite"))
+            if why:
+                return Refusal("forbidden", why), None
+        pending = sum(1 for (ns, _), _j in self.joining.items() if ns == namespace)
+        if len(room.members) + pending >= self.settings.room_capacity:
+            return Refusal("full", f"The room is full ({self.settings.room_capacity} people); "
+                           "try again later."), None
+        return None, Joining(room.record.id, auth["name"].strip(), last_seq)
+
+    async def connected(self, namespace: str, sid: str) -> None:
+        """After CONNECT went out: welcome the joiner, then tell the others."""
+        joining = self.joining.pop((namespace, sid), None)
+        room = self.rooms.get(joining.room_id) if joining else None
+        if joining is None or room is None:
+            return
+        member = Member(sid, joining.name, limits.TokenBucket(
+            self.settings.rate_limit_messages, self.settings.rate_limit_window))
+        room.members[sid] = member  # not ready: broadcasts are buffered for it
+        try:
+            welcome = await self._welcome(room, member, joining.last_seq)
+        except StoreError:
+            log.exception("could not read history of %s", room.record.id)
+            room.members.pop(sid, None)
+            await self.fanout.sio.disconnect(sid, namespace=namespace)
+            return
+        await self.fanout.emit(namespace, "welcome", welcome, (sid,))
+        member.floor = welcome["last_seq"]
+        member.ready = True
+        for event, data in member.buffered:
+            if event != "message" or data["seq"] > welcome["last_seq"]:
+                await self.fanout.emit(namespace, event, data, (sid,))
+        member.buffered.clear()
+        await self._broadcast(room, "presence", {"event": "join", "member": member.public(),
+                                                 "count": len(room.members)}, skip=sid)
+
+    async def _welcome(self, room: Room, member: Member, last_seq: int | None) -> dict:
+        rid = room.record.id
+        recovered = False
+        history: list[dict] | None = None
+        if last_seq is not None:
+            history = await self.store.since(rid, last_seq)
+            recovered = history is not None
+        if history is None:
+            history = await self.store.history(rid, limit=WELCOME_HISTORY)
+        top = history[-1]["seq"] if history else 0
+        if recovered:
+            top = max(top, last_seq)
+        welcome = {
+            "room": room.record.to_public(),
+            "you": member.public(),
+            "members": [m.public() for m in room.members.values()],
+            "last_seq": top,
+            "history": history,
+            "recovered": recovered,
+        }
+        if room.record.private:
+            welcome["invite"] = self.invites.issue(rid)
+        return welcome
+
+    async def disconnected(self, namespace: str, sid: str) -> None:
+        self.joining.pop((namespace, sid), None)
+        addr = urls.parse_room_namespace(namespace)
+        room = self.rooms.get(addr.room_id) if addr else None
+        if room is None:
+            return
+        member = room.members.pop(sid, None)
+        if member is not None:
+            await self._broadcast(room, "presence", {"event": "leave",
+                                                     "member": member.public(),
+                                                     "count": len(room.members)})
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Wait until no message is between "received" and "committed" (or timeout)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+    # -- events -------------------------------------------------------------------------
+
+    def _member(self, namespace: str, sid: str) -> tuple[Room | None, Member | None]:
+        addr = urls.parse_room_namespace(namespace)
+        room = self.rooms.get(addr.room_id) if addr else None
+        return room, (room.members.get(sid) if room else None)
+
+    async def message(self, namespace: str, sid: str, data: Any) -> dict[str, Any]:
+        room, member = self._member(namespace, sid)
+        if member is None:
+            return Refusal("bad_request", "You are not in this room; reconnect.").ack()
+        bad = limits.check_message(data, self.settings)
+        if bad:
+            return bad.ack()
+        if not member.bucket.take():
+            return limits.rate_limited(member.bucket, self.settings).ack()
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            msg, duplicate = await self.store.append_message(
+                room.record.id, sender_sid=sid, sender_name=member.name, text=data["text"],
+                client_id=data.get("client_id"), ts=int(time.time() * 1000))
+        except StoreError:
+            log.exception("store refused a message in %s", room.record.id)
+            return {"ok": False, "error": "unavailable",
+                    "message": "The message could not be saved; send it again."}
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
+        if not duplicate:
+            await self._broadcast(room, "message", msg)
+        return {"ok": True, "seq": msg["seq"], "ts": msg["ts"]}
+
+    async def typing(self, namespace: str, sid: str, data: Any) -> None:
+        room, member = self._member(namespace, sid)
+        if member is None or not isinstance(data, dict):
+            return
+        await self._broadcast(room, "typing", {"sid": sid, "name": member.name,
+                                               "typing": bool(data.get("typing"))}, skip=sid)
+
+    async def history(self, namespace: str, sid: str, data: Any) -> dict[str, Any]:
+        room, member = self._member(namespace, sid)
+        if member is None:
+            return Refusal("bad_request", "You are not in this room; reconnect.").ack()
+        bad = limits.check_history(data)
+        if bad:
+            return bad.ack()
+        messages = await self.store.history(room.record.id, before=data.get("before"),
+                                            limit=data.get("limit", 50))
+        return {"ok": True, "messages": messages}
+
+    # -- delivery -----------------------------------------------------------------------
+
+    async def _broadcast(self, room: Room, event: str, data: Any, skip: str | None = None
+                         ) -> None:
+        """Deliver to every ready member (buffer for joiners still being welcomed)."""
+        ready = []
+        seq = data["seq"] if event == "message" else None
+        for sid, m in room.members.items():
+            if sid == skip:
+                continue
+            if not m.ready:
+                m.buffered.append((event, data))
+            elif seq is None or seq > m.floor:  # the welcome may already hold this one
+                ready.append(sid)
+        await self.fanout.emit(room.namespace, event, data, ready)
