@@ -34,6 +34,7 @@ from shardchat.node.store import RoomRecord, Store, StoreError
 log = logging.getLogger("shardchat.rooms")
 
 WELCOME_HISTORY = 50
+TYPING_REPEAT_SECONDS = 2.0
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Member:
     bucket: limits.TokenBucket
     ready: bool = False
     floor: int = 0  # highest seq the welcome already carried
+    typing: bool = False
+    typing_at: float = 0.0
     buffered: list[tuple[str, Any]] = field(default_factory=list)
 
     def public(self) -> dict[str, str]:
@@ -266,8 +269,12 @@ class RoomService:
         room, member = self._member(namespace, sid)
         if member is None or not isinstance(data, dict):
             return
+        state, now = bool(data.get("typing")), time.monotonic()
+        if state == member.typing and now - member.typing_at < TYPING_REPEAT_SECONDS:
+            return  # a repeat of what the others already know: not worth a broadcast
+        member.typing, member.typing_at = state, now
         await self._broadcast(room, "typing", {"sid": sid, "name": member.name,
-                                               "typing": bool(data.get("typing"))}, skip=sid)
+                                               "typing": state}, skip=sid)
 
     async def history(self, namespace: str, sid: str, data: Any) -> dict[str, Any]:
         room, member = self._member(namespace, sid)
