@@ -1,0 +1,908 @@
+/*
+ * Room page: one chat room at /i<N>/room/<id>, talking Socket.IO to the node that owns it.
+ *
+ * The namespace is the page's own path and the Engine.IO path carries the same /i<N> prefix,
+ * so the load balancer's per-instance rule sends both the page and its socket to one node.
+ * All user text goes into the DOM through textContent: nothing a person types is parsed as HTML.
+ */
+(function () {
+  "use strict";
+
+  const ROOM_PATH_RE = /^\/i(\d+)\/room\/([A-Za-z0-9_-]{1,64})$/;
+  const MAX_NAME = 40;
+  const MAX_TEXT = 4000;
+  const HISTORY_PAGE = 50;
+  const GROUP_GAP_MS = 5 * 60 * 1000;
+  const TYPING_IDLE_MS = 2500;      // stop "typing" after this long without a keystroke
+  const TYPING_STALE_MS = 6000;     // forget someone's "typing" if their stop never arrives
+  const ACK_TIMEOUT_MS = 10000;
+  const NEAR_BOTTOM_PX = 120;
+  const LOAD_OLDER_PX = 80;
+
+  const REFUSALS = {
+    not_found: {
+      title: "Room not found",
+      text: "This room doesn't exist (or no longer exists) on its server. Check the link, or create a new room.",
+    },
+    forbidden: {
+      title: "You need an invite",
+      text: "This room is private — ask a member for the invite link.",
+    },
+    full: {
+      title: "This room is full",
+      text: "The room has reached its member limit. Try again when someone leaves.",
+      retry: true,
+    },
+    draining: {
+      title: "Server is restarting",
+      text: "The server that hosts this room is restarting. We'll reconnect you automatically in a moment.",
+      retry: true,
+    },
+    wrong_instance: {
+      title: "This link points to the wrong server",
+      text: "The room's address doesn't match the server that answered. Ask for a fresh link to the room.",
+    },
+  };
+
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    roomName: $("room-name-text"),
+    lock: $("room-lock"),
+    status: $("status"),
+    statusText: $("status-text"),
+    asYou: $("as-you"),
+    changeName: $("change-name"),
+    shareButton: $("share-button"),
+    shareLabel: $("share-label"),
+    sharePop: $("share-pop"),
+    shareHint: $("share-hint"),
+    shareLink: $("share-link"),
+    shareCopy: $("share-copy"),
+    membersToggle: $("members-toggle"),
+    memberCountBadge: $("member-count-badge"),
+    membersPanel: $("members-panel"),
+    membersClose: $("members-close"),
+    membersBackdrop: $("members-backdrop"),
+    memberCount: $("member-count"),
+    memberList: $("member-list"),
+    scroller: $("scroller"),
+    historyState: $("history-state"),
+    messages: $("messages"),
+    emptyState: $("empty-state"),
+    jumpNew: $("jump-new"),
+    typing: $("typing"),
+    composer: $("composer"),
+    input: $("composer-input"),
+    composerError: $("composer-error"),
+    nameDialog: $("name-dialog"),
+    nameForm: $("name-form"),
+    nameRoom: $("name-room"),
+    nameInput: $("name-input"),
+    nameError: $("name-error"),
+    refusal: $("refusal"),
+    refusalTitle: $("refusal-title"),
+    refusalText: $("refusal-text"),
+    refusalRetry: $("refusal-retry"),
+  };
+
+  // ---------------------------------------------------------------- address and storage
+
+  const match = ROOM_PATH_RE.exec(window.location.pathname);
+  if (!match) {
+    showRefusal({ title: "Not a room address", text: "Room links look like /i1/room/abc. Check the link you followed." });
+    return;
+  }
+  const instance = match[1];
+  const roomId = match[2];
+  const prefix = "/i" + instance;
+  const namespace = prefix + "/room/" + roomId;
+  const storeKey = (what) => "shardchat." + what + "." + instance + "." + roomId;
+
+  function storageGet(key) {
+    try { return window.localStorage.getItem(key); } catch (e) { return null; }
+  }
+  function storageSet(key, value) {
+    try { window.localStorage.setItem(key, value); } catch (e) { /* private mode: keep in memory */ }
+  }
+
+  /** The invite arrives once in ?invite=; keep it per room and take it out of the address bar. */
+  function takeInvite() {
+    const params = new URLSearchParams(window.location.search);
+    const fromUrl = params.get("invite");
+    if (fromUrl) {
+      storageSet(storeKey("invite"), fromUrl);
+      params.delete("invite");
+      const rest = params.toString();
+      window.history.replaceState(null, "", window.location.pathname + (rest ? "?" + rest : "") + window.location.hash);
+      return fromUrl;
+    }
+    return storageGet(storeKey("invite"));
+  }
+
+  function randomId(bytes) {
+    const a = new Uint8Array(bytes);
+    window.crypto.getRandomValues(a);
+    return Array.from(a, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  /** A per-browser id; our client_ids start with it so our own messages survive a reload. */
+  function deviceId() {
+    let id = storageGet("shardchat.device");
+    if (!id || !/^[0-9a-f]{16}$/.test(id)) {
+      id = randomId(8);
+      storageSet("shardchat.device", id);
+    }
+    return id;
+  }
+
+  const state = {
+    invite: takeInvite(),
+    name: (storageGet("shardchat.name") || "").trim(),
+    device: deviceId(),
+    room: null,
+    socket: null,
+    mySids: new Set(),
+    mySid: "",
+    myName: "",
+    joined: false,             // true between welcome and disconnect
+    messages: new Map(),       // seq -> message
+    pending: new Map(),        // client_id -> {text, status, error}
+    members: new Map(),        // sid -> {sid, name}
+    typing: new Map(),         // sid -> {name, timer}
+    highestSeq: 0,
+    lowestSeq: 0,
+    atBeginning: false,
+    loadingOlder: false,
+    everConnected: false,
+    retryTimer: null,
+    retryDelay: 2000,
+    typingSent: false,
+    typingTimer: null,
+    unseen: 0,
+  };
+
+  // ---------------------------------------------------------------- small helpers
+
+  function make(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function nameLength(s) { return [...s].length; }
+
+  function isOwn(msg) {
+    if (msg.from && state.mySids.has(msg.from.sid)) return true;
+    return typeof msg.client_id === "string" && msg.client_id.startsWith(state.device + ".");
+  }
+
+  const timeFmt = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+  const fullFmt = new Intl.DateTimeFormat(undefined, { dateStyle: "full", timeStyle: "medium" });
+  const dayFmt = new Intl.DateTimeFormat(undefined, { weekday: "long", month: "long", day: "numeric" });
+
+  function dayLabel(ts) {
+    const d = new Date(ts);
+    const today = new Date();
+    const yesterday = new Date(today.getFullYear(), today.getMonth(), today.getDate() - 1);
+    if (d.toDateString() === today.toDateString()) return "Today";
+    if (d.toDateString() === yesterday.toDateString()) return "Yesterday";
+    return dayFmt.format(d);
+  }
+
+  /** A stable hue per name so people are easy to tell apart at a glance. */
+  function hueOf(name) {
+    let h = 0;
+    for (const ch of name) h = (h * 31 + ch.codePointAt(0)) % 360;
+    return h;
+  }
+
+  function initials(name) {
+    const parts = name.trim().split(/\s+/).filter(Boolean);
+    const first = parts[0] ? [...parts[0]][0] : "?";
+    const second = parts.length > 1 ? [...parts[parts.length - 1]][0] : "";
+    return (first + second).toUpperCase();
+  }
+
+  function avatar(name, className) {
+    const a = make("span", "avatar " + (className || ""), initials(name));
+    a.style.setProperty("--hue", String(hueOf(name)));
+    a.setAttribute("aria-hidden", "true");
+    return a;
+  }
+
+  // ---------------------------------------------------------------- status and overlays
+
+  const STATUS_TEXT = {
+    idle: "Not connected",
+    connecting: "Connecting…",
+    connected: "Connected",
+    reconnecting: "Reconnecting…",
+    offline: "Offline",
+  };
+
+  function setStatus(s, text) {
+    el.status.dataset.state = s;
+    el.statusText.textContent = text || STATUS_TEXT[s];
+    document.body.dataset.connection = s;
+  }
+
+  function showRefusal(info, onRetry) {
+    el.refusalTitle.textContent = info.title;
+    el.refusalText.textContent = info.text;
+    el.refusalRetry.hidden = !onRetry;
+    el.refusalRetry.onclick = onRetry || null;
+    el.refusal.dataset.code = info.code || "";
+    el.refusal.hidden = false;
+  }
+
+  function hideRefusal() { el.refusal.hidden = true; }
+
+  function askName(errorText) {
+    el.nameRoom.textContent = state.room ? state.room.name : "the room";
+    el.nameInput.value = state.name;
+    el.nameError.hidden = !errorText;
+    el.nameError.textContent = errorText || "";
+    el.nameDialog.hidden = false;
+    el.nameInput.focus();
+    el.nameInput.select();
+  }
+
+  el.nameForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const name = el.nameInput.value.trim();
+    let problem = "";
+    if (!name) problem = "Enter a name with at least one visible character.";
+    else if (nameLength(name) > MAX_NAME) problem = "Use at most " + MAX_NAME + " characters.";
+    else if (/[\u0000-\u001f\u007f]/.test(name)) problem = "Names can't contain control characters.";
+    if (problem) {
+      el.nameError.textContent = problem;
+      el.nameError.hidden = false;
+      el.nameInput.focus();
+      return;
+    }
+    const changed = name !== state.name;
+    state.name = name;
+    storageSet("shardchat.name", name);
+    el.nameDialog.hidden = true;
+    if (!state.socket) connect();
+    else if (changed || !state.socket.connected) reconnectNow();
+  });
+
+  el.changeName.addEventListener("click", () => askName(""));
+
+  // ---------------------------------------------------------------- the connection
+
+  function connect() {
+    setStatus("connecting");
+    const socket = window.io(window.location.origin + namespace, {
+      path: prefix + "/socket.io",
+      // A function runs before every (re)connect, so last_seq is always the newest we hold.
+      auth: (cb) => cb(authPayload()),
+      reconnectionDelay: 500,
+      reconnectionDelayMax: 5000,
+    });
+    state.socket = socket;
+
+    socket.on("connect", () => {
+      setStatus("connecting", "Joining…");
+      clearRetry();
+    });
+    socket.on("welcome", onWelcome);
+    socket.on("message", onMessage);
+    socket.on("presence", onPresence);
+    socket.on("typing", onTyping);
+    socket.on("connect_error", onConnectError);
+    socket.on("disconnect", onDisconnect);
+    socket.io.on("reconnect_attempt", () => setStatus("reconnecting"));
+  }
+
+  function authPayload() {
+    const auth = { name: state.name };
+    if (state.invite) auth.invite = state.invite;
+    if (state.everConnected) auth.last_seq = state.highestSeq;
+    return auth;
+  }
+
+  function reconnectNow() {
+    clearRetry();
+    hideRefusal();
+    setStatus("connecting");
+    state.socket.disconnect();
+    state.socket.connect();
+  }
+
+  function clearRetry() {
+    if (state.retryTimer) window.clearTimeout(state.retryTimer);
+    state.retryTimer = null;
+  }
+
+  /** A later retry for refusals that pass (draining, full): backs off up to 30 s. */
+  function retryLater() {
+    clearRetry();
+    const delay = state.retryDelay;
+    state.retryDelay = Math.min(state.retryDelay * 2, 30000);
+    state.retryTimer = window.setTimeout(() => {
+      state.retryTimer = null;
+      if (!state.socket.connected) state.socket.connect();
+    }, delay);
+    return delay;
+  }
+
+  function onConnectError(err) {
+    const code = err && err.data && err.data.code;
+    if (!code) {
+      // Transport trouble: the client retries by itself.
+      setStatus(state.everConnected ? "reconnecting" : "connecting",
+        state.everConnected ? "Reconnecting…" : "Can't reach the server — retrying…");
+      return;
+    }
+    if (code === "bad_request") {
+      setStatus("idle");
+      askName((err.message && err.message !== "bad_request") ? err.message
+        : "That display name can't be used. Pick 1 to 40 characters.");
+      return;
+    }
+    const info = Object.assign({ code: code }, REFUSALS[code] || {
+      title: "Couldn't join the room",
+      text: (err.message || "The server refused the connection.") + " Try again in a moment.",
+      retry: true,
+    });
+    if (code === "draining") {
+      const seconds = Math.round(retryLater() / 1000);
+      setStatus("reconnecting", "Server restarting — retrying in " + seconds + " s");
+      if (!state.everConnected) showRefusal(info, reconnectNow);
+      return;
+    }
+    setStatus("offline", info.title);
+    showRefusal(info, info.retry ? reconnectNow : null);
+  }
+
+  function onDisconnect(reason) {
+    state.joined = false;
+    stopOwnTyping(false);
+    clearTypingAll();
+    if (reason === "io client disconnect") return;
+    setStatus("reconnecting");
+    markPendingWaiting();
+    if (reason === "io server disconnect") {
+      // The server closed this room's session (e.g. it is shutting down); come back later.
+      retryLater();
+    }
+  }
+
+  function onWelcome(w) {
+    state.everConnected = true;
+    state.retryDelay = 2000;
+    hideRefusal();
+    state.room = w.room;
+    state.mySids.add(w.you.sid);
+    state.mySid = w.you.sid;
+    state.myName = w.you.name;
+    state.joined = true;
+    showRoom(w.room, w.you);
+    setMembers(w.members || []);
+    const history = Array.isArray(w.history) ? w.history : [];
+    if (w.recovered) {
+      for (const m of history) addMessage(m);
+    } else {
+      state.messages.clear();
+      for (const m of history) addMessage(m);
+      state.atBeginning = history.length === 0 || history[0].seq <= 1;
+    }
+    recomputeBounds();
+    if (typeof w.last_seq === "number" && state.messages.size === 0) state.highestSeq = w.last_seq;
+    setStatus("connected");
+    render({ stickToBottom: !w.recovered || isNearBottom() });
+    flushPending();
+    maybeLoadOlder();
+  }
+
+  function showRoom(room, you) {
+    el.roomName.textContent = room.name;
+    document.title = room.name + " · shardchat";
+    el.lock.hidden = !room.private;
+    el.changeName.textContent = you.name;
+    el.asYou.hidden = false;
+    el.shareButton.hidden = false;
+    el.shareLabel.textContent = room.private ? "Copy invite link" : "Copy link";
+    el.shareHint.textContent = room.private
+      ? "This room is private: only people with this link can join. Share it with care."
+      : "Anyone with this link can join.";
+    el.shareLink.value = shareUrl();
+  }
+
+  function shareUrl() {
+    const base = window.location.origin + namespace;
+    if (state.room && state.room.private && state.invite) {
+      return base + "?invite=" + encodeURIComponent(state.invite);
+    }
+    return base;
+  }
+
+  // ---------------------------------------------------------------- messages
+
+  function addMessage(m) {
+    if (!m || typeof m.seq !== "number") return false;
+    if (typeof m.client_id === "string" && state.pending.has(m.client_id) && isOwn(m)) {
+      state.pending.delete(m.client_id);
+    }
+    if (state.messages.has(m.seq)) return false;
+    state.messages.set(m.seq, m);
+    if (m.seq > state.highestSeq) state.highestSeq = m.seq;
+    return true;
+  }
+
+  function recomputeBounds() {
+    let low = 0;
+    let high = state.highestSeq;
+    for (const seq of state.messages.keys()) {
+      if (!low || seq < low) low = seq;
+      if (seq > high) high = seq;
+    }
+    state.lowestSeq = low;
+    state.highestSeq = high;
+    if (low === 1) state.atBeginning = true;
+  }
+
+  function onMessage(m) {
+    const nearBottom = isNearBottom();
+    if (!addMessage(m)) return;
+    recomputeBounds();
+    const own = isOwn(m);
+    if (m.from) dropTyping(m.from.sid);
+    if (!nearBottom && !own) {
+      state.unseen += 1;
+    }
+    render({ stickToBottom: nearBottom || own });
+  }
+
+  function sendMessage(text) {
+    const clientId = state.device + "." + randomId(8);
+    state.pending.set(clientId, { text: text, status: "sending", error: "", ts: Date.now() });
+    render({ stickToBottom: true });
+    if (state.joined) {
+      emitPending(clientId);
+    } else {
+      markPendingWaiting();
+    }
+  }
+
+  function emitPending(clientId) {
+    const p = state.pending.get(clientId);
+    if (!p || !state.joined) return;
+    p.status = "sending";
+    p.error = "";
+    state.socket.timeout(ACK_TIMEOUT_MS).emit("message", { text: p.text, client_id: clientId }, (err, ack) => {
+      const still = state.pending.get(clientId);
+      if (!still) return;
+      if (err) {
+        // No answer in time: keep it; the next connection re-sends it (the server dedupes).
+        still.status = "waiting";
+        render({});
+        return;
+      }
+      if (ack && ack.ok) {
+        state.pending.delete(clientId);
+        if (!state.messages.has(ack.seq) && typeof ack.seq === "number") {
+          const me = { sid: state.mySid, name: state.myName };
+          addMessage({ seq: ack.seq, room: roomId, from: me, text: still.text, ts: ack.ts, client_id: clientId });
+          recomputeBounds();
+        }
+        render({ stickToBottom: true });
+        return;
+      }
+      still.status = "failed";
+      still.error = ackErrorText(ack);
+      render({});
+    });
+  }
+
+  function ackErrorText(ack) {
+    const code = ack && ack.error;
+    if (code === "rate_limited") return "You're sending messages too fast. Wait a moment, then retry.";
+    if (code === "too_long") return (ack.message || "This message is too long.");
+    if (code === "empty") return "This message is empty.";
+    return (ack && ack.message) || "This message couldn't be sent.";
+  }
+
+  function flushPending() {
+    for (const clientId of state.pending.keys()) emitPending(clientId);
+    render({});
+  }
+
+  function markPendingWaiting() {
+    let changed = false;
+    for (const p of state.pending.values()) {
+      if (p.status === "sending") { p.status = "waiting"; changed = true; }
+    }
+    if (changed) render({});
+  }
+
+  el.composer.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = el.input.value;
+    if (!text.trim()) return;
+    if (text.length > MAX_TEXT) {
+      showComposerError("Messages can be at most " + MAX_TEXT + " characters; this one has " + text.length + ".");
+      return;
+    }
+    hideComposerError();
+    stopOwnTyping(true);
+    sendMessage(text);
+    el.input.value = "";
+    autosize();
+    el.input.focus();
+  });
+
+  el.input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      el.composer.requestSubmit();
+    }
+  });
+
+  el.input.addEventListener("input", () => {
+    autosize();
+    hideComposerError();
+    if (el.input.value.trim()) noteOwnTyping();
+    else stopOwnTyping(true);
+  });
+
+  function autosize() {
+    el.input.style.height = "auto";
+    el.input.style.height = Math.min(el.input.scrollHeight, 160) + "px";
+  }
+
+  function showComposerError(text) {
+    el.composerError.textContent = text;
+    el.composerError.hidden = false;
+  }
+  function hideComposerError() { el.composerError.hidden = true; }
+
+  // ---------------------------------------------------------------- rendering the list
+
+  const rendered = new Map();   // key -> element, reused across renders
+
+  function messageElement(m, own, continued) {
+    const key = "m" + m.seq;
+    let li = rendered.get(key);
+    if (!li) {
+      li = make("li", "msg");
+      li.dataset.seq = String(m.seq);
+      const name = (m.from && m.from.name) || "Someone";
+      li.append(avatar(name, "msg-avatar"));
+      const body = make("div", "msg-body");
+      const meta = make("div", "msg-meta");
+      meta.append(make("span", "msg-author", name));
+      const time = make("time", "msg-time", timeFmt.format(new Date(m.ts)));
+      time.dateTime = new Date(m.ts).toISOString();
+      time.title = fullFmt.format(new Date(m.ts));
+      meta.append(time);
+      body.append(meta, make("div", "msg-text", m.text));
+      li.append(body);
+      li.title = fullFmt.format(new Date(m.ts));
+      rendered.set(key, li);
+    }
+    li.classList.toggle("own", own);
+    li.classList.toggle("continued", continued);
+    return li;
+  }
+
+  function pendingElement(clientId, p, continued) {
+    const key = "p" + clientId;
+    let li = rendered.get(key);
+    if (!li) {
+      li = make("li", "msg own pending");
+      li.dataset.clientId = clientId;
+      li.append(avatar(state.name || "?", "msg-avatar"));
+      const body = make("div", "msg-body");
+      const meta = make("div", "msg-meta");
+      meta.append(make("span", "msg-author", state.name || "You"));
+      body.append(meta, make("div", "msg-text", p.text), make("div", "msg-state"));
+      li.append(body);
+      rendered.set(key, li);
+    }
+    li.classList.toggle("continued", continued);
+    li.classList.toggle("failed", p.status === "failed");
+    const stateLine = li.querySelector(".msg-state");
+    stateLine.replaceChildren();
+    if (p.status === "failed") {
+      stateLine.append(make("span", "", p.error + " "));
+      const retry = make("button", "link-button", "Retry");
+      retry.type = "button";
+      retry.addEventListener("click", () => emitPending(clientId));
+      const discard = make("button", "link-button", "Discard");
+      discard.type = "button";
+      discard.addEventListener("click", () => { state.pending.delete(clientId); render({}); });
+      stateLine.append(retry, document.createTextNode(" · "), discard);
+    } else {
+      stateLine.textContent = p.status === "waiting" ? "Waiting for connection…" : "Sending…";
+    }
+    return li;
+  }
+
+  function dayElement(ts) {
+    const label = dayLabel(ts);
+    const key = "d" + label;
+    let li = rendered.get(key);
+    if (!li) {
+      li = make("li", "day-divider");
+      li.append(make("span", "", label));
+      rendered.set(key, li);
+    }
+    return li;
+  }
+
+  function render(opts) {
+    const before = { height: el.scroller.scrollHeight, top: el.scroller.scrollTop };
+    const seqs = Array.from(state.messages.keys()).sort((a, b) => a - b);
+    const frag = document.createDocumentFragment();
+    const used = new Set();
+    let prev = null;
+    let prevDay = "";
+    for (const seq of seqs) {
+      const m = state.messages.get(seq);
+      const day = dayLabel(m.ts);
+      if (day !== prevDay) {
+        const d = dayElement(m.ts);
+        frag.append(d);
+        used.add("d" + day);
+        prevDay = day;
+        prev = null;
+      }
+      const own = isOwn(m);
+      const continued = !!prev && prev.from && m.from && prev.from.name === m.from.name
+        && isOwn(prev) === own && m.ts - prev.ts < GROUP_GAP_MS;
+      frag.append(messageElement(m, own, continued));
+      used.add("m" + seq);
+      prev = m;
+    }
+    let lastOwn = prev ? isOwn(prev) : false;
+    for (const [clientId, p] of state.pending) {
+      frag.append(pendingElement(clientId, p, lastOwn));
+      used.add("p" + clientId);
+      lastOwn = true;
+    }
+    for (const key of rendered.keys()) if (!used.has(key)) rendered.delete(key);
+    el.messages.replaceChildren(frag);
+    el.emptyState.hidden = seqs.length > 0 || state.pending.size > 0 || !state.everConnected;
+    updateHistoryEdge();
+
+    if (opts.keepTopAnchor) {
+      el.scroller.scrollTop = before.top + (el.scroller.scrollHeight - before.height);
+    } else if (opts.stickToBottom) {
+      scrollToBottom();
+    }
+    updateJump();
+  }
+
+  function updateHistoryEdge() {
+    let text = "";
+    if (state.loadingOlder) text = "Loading earlier messages…";
+    else if (state.atBeginning && state.messages.size > 0) text = "This is the beginning of the room.";
+    el.historyState.textContent = text;
+  }
+
+  function isNearBottom() {
+    const s = el.scroller;
+    return s.scrollHeight - s.scrollTop - s.clientHeight < NEAR_BOTTOM_PX;
+  }
+
+  function scrollToBottom() {
+    el.scroller.scrollTop = el.scroller.scrollHeight;
+    state.unseen = 0;
+  }
+
+  function updateJump() {
+    if (isNearBottom()) state.unseen = 0;
+    el.jumpNew.hidden = state.unseen === 0;
+    el.jumpNew.textContent = state.unseen === 1 ? "1 new message ↓" : state.unseen + " new messages ↓";
+  }
+
+  el.jumpNew.addEventListener("click", () => { scrollToBottom(); updateJump(); });
+
+  // ---------------------------------------------------------------- scroll-back
+
+  el.scroller.addEventListener("scroll", () => {
+    updateJump();
+    maybeLoadOlder();
+  }, { passive: true });
+
+  function maybeLoadOlder() {
+    if (state.loadingOlder || state.atBeginning || !state.lowestSeq) return;
+    if (!state.joined) return;
+    if (el.scroller.scrollTop > LOAD_OLDER_PX) return;
+    loadOlder();
+  }
+
+  function loadOlder() {
+    state.loadingOlder = true;
+    updateHistoryEdge();
+    const before = state.lowestSeq;
+    state.socket.timeout(ACK_TIMEOUT_MS).emit("history", { before: before, limit: HISTORY_PAGE }, (err, ack) => {
+      state.loadingOlder = false;
+      if (err || !ack || !ack.ok || !Array.isArray(ack.messages)) {
+        el.historyState.textContent = "Couldn't load earlier messages. Scroll up to try again.";
+        return;
+      }
+      for (const m of ack.messages) addMessage(m);
+      if (ack.messages.length === 0) state.atBeginning = true;
+      recomputeBounds();
+      render({ keepTopAnchor: true });
+      // A short page may leave the top still in view: keep filling, one page per answer.
+      if (state.lowestSeq < before) maybeLoadOlder();
+    });
+  }
+
+  // ---------------------------------------------------------------- members
+
+  function setMembers(list) {
+    state.members.clear();
+    for (const m of list) if (m && m.sid) state.members.set(m.sid, m);
+    renderMembers();
+  }
+
+  function onPresence(p) {
+    if (!p || !p.member) return;
+    if (p.event === "join") state.members.set(p.member.sid, p.member);
+    if (p.event === "leave") {
+      state.members.delete(p.member.sid);
+      dropTyping(p.member.sid);
+    }
+    renderMembers();
+  }
+
+  function renderMembers() {
+    const list = Array.from(state.members.values()).sort((a, b) => {
+      const ao = state.mySids.has(a.sid) ? 0 : 1;
+      const bo = state.mySids.has(b.sid) ? 0 : 1;
+      return ao - bo || a.name.localeCompare(b.name);
+    });
+    const frag = document.createDocumentFragment();
+    for (const m of list) {
+      const li = make("li", "member");
+      li.dataset.sid = m.sid;
+      li.append(avatar(m.name, "member-avatar"));
+      li.append(make("span", "member-name", m.name));
+      if (state.mySids.has(m.sid)) li.append(make("span", "member-you", "you"));
+      frag.append(li);
+    }
+    el.memberList.replaceChildren(frag);
+    const count = String(list.length);
+    el.memberCount.textContent = count;
+    el.memberCountBadge.textContent = count;
+    el.membersToggle.title = list.length === 1 ? "1 member" : list.length + " members";
+  }
+
+  function setMembersOpen(open) {
+    document.body.classList.toggle("members-open", open);
+    el.membersToggle.setAttribute("aria-expanded", open ? "true" : "false");
+    el.membersBackdrop.hidden = !open;
+  }
+
+  el.membersToggle.addEventListener("click", () => {
+    setMembersOpen(!document.body.classList.contains("members-open"));
+  });
+  el.membersClose.addEventListener("click", () => setMembersOpen(false));
+  el.membersBackdrop.addEventListener("click", () => setMembersOpen(false));
+
+  // ---------------------------------------------------------------- typing
+
+  function noteOwnTyping() {
+    if (!state.joined) return;
+    if (!state.typingSent) {
+      state.typingSent = true;
+      state.socket.emit("typing", { typing: true });
+    }
+    window.clearTimeout(state.typingTimer);
+    state.typingTimer = window.setTimeout(() => stopOwnTyping(true), TYPING_IDLE_MS);
+  }
+
+  function stopOwnTyping(tell) {
+    window.clearTimeout(state.typingTimer);
+    state.typingTimer = null;
+    if (state.typingSent && tell && state.socket && state.socket.connected) {
+      state.socket.emit("typing", { typing: false });
+    }
+    state.typingSent = false;
+  }
+
+  function onTyping(t) {
+    if (!t || !t.sid || state.mySids.has(t.sid)) return;
+    if (t.typing) {
+      const old = state.typing.get(t.sid);
+      if (old) window.clearTimeout(old.timer);
+      const timer = window.setTimeout(() => dropTyping(t.sid), TYPING_STALE_MS);
+      state.typing.set(t.sid, { name: t.name, timer: timer });
+      renderTyping();
+    } else {
+      dropTyping(t.sid);
+    }
+  }
+
+  function dropTyping(sid) {
+    const t = state.typing.get(sid);
+    if (!t) return;
+    window.clearTimeout(t.timer);
+    state.typing.delete(sid);
+    renderTyping();
+  }
+
+  function clearTypingAll() {
+    for (const t of state.typing.values()) window.clearTimeout(t.timer);
+    state.typing.clear();
+    renderTyping();
+  }
+
+  function renderTyping() {
+    const names = Array.from(state.typing.values(), (t) => t.name);
+    let text = "";
+    if (names.length === 1) text = names[0] + " is typing…";
+    else if (names.length === 2) text = names[0] + " and " + names[1] + " are typing…";
+    else if (names.length > 2) text = names.length + " people are typing…";
+    el.typing.textContent = text;
+    el.typing.classList.toggle("active", names.length > 0);
+  }
+
+  // ---------------------------------------------------------------- share link
+
+  el.shareButton.addEventListener("click", async () => {
+    const open = el.sharePop.hidden;
+    el.sharePop.hidden = !open;
+    if (open) {
+      el.shareLink.value = shareUrl();
+      await copyShareLink();
+    }
+  });
+
+  el.shareCopy.addEventListener("click", copyShareLink);
+
+  document.addEventListener("click", (event) => {
+    if (el.sharePop.hidden) return;
+    if (el.sharePop.contains(event.target) || el.shareButton.contains(event.target)) return;
+    el.sharePop.hidden = true;
+  });
+
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Escape") return;
+    el.sharePop.hidden = true;
+    setMembersOpen(false);
+  });
+
+  async function copyShareLink() {
+    const link = shareUrl();
+    el.shareLink.value = link;
+    let copied = false;
+    try {
+      if (navigator.clipboard && window.isSecureContext) {
+        await navigator.clipboard.writeText(link);
+        copied = true;
+      }
+    } catch (e) {
+      copied = false;
+    }
+    if (!copied) {
+      el.shareLink.focus();
+      el.shareLink.select();
+      try { copied = document.execCommand("copy"); } catch (e) { copied = false; }
+    }
+    el.shareCopy.textContent = copied ? "Copied!" : "Select & copy";
+    window.setTimeout(() => { el.shareCopy.textContent = "Copy"; }, 2000);
+  }
+
+  // ---------------------------------------------------------------- start
+
+  window.addEventListener("offline", () => setStatus("offline", "Offline — waiting for the network"));
+
+  if (typeof window.io !== "function") {
+    showRefusal({ title: "Couldn't load the chat client", text: "Part of this page failed to load. Reload to try again." },
+      () => window.location.reload());
+    return;
+  }
+  if (state.name) {
+    connect();
+  } else {
+    askName("");
+  }
+})();
