@@ -249,10 +249,10 @@ async def test_dedup_survives_reopen(tmp_path: Path) -> None:
 # -- failures ---------------------------------------------------------------------------
 
 
-def add_failing_trigger(db: Path, when: str) -> None:
-    """Make every INSERT of a matching message fail inside the writer's transaction."""
+def add_failing_trigger(db: Path, when: str, table: str = "messages") -> None:
+    """Make every INSERT of a matching row fail inside the writer's transaction."""
     with sqlite3.connect(db) as conn:
-        conn.execute(f"CREATE TRIGGER fail_insert BEFORE INSERT ON messages WHEN {when} "
+        conn.execute(f"CREATE TRIGGER fail_insert BEFORE INSERT ON {table} WHEN {when} "
                      "BEGIN SELECT RAISE(ABORT, 'injected failure'); END")
 
 
@@ -312,6 +312,18 @@ async def test_failed_commit_of_every_room_then_recovery(tmp_path: Path) -> None
     s2 = await opened(tmp_path)
     assert [m["text"] for m in await s2.history("a")] == ["one", "two again"]
     await s2.close()
+
+
+async def test_failed_room_commit_is_not_kept(tmp_path: Path) -> None:
+    s = await opened(tmp_path)
+    add_failing_trigger(s.path, "1", table="rooms")
+    with pytest.raises(StoreError):
+        await s.create_room(room("r"))
+    assert s.get_room("r") is None and s.room_count() == 0
+    drop_failing_trigger(s.path)
+    await s.create_room(room("r"))  # the id is free again
+    assert s.get_room("r") is not None
+    await s.close()
 
 
 # -- lifecycle and durability -----------------------------------------------------------

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -44,6 +45,8 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 DB_NAME = "store.sqlite3"
 LOOP_READ_ROWS = 200  # longer recovery reads go to the reader thread
@@ -586,6 +589,8 @@ class Store:
                 self._halted = True
                 rest, self._queue = self._queue, []
             self._stats.failed_commits += 1
+            log.error("commit to %s failed, %d queued writes refused: %s", self.path,
+                      len(batch) + len(rest), exc)
             self._call_soon(self._failed_batch, batch + rest, exc)
             return None
         s = self._stats
@@ -621,10 +626,11 @@ class Store:
                                    (room_id, cut))
                 dropped += max(cur.rowcount, 0)
             conn.execute("COMMIT")
-        except sqlite3.Error:
+        except Exception as exc:  # the writer must survive housekeeping errors
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+            log.warning("pruning old messages in %s failed, will retry: %s", self.path, exc)
             return
         self._stats.pruned += dropped
         for room_id, cut in due:
