@@ -1,0 +1,263 @@
+"""The local router: ALB-like forwarding of HTTP, long-polling and WebSockets.
+
+Two kinds of targets: small in-process HTTP servers that echo what reached them (to see
+headers, bodies and streaming exactly), and real ``shardchat node`` processes (to see that
+a room's page, polling and websocket all reach the node that owns the room).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import aiohttp
+import pytest
+import socketio
+from aiohttp import web
+
+from shardchat import urls
+from shardchat.cluster.router import Router, serve
+from shardchat.cluster.rules import Rule, RuleSet, build_rules
+from tests.support import free_port, running_nodes
+
+
+class EchoTarget:
+    """A stand-in target for instance N that reports what the router sent it."""
+
+    def __init__(self, number: int):
+        self.number = number
+        self.port = free_port()
+        self.healthy = True
+        self.release = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> EchoTarget:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.raw_path.split("?", 1)[0]
+        if path == urls.healthz_path(self.number):
+            status = 200 if self.healthy else 503
+            return web.json_response({"instance": self.number}, status=status)
+        if path.endswith("/ws"):
+            return await self.websocket(request)
+        if path.endswith("/stream"):
+            return await self.stream(request)
+        body = await request.read()
+        return web.json_response({
+            "instance": self.number, "method": request.method, "raw": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "length": len(body), "sha256": hashlib.sha256(body).hexdigest()})
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        """First chunk, then wait until the test saw it through the router, then the rest."""
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"first;")
+        await asyncio.wait_for(self.release.wait(), 10)
+        await resp.write(b"second")
+        await resp.write_eof()
+        return resp
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=("chat",))
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT and msg.data.startswith("close:"):
+                await ws.close(code=int(msg.data[6:]), message=b"asked to")
+            elif msg.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"{self.number}:{msg.data}")
+            elif msg.type is aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data[::-1])
+        return ws
+
+
+async def start_router(rules: RuleSet, targets: dict[int, tuple[str, int]]):
+    router = Router(rules, targets)
+    port = free_port()
+    runner = await serve(router, "127.0.0.1", port)
+    return router, runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def echo_cluster():
+    """Echo targets 1 and 2 behind a router with the standard rules."""
+    targets = [await EchoTarget(n).start() for n in (1, 2)]
+    router, runner, base = await start_router(
+        build_rules([1, 2]), {t.number: ("127.0.0.1", t.port) for t in targets})
+    try:
+        yield router, base, targets
+    finally:
+        for t in targets:
+            t.release.set()
+        await runner.cleanup()
+        for t in targets:
+            await t.stop()
+
+
+async def test_forwarded_headers_arrive_and_hop_by_hop_headers_do_not(echo_cluster):
+    _router, base, _ = echo_cluster
+    headers = {"X-Forwarded-For": "203.0.113.9", "Connection": "keep-alive, X-Private-Hop",
+               "X-Private-Hop": "secret", "X-Custom": "kept", "Cookie": "a=b"}
+    async with aiohttp.ClientSession() as s, s.get(f"{base}/i2/echo?x=1", headers=headers) as r:
+        body = await r.json()
+    assert r.status == 200 and body["instance"] == 2 and body["raw"] == "/i2/echo?x=1"
+    got = {k.lower(): v for k, v in body["headers"]}
+    assert got["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert got["x-forwarded-proto"] == "http"
+    assert got["x-forwarded-port"] == base.rsplit(":", 1)[1]
+    assert got["x-custom"] == "kept" and got["cookie"] == "a=b"
+    assert "x-private-hop" not in got
+
+
+async def test_large_body_passes_through_unchanged(echo_cluster):
+    _router, base, _ = echo_cluster
+    payload = os.urandom(8 * 1024 * 1024)
+    async with aiohttp.ClientSession() as s, s.put(f"{base}/i1/upload", data=payload) as r:
+        body = await r.json()
+    assert r.status == 200 and body["method"] == "PUT"
+    assert body["length"] == len(payload)
+    assert body["sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+async def test_chunked_request_body_is_streamed(echo_cluster):
+    _router, base, _ = echo_cluster
+
+    async def parts():
+        for i in range(50):
+            yield bytes([i]) * 10_000
+
+    async with aiohttp.ClientSession() as s, s.post(f"{base}/api/x", data=parts()) as r:
+        body = await r.json()
+    assert body["length"] == 500_000
+
+
+async def test_response_is_streamed_not_buffered(echo_cluster):
+    _router, base, targets = echo_cluster
+    async with aiohttp.ClientSession() as s, s.get(f"{base}/i1/stream") as r:
+        first = await asyncio.wait_for(r.content.readexactly(6), 5)
+        assert first == b"first;"  # arrived while the target still holds the rest back
+        targets[0].release.set()
+        assert await asyncio.wait_for(r.content.read(), 5) == b"second"
+
+
+async def test_unknown_instance_prefix_takes_the_default_action(echo_cluster):
+    _router, base, _ = echo_cluster
+    seen = set()
+    async with aiohttp.ClientSession() as s:
+        for _ in range(4):
+            async with s.get(f"{base}/i77/room/x") as r:
+                body = await r.json()
+                assert body["raw"] == "/i77/room/x"
+                seen.add(body["instance"])
+    assert seen == {1, 2}  # round-robin over the healthy default targets
+
+
+async def test_default_action_skips_an_unhealthy_target(echo_cluster):
+    router, base, targets = echo_cluster
+    targets[1].healthy = False
+    deadline = asyncio.get_running_loop().time() + 10
+    while 2 in router.healthy():
+        assert asyncio.get_running_loop().time() < deadline, "target 2 never went unhealthy"
+        await asyncio.sleep(0.1)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(6):
+            async with s.get(f"{base}/") as r:
+                assert (await r.json())["instance"] == 1
+        async with s.get(f"{base}/i2/still-routed") as r:  # its own rule still forwards
+            assert (await r.json())["instance"] == 2
+
+
+async def test_dead_target_gives_502_and_unregistered_target_503():
+    live = await EchoTarget(1).start()
+    dead_port = free_port()
+    rules = RuleSet(rules=(Rule(1, "/i1/*", 1), Rule(2, "/i2/*", 2), Rule(3, "/i3/*", 3)),
+                    default_instances=(1, 2))
+    _router, runner, base = await start_router(
+        rules, {1: ("127.0.0.1", live.port), 2: ("127.0.0.1", dead_port)})
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{base}/i2/x") as r:  # fail open, then the connection fails
+                assert r.status == 502 and (await r.json())["error"] == "bad_gateway"
+            async with s.get(f"{base}/i3/x") as r:
+                assert r.status == 503 and (await r.json())["error"] == "no_target"
+            async with s.get(f"{base}/i1/x") as r:
+                assert r.status == 200
+    finally:
+        await runner.cleanup()
+        await live.stop()
+
+
+async def test_websocket_frames_and_close_code_pass_both_ways(echo_cluster):
+    _router, base, _ = echo_cluster
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(f"{base}/i2/ws", protocols=("chat",)) as ws:
+            assert ws.protocol == "chat"
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=5)).data == "2:hello"
+            await ws.send_bytes(b"\x00\x01\x02")
+            assert (await ws.receive(timeout=5)).data == b"\x02\x01\x00"
+            await ws.send_str("close:4001")
+            msg = await ws.receive(timeout=5)
+            assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 4001
+        async with s.get(f"{base}/i2/ws") as r:  # no upgrade requested: plain HTTP
+            assert r.status in (400, 405, 426)
+
+
+# -- real nodes ----------------------------------------------------------------------------
+
+
+async def _welcome(base: str, room: dict, transport: str) -> dict:
+    sio = socketio.AsyncClient(reconnection=False)
+    welcome: asyncio.Future = asyncio.get_running_loop().create_future()
+    ns = room["namespace"]
+    sio.on("welcome", lambda data: welcome.done() or welcome.set_result(data), namespace=ns)
+    await sio.connect(base, socketio_path=room["socketio_path"], namespaces=[ns],
+                      transports=[transport], auth={"name": f"via-{transport}"},
+                      wait_timeout=10)
+    try:
+        data = await asyncio.wait_for(welcome, 10)
+        ack = await sio.call("message", {"text": f"hi over {transport}"}, namespace=ns,
+                             timeout=10)
+        assert ack["ok"] is True and ack["seq"] >= 1
+        return data
+    finally:
+        await sio.disconnect()
+
+
+async def test_room_page_polling_and_websocket_reach_the_owning_node(tmp_path):
+    with running_nodes(tmp_path, 2) as nodes:
+        rules = build_rules([n.number for n in nodes])
+        _router, runner, base = await start_router(
+            rules, {n.number: ("127.0.0.1", n.port) for n in nodes})
+        try:
+            async with aiohttp.ClientSession() as s:
+                rooms = []
+                for i in range(4):
+                    async with s.post(f"{base}/api/rooms", json={"name": f"r{i}"}) as r:
+                        assert r.status == 201, await r.text()
+                        rooms.append(await r.json())
+                assert {room["instance"] for room in rooms} == {1, 2}
+                for room in rooms[:2]:
+                    async with s.get(base + room["path"]) as r:
+                        assert r.status == 200 and "html" in r.headers["Content-Type"]
+                async with s.get(f"{base}{urls.prefix(77)}/healthz") as r:
+                    assert r.status == 421  # default action; the node names the mistake
+            for room in rooms[:2]:
+                for transport in ("polling", "websocket"):
+                    data = await _welcome(base, room, transport)
+                    assert data["room"]["id"] == room["id"]
+        finally:
+            await runner.cleanup()
+
