@@ -25,6 +25,11 @@ Why this shape:
   that a failed commit takes back.
 * Old messages are pruned to the newest ``retention`` per room by the writer thread after
   a commit has been acknowledged, at most once every ``prune_interval`` seconds per room.
+  Dedup by ``(room, sender_name, client_id)`` covers every stored message (a retry of a
+  message already pruned is stored as new) and every message still in flight.
+* ``store.lock`` in the directory is held (flock) while the store is open, so a second
+  process on the same data directory fails at open instead of reusing seqs. The kernel
+  drops the lock when a process dies, even by ``kill -9``.
 """
 
 from __future__ import annotations
