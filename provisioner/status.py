@@ -1,0 +1,65 @@
+"""The ``status`` table: per instance, its target group, rule and target health."""
+
+from __future__ import annotations
+
+from provisioner import naming
+from provisioner.observed import ObservedRule, ObservedState, ObservedTargetGroup
+from shardchat.config import Config
+
+HEADERS = ("instance", "target group", "priority", "pattern", "target", "health")
+
+
+def _rule_for(observed: ObservedState, tg: ObservedTargetGroup | None, n: int
+              ) -> ObservedRule | None:
+    ours = [r for r in observed.rules if observed.ours(r.tags)]
+    if tg is not None:
+        hit = next((r for r in ours if tg.arn in r.forward), None)
+        if hit:
+            return hit
+    return next((r for r in ours if r.tags.get(naming.TAG_INSTANCE) == str(n)), None)
+
+
+def _row(label: str, tg: ObservedTargetGroup | None, rule: ObservedRule | None
+         ) -> list[tuple[str, ...]]:
+    prio = str(rule.priority) if rule else "-"
+    pattern = ", ".join(rule.patterns) if rule else "-"
+    if tg is None:
+        return [(label, "missing", prio, pattern, "-", "-")]
+    states = sorted(tg.health_states.items(), key=lambda kv: (kv[0].id, kv[0].port))
+    if not states:
+        return [(label, tg.name, prio, pattern, "-", "no targets")]
+    return [(label if i == 0 else "", tg.name if i == 0 else "", prio if i == 0 else "",
+             pattern if i == 0 else "", f"{t.id}:{t.port}", state or "?")
+            for i, (t, state) in enumerate(states)]
+
+
+def rows(cfg: Config, observed: ObservedState) -> list[tuple[str, ...]]:
+    groups = {tg.instance: tg for tg in observed.target_groups
+              if tg.role == naming.ROLE_INSTANCE}
+    numbers = sorted({i.number for i in cfg.instances} | {n for n in groups if n is not None})
+    out: list[tuple[str, ...]] = []
+    for n in numbers:
+        tg = groups.get(n)
+        out += _row(str(n), tg, _rule_for(observed, tg, n))
+    for tg in observed.target_groups:
+        if tg.role == naming.ROLE_LOBBY:
+            out += _row("lobby", tg, None)
+    return out
+
+
+def table(body: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in [HEADERS, *body]) for i in range(len(HEADERS))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*r).rstrip() for r in [HEADERS, *body])
+
+
+def render(cfg: Config, observed: ObservedState) -> str:
+    lb = observed.load_balancer
+    if lb is None:
+        head = f"Load balancer {cfg.aws.load_balancer} does not exist (run apply)."
+    else:
+        owner = "ours" if observed.ours(lb.tags) else "not tagged for this cluster"
+        head = (f"Load balancer {lb.name} ({owner}), DNS {lb.dns_name}, idle timeout "
+                f"{lb.idle_timeout} s")
+    listeners = ", ".join(f"{ls.protocol}:{ls.port}" for ls in observed.listeners) or "none"
+    return f"{head}\nListeners: {listeners}\n\n{table(rows(cfg, observed))}"
