@@ -15,6 +15,7 @@
   const GROUP_GAP_MS = 5 * 60 * 1000;
   const TYPING_IDLE_MS = 2500;      // stop "typing" after this long without a keystroke
   const TYPING_STALE_MS = 6000;     // forget someone's "typing" if their stop never arrives
+  const TYPING_REPEAT_MS = 3000;    // re-announce while typing continues (server drops < 2 s)
   const ACK_TIMEOUT_MS = 10000;
   const NEAR_BOTTOM_PX = 120;
   const LOAD_OLDER_PX = 80;
@@ -157,6 +158,7 @@
     retryTimer: null,
     retryDelay: 2000,
     typingSent: false,
+    typingSentAt: 0,
     typingTimer: null,
     unseen: 0,
   };
@@ -401,7 +403,7 @@
   function showRoom(room, you) {
     el.roomName.textContent = room.name;
     document.title = room.name + " · shardchat";
-    el.lock.hidden = !room.private;
+    el.lock.toggleAttribute("hidden", !room.private);   // SVG elements have no .hidden
     el.changeName.textContent = you.name;
     el.asYou.hidden = false;
     el.shareButton.hidden = false;
@@ -791,8 +793,11 @@
 
   function noteOwnTyping() {
     if (!state.joined) return;
-    if (!state.typingSent) {
+    const now = Date.now();
+    // Repeat "typing" while keys keep coming, so others' stale-timeout never fires mid-sentence.
+    if (!state.typingSent || now - state.typingSentAt > TYPING_REPEAT_MS) {
       state.typingSent = true;
+      state.typingSentAt = now;
       state.socket.emit("typing", { typing: true });
     }
     window.clearTimeout(state.typingTimer);

@@ -1,0 +1,446 @@
+"""The chat pages in a real browser: headless Chromium against a running cluster.
+
+The cluster is ``shardchat up`` (nodes behind the local router), so every page, asset and
+WebSocket goes through the same path rules as on AWS. Each person is a separate browser
+context (own cookies and localStorage). Tests wait on what a person would see (a message in
+the list, a status pill) with a deadline; nothing sleeps.
+
+Set SHARDCHAT_UPDATE_SCREENSHOTS=1 to refresh docs/screenshot-room*.png from the screenshot test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import ROOT, free_port, http_json, running_nodes, wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+UI_TIMEOUT = 15_000          # ms: generous for a 2-core machine shared with other work
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 375, "height": 740}
+PRIVATE_TEXT = "This room is private — ask a member for the invite link"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)"),
+]
+
+playwright_sync = pytest.importorskip("playwright.sync_api")
+expect = playwright_sync.expect
+expect.set_options(timeout=UI_TIMEOUT)
+
+
+# ---------------------------------------------------------------------------------------
+# the cluster
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where the browser goes: the router of ``shardchat up`` (or one node as a fallback)."""
+
+    base_url: str
+    routed: bool
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+
+def up_available() -> bool:
+    """``shardchat up`` exists in this tree (it is the normal way to run a local cluster)."""
+    probe = subprocess.run([sys.executable, "-m", "shardchat", "up", "--help"], cwd=str(ROOT),
+                           capture_output=True, timeout=60)
+    return probe.returncode == 0
+
+
+@contextlib.contextmanager
+def running_up(tmp: Path, nodes: int = 2) -> Iterator[str]:
+    """``shardchat up --nodes N --port P`` in ``tmp``; yields its URL once every node answers
+    through the router, and stops it with SIGINT (SIGKILL if it does not exit in time)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp / "up.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shardchat", "up", "--nodes", str(nodes), "--port", str(port)],
+            cwd=str(tmp), stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"shardchat up exited with {proc.returncode}:\n"
+                               + log_path.read_text(errors="replace")[-4000:])
+        return all(http_json("GET", f"{base}/i{n}/healthz", timeout=2)[0] == 200
+                   for n in range(1, nodes + 1))
+
+    try:
+        wait_until(ready, timeout=60, interval=0.2, what="shardchat up to serve every node")
+        yield base
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Iterator[Site]:
+    tmp = tmp_path_factory.mktemp("site")
+    if up_available():
+        with running_up(tmp, nodes=2) as base:
+            yield Site(base, routed=True)
+    else:
+        # Before `shardchat up` exists: one node serves the landing page and its own rooms.
+        with running_nodes(tmp, 1) as nodes:
+            yield Site(nodes[0].base_url, routed=False)
+
+
+def create_room(site: Site, name: str, private: bool = False) -> dict[str, Any]:
+    status, room = http_json("POST", site.url("/api/rooms"), {"name": name, "private": private})
+    assert status == 201, f"room creation failed: {status} {room}"
+    return room
+
+
+def room_link(site: Site, room: dict[str, Any], invite: bool = True) -> str:
+    link = site.url(room["path"])
+    if invite and room.get("invite"):
+        link += "?invite=" + room["invite"]
+    return link
+
+
+# ---------------------------------------------------------------------------------------
+# the browser
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright_sync.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                      headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+class People:
+    """Opens one browser context per person and closes them all after the test."""
+
+    def __init__(self, browser: Any):
+        self.browser = browser
+        self.contexts: list[Any] = []
+
+    def page(self, viewport: dict[str, int] | None = None, phone: bool = False) -> Any:
+        options: dict[str, Any] = {"viewport": viewport or (PHONE if phone else DESKTOP)}
+        if phone:
+            options.update(is_mobile=True, has_touch=True, device_scale_factor=2)
+        context = self.browser.new_context(**options)
+        context.set_default_timeout(UI_TIMEOUT)
+        self.contexts.append(context)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.errors = errors
+        return page
+
+    def join(self, link: str, name: str, **kwargs: Any) -> Any:
+        """A person opens a room link, picks a display name and waits to be connected."""
+        page = self.page(**kwargs)
+        page.goto(link)
+        enter_name(page, name)
+        expect_connected(page)
+        return page
+
+    def close(self) -> None:
+        for context in self.contexts:
+            with contextlib.suppress(Exception):
+                context.close()
+
+
+@pytest.fixture
+def people(browser) -> Iterator[People]:
+    crowd = People(browser)
+    try:
+        yield crowd
+    finally:
+        crowd.close()
+
+
+def enter_name(page: Any, name: str) -> None:
+    expect(page.locator("#name-dialog")).to_be_visible()
+    page.fill("#name-input", name)
+    page.click("#name-submit")
+
+
+def expect_connected(page: Any) -> None:
+    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+
+
+def send(page: Any, text: str) -> None:
+    page.fill("#composer-input", text)
+    page.press("#composer-input", "Enter")
+    expect(page.locator("#composer-input")).to_have_value("")
+
+
+def messages(page: Any) -> Any:
+    """Delivered messages (pending ones carry the ``pending`` class until acked)."""
+    return page.locator("#messages .msg:not(.pending)")
+
+
+def message(page: Any, text: str) -> Any:
+    return page.locator("#messages .msg:not(.pending)", has_text=text)
+
+
+def members(page: Any) -> Any:
+    return page.locator("#member-list .member-name")
+
+
+# ---------------------------------------------------------------------------------------
+# tests
+
+
+def test_landing_page_creates_a_room_and_shows_api_errors(site, people):
+    page = people.page()
+    page.goto(site.url("/"))
+    expect(page.locator("h2#create-title")).to_have_text("Create a room")
+
+    page.fill("#room-name", "   ")
+    page.click("#create-button")
+    expect(page.locator("#create-error")).to_be_visible()
+    expect(page.locator("#create-error")).to_contain_text("name")
+
+    # A name the API refuses: its own sentence is shown next to the form, and we stay here.
+    page.evaluate("document.getElementById('room-name').removeAttribute('maxlength')")
+    page.fill("#room-name", "x" * 150)
+    page.click("#create-button")
+    expect(page.locator("#create-error")).to_contain_text("100")
+    assert page.url.rstrip("/") == site.base_url
+
+    page.fill("#room-name", "Launch plan")
+    expect(page.locator("#create-error")).to_be_hidden()
+    page.click("#create-button")
+    page.wait_for_url(re.compile(r"/i\d+/room/[A-Za-z0-9_-]+$"))
+    enter_name(page, "Ana")
+    expect_connected(page)
+    expect(page.locator("#room-name-text")).to_have_text("Launch plan")
+    expect(page.locator("#empty-state")).to_be_visible()
+    assert page.errors == []
+
+
+def test_two_people_chat_and_see_each_other_in_the_member_list(site, people):
+    room = create_room(site, "Team chat")
+    ana = people.join(room_link(site, room), "Ana")
+    ben = people.join(room_link(site, room), "Ben")
+
+    for page in (ana, ben):
+        expect(members(page)).to_have_count(2)
+        expect(page.locator("#member-count")).to_have_text("2")
+    expect(members(ana)).to_contain_text(["Ana", "Ben"], ignore_case=False)
+
+    send(ana, "Hi Ben, <b>not bold</b> & welcome")
+    expect(message(ben, "Hi Ben, <b>not bold</b> & welcome")).to_be_visible()
+    expect(ben.locator("#messages b")).to_have_count(0)   # user text is never parsed as HTML
+    send(ben, "Hey Ana!")
+    expect(message(ana, "Hey Ana!")).to_be_visible()
+
+    # Own messages look different from the others', on both screens.
+    expect(message(ana, "Hi Ben")).to_have_class(re.compile(r"\bown\b"))
+    expect(message(ben, "Hi Ben")).not_to_have_class(re.compile(r"\bown\b"))
+    expect(message(ana, "Hey Ana!")).not_to_have_class(re.compile(r"\bown\b"))
+    expect(message(ana, "Hey Ana!")).to_contain_text("Ben")
+
+    ben.context.close()
+    expect(members(ana)).to_have_count(1)
+    assert ana.errors == []
+
+
+def test_private_room_refuses_without_invite_and_admits_with_the_link(site, people):
+    owner = people.page()
+    owner.goto(site.url("/"))
+    owner.fill("#room-name", "Board room")
+    owner.locator("#room-private").check(force=True)
+    owner.click("#create-button")
+    owner.wait_for_url(re.compile(r"/i\d+/room/[A-Za-z0-9_-]+$"))   # invite moved out of the URL
+    enter_name(owner, "Ana")
+    expect_connected(owner)
+    expect(owner.locator("#room-lock")).to_be_visible()
+
+    share = owner.locator("#share-button")
+    expect(share).to_have_text("Copy invite link")
+    share.click()
+    invite_link = owner.locator("#share-link").input_value()
+    assert "?invite=" in invite_link and invite_link.startswith(owner.url)
+
+    stranger = people.page()
+    stranger.goto(owner.url)
+    enter_name(stranger, "Mallory")
+    expect(stranger.locator("#refusal")).to_be_visible()
+    expect(stranger.locator("#refusal-text")).to_contain_text(PRIVATE_TEXT)
+    expect(stranger.locator("#status")).not_to_have_attribute("data-state", "connected")
+
+    guest = people.join(invite_link, "Ben")
+    expect(members(guest)).to_have_count(2)
+    expect(members(owner)).to_have_count(2)
+    assert "invite=" not in guest.url
+
+    # The invite was kept for this room: a reload gets straight back in.
+    guest.reload()
+    expect_connected(guest)
+    expect(guest.locator("#refusal")).to_be_hidden()
+
+
+def test_reloading_the_page_shows_the_history(site, people):
+    room = create_room(site, "Notes")
+    ana = people.join(room_link(site, room), "Ana")
+    texts = ["first note", "second note", "third note"]
+    for text in texts:
+        send(ana, text)
+    expect(messages(ana)).to_have_count(3)
+
+    ana.reload()
+    expect(ana.locator("#name-dialog")).to_be_hidden()      # the name was remembered
+    expect_connected(ana)
+    expect(messages(ana)).to_have_count(3)
+    expect(ana.locator("#messages .msg-text")).to_have_text(texts)
+    expect(message(ana, "first note")).to_have_class(re.compile(r"\bown\b"))
+
+
+def test_typing_indicator_appears_for_the_other_person(site, people):
+    room = create_room(site, "Typing")
+    ana = people.join(room_link(site, room), "Ana")
+    ben = people.join(room_link(site, room), "Ben")
+
+    ben.locator("#composer-input").press_sequentially("hel")
+    expect(ana.locator("#typing")).to_have_text("Ben is typing…")
+    expect(ben.locator("#typing")).to_have_text("")     # nobody is told about themselves
+
+    ben.fill("#composer-input", "")
+    expect(ana.locator("#typing")).to_have_text("")
+
+    ben.locator("#composer-input").press_sequentially("hello")
+    expect(ana.locator("#typing")).to_have_text("Ben is typing…")
+    ben.press("#composer-input", "Enter")
+    expect(message(ana, "hello")).to_be_visible()
+    expect(ana.locator("#typing")).to_have_text("")
+
+
+def seed_messages(site: Site, room: dict[str, Any], count: int, senders: int = 4) -> None:
+    """Post ``count`` numbered messages with real Socket.IO clients, spread over several
+    connections so no one connection meets the rate limit; returns when all are acked."""
+    import socketio
+
+    async def one_sender(index: int, numbers: list[int]) -> None:
+        client = socketio.AsyncClient(reconnection=False)
+        await client.connect(site.base_url, namespaces=[room["namespace"]],
+                             socketio_path=room["socketio_path"], transports=["websocket"],
+                             auth={"name": f"seeder {index}"}, wait_timeout=10)
+        try:
+            for n in numbers:
+                ack = await client.call("message", {"text": f"message {n}"},
+                                        namespace=room["namespace"], timeout=10)
+                assert ack.get("ok"), ack
+        finally:
+            await client.disconnect()
+
+    async def all_senders() -> None:
+        # Sequential batches keep seq order equal to the numbering.
+        per = -(-count // senders)
+        for i in range(senders):
+            await one_sender(i, list(range(i * per + 1, min(count, (i + 1) * per) + 1)))
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:   # own thread, own event loop
+        pool.submit(asyncio.run, all_senders()).result(timeout=60)
+
+
+def test_scrolling_to_the_top_loads_older_messages(site, people):
+    room = create_room(site, "Long room")
+    seed_messages(site, room, 72)
+    ana = people.join(room_link(site, room), "Ana")
+    expect(message(ana, "message 72")).to_be_visible()
+    expect(messages(ana)).to_have_count(50)          # the welcome brings the latest 50
+
+    ana.locator("#scroller").evaluate("el => { el.scrollTop = 0; }")
+    expect(messages(ana)).to_have_count(72)
+    expect(ana.locator("#history-state")).to_have_text("This is the beginning of the room.")
+    expect(ana.locator("#messages .msg-text").first).to_have_text("message 1")
+
+
+def test_reconnect_recovers_missed_messages_and_sends_queued_ones(site, people):
+    room = create_room(site, "Flaky network")
+    ana = people.join(room_link(site, room), "Ana")
+    ben = people.join(room_link(site, room), "Ben")
+    send(ana, "before the outage")
+    expect(message(ben, "before the outage")).to_be_visible()
+
+    ben.context.set_offline(True)
+    expect(ben.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    expect(members(ana)).to_have_count(1)
+    send(ana, "missed one")
+    send(ana, "missed two")
+    send(ben, "written offline")
+    expect(ben.locator("#messages .msg.pending")).to_contain_text("Waiting for connection")
+
+    ben.context.set_offline(False)
+    expect_connected(ben)
+    expect(ben.locator("#messages .msg-text")).to_have_text(
+        ["before the outage", "missed one", "missed two", "written offline"])
+    expect(ben.locator("#messages .msg.pending")).to_have_count(0)
+    expect(message(ana, "written offline")).to_be_visible()
+    expect(messages(ana)).to_have_count(4)          # delivered exactly once
+
+
+def test_screenshot_of_a_conversation(site, people, tmp_path):
+    """Two people, desktop and phone, mid-conversation: the pictures in docs/."""
+    room = create_room(site, "Design review", private=True)
+    ana = people.join(room_link(site, room), "Ana Souza")
+    ben = people.join(room_link(site, room), "Ben Okafor", phone=True)
+    lines = [
+        (ana, "Morning! Did everyone get a chance to look at the new onboarding flow?"),
+        (ben, "Yes, the first two steps feel much lighter now."),
+        (ben, "The invite screen still says \"workspace\" though."),
+        (ana, "Good catch, I'll fix the copy."),
+        (ana, "Shipping it after lunch."),
+    ]
+    for count, (page, text) in enumerate(lines, start=1):
+        send(page, text)
+        expect(messages(ana)).to_have_count(count)
+        expect(messages(ben)).to_have_count(count)
+    ben.locator("#composer-input").press_sequentially("Sounds good")
+    expect(ana.locator("#typing")).to_have_text("Ben Okafor is typing…")
+    ana.locator("#composer-input").blur()
+
+    targets = [tmp_path]
+    if os.environ.get("SHARDCHAT_UPDATE_SCREENSHOTS") == "1":
+        targets.append(ROOT / "docs")
+    for folder in targets:
+        folder.mkdir(parents=True, exist_ok=True)
+        ana.screenshot(path=str(folder / "screenshot-room.png"), animations="disabled")
+        ben.screenshot(path=str(folder / "screenshot-room-phone.png"), animations="disabled")
+    assert (tmp_path / "screenshot-room.png").stat().st_size > 10_000
+
+    # The phone layout keeps members in a panel that opens from the header.
+    expect(ben.locator("#members-panel")).not_to_be_in_viewport()
+    ben.click("#members-toggle")
+    expect(ben.locator("#members-panel")).to_be_in_viewport()
+    expect(members(ben)).to_have_count(2)
+    ben.click("#members-close")
+    expect(ben.locator("#members-panel")).not_to_be_in_viewport()
