@@ -1,0 +1,244 @@
+"""The other nodes of the cluster, as seen from one node: who they are and how loaded.
+
+Placement needs a fresh-enough picture of every peer's load without ever waiting on a peer
+while a user waits for a room. So a background task polls ``GET /internal/stats`` on every
+peer each ``node.stats_interval`` seconds, each call bounded by ``node.peer_timeout``, and
+placement only ever reads the last snapshot. A peer that refused, timed out or answered
+garbage is marked unhealthy until a later poll succeeds (unhealthy peers are asked again
+every ``RETRY_INTERVAL``); a failed room creation marks it the same way at once, so the next
+placement skips it without waiting for the next poll.
+
+The peer list is the config's ``[[instances]]``, or, when ``aws.discover = "ec2-tags"``,
+the instances of ``shardchat.cluster.discovery.resolve_instances(cfg)`` (re-resolved every
+``DISCOVERY_INTERVAL`` seconds; that module needs boto3 and AWS credentials, so it is only
+imported in that case).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from shardchat.config import Config, Instance
+
+log = logging.getLogger(__name__)
+
+DISCOVERY_INTERVAL = 30.0
+RETRY_INTERVAL = 0.2  # an unhealthy peer is asked again this soon: nodes start one by one
+STATS_PATH = "/internal/stats"
+ROOMS_PATH = "/internal/rooms"
+
+
+class PeerError(Exception):
+    """A peer did not do what was asked (unreachable, too slow, draining, or refused)."""
+
+    def __init__(self, number: int, reason: str, draining: bool = False):
+        super().__init__(f"instance {number}: {reason}")
+        self.number = number
+        self.reason = reason
+        self.draining = draining
+
+
+@dataclass
+class PeerState:
+    """The last thing we know about one peer. ``fetched_at`` is time.monotonic()."""
+
+    number: int
+    host: str
+    internal_port: int
+    healthy: bool = False
+    draining: bool = False
+    connections: int = 0
+    rooms: int = 0
+    fetched_at: float = 0.0
+    error: str = "not polled yet"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.internal_port}"
+
+
+def _valid_stats(number: int, body: Any) -> dict[str, Any]:
+    """Check a stats answer: a peer answering for another number is misconfigured."""
+    if not isinstance(body, dict):
+        raise PeerError(number, "stats answer is not a JSON object")
+    if body.get("instance") != number:
+        raise PeerError(number, f"answered as instance {body.get('instance')!r}: the config's "
+                        "host/internal_port for this instance point at another node")
+    for key in ("connections", "rooms"):
+        if not isinstance(body.get(key), int) or isinstance(body.get(key), bool):
+            raise PeerError(number, f"stats field {key!r} is not a whole number")
+    return body
+
+
+class PeerPool:
+    """Polls the peers' stats in the background and creates rooms on them on request."""
+
+    def __init__(self, cfg: Config, local_number: int):
+        self._cfg = cfg
+        self._local = local_number
+        self._secret = cfg.cluster.secret
+        self._timeout = cfg.node.peer_timeout
+        self._interval = cfg.node.stats_interval
+        self._peers: dict[int, PeerState] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._last_discovery = 0.0
+        self._set_instances(cfg.instances)
+
+    # -- peer list ------------------------------------------------------------------------
+
+    def _set_instances(self, instances: Iterable[Instance]) -> None:
+        fresh: dict[int, PeerState] = {}
+        for inst in instances:
+            if inst.number == self._local:
+                continue
+            old = self._peers.get(inst.number)
+            if old and (old.host, old.internal_port) == (inst.host, inst.internal_port):
+                fresh[inst.number] = old
+            else:
+                fresh[inst.number] = PeerState(inst.number, inst.host, inst.internal_port)
+        self._peers = fresh
+
+    async def _discover(self) -> None:
+        if self._cfg.aws.discover != "ec2-tags":
+            return
+        now = time.monotonic()
+        if self._last_discovery and now - self._last_discovery < DISCOVERY_INTERVAL:
+            return
+        self._last_discovery = now
+        from shardchat.cluster import discovery  # needs boto3 + credentials: only here
+
+        try:
+            found = await asyncio.to_thread(discovery.resolve_instances, self._cfg)
+            if inspect.isawaitable(found):
+                found = await found
+        except Exception as exc:  # keep the last known list; discovery may be flaky
+            log.warning("peer discovery failed, keeping %d known peers: %s",
+                        len(self._peers), exc)
+            return
+        self._set_instances(getattr(found, "instances", found))
+
+    def snapshot(self) -> list[PeerState]:
+        """The current view of every peer (copies, safe to keep)."""
+        return [PeerState(**vars(p)) for p in self._peers.values()]
+
+    def get(self, number: int) -> PeerState | None:
+        return self._peers.get(number)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the HTTP session, poll once (bounded by peer_timeout), then keep polling."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {self._secret}"},
+                connector=aiohttp.TCPConnector(limit=0),
+                cookie_jar=aiohttp.DummyCookieJar())
+        await self.poll_once()
+        self._task = asyncio.create_task(self._run(), name="peer-stats")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._session:
+            await self._session.close()
+            self._session = None
+
+    async def _run(self) -> None:
+        """Poll everyone each interval, and unhealthy peers every RETRY_INTERVAL meanwhile,
+        so a peer that comes up (or back) is a candidate again within a fraction of a second.
+        """
+        last_full = time.monotonic()
+        tick = min(self._interval, RETRY_INTERVAL)
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                if time.monotonic() - last_full >= self._interval:
+                    last_full = time.monotonic()
+                    await self.poll_once()
+                else:
+                    await asyncio.gather(*(self._poll(p) for p in list(self._peers.values())
+                                           if not p.healthy))
+            except Exception:  # a bug in one round must not stop polling for good
+                log.exception("peer stats round failed")
+
+    # -- stats ----------------------------------------------------------------------------
+
+    async def poll_once(self) -> None:
+        """Ask every peer for its stats at once; each answer updates that peer's state."""
+        await self._discover()
+        peers = list(self._peers.values())
+        await asyncio.gather(*(self._poll(p) for p in peers))
+
+    async def _poll(self, peer: PeerState) -> None:
+        started = time.monotonic()
+        try:
+            body = _valid_stats(peer.number, await self._request(
+                peer, "GET", STATS_PATH, None, self._timeout, expect=200))
+        except PeerError as exc:
+            if peer.healthy:
+                log.warning("peer %s is now unhealthy: %s", peer.number, exc.reason)
+            peer.healthy, peer.error = False, exc.reason
+            peer.draining = peer.draining or exc.draining
+            return
+        if not peer.healthy:
+            log.info("peer %s is healthy", peer.number)
+        peer.healthy, peer.error = True, ""
+        peer.draining = bool(body.get("draining"))
+        peer.connections, peer.rooms = body["connections"], body["rooms"]
+        peer.fetched_at = started
+
+    def mark_failed(self, number: int, reason: str, draining: bool = False) -> None:
+        """Stop placing on ``number`` until a later stats poll says it is fine again."""
+        peer = self._peers.get(number)
+        if peer:
+            peer.healthy, peer.error = False, reason
+            peer.draining = peer.draining or draining
+
+    # -- room creation --------------------------------------------------------------------
+
+    async def create_room(self, number: int, name: str, private: bool, timeout: float
+                          ) -> dict[str, Any]:
+        """Create a room on peer ``number``; raises PeerError (never hangs past timeout)."""
+        peer = self._peers.get(number)
+        if peer is None:
+            raise PeerError(number, "not a known peer")
+        body = await self._request(peer, "POST", ROOMS_PATH,
+                                   {"name": name, "private": private}, timeout, expect=201)
+        if not isinstance(body, dict) or body.get("instance") != number:
+            raise PeerError(number, "room answer is not a room of this instance")
+        return body
+
+    async def _request(self, peer: PeerState, method: str, path: str, payload: Any,
+                       timeout: float, expect: int) -> Any:
+        if self._session is None:
+            raise PeerError(peer.number, "peer pool is not started")
+        limit = aiohttp.ClientTimeout(total=max(timeout, 0.05))
+        try:
+            async with self._session.request(method, peer.base_url + path, json=payload,
+                                             timeout=limit) as resp:
+                try:
+                    body = await resp.json(content_type=None)
+                except ValueError:
+                    body = None
+                if resp.status != expect:
+                    code = body.get("error") if isinstance(body, dict) else None
+                    raise PeerError(peer.number, f"answered {resp.status} {code or ''}".strip(),
+                                    draining=(resp.status == 503 and code == "draining"))
+                return body
+        except TimeoutError:
+            raise PeerError(peer.number, f"no answer within {timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise PeerError(peer.number, f"unreachable ({exc.__class__.__name__})") from None

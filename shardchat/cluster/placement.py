@@ -1,0 +1,228 @@
+"""Where a new room goes: the least-loaded healthy, non-draining instance.
+
+Load of instance N (connections and rooms weigh the same, so the numbers stay explainable):
+
+    load(N) = connections(N) + rooms(N) + k * reserved(N)
+
+* ``connections`` and ``rooms`` come from the node's own stats (read live for this node,
+  from the last ``GET /internal/stats`` poll for peers, see ``peers.py``);
+* ``reserved`` counts the rooms this node placed on N that N's stats cannot show yet: a
+  placement in flight, or one finished after the last stats poll of N began. A reservation
+  expires after ``node.placement_reservation_seconds`` at the latest. Without it, every
+  creation between two polls would see the same "least loaded" node and a burst would pile
+  onto it;
+* ``k`` is the number of instances available for placement. Every node places rooms, and
+  the load balancer spreads ``POST /api/rooms`` over all of them, so while this node placed
+  one room the others placed about k - 1 more that it cannot see yet. Counting each own
+  reservation k times keeps k nodes from all filling the same gap at once (which would
+  overshoot it k-fold); with one node it is the plain count.
+
+Ties go to this node first, then to the following instance numbers in cyclic order. Placing
+on oneself costs no network hop, and starting the cycle at oneself means that the nodes
+taking a burst at once do not all send their first room to the same instance. Together with
+the reservations, a burst on an idle cluster spreads like round-robin.
+
+A dead, slow or draining peer is skipped: peers that failed their last poll or a create call
+are not candidates, and a create call that fails moves on to the next candidate within
+``PLACEMENT_BUDGET`` seconds, so creation never hangs on a bad peer. With no candidate left
+the answer is ``NoCapacity`` (HTTP 503 ``no_capacity``).
+
+``rank``/``choose`` are pure (no I/O, no clock) so they are tested as plain functions;
+``Placer`` wires them to the peers and the local node.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from shardchat.cluster.peers import PeerError, PeerPool
+from shardchat.config import Config
+
+log = logging.getLogger(__name__)
+
+PLACEMENT_BUDGET = 2.0  # seconds one creation may spend trying peers before giving up
+
+
+class NoCapacity(Exception):
+    """No healthy, non-draining instance could take the room."""
+
+    code = "no_capacity"
+
+    def __init__(self, message: str = "No instance can take a new room right now (all are "
+                 "down or draining); try again in a few seconds."):
+        super().__init__(message)
+        self.message = message
+
+
+class LocalNode(Protocol):
+    """What the placer needs from the node it runs in."""
+
+    number: int
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def create_room(self, name: str, private: bool) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Load:
+    """One instance as placement sees it."""
+
+    instance: int
+    connections: int = 0
+    rooms: int = 0
+    healthy: bool = True
+    draining: bool = False
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and not self.draining
+
+
+def load_score(load: Load, reserved: int = 0, weight: int = 1) -> int:
+    return load.connections + load.rooms + weight * reserved
+
+
+def _tie_order(numbers: Iterable[int], prefer: int | None) -> dict[int, int]:
+    """Position of each instance in the cycle that starts at ``prefer``."""
+    ordered = sorted(set(numbers))
+    if prefer is not None:
+        later = [n for n in ordered if n >= prefer]
+        ordered = later + [n for n in ordered if n < prefer]
+    return {n: i for i, n in enumerate(ordered)}
+
+
+def rank(loads: Iterable[Load], reservations: Mapping[int, int] | None = None,
+         prefer: int | None = None, weight: int | None = None) -> list[int]:
+    """Available instances, best first: lowest load, ties in cyclic order from ``prefer``.
+
+    ``weight``: what one reservation counts for; default k, the number of candidates.
+    """
+    reservations = reservations or {}
+    candidates = [ld for ld in loads if ld.available]
+    k = len(candidates) if weight is None else weight
+    ties = _tie_order((ld.instance for ld in candidates), prefer)
+    candidates.sort(key=lambda ld: (load_score(ld, reservations.get(ld.instance, 0), k),
+                                    ties[ld.instance]))
+    return [ld.instance for ld in candidates]
+
+
+def choose(loads: Iterable[Load], reservations: Mapping[int, int] | None = None,
+           prefer: int | None = None, weight: int | None = None) -> int | None:
+    """The instance a new room should go to, or None when none is available."""
+    best = rank(loads, reservations, prefer, weight)
+    return best[0] if best else None
+
+
+@dataclass
+class _Reservation:
+    instance: int
+    placed_at: float
+    confirmed_at: float | None = None
+
+
+class Reservations:
+    """Rooms placed recently, until the target's stats can be trusted to count them."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic):
+        self._ttl = ttl
+        self._clock = clock
+        self._items: list[_Reservation] = []
+
+    def add(self, instance: int) -> _Reservation:
+        item = _Reservation(instance, self._clock())
+        self._items.append(item)
+        return item
+
+    def release(self, item: _Reservation) -> None:
+        """The creation failed: it never loaded anyone."""
+        if item in self._items:
+            self._items.remove(item)
+
+    def confirm(self, item: _Reservation) -> None:
+        item.confirmed_at = self._clock()
+
+    def counts(self, seen_since: Mapping[int, float] | None = None) -> dict[int, int]:
+        """Reservations per instance; ``seen_since[n]``: start of n's latest stats poll.
+
+        A confirmed reservation older than that poll is already in n's room count.
+        """
+        now = self._clock()
+        self._items = [r for r in self._items if now - r.placed_at < self._ttl]
+        seen_since = seen_since or {}
+        out: dict[int, int] = {}
+        for r in self._items:
+            seen = seen_since.get(r.instance)
+            if r.confirmed_at is not None and seen is not None and r.confirmed_at < seen:
+                continue
+            out[r.instance] = out.get(r.instance, 0) + 1
+        return out
+
+
+class Placer:
+    """Creates a room on the least-loaded instance: this node or a peer."""
+
+    def __init__(self, cfg: Config, local: LocalNode) -> None:
+        self._local = local
+        self._peer_timeout = cfg.node.peer_timeout
+        self._budget = max(PLACEMENT_BUDGET, cfg.node.peer_timeout)
+        self._peers = PeerPool(cfg, local.number)
+        self._reservations = Reservations(cfg.node.placement_reservation_seconds)
+
+    async def start(self) -> None:
+        await self._peers.start()
+
+    async def close(self) -> None:
+        await self._peers.close()
+
+    def loads(self) -> tuple[list[Load], dict[int, float]]:
+        """Every instance's load now, and when each one's stats were taken."""
+        stats = self._local.stats()
+        now = time.monotonic()
+        loads = [Load(self._local.number, int(stats.get("connections", 0)),
+                      int(stats.get("rooms", 0)), True, bool(stats.get("draining")))]
+        seen = {self._local.number: now}
+        for p in self._peers.snapshot():
+            loads.append(Load(p.number, p.connections, p.rooms, p.healthy, p.draining))
+            seen[p.number] = p.fetched_at
+        return loads, seen
+
+    def _next(self, tried: set[int]) -> int | None:
+        loads, seen = self.loads()
+        order = rank(loads, self._reservations.counts(seen), prefer=self._local.number)
+        order = [n for n in order if n not in tried]
+        return order[0] if order else None
+
+    async def create_room(self, name: str, private: bool) -> dict[str, Any]:
+        """Place and create the room; raises NoCapacity when nobody can take it."""
+        deadline = time.monotonic() + self._budget
+        tried: set[int] = set()
+        while (target := self._next(tried)) is not None:
+            tried.add(target)
+            remaining = deadline - time.monotonic()
+            is_local = target == self._local.number
+            if remaining <= 0.05 and not is_local:
+                continue  # out of time for network calls; only this node is still worth a try
+            item = self._reservations.add(target)
+            try:
+                if is_local:
+                    room = await self._local.create_room(name, private)
+                else:
+                    room = await self._peers.create_room(
+                        target, name, private, min(self._peer_timeout, remaining))
+            except PeerError as exc:
+                self._reservations.release(item)
+                self._peers.mark_failed(target, exc.reason, exc.draining)
+                log.warning("placement skipped instance %s: %s", target, exc.reason)
+                continue
+            except Exception:
+                self._reservations.release(item)
+                log.exception("creating a room on this node (%s) failed", target)
+                continue
+            self._reservations.confirm(item)
+            return room
+        raise NoCapacity()
