@@ -134,13 +134,19 @@ def _target_group(b: _Builder, spec: TargetGroupSpec) -> None:
                      f"{have.deregistration_delay} -> {spec.deregistration_delay} s",
                      "set_deregistration_delay",
                      {"name": spec.name, "seconds": spec.deregistration_delay}))
-    _register(b, spec, tuple(t for t in spec.targets if t not in have.targets),
-              "not registered yet")
+    new = tuple(t for t in spec.targets if t not in have.targets)
     stale = tuple(t for t in have.targets if t not in spec.targets)
     for t in stale:
-        b.add(Action(DELETE, "target", f"{t.id}:{t.port} from {spec.name}",
-                     "no longer in the config", "deregister_targets",
-                     {"name": spec.name, "targets": (t,)}))
+        # AWS keys a registration by (id, port), so the old port could go after the new one
+        # is in. moto keys by id alone: the new registration replaces the old and the later
+        # deregistration would remove it. Same id -> deregister first (only that target of
+        # the lobby is briefly out; the rule-bound group is a new group and unaffected).
+        same_id = any(n.id == t.id for n in new)
+        action = Action(DELETE, "target", f"{t.id}:{t.port} from {spec.name}",
+                        "its port changed" if same_id else "no longer in the config",
+                        "deregister_targets", {"name": spec.name, "targets": (t,)})
+        (b.create.append if same_id else b.add)(action)
+    _register(b, spec, new, "not registered yet")
 
 
 def _register(b: _Builder, spec: TargetGroupSpec, targets, why: str) -> None:
