@@ -323,6 +323,13 @@ def test_reloading_the_page_shows_the_history(site, people):
     expect(ana.locator("#messages .msg-text")).to_have_text(texts)
     expect(message(ana, "first note")).to_have_class(re.compile(r"\bown\b"))
 
+    # Changing the display name rejoins under the new name and keeps the conversation.
+    ana.click("#change-name")
+    enter_name(ana, "Ana Maria")
+    expect(ana.locator("#change-name")).to_have_text("Ana Maria")
+    expect(members(ana)).to_have_text(["Ana Maria"])
+    expect(messages(ana)).to_have_count(3)
+
 
 def test_typing_indicator_appears_for_the_other_person(site, people):
     room = create_room(site, "Typing")

@@ -53,6 +53,8 @@
     statusText: $("status-text"),
     asYou: $("as-you"),
     changeName: $("change-name"),
+    changeNamePanel: $("change-name-panel"),
+    membersFoot: $("members-foot"),
     shareButton: $("share-button"),
     shareLabel: $("share-label"),
     sharePop: $("share-pop"),
@@ -272,6 +274,7 @@
   });
 
   el.changeName.addEventListener("click", () => askName(""));
+  el.changeNamePanel.addEventListener("click", () => { setMembersOpen(false); askName(""); });
 
   // ---------------------------------------------------------------- the connection
 
@@ -405,9 +408,12 @@
     document.title = room.name + " · shardchat";
     el.lock.toggleAttribute("hidden", !room.private);   // SVG elements have no .hidden
     el.changeName.textContent = you.name;
+    el.changeNamePanel.textContent = you.name;
+    el.membersFoot.hidden = false;
     el.asYou.hidden = false;
     el.shareButton.hidden = false;
     el.shareLabel.textContent = room.private ? "Copy invite link" : "Copy link";
+    el.shareButton.setAttribute("aria-label", el.shareLabel.textContent);  // label hides on phones
     el.shareHint.textContent = room.private
       ? "This room is private: only people with this link can join. Share it with care."
       : "Anyone with this link can join.";
