@@ -6,8 +6,11 @@ Nothing here can reach real AWS: credentials are fake and every client talks to 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -15,6 +18,7 @@ import pytest
 from moto import mock_aws
 
 from shardchat import config as config_mod
+from tests.support import free_port, http_json, wait_until, write_config
 
 REGION = "us-east-1"
 # An AMI from moto's built-in catalogue (the one its EC2 docs use). Looking one up with
@@ -114,3 +118,75 @@ def aws() -> Iterator[tuple[Any, Any, Network]]:
         ec2 = boto3.client("ec2", region_name=REGION)
         elbv2 = boto3.client("elbv2", region_name=REGION)
         yield elbv2, ec2, build_network(ec2)
+
+
+class MotoServer:
+    """A ``moto_server`` subprocess on a free loopback port."""
+
+    def __init__(self, log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MotoServer:
+        exe = Path(sys.executable).parent / "moto_server"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process lifetime
+        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited: {self.log_path.read_text()[-2000:]}")
+            return http_json("GET", f"{self.url}/moto-api/data.json", timeout=2)[0] == 200
+        wait_until(up, timeout=60, what="moto_server answering")
+        return self
+
+    def reset(self) -> None:
+        """Forget every resource (the next test starts from an empty account)."""
+        status, _ = http_json("POST", f"{self.url}/moto-api/reset", body={})
+        assert status == 200
+
+    def client(self, service: str) -> Any:
+        return boto3.client(service, region_name=REGION, endpoint_url=self.url)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def moto_server_module(tmp_path_factory) -> Iterator[MotoServer]:
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto_server.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def moto_server(moto_server_module: MotoServer) -> Iterator[MotoServer]:
+    moto_server_module.reset()
+    yield moto_server_module
+
+
+PROVISION = Path(sys.executable).parent / "shardchat-provision"
+
+
+def provision(*args: str, stdin: str | None = None, timeout: float = 120
+              ) -> subprocess.CompletedProcess:
+    """Run the installed ``shardchat-provision`` CLI; returns the finished process."""
+    return subprocess.run([str(PROVISION), *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def write_provision_config(path: Path, net: Network, numbers: list[int], **kw: Any) -> Path:
+    data = config_dict(net, numbers, **kw)
+    return write_config(path, instances=data["instances"], cluster=data["cluster"],
+                        aws=data["aws"])

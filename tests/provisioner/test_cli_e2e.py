@@ -1,0 +1,107 @@
+"""The installed ``shardchat-provision`` against a moto server, checked with plain boto3."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import build_network, provision, write_provision_config
+
+
+@pytest.fixture
+def setup(moto_server, tmp_path):
+    ec2, elbv2 = moto_server.client("ec2"), moto_server.client("elbv2")
+    net = build_network(ec2)
+    return moto_server, elbv2, net, tmp_path
+
+
+def rule_table(elbv2, listener_arn: str) -> list[tuple[int, str, str]]:
+    names = {tg["TargetGroupArn"]: tg["TargetGroupName"]
+             for tg in elbv2.describe_target_groups()["TargetGroups"]}
+    out = []
+    for r in elbv2.describe_rules(ListenerArn=listener_arn)["Rules"]:
+        if not r["IsDefault"]:
+            out.append((int(r["Priority"]), r["Conditions"][0]["PathPatternConfig"]["Values"][0],
+                        names[r["Actions"][0]["TargetGroupArn"]]))
+    return sorted(out)
+
+
+def test_apply_plan_status_destroy(setup):
+    server, elbv2, net, tmp = setup
+    cfg = write_provision_config(tmp / "c.toml", net, [1, 2])
+    common = ("--config", str(cfg), "--endpoint-url", server.url)
+
+    done = provision("apply", "--auto-approve", *common)
+    assert done.returncode == 0, done.stderr
+    assert "[1/" in done.stdout and "Done." in done.stdout
+
+    groups = {tg["TargetGroupName"]: tg for tg in elbv2.describe_target_groups()["TargetGroups"]}
+    assert set(groups) == {"demo-i1-9001", "demo-i2-9002", "demo-lobby"}
+    health = elbv2.describe_target_health(
+        TargetGroupArn=groups["demo-i2-9002"]["TargetGroupArn"])["TargetHealthDescriptions"]
+    assert [(h["Target"]["Id"], h["Target"]["Port"]) for h in health] == [
+        (net.instances[1], 9002)]
+    lb = elbv2.describe_load_balancers(Names=["demo-alb"])["LoadBalancers"][0]
+    listener = elbv2.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"][0]
+    assert listener["Port"] == 80
+    assert listener["DefaultActions"][0]["TargetGroupArn"] == \
+        groups["demo-lobby"]["TargetGroupArn"]
+    assert rule_table(elbv2, listener["ListenerArn"]) == [
+        (1, "/i1/*", "demo-i1-9001"), (2, "/i2/*", "demo-i2-9002")]
+
+    for command in (("plan",), ("apply", "--auto-approve")):
+        again = provision(*command, *common)
+        assert again.returncode == 0, again.stderr
+        assert "No changes" in again.stdout
+
+    status = provision("status", *common)
+    assert status.returncode == 0, status.stderr
+    row = next(line for line in status.stdout.splitlines() if line.startswith("2 "))
+    assert "demo-i2-9002" in row and "/i2/*" in row and f"{net.instances[1]}:9002" in row
+    assert "healthy" in row
+
+    gone = provision("destroy", "--auto-approve", *common)
+    assert gone.returncode == 0, gone.stderr
+    assert elbv2.describe_target_groups()["TargetGroups"] == []
+    assert elbv2.describe_load_balancers()["LoadBalancers"] == []
+
+
+def test_apply_without_approval_changes_nothing(setup):
+    server, elbv2, net, tmp = setup
+    cfg = write_provision_config(tmp / "c.toml", net, [1])
+    done = provision("apply", "--config", str(cfg), "--endpoint-url", server.url, stdin="n\n")
+    assert done.returncode == 0, done.stderr
+    assert "+ create load balancer demo-alb" in done.stdout
+    assert "Nothing changed." in done.stdout
+    assert elbv2.describe_load_balancers()["LoadBalancers"] == []
+
+
+def test_bad_config_exits_2_naming_the_key(setup):
+    server, _, net, tmp = setup
+    cfg = write_provision_config(tmp / "c.toml", net, [1], aws={"target_type": "instance"})
+    text = cfg.read_text().replace("ec2_instance_id", "# ec2_instance_id")
+    cfg.write_text(text)
+    done = provision("plan", "--config", str(cfg), "--endpoint-url", server.url)
+    assert done.returncode == 2
+    assert "instances[0].ec2_instance_id" in done.stderr
+
+
+def test_too_many_instances_exits_2_before_any_call(setup):
+    _, _, net, tmp = setup
+    cfg = write_provision_config(tmp / "c.toml", net, list(range(1, 101)),
+                                 aws={"target_type": "ip"})
+    # no endpoint that answers: the refusal must come before any AWS call
+    done = provision("apply", "--auto-approve", "--config", str(cfg),
+                     "--endpoint-url", "http://127.0.0.1:9")
+    assert done.returncode == 2, done.stderr
+    assert "101 target groups" in done.stderr and "split" in done.stderr
+
+
+def test_aws_refusal_exits_1_with_the_error_code(setup):
+    server, elbv2, net, tmp = setup
+    cfg = write_provision_config(tmp / "c.toml", net, [1],
+                                 aws={"subnets": ["subnet-00000001", "subnet-00000002"]})
+    done = provision("apply", "--auto-approve", "--config", str(cfg),
+                     "--endpoint-url", server.url)
+    assert done.returncode == 1
+    assert "AWS refused (" in done.stderr and "Subnet" in done.stderr
+    assert elbv2.describe_target_groups()["TargetGroups"] == []
