@@ -237,7 +237,9 @@ async def _welcome(base: str, room: dict, transport: str) -> dict:
 
 
 async def test_room_page_polling_and_websocket_reach_the_owning_node(tmp_path):
-    with running_nodes(tmp_path, 2) as nodes:
+    # a short ping interval keeps a polling client's disconnect (it waits for its pending
+    # long-poll) from dominating the test's run time
+    with running_nodes(tmp_path, 2, node={"ping_interval": 1.0, "ping_timeout": 2.0}) as nodes:
         rules = build_rules([n.number for n in nodes])
         _router, runner, base = await start_router(
             rules, {n.number: ("127.0.0.1", n.port) for n in nodes})

@@ -279,15 +279,15 @@ class Router:
             for key, value in upstream.headers.items():
                 if key.lower() not in HOP_BY_HOP:
                     resp.headers.add(key, value)
-            await resp.prepare(request)
             try:
+                await resp.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     await resp.write(chunk)
+                await resp.write_eof()
             except (aiohttp.ClientError, ConnectionError) as exc:
-                log.info("stream from instance %s broke off: %s", n, exc)
+                # either side went away mid-answer (a client closing a long-poll is routine)
+                log.debug("relay to or from instance %s broke off: %r", n, exc)
                 resp.force_close()
-                return resp
-            await resp.write_eof()
             return resp
 
     # -- WebSocket ------------------------------------------------------------------------
