@@ -224,7 +224,9 @@ class Router:
             ok, reason = False, f"no healthz answer within {self.health_settings.timeout:g} s"
         except aiohttp.ClientError as exc:
             ok, reason = False, f"unreachable ({exc.__class__.__name__})"
-        if self.health[n].record(ok, reason, self.health_settings):
+        first = not self.health[n].checked
+        flipped = self.health[n].record(ok, reason, self.health_settings)
+        if (flipped and not first) or (first and not ok):  # start-up passes are not news
             state = "healthy" if ok else f"unhealthy: {reason}"
             log.info("target %s (%s:%s) is %s", n, host, port, state)
 

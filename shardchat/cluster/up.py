@@ -1,0 +1,401 @@
+"""``shardchat up``: a whole cluster on this machine, nodes plus the local router.
+
+Everything lives under ``./.shardchat/`` of the working directory:
+
+* ``shardchat.toml``: the cluster config. Written on first run with a random secret (kept,
+  never printed) and free loopback ports for the nodes. Later runs reuse it as it is, so
+  ports, secret and data stay put; only ``public_url`` follows ``--port``/``--host`` and the
+  instance list follows ``--nodes`` (existing instances keep their ports). Any other key a
+  person adds (a ``[node]`` table, say) is kept.
+* ``data/``: node N's store (``data/i<N>/``); ``logs/node-<N>.log``: node N's output.
+
+Nodes are real ``shardchat node`` processes in their own process group, so Ctrl-C reaches
+only this supervisor, which then stops them in order: SIGTERM to every node (each drains,
+flushes its store and exits), wait for all of them, stop the router, exit 0. Nothing is
+restarted behind the user's back: a node that dies is reported, and the others keep going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from shardchat import config as config_mod
+from shardchat import urls
+from shardchat.cluster.router import Router, serve
+from shardchat.cluster.rules import build_rules
+
+log = logging.getLogger(__name__)
+
+CLUSTER_NAME = "local"
+START_TIMEOUT = 30.0   # seconds a node may take to answer its health check
+STOP_EXTRA = 20.0      # seconds beyond node.drain_grace_seconds a node may take to exit
+_PR_SET_PDEATHSIG = 1
+
+
+class UpError(Exception):
+    """`shardchat up` cannot go on; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    nodes: int = 3
+    port: int = 8080
+    host: str = "127.0.0.1"
+    base: Path = field(default_factory=lambda: Path(".shardchat"))
+
+    @property
+    def config_path(self) -> Path:
+        return self.base / "shardchat.toml"
+
+    @property
+    def public_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+
+# ---------------------------------------------------------------------------------------
+# the config file
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_free(host: str, port: int) -> bool:
+    """True when a listener could bind host:port now (TIME_WAIT leftovers do not count)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write the config's shape back as TOML: tables of scalars and [[instances]]."""
+    out: list[str] = ["# Written by `shardchat up`; edits are kept, comments are not.", ""]
+    for name, value in data.items():
+        if isinstance(value, dict):
+            out.append(f"[{name}]")
+            out += [f"{k} = {_toml_scalar(v)}" for k, v in value.items()]
+            out.append("")
+        elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            for item in value:
+                out.append(f"[[{name}]]")
+                out += [f"{k} = {_toml_scalar(v)}" for k, v in item.items()]
+                out.append("")
+    return "\n".join(out)
+
+
+def _read_existing(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UpError(f"{path} is not readable TOML ({exc}); fix it or delete it to start "
+                      "over") from None
+
+
+def _instances(old: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """Instances 1..count; ones that already exist keep their ports (and their data)."""
+    by_number = {i.get("number"): i for i in old if isinstance(i, dict)}
+    out = []
+    for n in range(1, count + 1):
+        inst = dict(by_number.get(n) or {})
+        inst["number"] = n
+        inst.setdefault("host", "127.0.0.1")
+        inst.setdefault("port", _free_port())
+        inst.setdefault("internal_port", _free_port())
+        out.append(inst)
+    return out
+
+
+def local_config(opts: UpOptions) -> config_mod.Config:
+    """Create or update ``.shardchat/shardchat.toml`` and return the loaded config."""
+    path = opts.config_path
+    data = _read_existing(path)
+    before = dump_toml(data) if data else None
+    cluster = dict(data.get("cluster") or {})
+    cluster.setdefault("name", CLUSTER_NAME)
+    cluster["public_url"] = opts.public_url
+    if not cluster.get("secret") or cluster["secret"] == config_mod.DEFAULT_SECRET:
+        cluster["secret"] = secrets.token_urlsafe(32)
+    cluster.setdefault("data_dir", str(opts.base / "data"))
+    data["cluster"] = cluster
+    data["instances"] = _instances(list(data.get("instances") or []), opts.nodes)
+    data = {"cluster": data.pop("cluster"), "instances": data.pop("instances"), **data}
+    try:
+        cfg = config_mod.parse(data, source=str(path))
+    except config_mod.ConfigError as exc:
+        raise UpError(f"{path}: {exc}. Fix that key, or delete the file to start over.") from None
+    text = dump_toml(data)
+    if text != before:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return cfg
+
+
+def check_ports(cfg: config_mod.Config, opts: UpOptions) -> None:
+    """Fail early, naming the port, instead of letting a node die on bind."""
+    if not port_free(opts.host, opts.port):
+        raise UpError(f"port {opts.port} on {opts.host} is in use; stop what uses it or pass "
+                      "--port with another number")
+    for inst in cfg.instances:
+        for what, port in (("port", inst.port), ("internal_port", inst.internal_port)):
+            if not port_free(inst.host, port):
+                raise UpError(f"port {port} ({what} of instance {inst.number}) is in use; is "
+                              f"another `shardchat up` running here? Stop it, or delete "
+                              f"{opts.config_path} to pick new ports")
+
+
+# ---------------------------------------------------------------------------------------
+# node processes
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if the supervisor is killed, nodes get SIGTERM."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class NodeRunner:
+    """One ``shardchat node`` child process and its log file."""
+
+    def __init__(self, cfg: config_mod.Config, number: int, config_path: Path, log_dir: Path):
+        self.cfg = cfg
+        self.number = number
+        self.instance = cfg.instance(number)
+        self.config_path = config_path
+        self.log_path = log_dir / f"node-{number}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stopping = False
+
+    def _open_log(self):
+        """Append to the node's log, marking where this run begins."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        logf.write(f"--- started {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+        logf.flush()
+        return logf
+
+    async def start(self) -> None:
+        with self._open_log() as logf:
+            extra: dict[str, Any] = {"process_group": 0}
+            if sys.platform.startswith("linux"):
+                extra["preexec_fn"] = _die_with_parent
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "shardchat", "node", "--config", str(self.config_path),
+                "--instance", str(self.number), stdin=asyncio.subprocess.DEVNULL,
+                stdout=logf, stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, **extra)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def wait_healthy(self, session: aiohttp.ClientSession, timeout: float) -> None:
+        url = (f"http://{self.instance.host}:{self.instance.port}"
+               f"{urls.healthz_path(self.number)}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise UpError(f"node {self.number} exited during start-up (code "
+                              f"{self.proc.returncode if self.proc else '?'}); last lines of "
+                              f"{self.log_path}:\n{self.log_tail()}")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+        raise UpError(f"node {self.number} did not answer {url} within {timeout:g} s; see "
+                      f"{self.log_path}")
+
+    def signal(self, sig: int) -> None:
+        if self.running and self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+
+# ---------------------------------------------------------------------------------------
+# the supervisor
+
+
+class Up:
+    """Starts the nodes and the router, watches them, and stops them in order."""
+
+    def __init__(self, opts: UpOptions, cfg: config_mod.Config, out=None):
+        self.opts = opts
+        self.cfg = cfg
+        self.out = out or sys.stdout
+        self.nodes = [NodeRunner(cfg, i.number, opts.config_path, opts.base / "logs")
+                      for i in cfg.instances]
+        self.stop_requested = asyncio.Event()
+        self.force = False
+        self._runner = None
+        self._watchers: list[asyncio.Task[None]] = []
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def request_stop(self) -> None:
+        if self.stop_requested.is_set():
+            if not self.force:
+                self.force = True
+                self.say("second interrupt: killing the nodes now")
+                for node in self.nodes:
+                    node.signal(signal.SIGKILL)
+            return
+        self.stop_requested.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            try:
+                started = await self._start()
+            except UpError:
+                await self._stop()
+                raise
+            if started:
+                self._announce()
+                await self.stop_requested.wait()
+            return await self._stop()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    async def _start(self) -> bool:
+        for node in self.nodes:
+            await node.start()
+        async with aiohttp.ClientSession() as session:
+            waits = {asyncio.create_task(n.wait_healthy(session, START_TIMEOUT))
+                     for n in self.nodes}
+            stop = asyncio.create_task(self.stop_requested.wait())
+            pending: set[asyncio.Task[Any]] = {*waits, stop}
+            failure: BaseException | None = None
+            while waits & pending and failure is None and not stop.done():
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                failure = next((t.exception() for t in done & waits if t.exception()), None)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if failure is not None:
+                raise failure
+            if self.stop_requested.is_set():
+                return False
+        numbers = [n.number for n in self.nodes]
+        router = Router(build_rules(numbers, self.cfg.aws.rule_priority_offset),
+                        {i.number: (i.host, i.port) for i in self.cfg.instances},
+                        idle_timeout=float(self.cfg.aws.idle_timeout))
+        try:
+            self._runner = await serve(router, self.opts.host, self.opts.port)
+        except OSError as exc:
+            raise UpError(f"the router cannot listen on {self.opts.host}:{self.opts.port} "
+                          f"({exc.strerror}); pass --port with a free port") from None
+        self._watchers = [asyncio.create_task(self._watch(n)) for n in self.nodes]
+        return True
+
+    def _announce(self) -> None:
+        n = len(self.nodes)
+        self.say(f"shardchat is running: {n} node{'s' if n != 1 else ''} behind the router.")
+        self.say(f"  open   {self.opts.public_url}/")
+        self.say(f"  data   {self.opts.base}/ (config {self.opts.config_path}, logs "
+                 f"{self.opts.base / 'logs'}/)")
+        self.say("Ctrl-C to stop.")
+
+    async def _watch(self, node: NodeRunner) -> None:
+        assert node.proc is not None
+        code = await node.proc.wait()
+        if not node.stopping:
+            self.say(f"node {node.number} exited unexpectedly (code {code}); its rooms are "
+                     f"unavailable, the other nodes keep running. Not restarted: see "
+                     f"{node.log_path}, then run `shardchat up` again.")
+
+    async def _stop(self) -> int:
+        self.say("stopping: draining the nodes ...")
+        live = [n for n in self.nodes if n.running]
+        for node in self.nodes:
+            node.stopping = True
+        for node in live:
+            node.signal(signal.SIGTERM)
+        deadline = self.cfg.node.drain_grace_seconds + STOP_EXTRA
+        ok = True
+        for node in live:
+            assert node.proc is not None
+            try:
+                code = await asyncio.wait_for(node.proc.wait(), timeout=deadline)
+            except TimeoutError:
+                self.say(f"node {node.number} did not stop within {deadline:g} s; killing it")
+                node.signal(signal.SIGKILL)
+                code = await node.proc.wait()
+            if code != 0:
+                ok = False
+                self.say(f"node {node.number} stopped with code {code}; see {node.log_path}")
+        for t in self._watchers:
+            t.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.say("stopped." if ok and not self.force else "stopped, not cleanly.")
+        return 0 if ok and not self.force else 1
+
+
+async def _main(opts: UpOptions) -> int:
+    cfg = local_config(opts)
+    check_ports(cfg, opts)
+    return await Up(opts, cfg).run()
+
+
+def run_up(opts: UpOptions) -> int:
+    """Run the local cluster until Ctrl-C/SIGTERM; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="router: %(message)s")
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    try:
+        return asyncio.run(_main(opts))
+    except UpError as exc:
+        print(f"shardchat up: {exc}", file=sys.stderr, flush=True)
+        return 1
