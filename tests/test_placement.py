@@ -12,7 +12,15 @@ import aiohttp
 from shardchat.cluster.placement import Load, Reservations, choose, rank
 from shardchat.cluster.router import Router, serve
 from shardchat.cluster.rules import build_rules
-from tests.support import free_port, running_nodes, wait_until
+from tests.support import (
+    SECRET,
+    NodeProcess,
+    free_port,
+    http_json,
+    running_nodes,
+    wait_until,
+    write_config,
+)
 
 # -- the pure choice -----------------------------------------------------------------------
 
@@ -154,3 +162,44 @@ async def test_every_node_draining_gives_no_capacity(tmp_path):
             await runner.cleanup()
             for node in nodes:
                 node.kill()  # they would otherwise sit out their 30 s grace
+
+
+async def test_a_peer_that_never_answers_does_not_hold_up_creation(tmp_path):
+    """Instance 3 accepts connections and then says nothing: creation goes elsewhere."""
+    stalled: list[asyncio.StreamWriter] = []
+
+    async def hang(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stalled.append(writer)
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    silent_port = server.sockets[0].getsockname()[1]
+    instances = [{"number": n, "host": "127.0.0.1", "port": free_port(),
+                  "internal_port": free_port()} for n in (1, 2)]
+    instances.append({"number": 3, "host": "127.0.0.1", "port": free_port(),
+                      "internal_port": silent_port})
+    cfg = write_config(tmp_path / "shardchat.toml", instances=instances,
+                       cluster={"name": "test", "secret": SECRET,
+                                "data_dir": str(tmp_path / "data")})
+    nodes = [NodeProcess(cfg, inst, tmp_path) for inst in instances[:2]]
+    try:
+        for node in nodes:
+            node.start(wait=False)
+        for node in nodes:
+            await asyncio.to_thread(node.wait_healthy)
+        placed: collections.Counter[int] = collections.Counter()
+        for i in range(60):  # until the healthy peer has taken a few rooms
+            started = time.monotonic()
+            status, body = await asyncio.to_thread(
+                http_json, "POST", f"{nodes[0].base_url}/api/rooms", {"name": f"r{i}"})
+            assert status == 201, body
+            assert time.monotonic() - started < 2.5
+            placed[body["instance"]] += 1
+            if placed[2] >= 3:
+                break
+        assert placed[2] >= 3 and placed[3] == 0, placed
+    finally:
+        for node in nodes:
+            node.stop()
+        for w in stalled:
+            w.close()
+        server.close()

@@ -91,6 +91,7 @@ class PeerPool:
         self._peers: dict[int, PeerState] = {}
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._pollers: dict[int, asyncio.Task[None]] = {}
         self._last_discovery = 0.0
         self._set_instances(cfg.instances)
 
@@ -138,6 +139,7 @@ class PeerPool:
 
     async def start(self) -> None:
         """Open the HTTP session, poll once (bounded by peer_timeout), then keep polling."""
+        await self._discover()
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 headers={"Authorization": f"Bearer {self._secret}"},
@@ -147,38 +149,48 @@ class PeerPool:
         self._task = asyncio.create_task(self._run(), name="peer-stats")
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
+        tasks = [t for t in (self._task, *self._pollers.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await t
+        self._task, self._pollers = None, {}
         if self._session:
             await self._session.close()
             self._session = None
 
     async def _run(self) -> None:
-        """Poll everyone each interval, and unhealthy peers every RETRY_INTERVAL meanwhile,
-        so a peer that comes up (or back) is a candidate again within a fraction of a second.
-        """
-        last_full = time.monotonic()
-        tick = min(self._interval, RETRY_INTERVAL)
+        """Keep one polling task per peer, so a peer that hangs never delays the others."""
         while True:
-            await asyncio.sleep(tick)
             try:
-                if time.monotonic() - last_full >= self._interval:
-                    last_full = time.monotonic()
-                    await self.poll_once()
-                else:
-                    await asyncio.gather(*(self._poll(p) for p in list(self._peers.values())
-                                           if not p.healthy))
-            except Exception:  # a bug in one round must not stop polling for good
-                log.exception("peer stats round failed")
+                await self._discover()
+            except Exception:  # a bug in discovery must not stop polling for good
+                log.exception("peer discovery round failed")
+            for n in self._peers:
+                task = self._pollers.get(n)
+                if task is None or task.done():
+                    self._pollers[n] = asyncio.create_task(self._poll_loop(n),
+                                                           name=f"peer-stats-{n}")
+            for n in [n for n in self._pollers if n not in self._peers]:
+                self._pollers.pop(n).cancel()
+            await asyncio.sleep(self._interval)
+
+    async def _poll_loop(self, number: int) -> None:
+        """Poll one peer each interval; while it is unhealthy, every RETRY_INTERVAL, so a
+        peer that comes up (or back) is a candidate again within a fraction of a second."""
+        while (peer := self._peers.get(number)) is not None:
+            try:
+                await self._poll(peer)
+            except Exception:
+                log.exception("polling peer %s failed", number)
+            await asyncio.sleep(self._interval if peer.healthy
+                                else min(self._interval, RETRY_INTERVAL))
 
     # -- stats ----------------------------------------------------------------------------
 
     async def poll_once(self) -> None:
         """Ask every peer for its stats at once; each answer updates that peer's state."""
-        await self._discover()
         peers = list(self._peers.values())
         await asyncio.gather(*(self._poll(p) for p in peers))
 
