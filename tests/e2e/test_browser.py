@@ -451,3 +451,29 @@ def test_screenshot_of_a_conversation(site, people, tmp_path):
     expect(members(ben)).to_have_count(2)
     ben.click("#members-close")
     expect(ben.locator("#members-panel")).not_to_be_in_viewport()
+
+
+def test_node_restart_keeps_the_conversation_and_delivers_queued_messages(tmp_path, people):
+    """A node drains on SIGTERM and comes back: the page rejoins by itself, the history is
+    still there and a message written meanwhile is sent once the room is back."""
+    with running_nodes(tmp_path, 1) as (node,):
+        status, room = http_json("POST", f"{node.base_url}/api/rooms", {"name": "Restart"})
+        assert status == 201, room
+        ana = people.join(node.base_url + room["path"], "Ana")
+        send(ana, "before the restart")
+        expect(message(ana, "before the restart")).to_be_visible()
+
+        assert node.terminate(timeout=30) == 0
+        expect(ana.locator("#status")).to_have_attribute("data-state", "reconnecting")
+        send(ana, "written during the restart")
+        expect(ana.locator("#messages .msg.pending")).to_contain_text("Waiting for connection")
+
+        node.start()
+        expect_connected(ana)
+        expect(ana.locator("#messages .msg-text")).to_have_text(
+            ["before the restart", "written during the restart"])
+        expect(ana.locator("#messages .msg.pending")).to_have_count(0)
+
+        ana.reload()
+        expect_connected(ana)
+        expect(messages(ana)).to_have_count(2)      # stored once, durable across the restart

@@ -17,6 +17,7 @@
   const TYPING_STALE_MS = 6000;     // forget someone's "typing" if their stop never arrives
   const TYPING_REPEAT_MS = 3000;    // re-announce while typing continues (server drops < 2 s)
   const ACK_TIMEOUT_MS = 10000;
+  const JOIN_TIMEOUT_MS = 10000;    // a join the server never answers is dropped and retried
   const NEAR_BOTTOM_PX = 120;
   const LOAD_OLDER_PX = 80;
 
@@ -159,6 +160,7 @@
     everConnected: false,
     retryTimer: null,
     retryDelay: 2000,
+    joinTimer: null,
     typingSent: false,
     typingSentAt: 0,
     typingTimer: null,
@@ -300,6 +302,19 @@
     socket.on("connect_error", onConnectError);
     socket.on("disconnect", onDisconnect);
     socket.io.on("reconnect_attempt", () => setStatus("reconnecting"));
+    // A server on its way down may take the transport but never answer the join; without
+    // this the page would wait forever (and keep that server's shutdown waiting too).
+    socket.io.on("open", armJoinTimer);
+  }
+
+  function armJoinTimer() {
+    window.clearTimeout(state.joinTimer);
+    state.joinTimer = window.setTimeout(() => {
+      if (state.joined || !state.socket) return;
+      state.socket.disconnect();
+      setStatus("reconnecting");
+      retryLater();
+    }, JOIN_TIMEOUT_MS);
   }
 
   function authPayload() {
@@ -377,6 +392,7 @@
   }
 
   function onWelcome(w) {
+    window.clearTimeout(state.joinTimer);
     state.everConnected = true;
     state.retryDelay = 2000;
     hideRefusal();
