@@ -357,6 +357,8 @@ class Up:
 
     async def _stop(self) -> int:
         self.say("stopping: draining the nodes ...")
+        # nodes failing their health checks while they drain is expected, not news
+        logging.getLogger("shardchat.cluster.router").setLevel(logging.WARNING)
         live = [n for n in self.nodes if n.running]
         for node in self.nodes:
             node.stopping = True
