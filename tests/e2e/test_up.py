@@ -20,22 +20,14 @@ from tests.support import ROOT, free_port, http_json
 URL_LINE = re.compile(r"open\s+(http://\S+?)/?$")
 
 
-def _up_command() -> list[str]:
-    from shardchat import cli
-
-    if "up" in cli.main.commands:
-        return [sys.executable, "-m", "shardchat", "up"]
-    return [sys.executable, "-m", "shardchat.cluster.commands", "up"]  # not registered yet
-
-
 class UpProcess:
     """A `shardchat up` subprocess whose output lines are read as they come."""
 
     def __init__(self, cwd: Path, nodes: int, port: int):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
-            [*_up_command(), "--nodes", str(nodes), "--port", str(port)], cwd=cwd, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [sys.executable, "-m", "shardchat", "up", "--nodes", str(nodes), "--port", str(port)],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
