@@ -58,10 +58,8 @@ def check(config_path: str) -> None:
 
 def _register_cluster_commands() -> None:
     """`up` and `router` live with the cluster code they drive."""
-    try:
-        from shardchat.cluster import commands
-    except ImportError:  # a partial checkout: node and check still work
-        return
+    from shardchat.cluster import commands
+
     for name in ("up", "router"):
         cmd = getattr(commands, name, None)
         if cmd is not None:
