@@ -30,6 +30,7 @@ from shardchat.node.store import Store
 log = logging.getLogger("shardchat.node")
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+SHUTDOWN_TIMEOUT = 5.0  # seconds open HTTP requests get once the store is flushed
 CLIENT_JS_ENV = "SHARDCHAT_CLIENT_JS"
 CLIENT_JS_REL = Path("node_modules/socket.io-client/dist/socket.io.min.js")
 
@@ -155,6 +156,9 @@ class Node:
     @web.middleware
     async def _instance_guard(self, request: web.Request, handler):
         """A request for another instance's prefix is a routing mistake: say so (421)."""
+        if self.rooms.draining and self._is_handshake(request):
+            return json_error(503, "draining", f"Instance {self.number} is shutting down; "
+                              "reconnect in a few seconds.")
         other = urls.instance_of_path(request.path)
         if other is not None and other != self.number:
             return json_error(421, "wrong_instance",
@@ -163,6 +167,12 @@ class Node:
                               f"{urls.path_pattern(other)} must point at instance {other}.",
                               instance=self.number, requested_instance=other)
         return await handler(request)
+
+    def _is_handshake(self, request: web.Request) -> bool:
+        """A new Engine.IO session (no ``sid`` yet): refused while draining, so a stopping
+        node does not collect fresh sockets that would hold its shutdown open."""
+        return (request.path.rstrip("/") == urls.socketio_path(self.number)
+                and "sid" not in request.query)
 
     @web.middleware
     async def _json_errors(self, request: web.Request, handler):
@@ -227,6 +237,8 @@ class Node:
             for sid in list(room.members):
                 with contextlib.suppress(Exception):
                     await self.sio.disconnect(sid, namespace=room.namespace)
+        with contextlib.suppress(Exception):
+            await self.sio.eio.disconnect()  # sockets with no room (refused joins) too
         await self.store.close()
 
 
@@ -265,9 +277,10 @@ async def serve(cfg: Config, number: int) -> int:
     node.placer = Placer(cfg, node)
     await node.placer.start()
     inst = node.instance
-    public = web.AppRunner(node.build_app(), access_log=None, handle_signals=False)
+    public = web.AppRunner(node.build_app(), access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT)
     private = web.AppRunner(internal.build_app(cfg, node), access_log=None,
-                            handle_signals=False)
+                            handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await public.setup()
     await private.setup()
     await web.TCPSite(private, inst.host, inst.internal_port).start()
