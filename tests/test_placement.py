@@ -187,7 +187,10 @@ async def test_a_peer_that_never_answers_does_not_hold_up_creation(tmp_path):
         for node in nodes:
             await asyncio.to_thread(node.wait_healthy)
         placed: collections.Counter[int] = collections.Counter()
-        for i in range(60):  # until the healthy peer has taken a few rooms
+        give_up = time.monotonic() + 8  # peer 2 may have come up just now: wait till seen
+        for i in range(2000):  # until the healthy peer has taken a few rooms
+            if time.monotonic() > give_up:
+                break
             started = time.monotonic()
             status, body = await asyncio.to_thread(
                 http_json, "POST", f"{nodes[0].base_url}/api/rooms", {"name": f"r{i}"})
