@@ -214,6 +214,11 @@ async def open_client(node: NodeProcess, room: dict[str, Any] | str, *, name: st
         await sio.connect(node.base_url, namespaces=[ns], socketio_path=path,
                           transports=transport or ["websocket"], auth=auth, wait=False)
         outcome = await first_of(client.events["welcome"], client.connect_errors)
+    except socketio.exceptions.ConnectionError as exc:
+        await client.close()
+        errors = [client.connect_errors.get_nowait() for _ in range(client.connect_errors.qsize())]
+        raise AssertionError(f"the Engine.IO connection to {path} failed before any "
+                             f"CONNECT_ERROR: {exc} (connect_error data: {errors})") from None
     except BaseException:
         await client.close()
         raise
