@@ -36,6 +36,11 @@ class RuleSet:
     rules: tuple[Rule, ...]
     default_instances: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        # Evaluation order is priority order, whatever order the rules were listed (or
+        # returned by an API) in.
+        object.__setattr__(self, "rules", tuple(sorted(self.rules, key=lambda r: r.priority)))
+
     def match(self, path: str) -> Rule | None:
         """The first rule (by priority) whose pattern matches ``path``; None -> default."""
         path = path.split("?", 1)[0]
@@ -67,8 +72,7 @@ def build_rules(instances: Iterable[int], offset: int = 0) -> RuleSet:
     """One ``/i<N>/*`` rule per instance plus the default action to all of them."""
     numbers = sorted(set(instances))
     rules = tuple(Rule(priority_for(n, offset), urls.path_pattern(n), n) for n in numbers)
-    return RuleSet(rules=tuple(sorted(rules, key=lambda r: r.priority)),
-                   default_instances=tuple(numbers))
+    return RuleSet(rules=rules, default_instances=tuple(numbers))
 
 
 @lru_cache(maxsize=1024)
