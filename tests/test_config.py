@@ -1,0 +1,148 @@
+"""Config loading (SPEC section 6): every mistake is reported with the key at fault."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardchat import config
+from shardchat.config import ConfigError
+from tests.support import ROOT, write_config
+
+
+def base(**sections) -> dict:
+    data = {"cluster": {"name": "demo", "public_url": "http://127.0.0.1:8080",
+                        "secret": "s3cret", "data_dir": "./data"},
+            "instances": [{"number": 1, "port": 9001, "internal_port": 9101},
+                          {"number": 2, "port": 9002, "internal_port": 9102}]}
+    data.update(sections)
+    return data
+
+
+def error_key(data: dict, env: dict | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.parse(data, env=env or {})
+    assert info.value.message, "a config error must say what is accepted"
+    return info.value.key
+
+
+def test_minimal_config_gets_defaults():
+    cfg = config.parse(base(), env={})
+    assert [i.number for i in cfg.instances] == [1, 2]
+    assert cfg.instance(2).port == 9002 and cfg.instance(2).host == "127.0.0.1"
+    assert cfg.node.max_message_chars == 4000 and cfg.node.max_name_chars == 40
+    assert cfg.node.max_body_bytes == 16 * 1024
+    assert cfg.aws.listener_port == 80 and cfg.aws.target_type == "instance"
+
+
+def test_instances_are_sorted_by_number():
+    data = base()
+    data["instances"].reverse()
+    assert [i.number for i in config.parse(data, env={}).instances] == [1, 2]
+
+
+def test_instance_data_dir_uses_the_instance_prefix():
+    cfg = config.parse(base(), env={})
+    assert str(cfg.instance_data_dir(2)).endswith("data/i2")
+
+
+def test_secret_env_overrides_the_file():
+    cfg = config.parse(base(), env={config.SECRET_ENV: "from-env"})
+    assert cfg.cluster.secret == "from-env"
+
+
+def test_unknown_instance_number_names_the_configured_ones():
+    cfg = config.parse(base(), env={})
+    with pytest.raises(ConfigError, match="1, 2"):
+        cfg.instance(7)
+
+
+def test_node_overrides_are_typed():
+    cfg = config.parse(base(node={"rate_limit_window": 60, "room_capacity": 2,
+                                  "invite_ttl_days": 0.00001, "fsync": False}), env={})
+    assert cfg.node.rate_limit_window == 60.0 and isinstance(cfg.node.rate_limit_window, float)
+    assert cfg.node.room_capacity == 2 and cfg.node.fsync is False
+
+
+def mutate(path: str, value):
+    """base() with one value replaced; ``path`` like "instances.1.port" or "node.x"."""
+    data = base()
+    parts = path.split(".")
+    target = data
+    for p in parts[:-1]:
+        target = target[int(p)] if isinstance(target, list) else target.setdefault(p, {})
+    target[parts[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize("path,value,key", [
+    ("cluster.name", "has space", "cluster.name"),
+    ("cluster.name", "x" * 21, "cluster.name"),
+    ("cluster.public_url", "chat.example.com", "cluster.public_url"),
+    ("cluster.secret", "", "cluster.secret"),
+    ("cluster.colour", "blue", "cluster.colour"),
+    ("instances.1.number", 1, "instances[1].number"),
+    ("instances.1.number", 0, "instances[1].number"),
+    ("instances.1.number", 10_000, "instances[1].number"),
+    ("instances.1.port", 70_000, "instances[1].port"),
+    ("instances.1.port", "9002", "instances[1].port"),
+    ("instances.1.internal_port", 9002, "instances[1].internal_port"),
+    ("instances.1.port", 9001, "instances[1].port"),
+    ("instances.0.host", "", "instances[0].host"),
+    ("node.room_capacity", 0, "node.room_capacity"),
+    ("node.max_message_chars", -1, "node.max_message_chars"),
+    ("node.rate_limit_messages", True, "node.rate_limit_messages"),
+    ("node.fsync", "yes", "node.fsync"),
+    ("node.max_recovery", 10, "node.max_recovery"),
+    ("node.nope", 1, "node.nope"),
+    ("aws.scheme", "public", "aws.scheme"),
+    ("aws.target_type", "lambda", "aws.target_type"),
+    ("aws.discover", "dns", "aws.discover"),
+    ("aws.subnets", "subnet-a", "aws.subnets"),
+    ("aws.idle_timeout", 30, "aws.idle_timeout"),
+])
+def test_bad_value_names_its_key(path, value, key):
+    assert error_key(mutate(path, value)) == key
+
+
+def test_instance_without_number_is_reported():
+    data = base()
+    del data["instances"][1]["number"]
+    assert error_key(data) == "instances[1].number"
+
+
+def test_unknown_section_is_reported():
+    assert error_key(base(extras={})) == "extras"
+
+
+def test_instances_must_be_an_array_of_tables():
+    assert error_key(base(instances={"number": 1})) == "instances"
+
+
+def test_load_reads_toml(tmp_path):
+    path = write_config(tmp_path / "c.toml", cluster={"name": "t", "secret": "x"},
+                        instances=[{"number": 4, "port": 9004, "internal_port": 9104}],
+                        node={"room_capacity": 3})
+    cfg = config.load(path, env={})
+    assert cfg.instance(4).port == 9004 and cfg.node.room_capacity == 3
+    assert cfg.source == str(path)
+
+
+def test_load_missing_file_says_so(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        config.load(tmp_path / "nope.toml", env={})
+    assert info.value.key == "--config" and "does not exist" in info.value.message
+
+
+def test_load_invalid_toml_says_so(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[cluster\nname = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(path, env={})
+
+
+def test_example_config_is_valid():
+    example = ROOT / "config.example.toml"
+    if not example.exists():
+        pytest.skip("config.example.toml not written yet")
+    cfg = config.load(example, env={})
+    assert cfg.instances, "the example should show at least one instance"
