@@ -87,6 +87,7 @@ class Node:
         self.fanout = Fanout(self.sio, cfg.node)
         self.rooms = RoomService(cfg, number, self.store, self.fanout)
         self.placer: Any = None
+        self.closing = False  # past the grace period: sockets are being closed
         self._register_events()
 
     # -- LocalNode protocol (used by placement) ------------------------------------------
@@ -156,7 +157,7 @@ class Node:
     @web.middleware
     async def _instance_guard(self, request: web.Request, handler):
         """A request for another instance's prefix is a routing mistake: say so (421)."""
-        if self.rooms.draining and self._is_handshake(request):
+        if self.closing and self._is_handshake(request):
             return json_error(503, "draining", f"Instance {self.number} is shutting down; "
                               "reconnect in a few seconds.")
         other = urls.instance_of_path(request.path)
@@ -169,8 +170,9 @@ class Node:
         return await handler(request)
 
     def _is_handshake(self, request: web.Request) -> bool:
-        """A new Engine.IO session (no ``sid`` yet): refused while draining, so a stopping
-        node does not collect fresh sockets that would hold its shutdown open."""
+        """A new Engine.IO session (no ``sid`` yet). During the drain grace period it is
+        accepted, so its room connect gets the ``draining`` refusal; once the node is closing
+        it is refused outright, so fresh sockets cannot hold the shutdown open."""
         return (request.path.rstrip("/") == urls.socketio_path(self.number)
                 and "sid" not in request.query)
 
@@ -233,6 +235,7 @@ class Node:
         log.info("instance %d draining", self.number)
         await asyncio.sleep(self.settings.drain_grace_seconds)  # lets health checks see it
         await self.rooms.wait_idle(timeout=10)
+        self.closing = True
         for room in list(self.rooms.rooms.values()):
             for sid in list(room.members):
                 with contextlib.suppress(Exception):
