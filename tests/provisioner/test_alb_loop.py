@@ -8,6 +8,9 @@ and real Socket.IO clients whose rooms live on instance 1 and instance 2.
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 
 import socketio
 
@@ -81,6 +84,7 @@ async def test_rules_applied_to_the_alb_route_socketio_to_the_right_node(moto_se
     cfg_path, instances = write_cluster(tmp_path, aws)
     nodes = [NodeProcess(cfg_path, inst, tmp_path) for inst in instances]
     runner = None
+    cli_router: subprocess.Popen | None = None
     try:
         for node in nodes:
             node.start(wait=False)
@@ -110,7 +114,29 @@ async def test_rules_applied_to_the_alb_route_socketio_to_the_right_node(moto_se
             hello, ack = await join_and_send(base, room)
             assert hello["room"]["id"] == room["id"]
             assert ack["ok"] is True and ack["seq"] == 1
+
+        # the same loop through the command an operator runs: `shardchat router --rules-from-alb`
+        cli_port = free_port()
+        cli_router = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+            [sys.executable, "-m", "shardchat", "router", "--config", str(cfg_path),
+             "--port", str(cli_port), "--rules-from-alb", "loop-alb",
+             "--endpoint-url", moto_server.url, "--region", REGION],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cli_base = f"http://127.0.0.1:{cli_port}"
+        for node in nodes:
+            def reached(node=node) -> bool:
+                if cli_router.poll() is not None:
+                    raise RuntimeError(f"router exited: {cli_router.stderr.read()}")
+                status, body = http_json("GET", cli_base + urls.healthz_path(node.number))
+                return status == 200 and body["instance"] == node.number
+            await asyncio.to_thread(wait_until, reached, 20, 0.1, "router CLI routes /i<N>/")
+            room = await create_room(node, f"second room on {node.number}")
+            hello, ack = await join_and_send(cli_base, room)
+            assert hello["room"]["id"] == room["id"] and ack["seq"] == 1
     finally:
+        if cli_router is not None and cli_router.poll() is None:
+            cli_router.send_signal(signal.SIGTERM)
+            cli_router.wait(timeout=10)
         if runner is not None:
             await runner.cleanup()
         for node in nodes:
