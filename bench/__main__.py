@@ -1,0 +1,170 @@
+"""``python -m bench``: run the scenarios against every server, print a table, write
+bench/results/results.{json,md,png}.
+
+    python -m bench                       full run (under 10 minutes on 2 cores)
+    python -m bench --quick               ~1 minute smoke run, smaller everything
+    python -m bench --scenario large      one scenario (repeatable)
+    python -m bench --server shardchat    only some servers (repeatable)
+    python -m bench --profile DIR         also write a cProfile of each shardchat node
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report, scenarios
+from bench.servers import (
+    NodeJsServer,
+    RedisServer,
+    Server,
+    ServerError,
+    ShardchatServer,
+    StockServer,
+    affinity,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SERVER_KEYS = ("shardchat", "shardchat-nofsync", "shardchat-2", "stock", "node", "redis-2")
+
+
+def make_server(key: str, cores: set[int] | None, profile: Path | None) -> Server | None:
+    """A server by key, or None when its runtime is missing on this machine."""
+    if key == "shardchat":
+        return ShardchatServer(cores, 1, profile_dir=profile)
+    if key == "shardchat-nofsync":
+        return ShardchatServer(cores, 1, {"fsync": False}, profile_dir=profile)
+    if key == "shardchat-2":
+        return ShardchatServer(cores, 2, profile_dir=profile)
+    if key == "stock":
+        return StockServer(cores)
+    if key == "node":
+        return NodeJsServer(cores) if NodeJsServer.available() else None
+    if key == "redis-2":
+        return RedisServer(cores) if RedisServer.available() else None
+    raise ValueError(f"unknown server {key!r}")
+
+
+def raise_fd_limit(need: int) -> None:
+    """Thousands of sockets: lift the soft open-files limit (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need, soft)), hard))
+    if min(hard, need) < need:
+        print(f"warning: open-files limit {hard} is below the {need} this run needs",
+              file=sys.stderr)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+async def run_all(plan: list[scenarios.Scenario], servers: set[str] | None,
+                  profile: Path | None) -> list[dict[str, Any]]:
+    server_cores, loadgen_cores = affinity()
+    if loadgen_cores:
+        os.sched_setaffinity(0, loadgen_cores)
+    rows: list[dict[str, Any]] = []
+    for sc in plan:
+        print(f"== {sc.name}: {sc.title} ({sc.clients:,} clients)", flush=True)
+        for key in sc.servers:
+            if servers and key not in servers:
+                continue
+            server = make_server(key, server_cores, profile)
+            if server is None:
+                print(f"  {key}: skipped (not installed on this machine)", flush=True)
+                continue
+            t0 = time.monotonic()
+            try:
+                server.start()
+                row = await scenarios.run(server, sc, log=print)
+            except (ServerError, OSError, TimeoutError) as exc:
+                row = {"scenario": sc.name, "server": server.label,
+                       "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            finally:
+                server.stop()
+            row["run_s"] = round(time.monotonic() - t0, 1)
+            rows.append(row)
+            print("  " + summary(row), flush=True)
+    return rows
+
+
+def summary(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"{row['server']}: FAILED {row['error']}"
+    parts = [f"{row['server']}:"]
+    if row.get("deliveries_per_cpu_s") is not None:
+        parts.append(f"{row['deliveries_per_cpu_s']:,} deliveries/CPU-s "
+                     f"({row['deliveries']:,} in {row['server_cpu_s']} CPU-s, "
+                     f"{row['wall_s']} s wall)")
+    if row.get("rss_per_conn") is not None:
+        parts.append(f"{row['rss_per_conn']:,} B RSS/connection")
+    if row.get("p99_ms") is not None:
+        parts.append(f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms at "
+                     f"{row['rate_msgs_per_s']} msg/s")
+    if row.get("complete") is False:
+        parts.append(f"INCOMPLETE ({row['deliveries']}/{row['expected']})")
+    if row.get("acks_failed"):
+        parts.append(f"{row['acks_failed']} acks failed")
+    if row.get("deflate_negotiated"):
+        parts.append(f"deflate on {row['deflate_negotiated']} connections")
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="~1 minute smoke run")
+    parser.add_argument("--scenario", action="append", choices=sorted(scenarios.SCENARIOS),
+                        help="run only this scenario (repeatable)")
+    parser.add_argument("--server", action="append", choices=SERVER_KEYS,
+                        help="run only this server (repeatable)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="write a cProfile of each shardchat node into this directory")
+    args = parser.parse_args(argv)
+    names = args.scenario or list(scenarios.SCENARIOS)
+    plan = [scenarios.SCENARIOS[n] for n in names]
+    if args.quick:
+        plan = [scenarios.quick(s) for s in plan]
+    raise_fd_limit(2 * max(s.clients for s in plan) + 1024)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    t0 = time.monotonic()
+    rows = asyncio.run(run_all(plan, set(args.server or ()), args.profile))
+    meta = {"command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "mode": "quick" if args.quick else "full", "machine": machine(),
+            "started": started, "duration_s": round(time.monotonic() - t0, 1),
+            "affinity": {"server_cores": sorted(affinity()[0] or []),
+                         "loadgen_cores": sorted(affinity()[1] or [])}}
+    paths = report.write(args.out, meta, rows)
+    print()
+    print(report.markdown_table(rows))
+    print()
+    print(report.targets_table(report.targets(rows)))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())} "
+          f"({meta['duration_s']:.0f} s)")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

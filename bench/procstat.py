@@ -1,0 +1,57 @@
+"""CPU time and memory of server processes, read from /proc.
+
+Only the server processes are read, so the load generator's own CPU does not count in any
+figure; /proc/<pid>/stat sums every thread of the process (Node's worker threads, an
+executor's threads).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    # the command name may contain spaces; the fields after it are fixed
+    fields = raw[raw.rindex(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def total_cpu(pids: Iterable[int]) -> float:
+    return sum(cpu_seconds(p) for p in pids)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of ``pid`` (VmRSS)."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def total_rss(pids: Iterable[int]) -> int:
+    return sum(rss_bytes(p) for p in pids)
+
+
+async def wait_idle(pids: list[int], *, quiet: float = 0.3, timeout: float = 20.0) -> bool:
+    """Wait until the servers spend (almost) no CPU over ``quiet`` seconds, so set-up work
+    (joins, presence fan-out) is over before a measurement starts. Bounded by ``timeout``;
+    returns False when the servers never went quiet."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    last = total_cpu(pids)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(quiet)
+        now = total_cpu(pids)
+        if now - last <= 0.02 * len(pids):
+            return True
+        last = now
+    return False

@@ -1,0 +1,167 @@
+"""Results out: the printed table, results.json, results.md and results.png.
+
+Ratios between servers are computed from rows of the same run only, and each target of the
+benchmark is listed with its measured value, so a reader sees at once what was met and by
+how much something was missed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+SHARDCHAT = "shardchat"
+STOCK = "stock python-socketio"
+NODE = "node socket.io"
+REDIS2 = "redis-adapter, 2 nodes"
+SHARD2 = "shardchat, 2 nodes"
+
+
+def _row(rows: list[dict], scenario: str, server: str) -> dict | None:
+    for r in rows:
+        if r["scenario"] == scenario and r["server"] == server:
+            return r
+    return None
+
+
+def _ratio(rows: list[dict], scenario: str, a: str, b: str, key: str) -> float | None:
+    ra, rb = _row(rows, scenario, a), _row(rows, scenario, b)
+    if not ra or not rb or not ra.get(key) or not rb.get(key):
+        return None
+    return ra[key] / rb[key]
+
+
+def targets(rows: list[dict]) -> list[dict[str, Any]]:
+    """Every target of the benchmark with its measured value (None: not measured)."""
+    dpc = "deliveries_per_cpu_s"
+    out = []
+
+    def add(what: str, value: float | None, goal: float, higher_is_better: bool = True,
+            unit: str = "x") -> None:
+        met = None if value is None else (value >= goal if higher_is_better else value <= goal)
+        out.append({"target": what, "value": None if value is None else round(value, 2),
+                    "goal": ("≥ " if higher_is_better else "≤ ") + f"{goal:g}{unit}",
+                    "met": met})
+
+    add("large room: deliveries/CPU-s vs stock python-socketio",
+        _ratio(rows, "large", SHARDCHAT, STOCK, dpc), 5)
+    add("large room: deliveries/CPU-s vs Node socket.io",
+        _ratio(rows, "large", SHARDCHAT, NODE, dpc), 1.5)
+    add("small rooms: deliveries/CPU-s vs stock python-socketio",
+        _ratio(rows, "small", SHARDCHAT, STOCK, dpc), 2)
+    add("small rooms: deliveries/CPU-s vs Node socket.io",
+        _ratio(rows, "small", SHARDCHAT, NODE, dpc), 1)
+    deflate = None
+    r1, r2 = _row(rows, "large_deflate", SHARDCHAT), _row(rows, "large", SHARDCHAT)
+    if r1 and r2 and r1.get(dpc) and r2.get(dpc):
+        deflate = r1[dpc] / r2[dpc]
+    add("browser-like clients (deflate offered) vs not, shardchat large room", deflate, 0.95)
+    add("memory per idle connection vs Node socket.io",
+        _ratio(rows, "idle", SHARDCHAT, NODE, "rss_per_conn"), 1, higher_is_better=False)
+    lat = _row(rows, "latency", SHARDCHAT)
+    add("p99 delivery latency at half the peak rate (ms)", lat.get("p99_ms") if lat else None,
+        25, higher_is_better=False, unit=" ms")
+    add("2 nodes: deliveries/CPU-s vs the Redis-adapter design",
+        _ratio(rows, "two_nodes", SHARD2, REDIS2, dpc), 2)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:,.2f}"
+    return str(v)
+
+
+COLUMNS = [("scenario", "scenario"), ("server", "server"), ("clients", "clients"),
+           ("deliveries", "deliveries"), ("server_cpu_s", "server CPU s"),
+           ("deliveries_per_cpu_s", "deliveries/CPU-s"), ("deliveries_per_s", "deliveries/s"),
+           ("rss_per_conn", "RSS B/conn"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
+           ("complete", "complete")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['scenario']} | {r['server']} | failed: {r['error']} |")
+            continue
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def targets_table(tg: list[dict]) -> str:
+    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for t in tg:
+        lines.append(f"| {t['target']} | {_fmt(t['value'])} | {t['goal']} | "
+                     f"{_fmt(t['met'])} |")
+    return "\n".join(lines)
+
+
+def write(out_dir: Path, meta: dict[str, Any], rows: list[dict]) -> dict[str, Path]:
+    """Write results.json, results.md and results.png into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tg = targets(rows)
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md",
+             "png": out_dir / "results.png"}
+    paths["json"].write_text(json.dumps({"meta": meta, "results": rows, "targets": tg},
+                                        indent=2) + "\n")
+    md = [f"# Benchmark results ({meta.get('mode', 'full')} run)", "",
+          f"Command: `{meta.get('command', 'python -m bench')}`  ",
+          f"Machine: {meta.get('machine', '')}  ",
+          f"Started: {meta.get('started', '')}, took {meta.get('duration_s', 0):.0f} s", "",
+          markdown_table(rows), "", "## Targets", "", targets_table(tg), ""]
+    paths["md"].write_text("\n".join(md))
+    plot(paths["png"], rows)
+    return paths
+
+
+def plot(path: Path, rows: list[dict]) -> None:
+    """One panel per figure: deliveries per CPU-second per scenario, memory, latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("large", "deliveries_per_cpu_s", "one room of 500\ndeliveries per CPU-second"),
+              ("large_deflate", "deliveries_per_cpu_s", "one room of 500, deflate offered\n"
+               "deliveries per CPU-second"),
+              ("small", "deliveries_per_cpu_s", "200 rooms of 10\ndeliveries per CPU-second"),
+              ("two_nodes", "deliveries_per_cpu_s", "200 rooms of 10 on 2 nodes\n"
+               "deliveries per CPU-second"),
+              ("idle", "rss_per_conn", "5,000 idle connections\nRSS bytes per connection"),
+              ("latency", "p99_ms", "one room of 500 at half peak\np99 latency, ms")]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    for ax, (scenario, key, title) in zip(axes.flat, panels, strict=True):
+        data = [(r["server"], r.get(key)) for r in rows
+                if r["scenario"] == scenario and r.get(key) is not None]
+        ax.set_title(title, fontsize=10)
+        if not data:
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            continue
+        names = [d[0] for d in data]
+        values = [d[1] for d in data]
+        colors = ["#2a7ab9" if n.startswith("shardchat") else "#a0a0a0" for n in names]
+        bars = ax.bar(range(len(values)), values, color=colors)
+        ax.set_xticks(range(len(values)))
+        ax.set_xticklabels([n.replace(", ", ",\n").replace(" (", "\n(") for n in names],
+                           fontsize=8)
+        for b, v in zip(bars, values, strict=True):
+            ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.1f}",
+                        (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+        ax.margins(y=0.15)
+    fig.suptitle("shardchat fan-out vs peers (server CPU from /proc; higher is better "
+                 "except memory and latency)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,131 @@
+"""The scenarios, and running one of them against one server.
+
+Every run starts a fresh server, creates its rooms, connects every client, waits until the
+server is idle (joins and presence fan-out are set-up, not the measurement), then measures
+only the phase that matters: CPU seconds of the server processes from /proc, deliveries the
+clients counted, wall time, RSS, latencies.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from bench import loadgen, procstat
+from bench.servers import Server
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str  # "throughput" | "idle" | "latency"
+    rooms: int
+    room_size: int
+    messages: int = 0  # per room (throughput) or for the peak probe (latency)
+    window: int = 4  # messages per room not yet delivered to everyone
+    deflate: bool = False
+    duration: float = 0.0  # seconds of open-loop sending (latency)
+    servers: tuple[str, ...] = ("shardchat", "stock", "node")
+    title: str = ""
+
+    @property
+    def clients(self) -> int:
+        return self.rooms * self.room_size
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("large", "throughput", rooms=1, room_size=500, messages=400, window=8,
+             servers=("shardchat", "shardchat-nofsync", "stock", "node"),
+             title="one room of 500"),
+    Scenario("large_deflate", "throughput", rooms=1, room_size=500, messages=400, window=8,
+             deflate=True, title="one room of 500, clients offer permessage-deflate"),
+    Scenario("small", "throughput", rooms=200, room_size=10, messages=60, window=2,
+             title="200 rooms of 10"),
+    Scenario("two_nodes", "throughput", rooms=200, room_size=10, messages=60, window=2,
+             servers=("shardchat-2", "redis-2"),
+             title="200 rooms of 10 on 2 nodes (Redis design: members split across nodes)"),
+    Scenario("idle", "idle", rooms=250, room_size=20, title="5,000 idle connections"),
+    Scenario("latency", "latency", rooms=1, room_size=500, messages=150, window=8,
+             duration=4.0, servers=("shardchat", "shardchat-nofsync", "stock", "node"),
+             title="one room of 500 at half the peak rate"),
+)}
+
+
+def quick(s: Scenario) -> Scenario:
+    """The ~1 minute smoke version: same shapes, fewer clients and messages."""
+    return replace(s, rooms=max(1, s.rooms // 4), room_size=min(s.room_size, 200),
+                   messages=max(20, s.messages // 4), duration=min(s.duration, 1.5),
+                   servers=tuple(x for x in s.servers if x != "shardchat-nofsync"))
+
+
+async def run(server: Server, sc: Scenario, log: Any = print) -> dict[str, Any]:
+    """Run ``sc`` against a started ``server``; returns one result row."""
+    row: dict[str, Any] = {"scenario": sc.name, "server": server.label, "nodes": server.nodes,
+                           "rooms": sc.rooms, "room_size": sc.room_size, "clients": sc.clients,
+                           "deflate_offered": sc.deflate}
+    pids = server.pids
+    handles = server.create_rooms(sc.rooms)
+    endpoints = [[server.endpoint(h, j) for j in range(sc.room_size)] for h in handles]
+    await procstat.wait_idle(pids)
+    rss0 = procstat.total_rss(pids)
+    t0 = time.perf_counter()
+    rooms = await loadgen.connect_rooms(endpoints, deflate=sc.deflate)
+    row["connect_s"] = round(time.perf_counter() - t0, 2)
+    row["deflate_negotiated"] = sum(c.deflate_active for r in rooms for c in r.members)
+    try:
+        row["idle_before_measure"] = await procstat.wait_idle(pids, timeout=30)
+        if sc.kind == "idle":
+            rss1 = procstat.total_rss(pids)
+            row.update(rss_before=rss0, rss_after=rss1,
+                       rss_per_conn=round((rss1 - rss0) / sc.clients))
+        elif sc.kind == "throughput":
+            row.update(await _throughput(rooms, sc, pids))
+        else:
+            row.update(await _latency(rooms, sc, pids, log))
+    finally:
+        loadgen.close_all(rooms)
+    server.check()
+    return row
+
+
+async def _throughput(rooms: list[loadgen.Room], sc: Scenario, pids: list[int]
+                      ) -> dict[str, Any]:
+    cpu0 = procstat.total_cpu(pids)
+    res = await loadgen.closed_loop(rooms, sc.messages, sc.window, timeout=120)
+    cpu = procstat.total_cpu(pids) - cpu0
+    return {"messages": res.sent, "deliveries": res.delivered, "expected": res.expected,
+            "complete": res.complete, "acks_failed": res.acks_failed,
+            "server_cpu_s": round(cpu, 2), "wall_s": round(res.wall, 2),
+            "deliveries_per_cpu_s": round(res.delivered / cpu) if cpu > 0 else None,
+            "deliveries_per_s": round(res.delivered / res.wall) if res.wall > 0 else None}
+
+
+async def _latency(rooms: list[loadgen.Room], sc: Scenario, pids: list[int],
+                   log: Any) -> dict[str, Any]:
+    """Find the peak message rate with a closed-loop probe, then send open-loop at half of
+    it and read each delivery's latency from the send timestamp in the text."""
+    probe = await loadgen.closed_loop(rooms, sc.messages, sc.window, timeout=60)
+    peak = probe.sent / probe.wall if probe.wall > 0 else 0.0
+    rate = max(1.0, peak / 2)
+    await procstat.wait_idle(pids)
+    log(f"    peak {peak:.0f} msg/s, measuring latency at {rate:.0f} msg/s")
+    cpu0 = procstat.total_cpu(pids)
+    res, lat = await loadgen.open_loop(rooms, rate, sc.duration, timeout=60)
+    cpu = procstat.total_cpu(pids) - cpu0
+    ms = sorted(x / 1e6 for x in lat)
+    return {"peak_msgs_per_s": round(peak, 1), "rate_msgs_per_s": round(rate, 1),
+            "messages": res.sent, "deliveries": res.delivered, "expected": res.expected,
+            "complete": res.complete, "acks_failed": res.acks_failed,
+            "server_cpu_s": round(cpu, 2), "wall_s": round(res.wall, 2),
+            "p50_ms": round(_pct(ms, 50), 2), "p99_ms": round(_pct(ms, 99), 2),
+            "max_ms": round(ms[-1], 2) if ms else None,
+            "mean_ms": round(statistics.fmean(ms), 2) if ms else None}
+
+
+def _pct(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    idx = min(len(sorted_values) - 1, max(0, round(p / 100 * len(sorted_values)) - 1))
+    return sorted_values[idx]

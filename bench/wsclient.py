@@ -1,0 +1,253 @@
+"""A lean Engine.IO 4 / Socket.IO 5 client over a raw WebSocket, for the load generator.
+
+One asyncio Protocol per connection, no task per client and no per-frame allocation beyond
+the payload slice: the load generator runs thousands of these on one core and must not be
+the bottleneck it is measuring. Only what the benchmark needs is spoken: the WebSocket
+upgrade (optionally offering permessage-deflate as browsers do), the Engine.IO open and
+ping/pong, the Socket.IO namespace CONNECT, EVENT with an ack id, and ACK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+DEFLATE_TAIL = b"\x00\x00\xff\xff"
+OFFER_DEFLATE = "permessage-deflate; client_max_window_bits"
+
+
+class HandshakeError(RuntimeError):
+    """The server refused the upgrade or the namespace connect."""
+
+
+def _mask_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A client frame: clients must mask (RFC 6455 5.3)."""
+    key = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    mask = int.from_bytes((key * (n // 4 + 1))[:n], "big")
+    masked = (int.from_bytes(payload, "big") ^ mask).to_bytes(n, "big")
+    return header + key + masked
+
+
+class SioClient(asyncio.Protocol):
+    """One Socket.IO client connected to one namespace over WebSocket only.
+
+    ``on_message(client, payload)`` is called for every ``message`` event of the namespace;
+    other events (``welcome``, ``presence``, ...) are counted in ``other_events`` and skipped.
+    """
+
+    def __init__(self, host: str, port: int, path: str, namespace: str, auth: dict[str, Any],
+                 *, deflate: bool = False,
+                 on_message: Callable[[SioClient, bytes], None] | None = None) -> None:
+        self.host, self.port = host, port
+        self.path = path.rstrip("/") + "/"
+        self.namespace = namespace
+        self.auth = auth
+        self.offer_deflate = deflate
+        self.on_message = on_message
+        self.transport: asyncio.Transport | None = None
+        self.deflate_active = False
+        self._inflate: Any = None
+        self._buf = bytearray()
+        self._upgraded = False
+        self._ns_prefix = b"4" + self._ns_part()
+        self._msg_prefix = self._ns_prefix.replace(b"4", b"42", 1) + b'["message"'
+        self._ack_prefix = self._ns_prefix.replace(b"4", b"43", 1)
+        self.connected: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.messages = 0
+        self.other_events = 0
+        self.sid: str | None = None
+        self._next_ack = 1
+        self._acks: dict[int, asyncio.Future] = {}
+
+    def _ns_part(self) -> bytes:
+        """``/ns,`` as it appears after the packet type (empty for the main namespace)."""
+        return b"" if self.namespace in ("", "/") else self.namespace.encode() + b","
+
+    # -- connection -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # small sends must not wait for delayed ACKs (Nagle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [f"GET {self.path}?EIO=4&transport=websocket HTTP/1.1",
+                 f"Host: {self.host}:{self.port}", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+        if self.offer_deflate:
+            lines.append(f"Sec-WebSocket-Extensions: {OFFER_DEFLATE}")
+        transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.connected.done():
+            self.connected.set_exception(HandshakeError(f"connection lost: {exc}"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("connection lost"))
+        self._acks.clear()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        if not self._upgraded and not self._read_upgrade():
+            return
+        pos, end = 0, len(buf)
+        while end - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            n = b1 & 0x7F
+            hl = 2
+            if n == 126:
+                if end - pos < 4:
+                    break
+                n = (buf[pos + 2] << 8) | buf[pos + 3]
+                hl = 4
+            elif n == 127:
+                if end - pos < 10:
+                    break
+                n = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                hl = 10
+            if end - pos < hl + n:
+                break
+            payload = bytes(buf[pos + hl:pos + hl + n])
+            pos += hl + n
+            self._frame(b0, payload)
+        if pos:
+            del buf[:pos]
+
+    def _read_upgrade(self) -> bool:
+        idx = self._buf.find(b"\r\n\r\n")
+        if idx < 0:
+            return False
+        head = bytes(self._buf[:idx]).decode("latin-1")
+        del self._buf[:idx + 4]
+        status = head.split("\r\n", 1)[0]
+        if " 101 " not in status + " ":
+            self._fail(f"upgrade refused: {status}")
+            return False
+        for line in head.split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "sec-websocket-extensions" and "permessage-deflate" in value:
+                self.deflate_active = True
+                self._inflate = zlib.decompressobj(-15)
+        self._upgraded = True
+        return True
+
+    def _fail(self, why: str) -> None:
+        if not self.connected.done():
+            self.connected.set_exception(HandshakeError(why))
+        if self.transport:
+            self.transport.abort()
+
+    # -- frames and packets ---------------------------------------------------------------
+
+    def _frame(self, b0: int, payload: bytes) -> None:
+        opcode = b0 & 0x0F
+        if b0 & 0x40:  # RSV1: a compressed message (permessage-deflate)
+            payload = self._inflate.decompress(payload + DEFLATE_TAIL)
+        if opcode == 0x1:
+            self._packet(payload)
+        elif opcode == 0x9:  # WebSocket ping: answer with pong
+            self._send_raw(payload, 0xA)
+        elif opcode == 0x8 and self.transport:
+            self.transport.close()
+
+    def _packet(self, p: bytes) -> None:
+        if p.startswith(self._msg_prefix):
+            self.messages += 1
+            if self.on_message is not None:
+                self.on_message(self, p)
+            return
+        head = p[:1]
+        if head == b"2":  # Engine.IO ping -> pong
+            self.send_text(b"3")
+        elif head == b"4":
+            self._sio_packet(p)
+        elif head == b"0":  # Engine.IO open: connect to the namespace
+            self.send_text(self._ns_prefix.replace(b"4", b"40", 1) + json.dumps(self.auth).encode())
+        elif head == b"1":
+            self.close()
+
+    def _sio_packet(self, p: bytes) -> None:
+        kind = p[1:2]
+        if kind == b"2":
+            self.other_events += 1
+        elif kind == b"3" and p.startswith(self._ack_prefix):
+            rest = p[len(self._ack_prefix):]
+            idx = rest.find(b"[")
+            fut = self._acks.pop(int(rest[:idx]), None)
+            if fut is not None and not fut.done():
+                fut.set_result(json.loads(rest[idx:]))
+        elif kind == b"0" and not self.connected.done():
+            body = p[len(self._ns_prefix) + 1:]
+            info = json.loads(body) if body else {}
+            self.sid = info.get("sid")
+            self.connected.set_result(info)
+        elif kind == b"4" and not self.connected.done():
+            body = p[len(self._ns_prefix) + 1:]
+            self._fail(f"connect refused: {body.decode(errors='replace')}")
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _send_raw(self, payload: bytes, opcode: int) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_mask_frame(payload, opcode))
+
+    def send_text(self, payload: bytes) -> None:
+        self._send_raw(payload, 0x1)
+
+    def emit(self, event: str, data: Any, ack: bool = False) -> asyncio.Future | None:
+        """Send an EVENT; with ``ack`` returns a future for the server's ACK payload."""
+        body = json.dumps([event, data], separators=(",", ":")).encode()
+        ns = self._ns_prefix.replace(b"4", b"42", 1)
+        if not ack:
+            self.send_text(ns + body)
+            return None
+        ack_id = self._next_ack
+        self._next_ack += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._acks[ack_id] = fut
+        self.send_text(ns + str(ack_id).encode() + body)
+        return fut
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+async def connect(host: str, port: int, path: str, namespace: str, auth: dict[str, Any], *,
+                  deflate: bool = False, timeout: float = 10.0,
+                  on_message: Callable[[SioClient, bytes], None] | None = None) -> SioClient:
+    """Open one client and wait (bounded) until its namespace CONNECT is acknowledged."""
+    loop = asyncio.get_running_loop()
+    _, client = await asyncio.wait_for(loop.create_connection(
+        lambda: SioClient(host, port, path, namespace, auth, deflate=deflate,
+                          on_message=on_message), host, port), timeout)
+    try:
+        await asyncio.wait_for(asyncio.shield(client.connected), timeout)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def now_ns() -> int:
+    """The send/receive clock: monotonic and shared by every process on the machine."""
+    return time.monotonic_ns()
