@@ -172,8 +172,11 @@ class Server:
             p.check()
 
     def stop(self) -> None:
+        """Stop every process: a short grace, then SIGKILL (nothing of a benchmark server
+        needs a clean exit, except a node writing its profile)."""
+        grace = 30.0 if getattr(self, "profile_dir", None) else 2.0
         for p in reversed(self.procs):
-            p.stop()
+            p.stop(grace)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -70,7 +70,7 @@ def main() -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
     web.run_app(build_app(args.redis), host="127.0.0.1", port=args.port, print=None,
-                access_log=None)
+                access_log=None, shutdown_timeout=1.0)
 
 
 if __name__ == "__main__":
