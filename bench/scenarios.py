@@ -92,14 +92,16 @@ async def run(server: Server, sc: Scenario, log: Any = print) -> dict[str, Any]:
 
 async def _throughput(rooms: list[loadgen.Room], sc: Scenario, pids: list[int]
                       ) -> dict[str, Any]:
-    cpu0 = procstat.total_cpu(pids)
+    cpu0, own0 = procstat.total_cpu(pids), time.process_time()
     res = await loadgen.closed_loop(rooms, sc.messages, sc.window, timeout=120)
     cpu = procstat.total_cpu(pids) - cpu0
+    own = time.process_time() - own0
     return {"messages": res.sent, "deliveries": res.delivered, "expected": res.expected,
             "complete": res.complete, "acks_failed": res.acks_failed,
             "server_cpu_s": round(cpu, 2), "wall_s": round(res.wall, 2),
             "deliveries_per_cpu_s": round(res.delivered / cpu) if cpu > 0 else None,
-            "deliveries_per_s": round(res.delivered / res.wall) if res.wall > 0 else None}
+            "deliveries_per_s": round(res.delivered / res.wall) if res.wall > 0 else None,
+            "loadgen_busy": round(own / res.wall, 2) if res.wall > 0 else None}
 
 
 async def _latency(rooms: list[loadgen.Room], sc: Scenario, pids: list[int],
@@ -111,9 +113,10 @@ async def _latency(rooms: list[loadgen.Room], sc: Scenario, pids: list[int],
     rate = max(1.0, peak / 2)
     await procstat.wait_idle(pids)
     log(f"    peak {peak:.0f} msg/s, measuring latency at {rate:.0f} msg/s")
-    cpu0 = procstat.total_cpu(pids)
+    cpu0, own0 = procstat.total_cpu(pids), time.process_time()
     res, lat = await loadgen.open_loop(rooms, rate, sc.duration, timeout=60)
     cpu = procstat.total_cpu(pids) - cpu0
+    own = time.process_time() - own0
     ms = sorted(x / 1e6 for x in lat)
     return {"peak_msgs_per_s": round(peak, 1), "rate_msgs_per_s": round(rate, 1),
             "messages": res.sent, "deliveries": res.delivered, "expected": res.expected,
@@ -121,7 +124,9 @@ async def _latency(rooms: list[loadgen.Room], sc: Scenario, pids: list[int],
             "server_cpu_s": round(cpu, 2), "wall_s": round(res.wall, 2),
             "p50_ms": round(_pct(ms, 50), 2), "p99_ms": round(_pct(ms, 99), 2),
             "max_ms": round(ms[-1], 2) if ms else None,
-            "mean_ms": round(statistics.fmean(ms), 2) if ms else None}
+            "mean_ms": round(statistics.fmean(ms), 2) if ms else None,
+            "server_busy": round(cpu / res.wall, 2) if res.wall > 0 else None,
+            "loadgen_busy": round(own / res.wall, 2) if res.wall > 0 else None}
 
 
 def _pct(sorted_values: list[float], p: float) -> float:

@@ -70,6 +70,7 @@ class SioClient(asyncio.Protocol):
         self.connected: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.messages = 0
+        self.sample = True  # whether this client's latencies are recorded
         self.other_events = 0
         self.sid: str | None = None
         self._next_ack = 1
