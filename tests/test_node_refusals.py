@@ -377,6 +377,48 @@ async def test_garbage_packets_never_hurt_the_node_or_other_clients(node1, conne
     await assert_others_unharmed(node1, room, bystander, connect)
 
 
+async def test_garbage_over_long_polling_never_hurts_the_node(node1, connect):
+    room = await acreate_room(node1)
+    ns = room["namespace"]
+    bystander = await connect(node1, room, name="bystander", transport=["polling"])
+    endpoint = f"{node1.base_url}{urls.socketio_path(node1.number)}/?EIO=4&transport=polling"
+    bodies = [b"garbage", b"4{", b"42[\"message\"", b"\xff\xfe\x00", b"",
+              "\x1e".join(["40" + ns + ',{"name":"p"}', "42" + ns + ",[", "9"]).encode()]
+    statuses = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.get(endpoint) as resp:
+            opening = await resp.text()
+        assert opening.startswith("0{"), opening
+        url = f"{endpoint}&sid={json.loads(opening[1:])['sid']}"
+        for body in bodies:
+            async with session.post(url, data=body) as resp:
+                statuses.append(resp.status)
+        for url in (f"{endpoint}&sid=not-a-session", f"{endpoint[:-7]}carrier-pigeon"):
+            async with session.post(url, data=b"40") as resp:
+                statuses.append(resp.status)
+    assert all(status < 500 for status in statuses), statuses
+    await assert_others_unharmed(node1, room, bystander, connect)
+
+
+async def test_oversize_long_polling_post_is_answered_promptly(node1):
+    """A POST over node.max_packet_bytes gets a 4xx at once, even when the client has no
+    long-poll GET pending (a hung request would hold a connection and a handler)."""
+    endpoint = f"{node1.base_url}{urls.socketio_path(node1.number)}/?EIO=4&transport=polling"
+    body = b'42/i1/room/x,["message",{"text":"' + b"x" * (100 * 1024) + b'"}]'
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with session.get(endpoint) as resp:
+            sid = json.loads((await resp.text())[1:])["sid"]
+        try:
+            async with asyncio.timeout(5):
+                async with session.post(f"{endpoint}&sid={sid}", data=body) as resp:
+                    status = resp.status
+        except TimeoutError:
+            raise AssertionError("the node did not answer an over-size polling POST within "
+                                 "5 s") from None
+    assert 400 <= status < 500, status
+    assert node1.proc.poll() is None
+
+
 async def test_packet_over_max_size_is_not_processed(node1, connect):
     room = await acreate_room(node1)
     ns = room["namespace"]
