@@ -139,7 +139,10 @@ class Node:
     # -- HTTP ---------------------------------------------------------------------------
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.settings.max_body_bytes,
+        # Engine.IO polling POSTs may carry up to max_packet_bytes; the API checks its own
+        # (smaller) limit on the body it reads.
+        app = web.Application(client_max_size=max(self.settings.max_body_bytes,
+                                                   self.settings.max_packet_bytes) + 1024,
                               middlewares=[self._instance_guard, self._json_errors])
         self.sio.attach(app, socketio_path=urls.socketio_path(self.number))
         n = self.number
@@ -157,6 +160,13 @@ class Node:
     @web.middleware
     async def _instance_guard(self, request: web.Request, handler):
         """A request for another instance's prefix is a routing mistake: say so (421)."""
+        if (request.method == "POST" and request.content_length is not None
+                and request.content_length > self.settings.max_packet_bytes
+                and request.path.rstrip("/") == urls.socketio_path(self.number)):
+            # Engine.IO would refuse the payload and then wait on a long-poll that never
+            # comes; answer at once instead.
+            return json_error(413, "too_large", f"The long-polling payload is larger than "
+                              f"{self.settings.max_packet_bytes} bytes (node.max_packet_bytes).")
         if self.closing and self._is_handshake(request):
             return json_error(503, "draining", f"Instance {self.number} is shutting down; "
                               "reconnect in a few seconds.")
@@ -213,8 +223,10 @@ class Node:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
+            raw = None
+        if raw is None or len(raw) > self.settings.max_body_bytes:
             return json_error(413, "too_large", f"The request body is larger than "
-                              f"{self.settings.max_body_bytes} bytes.")
+                              f"{self.settings.max_body_bytes} bytes (node.max_body_bytes).")
         body, refusal = parse_room_request(raw)
         if refusal:
             return refusal
