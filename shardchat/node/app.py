@@ -23,6 +23,7 @@ from shardchat import urls
 from shardchat.config import Config
 from shardchat.node import internal, transport
 from shardchat.node.fanout import Fanout
+from shardchat.node.inbound import Inbound
 from shardchat.node.limits import check_room_name
 from shardchat.node.rooms import RoomService
 from shardchat.node.store import Store
@@ -59,6 +60,13 @@ class NodeSocketServer(socketio.AsyncServer):
     """
 
     on_connected: Any = None
+    direct_send: Any = None  # Fanout.send_packet: one packet straight to an idle websocket
+
+    async def _send_packet(self, eio_sid, pkt):
+        """CONNECT, CONNECT_ERROR, DISCONNECT, ACK: through the fan-out's direct path (it
+        falls back to the Engine.IO queue itself; binary packets are left to us)."""
+        if self.direct_send is None or not await self.direct_send(eio_sid, pkt):
+            await super()._send_packet(eio_sid, pkt)
 
     async def _handle_connect(self, eio_sid, namespace, data):
         await super()._handle_connect(eio_sid, namespace, data)
@@ -83,8 +91,10 @@ class Node:
             ping_interval=cfg.node.ping_interval, ping_timeout=cfg.node.ping_timeout,
             max_http_buffer_size=cfg.node.max_packet_bytes,
             cors_allowed_origins=None, logger=False, engineio_logger=False)
-        transport.install(self.sio, cfg.node.websocket_compression)
         self.fanout = Fanout(self.sio, cfg.node)
+        self.inbound = Inbound(self.sio, self.fanout)
+        transport.install(self.sio, cfg.node.websocket_compression, self.fanout, self.inbound)
+        self.sio.direct_send = self.fanout.send_packet
         self.rooms = RoomService(cfg, number, self.store, self.fanout)
         self.placer: Any = None
         self.closing = False  # past the grace period: sockets are being closed

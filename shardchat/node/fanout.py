@@ -28,6 +28,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 import socketio
 from engineio import packet as eio_packet
 from socketio import packet as sio_packet
@@ -47,6 +48,27 @@ def text_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
+def sio_payload(kind: int, namespace: str, data: Any, ack_id: int | None = None
+                ) -> bytes | None:
+    """The Engine.IO MESSAGE payload ``4<type>[<namespace>,][<ack id>]<json>`` as bytes.
+
+    orjson encodes in one C call what python-socketio's Packet class does with a recursive
+    binary scan plus the stdlib encoder. Returns None when orjson cannot represent ``data``
+    exactly as the stdlib would (bytes, i.e. binary attachments; dict keys that are not
+    strings; integers beyond 64 bits): the caller then uses the Packet class. The JSON
+    differs only in form (UTF-8 instead of ``\\u`` escapes), never in value."""
+    try:
+        body = orjson.dumps(data)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return None
+    head = "4" + str(kind)
+    if namespace != "/":
+        head += namespace + ","
+    if ack_id is not None:
+        head += str(ack_id)
+    return head.encode() + body
+
+
 class Fanout:
     """Delivers events to room members; the room service calls ``emit`` for every one."""
 
@@ -57,39 +79,21 @@ class Fanout:
         self.fast = 0
         self.slow = 0
         self.dropped = 0
+        self.direct = 0  # single-recipient packets written straight to the transport
+        self.queued = 0  # single-recipient packets that took the Engine.IO queue
         self._ws: dict[str, Any] = {}  # Engine.IO sid -> aiohttp WebSocketResponse
         self._pending: dict[Any, list[bytes]] = {}  # transport -> frames of this loop tick
         self._flush_scheduled = False
-        self._track_websockets()
 
     # -- knowing each client's websocket -------------------------------------------------
 
-    def _track_websockets(self) -> None:
-        """Wrap the Engine.IO websocket driver so each socket's aiohttp response is known
-        while its websocket handler runs (the driver keeps it in ``_sock``)."""
-        eio = self.sio.eio
-        base = eio._async.get("websocket")
-        if base is None:
-            return
-        registry = self._ws
+    def register(self, eio_sid: str, ws: Any) -> None:
+        """The transport's session loop announces a client's aiohttp response once the
+        client is on the websocket transport (and withdraws it when the loop ends)."""
+        self._ws[eio_sid] = ws
 
-        class TrackedWebSocket(base):  # type: ignore[misc, valid-type]
-            def __init__(self, handler: Any, server: Any) -> None:
-                eio_socket = getattr(handler, "__self__", None)
-
-                async def tracked(ws: Any) -> Any:
-                    sid = getattr(eio_socket, "sid", None)
-                    if sid is not None and getattr(ws, "_sock", None) is not None:
-                        registry[sid] = ws._sock
-                    try:
-                        return await handler(ws)
-                    finally:
-                        if sid is not None:
-                            registry.pop(sid, None)
-
-                super().__init__(tracked, server)
-
-        eio._async = dict(eio._async, websocket=TrackedWebSocket)
+    def unregister(self, eio_sid: str) -> None:
+        self._ws.pop(eio_sid, None)
 
     def _direct_transport(self, eio_sid: str, sock: Any) -> Any:
         """The transport to write to directly, or None when the normal path must be used.
@@ -139,15 +143,17 @@ class Fanout:
 
         No task per recipient: fast recipients get one ``transport.write`` of a shared
         frame; the rest are queued in order, one after the other."""
-        encoded = self.sio.packet_class(sio_packet.EVENT, namespace=namespace,
-                                        data=[event, data]).encode()
-        if isinstance(encoded, list):  # binary attachments: leave those to python-socketio
-            for sid in recipients:
-                if sid != skip_sid:
-                    self.slow += 1
-                    await self.sio.emit(event, data, to=sid, namespace=namespace)
-            return
-        payload = ("4" + encoded).encode()
+        payload = sio_payload(sio_packet.EVENT, namespace, [event, data])
+        if payload is None:
+            encoded = self.sio.packet_class(sio_packet.EVENT, namespace=namespace,
+                                            data=[event, data]).encode()
+            if isinstance(encoded, list):  # binary attachments: leave them to python-socketio
+                for sid in recipients:
+                    if sid != skip_sid:
+                        self.slow += 1
+                        await self.sio.emit(event, data, to=sid, namespace=namespace)
+                return
+            payload = ("4" + encoded).encode()
         size = len(payload)
         frame: bytes | None = None
         slow: list[str] = []
@@ -165,7 +171,7 @@ class Fanout:
             transport = self._direct_transport(eio_sid, sock)
             if transport is not None:
                 if transport.get_write_buffer_size() + size > cap:
-                    dropped.append((sid, eio_sid, sock, transport))
+                    dropped.append((f"{sid} in {namespace}", eio_sid, sock, transport))
                     continue
                 if frame is None:
                     frame = text_frame(payload)
@@ -173,17 +179,43 @@ class Fanout:
                 self.fast += 1
             else:
                 if self._pending_bytes(eio_sid, sock, size) > cap:
-                    dropped.append((sid, eio_sid, sock, self._transport_of(eio_sid)))
+                    dropped.append((f"{sid} in {namespace}", eio_sid, sock,
+                                    self._transport_of(eio_sid)))
                     continue
                 slow.append(eio_sid)
         if slow:
-            pkt = eio_packet.Packet(eio_packet.MESSAGE, encoded)
+            pkt = eio_packet.Packet(eio_packet.MESSAGE, payload[1:].decode())
             send = self.sio._send_eio_packet
             for eio_sid in slow:
                 self.slow += 1
                 await send(eio_sid, pkt)
-        for sid, eio_sid, sock, transport in dropped:
-            self._drop(namespace, sid, eio_sid, sock, transport)
+        for who, _eio_sid, sock, transport in dropped:
+            self._drop(who, sock, transport)
+
+    # -- one recipient -------------------------------------------------------------------
+
+    async def send_packet(self, eio_sid: str, pkt: Any) -> bool:
+        """python-socketio's ``_send_packet`` (CONNECT, CONNECT_ERROR, DISCONNECT, ACK and
+        single emits) through the same direct-write rule as broadcasts. False when the
+        packet has binary attachments: python-socketio then sends it as usual."""
+        encoded = pkt.encode()
+        if isinstance(encoded, list):
+            return False
+        await self.send_payload(eio_sid, ("4" + encoded).encode(), encoded)
+        return True
+
+    async def send_payload(self, eio_sid: str, payload: bytes, encoded: str | None = None
+                           ) -> None:
+        """Send one Engine.IO MESSAGE payload (``4...``) to one client: written straight to
+        the transport when that cannot reorder anything (see ``_direct_transport``), else
+        put on the client's Engine.IO queue like python-socketio does."""
+        sock = self.sio.eio.sockets.get(eio_sid)
+        if sock is not None and self.write_now(eio_sid, sock, payload):
+            return
+        if encoded is None:
+            encoded = payload[1:].decode()
+        self.queued += 1
+        await self.sio.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, encoded))
 
     def _transport_of(self, eio_sid: str) -> Any:
         ws = self._ws.get(eio_sid)
@@ -197,14 +229,28 @@ class Fanout:
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         return buffered + (sock.queue.qsize() + 1) * size
 
+    def write_now(self, eio_sid: str, sock: Any, payload: bytes) -> bool:
+        """Write ``payload`` to the client's socket now if the direct rule allows it (also
+        when it cuts off a reader over the cap); False: use the Engine.IO queue."""
+        if sock.closing:
+            return False
+        transport = self._direct_transport(eio_sid, sock)
+        if transport is None:
+            return False
+        if transport.get_write_buffer_size() + len(payload) > self.cap:
+            self._drop(f"session {eio_sid}", sock, transport)
+            return True
+        self._write(transport, text_frame(payload))
+        self.direct += 1
+        return True
+
     # -- back-pressure -------------------------------------------------------------------
 
-    def _drop(self, namespace: str, sid: str, eio_sid: str, sock: Any, transport: Any) -> None:
+    def _drop(self, who: str, sock: Any, transport: Any) -> None:
         """Cut off a reader that fell too far behind; the normal disconnect path (leave,
         presence) follows from the closed connection."""
         self.dropped += 1
-        log.warning("disconnecting slow reader %s in %s: more than %d bytes unsent",
-                    sid, namespace, self.cap)
+        log.warning("disconnecting slow reader %s: more than %d bytes unsent", who, self.cap)
         if transport is not None and not transport.is_closing():
             transport.abort()
         else:
@@ -212,7 +258,8 @@ class Fanout:
             task.add_done_callback(_ignore_result)
 
     def stats(self) -> dict[str, int]:
-        return {"fast": self.fast, "slow": self.slow, "dropped_slow_readers": self.dropped}
+        return {"fast": self.fast, "slow": self.slow, "direct": self.direct,
+                "queued": self.queued, "dropped_slow_readers": self.dropped}
 
 
 def _ignore_result(task: asyncio.Future) -> None:

@@ -1,25 +1,166 @@
-"""The WebSocket transport under Engine.IO, with compression under our control.
+"""The WebSocket transport under Engine.IO: our own session loop, pings on timers.
 
-python-engineio's aiohttp driver builds ``WebSocketResponse()`` with aiohttp's default of
-accepting permessage-deflate. Every browser offers it, and then aiohttp compresses every
-frame for every recipient: a broadcast to 500 members would deflate the same bytes 500
-times. We install our own driver class that turns compression off unless the config asks
-for it (``node.websocket_compression``), and that exposes the response so the fast
-broadcast path can write pre-built frames.
+python-engineio's aiohttp driver hands each WebSocket to the Engine.IO socket's
+``_websocket_handler``, which reads every frame through a fresh task wrapped in
+``asyncio.wait_for``, decodes it into a Packet object and lets python-socketio decode it
+again; its writer task polls the queue through another ``wait_for`` task; and a third task
+per connection sleeps until the next ping. Here the driver runs the same session itself:
+
+* the upgrade handshake is engineio's (probe PING -> PONG, NOOP to end the pending poll,
+  then UPGRADE) and so is the close (the writer is stopped, then the socket is closed with
+  reason "transport close"), so python-socketio sees the same connection states;
+* frames are read with ``ws.receive()`` directly, as bytes (no task, no timer per frame);
+  a text EVENT goes to ``Inbound.dispatch``, everything else to the Engine.IO socket's own
+  ``receive`` (CONNECT, DISCONNECT, ACK, binary, PONG, CLOSE ...), so python-socketio keeps
+  full ownership of connection state;
+* liveness needs no read timeout: each socket's ping is a ``loop.call_later`` timer (the
+  Engine.IO socket asks for a ``_send_ping`` task, which ``install`` turns into a timer),
+  and a PING that gets no PONG within ``ping_timeout`` aborts the connection;
+* compression is off unless ``node.websocket_compression`` asks for it (aiohttp's default
+  of accepting permessage-deflate would compress every frame for every recipient).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
+import logging
+import time
 from typing import Any
 
+from aiohttp import WSMsgType
 from aiohttp.web import WebSocketResponse
+from engineio import exceptions as eio_exceptions
+from engineio import packet as eio_packet
+from engineio.async_socket import AsyncSocket
+
+from shardchat.node.fanout import Fanout
+from shardchat.node.inbound import Inbound
+
+log = logging.getLogger("shardchat.transport")
+
+_TEXT, _BINARY = WSMsgType.TEXT, WSMsgType.BINARY
+_PING_FRAME = b"2"
 
 
-def websocket_class(compress: bool) -> type:
-    """An engineio-compatible aiohttp WebSocket wrapper class."""
+class SessionLoop:
+    """Reads, dispatches and writes for one Engine.IO socket on the websocket transport."""
+
+    def __init__(self, sock: Any, ws: WebSocketResponse, fanout: Fanout,
+                 inbound: Inbound) -> None:
+        self.sock = sock
+        self.ws = ws
+        self.fanout = fanout
+        self.inbound = inbound
+
+    async def run(self) -> None:
+        sock = self.sock
+        if sock.connected:
+            if not await self._upgrade():
+                return
+        else:
+            sock.connected = True
+            sock.upgraded = True
+        eio_sid = sock.sid
+        self.fanout.register(eio_sid, self.ws)
+        writer = asyncio.get_running_loop().create_task(self._write())
+        try:
+            await self._read()
+        finally:
+            self.fanout.unregister(eio_sid)
+            sock.queue.put_nowait(None)  # lets the writer finish
+        await writer
+        await sock.close(wait=False, abort=True, reason=sock.server.reason.TRANSPORT_CLOSE)
+
+    async def _upgrade(self) -> bool:
+        """engineio's upgrade from long-polling: probe, end the poll, wait for UPGRADE."""
+        sock, ws = self.sock, self.ws
+        sock.upgrading = True  # holds polling sends during the upgrade
+        msg = await ws.receive()
+        if msg.type is not _TEXT or msg.data != b"2probe":
+            sock.upgrading = False
+            return False
+        await ws.send_str("3probe")
+        await sock.queue.put(eio_packet.Packet(eio_packet.NOOP))  # ends the pending poll
+        msg = await ws.receive()
+        if msg.type is not _TEXT or msg.data[:1] != b"5":
+            sock.upgraded = False
+            sock.upgrading = False
+            return False
+        sock.upgraded = True
+        sock.upgrading = False
+        return True
+
+    async def _read(self) -> None:
+        """Frames until the client goes away; a frame Engine.IO cannot decode closes this
+        connection only (engineio would fail the request handler the same way)."""
+        sock, receive, dispatch = self.sock, self.ws.receive, self.inbound.dispatch
+        eio_sid, limit = sock.sid, sock.server.max_http_buffer_size
+        for_engineio = sock.receive
+        while True:
+            msg = await receive()
+            kind = msg.type
+            if kind is not _TEXT and kind is not _BINARY:
+                return  # CLOSE, CLOSING, CLOSED, ERROR (aiohttp answers control frames)
+            data = msg.data
+            if len(data) > limit:
+                return
+            if kind is _TEXT and dispatch(eio_sid, data):
+                continue
+            try:
+                pkt = eio_packet.Packet(encoded_packet=data.decode() if kind is _TEXT else data)
+            except (ValueError, UnicodeDecodeError):
+                return
+            try:
+                await for_engineio(pkt)
+            except eio_exceptions.UnknownPacketError:
+                pass
+            except eio_exceptions.SocketIsClosedError:
+                return
+            except Exception:  # python-socketio refused the packet: it logged why
+                sock.server.logger.exception("Unknown receive error")
+
+    async def _write(self) -> None:
+        """engineio's writer, minus its ``wait_for`` task around every queue read (the
+        reader's end and the ping timers stand in for the poll timeout). Stops after a
+        CLOSE packet, so a client that ignores it cannot keep the socket."""
+        sock, ws = self.sock, self.ws
+        queue = sock.queue
+        while True:
+            pkt = await queue.get()
+            queue.task_done()
+            if pkt is None:
+                break
+            packets = [pkt]
+            while not queue.empty():
+                more = queue.get_nowait()
+                queue.task_done()
+                if more is None:
+                    queue.put_nowait(None)
+                    break
+                packets.append(more)
+            try:
+                for p in packets:
+                    encoded = p.encode()
+                    if isinstance(encoded, str):
+                        await ws.send_str(encoded)
+                    else:
+                        await ws.send_bytes(encoded)
+                    if p.packet_type == eio_packet.CLOSE:
+                        raise ConnectionAbortedError
+            except Exception:
+                break
+        with contextlib.suppress(Exception):
+            await ws.close()
+
+
+def websocket_class(compress: bool, fanout: Fanout, inbound: Inbound) -> type:
+    """An engineio-compatible aiohttp WebSocket driver class that runs ``SessionLoop``."""
 
     class NodeWebSocket:
+        __slots__ = ("_sock", "environ", "handler", "server")
+
         def __init__(self, handler: Any, server: Any):
             self.handler = handler
             self.server = server
@@ -27,12 +168,17 @@ def websocket_class(compress: bool) -> type:
 
         async def __call__(self, environ: dict) -> WebSocketResponse:
             request = environ["aiohttp.request"]
-            self._sock = WebSocketResponse(
-                max_msg_size=self.server.max_http_buffer_size, compress=compress)
-            await self._sock.prepare(request)
-            self.environ = environ
-            await self.handler(self)
-            return self._sock
+            ws = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size,
+                                   compress=compress, decode_text=False)
+            self._sock = ws
+            await ws.prepare(request)
+            sock = getattr(self.handler, "__self__", None)
+            if getattr(self.handler, "__func__", None) is AsyncSocket._websocket_handler:
+                await SessionLoop(sock, ws, fanout, inbound).run()
+            else:  # someone wrapped engineio's handler: serve it the driver interface
+                self.environ = environ
+                await self.handler(self)
+            return ws
 
         async def close(self) -> None:
             await self._sock.close()
@@ -45,13 +191,69 @@ def websocket_class(compress: bool) -> type:
 
         async def wait(self) -> str | bytes:
             msg = await self._sock.receive()
-            if not isinstance(msg.data, (bytes, str)):
-                raise OSError()
-            return msg.data
+            if msg.type is _TEXT:
+                return msg.data.decode()
+            if msg.type is _BINARY:
+                return msg.data
+            raise OSError()
 
     return NodeWebSocket
 
 
-def install(sio: Any, compress: bool) -> None:
-    """Replace the Engine.IO server's websocket driver with ours."""
-    sio.eio._async = dict(sio.eio._async, websocket=websocket_class(compress))
+class PingTimers:
+    """Engine.IO pings as ``loop.call_later`` timers instead of one sleeping task per socket.
+
+    ``AsyncSocket.schedule_ping`` asks the server to start ``_send_ping`` (sleep
+    ``ping_interval``, stamp ``last_ping``, send PING) whenever the client answered the
+    previous PING; the server's ``start_background_task`` is wrapped to schedule a timer
+    that does the same. A websocket client whose PONG does not come within ``ping_timeout``
+    is cut off (engineio's read timeout did that); long-polling clients keep engineio's own
+    checks (the poll timeout and the service task)."""
+
+    def __init__(self, eio: Any, fanout: Fanout) -> None:
+        self.eio = eio
+        self.fanout = fanout
+        self._start = eio.start_background_task
+        eio.start_background_task = self.start_background_task
+
+    def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(target, "__func__", None) is AsyncSocket._send_ping:
+            sock = target.__self__
+            sock.ping_timer = asyncio.get_running_loop().call_later(
+                self.eio.ping_interval, self._ping, sock)
+            return None  # schedule_ping ignores what it gets back
+        return self._start(target, *args, **kwargs)
+
+    def _ping(self, sock: Any) -> None:
+        if sock.closing or sock.closed:
+            return
+        sent = sock.last_ping = time.time()
+        if not self.fanout.write_now(sock.sid, sock, _PING_FRAME):
+            sock.queue.put_nowait(eio_packet.Packet(eio_packet.PING))
+        sock.ping_timer = asyncio.get_running_loop().call_later(
+            self.eio.ping_timeout, self._overdue, sock, sent)
+
+    def _overdue(self, sock: Any, sent: float) -> None:
+        """No PONG for the PING sent at ``sent``: the client is gone."""
+        if sock.last_ping != sent:
+            return
+        transport = self.fanout._transport_of(sock.sid)
+        if transport is None:
+            return  # long-polling: engineio's checks close it
+        log.info("%s: no PONG within %ss, closing", sock.sid, self.eio.ping_timeout)
+        if not sock.closing:
+            task = asyncio.ensure_future(sock.close(
+                wait=False, abort=True, reason=self.eio.reason.PING_TIMEOUT))
+            task.add_done_callback(_ignore_result)
+        transport.abort()
+
+
+def _ignore_result(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def install(sio: Any, compress: bool, fanout: Fanout, inbound: Inbound) -> None:
+    """Replace the Engine.IO server's websocket driver and ping tasks with ours."""
+    sio.eio._async = dict(sio.eio._async, websocket=websocket_class(compress, fanout, inbound))
+    PingTimers(sio.eio, fanout)
