@@ -104,9 +104,7 @@ class Fanout:
         ws = self._ws.get(eio_sid)
         if ws is None or not sock.upgraded or sock.closing:
             return None
-        queue = sock.queue
-        getters = queue._getters
-        if queue._queue or not getters or getters[0].done():
+        if not _parked(sock.queue):
             return None
         writer = ws._writer
         if writer is None or writer._closing or writer._send_lock.locked():
@@ -260,6 +258,15 @@ class Fanout:
     def stats(self) -> dict[str, int]:
         return {"fast": self.fast, "slow": self.slow, "direct": self.direct,
                 "queued": self.queued, "dropped_slow_readers": self.dropped}
+
+
+def _parked(queue: Any) -> bool:
+    """Nothing queued and the writer waiting in ``get`` (SessionQueue or asyncio.Queue)."""
+    parked = getattr(queue, "parked", None)
+    if parked is not None:
+        return parked()
+    getters = queue._getters
+    return not queue._queue and bool(getters) and not getters[0].done()
 
 
 def _ignore_result(task: asyncio.Future) -> None:

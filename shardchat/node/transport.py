@@ -35,6 +35,7 @@ from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
 from engineio.async_socket import AsyncSocket
 
+from shardchat.node import sessionqueue
 from shardchat.node.fanout import Fanout
 from shardchat.node.inbound import Inbound
 
@@ -53,6 +54,7 @@ class SessionLoop:
         self.ws = ws
         self.fanout = fanout
         self.inbound = inbound
+        self.writer: asyncio.Task | None = None
 
     async def run(self) -> None:
         sock = self.sock
@@ -64,14 +66,75 @@ class SessionLoop:
             sock.upgraded = True
         eio_sid = sock.sid
         self.fanout.register(eio_sid, self.ws)
-        writer = asyncio.get_running_loop().create_task(self._write())
+        queue = sock.queue
+        if isinstance(queue, sessionqueue.SessionQueue):
+            queue.consumer = self  # a writer task only while there is something to write
+            self.wake()
+        else:
+            self.writer = asyncio.get_running_loop().create_task(self._write_forever())
         try:
             await self._read()
         finally:
             self.fanout.unregister(eio_sid)
-            sock.queue.put_nowait(None)  # lets the writer finish
-        await writer
+            if self.writer is None and isinstance(queue, sessionqueue.SessionQueue):
+                queue.consumer = None  # nothing will write any more
+            queue.put_nowait(None)  # lets a running writer finish
+        if self.writer is not None:
+            await self.writer
+        with contextlib.suppress(Exception):
+            await self.ws.close()
         await sock.close(wait=False, abort=True, reason=sock.server.reason.TRANSPORT_CLOSE)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def idle(self) -> bool:
+        return self.writer is None
+
+    def wake(self) -> None:
+        """Something was queued: start a writer unless one is running (it will see it)."""
+        if self.writer is None and not self.sock.queue.empty():
+            self.writer = asyncio.get_running_loop().create_task(self._write_queued())
+
+    async def _write_queued(self) -> None:
+        """engineio's writer, but only while packets are queued: an idle connection keeps
+        no task. Stops the connection after a CLOSE packet (or the reader's end)."""
+        queue = self.sock.queue
+        stop = False
+        try:
+            while not stop and not queue.empty():
+                pkt = queue.get_nowait()
+                queue.task_done()
+                stop = pkt is None or not await self._send(pkt)
+        finally:
+            self.writer = None
+        if stop:
+            with contextlib.suppress(Exception):
+                await self.ws.close()
+        elif not queue.empty():
+            self.wake()  # put while the last send was being drained
+
+    async def _write_forever(self) -> None:
+        """engineio's writer for a queue that is not a SessionQueue (a waiting ``get``)."""
+        queue = self.sock.queue
+        while True:
+            pkt = await queue.get()
+            queue.task_done()
+            if pkt is None or not await self._send(pkt):
+                break
+        with contextlib.suppress(Exception):
+            await self.ws.close()
+
+    async def _send(self, pkt: Any) -> bool:
+        """Write one packet; False when the connection is done (CLOSE sent, or failed)."""
+        encoded = pkt.encode()
+        try:
+            if isinstance(encoded, str):
+                await self.ws.send_str(encoded)
+            else:
+                await self.ws.send_bytes(encoded)
+        except Exception:
+            return False
+        return pkt.packet_type != eio_packet.CLOSE
 
     async def _upgrade(self) -> bool:
         """engineio's upgrade from long-polling: probe, end the poll, wait for UPGRADE."""
@@ -120,39 +183,6 @@ class SessionLoop:
                 return
             except Exception:  # python-socketio refused the packet: it logged why
                 sock.server.logger.exception("Unknown receive error")
-
-    async def _write(self) -> None:
-        """engineio's writer, minus its ``wait_for`` task around every queue read (the
-        reader's end and the ping timers stand in for the poll timeout). Stops after a
-        CLOSE packet, so a client that ignores it cannot keep the socket."""
-        sock, ws = self.sock, self.ws
-        queue = sock.queue
-        while True:
-            pkt = await queue.get()
-            queue.task_done()
-            if pkt is None:
-                break
-            packets = [pkt]
-            while not queue.empty():
-                more = queue.get_nowait()
-                queue.task_done()
-                if more is None:
-                    queue.put_nowait(None)
-                    break
-                packets.append(more)
-            try:
-                for p in packets:
-                    encoded = p.encode()
-                    if isinstance(encoded, str):
-                        await ws.send_str(encoded)
-                    else:
-                        await ws.send_bytes(encoded)
-                    if p.packet_type == eio_packet.CLOSE:
-                        raise ConnectionAbortedError
-            except Exception:
-                break
-        with contextlib.suppress(Exception):
-            await ws.close()
 
 
 def websocket_class(compress: bool, fanout: Fanout, inbound: Inbound) -> type:
@@ -254,6 +284,7 @@ def _ignore_result(task: asyncio.Future) -> None:
 
 
 def install(sio: Any, compress: bool, fanout: Fanout, inbound: Inbound) -> None:
-    """Replace the Engine.IO server's websocket driver and ping tasks with ours."""
+    """Replace the Engine.IO server's websocket driver, ping tasks and queues with ours."""
     sio.eio._async = dict(sio.eio._async, websocket=websocket_class(compress, fanout, inbound))
     PingTimers(sio.eio, fanout)
+    sessionqueue.install(sio.eio)
