@@ -21,7 +21,7 @@ from aiohttp import web
 
 from shardchat import urls
 from shardchat.config import Config
-from shardchat.node import internal, transport
+from shardchat.node import gctune, internal, transport
 from shardchat.node.fanout import Fanout
 from shardchat.node.inbound import Inbound
 from shardchat.node.limits import check_room_name
@@ -108,6 +108,12 @@ class Node:
 
     async def create_room(self, name: str, private: bool) -> dict[str, Any]:
         return await self.rooms.create_room(name, private)
+
+    def metrics(self) -> dict[str, Any]:
+        """Internal counters (``GET /internal/metrics``): where the work goes."""
+        return {"instance": self.number, "store": self.store.stats(),
+                "fanout": self.fanout.stats(), "inbound": self.inbound.stats(),
+                "gc": gctune.WATCH.stats()}
 
     @property
     def draining(self) -> bool:
@@ -310,6 +316,7 @@ async def serve(cfg: Config, number: int) -> int:
     await private.setup()
     await web.TCPSite(private, inst.host, inst.internal_port).start()
     await web.TCPSite(public, inst.host, inst.port).start()
+    gctune.install(tune=os.environ.get("SHARDCHAT_GC_TUNE", "1") != "0")
     log.info("instance %d serving http://%s:%d%s/ (internal port %d)", number, inst.host,
              inst.port, urls.prefix(number), inst.internal_port)
     stop = asyncio.Event()

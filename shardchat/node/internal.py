@@ -19,6 +19,7 @@ log = logging.getLogger("shardchat.internal")
 
 STATS_PATH = "/internal/stats"
 ROOMS_PATH = "/internal/rooms"
+METRICS_PATH = "/internal/metrics"
 
 
 def auth_header(secret: str) -> dict[str, str]:
@@ -43,6 +44,11 @@ def build_app(cfg: Config, node: Any) -> web.Application:
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(node.stats())
 
+    async def metrics(request: web.Request) -> web.Response:
+        """Counters for operators and the benchmark: store commits and batches, fan-out
+        paths, inbound fast events, garbage collections."""
+        return web.json_response(node.metrics())
+
     async def create_room(request: web.Request) -> web.Response:
         from shardchat.node.app import json_error, parse_room_request
 
@@ -61,4 +67,5 @@ def build_app(cfg: Config, node: Any) -> web.Application:
     app = web.Application(middlewares=[check_secret], client_max_size=cfg.node.max_body_bytes)
     app.router.add_get(STATS_PATH, stats)
     app.router.add_post(ROOMS_PATH, create_room)
+    app.router.add_get(METRICS_PATH, metrics)
     return app
