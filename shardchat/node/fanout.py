@@ -141,28 +141,32 @@ class Fanout:
 
         No task per recipient: fast recipients get one ``transport.write`` of a shared
         frame; the rest are queued in order, one after the other."""
+        eio_sid_of = self.sio.manager.eio_sid_from_sid
+        await self.emit_sessions(namespace, event, data,
+                                 [(sid, eio_sid_of(sid, namespace)) for sid in recipients
+                                  if sid != skip_sid])
+
+    async def emit_sessions(self, namespace: str, event: str, data: Any,
+                            recipients: list[tuple[str, str | None]]) -> None:
+        """``emit`` to (sid, Engine.IO sid) pairs the caller already knows: the room
+        service keeps each member's Engine.IO sid, which saves a lookup per recipient."""
         payload = sio_payload(sio_packet.EVENT, namespace, [event, data])
         if payload is None:
             encoded = self.sio.packet_class(sio_packet.EVENT, namespace=namespace,
                                             data=[event, data]).encode()
             if isinstance(encoded, list):  # binary attachments: leave them to python-socketio
-                for sid in recipients:
-                    if sid != skip_sid:
-                        self.slow += 1
-                        await self.sio.emit(event, data, to=sid, namespace=namespace)
+                for sid, _eio_sid in recipients:
+                    self.slow += 1
+                    await self.sio.emit(event, data, to=sid, namespace=namespace)
                 return
             payload = ("4" + encoded).encode()
         size = len(payload)
         frame: bytes | None = None
         slow: list[str] = []
         dropped: list[tuple[str, str, Any, Any]] = []
-        eio_sid_of = self.sio.manager.eio_sid_from_sid
         sockets = self.sio.eio.sockets
         cap = self.cap
-        for sid in recipients:
-            if sid == skip_sid:
-                continue
-            eio_sid = eio_sid_of(sid, namespace)
+        for sid, eio_sid in recipients:
             sock = sockets.get(eio_sid) if eio_sid is not None else None
             if sock is None or sock.closing:
                 continue

@@ -42,6 +42,7 @@ class Member:
     sid: str
     name: str
     bucket: limits.TokenBucket
+    eio_sid: str | None = None  # the connection's Engine.IO session, fixed for its life
     ready: bool = False
     floor: int = 0  # highest seq the welcome already carried
     typing: bool = False
@@ -77,6 +78,7 @@ class RoomService:
         self.fanout = fanout
         self.invites = Invites(cfg.cluster.secret, cfg.node.invite_ttl_days * 86400)
         self.rooms: dict[str, Room] = {}
+        self.by_namespace: dict[str, Room] = {}  # saves parsing the namespace per event
         self.joining: dict[tuple[str, str], Joining] = {}
         self.draining = False
         self.in_flight = 0
@@ -113,6 +115,7 @@ class RoomService:
                 return None
             room = Room(record, urls.room_namespace(self.number, room_id))
             self.rooms[room_id] = room
+            self.by_namespace[room.namespace] = room
         return room
 
     def connection_count(self) -> int:
@@ -171,7 +174,8 @@ class RoomService:
         if joining is None or room is None:
             return
         member = Member(sid, joining.name, limits.TokenBucket(
-            self.settings.rate_limit_messages, self.settings.rate_limit_window))
+            self.settings.rate_limit_messages, self.settings.rate_limit_window),
+            self.fanout.sio.manager.eio_sid_from_sid(sid, namespace))
         room.members[sid] = member  # not ready: broadcasts are buffered for it
         try:
             welcome = await self._welcome(room, member, joining.last_seq)
@@ -234,8 +238,7 @@ class RoomService:
     # -- events -------------------------------------------------------------------------
 
     def _member(self, namespace: str, sid: str) -> tuple[Room | None, Member | None]:
-        addr = urls.parse_room_namespace(namespace)
-        room = self.rooms.get(addr.room_id) if addr else None
+        room = self.by_namespace.get(namespace)
         return room, (room.members.get(sid) if room else None)
 
     async def message(self, namespace: str, sid: str, data: Any) -> dict[str, Any]:
@@ -300,5 +303,5 @@ class RoomService:
             if not m.ready:
                 m.buffered.append((event, data))
             elif seq is None or seq > m.floor:  # the welcome may already hold this one
-                ready.append(sid)
-        await self.fanout.emit(room.namespace, event, data, ready)
+                ready.append((sid, m.eio_sid))
+        await self.fanout.emit_sessions(room.namespace, event, data, ready)
