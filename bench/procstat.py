@@ -23,6 +23,42 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """utime + stime per thread name of ``pid`` (threads of one name summed), so a run
+    shows how the work splits between the event loop and helper threads."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = raw[raw.index(b"(") + 1:raw.rindex(b")")].decode(errors="replace")
+        if tid == str(pid):
+            name = "main"
+        fields = raw[raw.rindex(b")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _TICKS
+    return out
+
+
+def total_threads(pids: Iterable[int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for pid in pids:
+        for name, secs in thread_cpu(pid).items():
+            out[name] = out.get(name, 0.0) + secs
+    return out
+
+
+def diff_threads(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per thread name spent between two ``total_threads`` readings."""
+    return {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()
+            if v - before.get(k, 0.0) > 0}
+
+
 def total_cpu(pids: Iterable[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
 

@@ -81,13 +81,45 @@ async def run(server: Server, sc: Scenario, log: Any = print) -> dict[str, Any]:
             row.update(rss_before=rss0, rss_after=rss1,
                        rss_per_conn=round((rss1 - rss0) / sc.clients))
         elif sc.kind == "throughput":
-            row.update(await _throughput(rooms, sc, pids))
+            with _Counters(server, row):
+                row.update(await _throughput(rooms, sc, pids))
         else:
-            row.update(await _latency(rooms, sc, pids, log))
+            row.update(await _latency(rooms, sc, pids, log, server))
     finally:
         loadgen.close_all(rooms)
     server.check()
     return row
+
+
+class _Counters:
+    """Around a measured phase: CPU per server thread (event loop vs helper threads) and,
+    for shardchat, the store's commits per message and largest batch, GC collections."""
+
+    def __init__(self, server: Server, row: dict[str, Any]) -> None:
+        self.server, self.row = server, row
+
+    def __enter__(self) -> None:
+        self.threads0 = procstat.total_threads(self.server.pids)
+        self.metrics0 = self.server.metrics()
+
+    def __exit__(self, *exc: object) -> None:
+        self.row["server_threads_cpu_s"] = procstat.diff_threads(
+            self.threads0, procstat.total_threads(self.server.pids))
+        after = self.server.metrics()
+        if not after or len(after) != len(self.metrics0):
+            return
+        commits = sum(a["store"]["commits"] - b["store"]["commits"]
+                      for a, b in zip(after, self.metrics0, strict=True))
+        stored = sum(a["store"]["messages"] - b["store"]["messages"]
+                     for a, b in zip(after, self.metrics0, strict=True))
+        gcs = [sum(a["gc"]["collections"][g] - b["gc"]["collections"][g]
+                   for a, b in zip(after, self.metrics0, strict=True)) for g in range(3)]
+        pause = sum(a["gc"]["pause_ms_total"][g] - b["gc"]["pause_ms_total"][g]
+                    for a, b in zip(after, self.metrics0, strict=True) for g in range(3))
+        self.row.update(commits=commits, messages_per_commit=round(stored / commits, 2)
+                        if commits else None, gc_collections=gcs,
+                        gc_pause_ms=round(pause, 1),
+                        gc_longest_ms=max(max(a["gc"]["pause_ms_longest"]) for a in after))
 
 
 async def _throughput(rooms: list[loadgen.Room], sc: Scenario, pids: list[int]
@@ -105,7 +137,7 @@ async def _throughput(rooms: list[loadgen.Room], sc: Scenario, pids: list[int]
 
 
 async def _latency(rooms: list[loadgen.Room], sc: Scenario, pids: list[int],
-                   log: Any) -> dict[str, Any]:
+                   log: Any, server: Server) -> dict[str, Any]:
     """Find the peak message rate with a closed-loop probe, then send open-loop at half of
     it and read each delivery's latency from the send timestamp in the text."""
     probe = await loadgen.closed_loop(rooms, sc.messages, sc.window, timeout=60)
@@ -113,10 +145,12 @@ async def _latency(rooms: list[loadgen.Room], sc: Scenario, pids: list[int],
     rate = max(1.0, peak / 2)
     await procstat.wait_idle(pids)
     log(f"    peak {peak:.0f} msg/s, measuring latency at {rate:.0f} msg/s")
-    cpu0, own0 = procstat.total_cpu(pids), time.process_time()
-    res, lat = await loadgen.open_loop(rooms, rate, sc.duration, timeout=60)
-    cpu = procstat.total_cpu(pids) - cpu0
-    own = time.process_time() - own0
+    counters: dict[str, Any] = {}
+    with _Counters(server, counters):
+        cpu0, own0 = procstat.total_cpu(pids), time.process_time()
+        res, lat = await loadgen.open_loop(rooms, rate, sc.duration, timeout=60)
+        cpu = procstat.total_cpu(pids) - cpu0
+        own = time.process_time() - own0
     ms = sorted(x / 1e6 for x in lat)
     return {"peak_msgs_per_s": round(peak, 1), "rate_msgs_per_s": round(rate, 1),
             "messages": res.sent, "deliveries": res.delivered, "expected": res.expected,
@@ -126,6 +160,7 @@ async def _latency(rooms: list[loadgen.Room], sc: Scenario, pids: list[int],
             "max_ms": round(ms[-1], 2) if ms else None,
             "mean_ms": round(statistics.fmean(ms), 2) if ms else None,
             "server_busy": round(cpu / res.wall, 2) if res.wall > 0 else None,
+            **counters,
             "loadgen_busy": round(own / res.wall, 2) if res.wall > 0 else None}
 
 

@@ -167,6 +167,10 @@ class Server:
     def endpoint(self, room: Any, member: int) -> Endpoint:
         raise NotImplementedError
 
+    def metrics(self) -> list[dict[str, Any]]:
+        """Internal counters of each server process, where the server has them."""
+        return []
+
     def check(self) -> None:
         for p in self.procs:
             p.check()
@@ -320,6 +324,15 @@ class ShardchatServer(Server):
                                   f"{status} {body}")
             rooms.append((inst["port"], body["socketio_path"], body["namespace"]))
         return rooms
+
+    def metrics(self) -> list[dict[str, Any]]:
+        out = []
+        for inst in self.instances:
+            status, body = _http("GET", f"http://127.0.0.1:{inst['internal_port']}"
+                                 "/internal/metrics", headers={"Authorization": f"Bearer {SECRET}"})
+            if status == 200 and isinstance(body, dict):
+                out.append(body)
+        return out
 
     def endpoint(self, room: Any, member: int) -> Endpoint:
         port, path, namespace = room
