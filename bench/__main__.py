@@ -31,6 +31,7 @@ from bench.servers import (
     StockServer,
     affinity,
 )
+from shardchat.node import gctune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVER_KEYS = ("shardchat", "shardchat-nofsync", "shardchat-2", "stock", "node", "redis-2")
@@ -148,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
+    # The load generator's own collector pauses would count as delivery latency; time them
+    # (``loadgen_gc_*`` in the latency rows) and tune them like a node's
+    # (BENCH_LOADGEN_GC_TUNE=0 leaves Python's defaults, for comparison).
+    gctune.install(tune=os.environ.get("BENCH_LOADGEN_GC_TUNE", "1") != "0")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t0 = time.monotonic()
     rows = asyncio.run(run_all(plan, set(args.server or ()), args.profile))

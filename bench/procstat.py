@@ -59,6 +59,27 @@ def diff_threads(before: dict[str, float], after: dict[str, float]) -> dict[str,
             if v - before.get(k, 0.0) > 0}
 
 
+def runqueue_wait(pid: int) -> float:
+    """Seconds the threads of ``pid`` were runnable but waiting for a CPU (schedstat): on a
+    shared machine, time other processes took from the server; it shows up as latency."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
+def total_runqueue_wait(pids: Iterable[int]) -> float:
+    return sum(runqueue_wait(p) for p in pids)
+
+
 def total_cpu(pids: Iterable[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
 
