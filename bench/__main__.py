@@ -155,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     gctune.install(tune=os.environ.get("BENCH_LOADGEN_GC_TUNE", "1") != "0")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t0 = time.monotonic()
+    server_cores, loadgen_cores = affinity()  # before run_all pins this process
     rows = asyncio.run(run_all(plan, set(args.server or ()), args.profile))
     meta = {"command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
             "mode": "quick" if args.quick else "full", "machine": machine(),
             "started": started, "duration_s": round(time.monotonic() - t0, 1),
-            "affinity": {"server_cores": sorted(affinity()[0] or []),
-                         "loadgen_cores": sorted(affinity()[1] or [])}}
+            "affinity": {"server_cores": sorted(server_cores or []),
+                         "loadgen_cores": sorted(loadgen_cores or [])}}
     paths = report.write(args.out, meta, rows)
     print()
     print(report.markdown_table(rows))
