@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import logging
+import math
 import time
+from collections import deque
 from typing import Any
 
 from aiohttp import WSMsgType
@@ -34,6 +37,7 @@ from aiohttp.web import WebSocketResponse
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
 from engineio.async_socket import AsyncSocket
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from shardchat.node import sessionqueue
 from shardchat.node.fanout import Fanout
@@ -46,7 +50,13 @@ _PING_FRAME = b"2"
 
 
 class SessionLoop:
-    """Reads, dispatches and writes for one Engine.IO socket on the websocket transport."""
+    """Reads, dispatches and writes for one Engine.IO socket on the websocket transport.
+
+    It lives as long as the connection, so it keeps few fields (``__slots__``), and the
+    read loop is inline in ``run``: every coroutine frame of the await chain stays
+    allocated for the connection's life."""
+
+    __slots__ = ("fanout", "inbound", "sock", "writer", "ws")
 
     def __init__(self, sock: Any, ws: WebSocketResponse, fanout: Fanout,
                  inbound: Inbound) -> None:
@@ -56,24 +66,57 @@ class SessionLoop:
         self.inbound = inbound
         self.writer: asyncio.Task | None = None
 
-    async def run(self) -> None:
-        sock = self.sock
+    async def serve(self, request: Any) -> WebSocketResponse:
+        """Accept the WebSocket, shed the HTTP state it no longer needs, run the session.
+
+        One coroutine from handshake to close: the upgrade and the writer are awaited only
+        briefly, the read loop is right here."""
+        ws, sock = self.ws, self.sock
+        await ws.prepare(request)
+        shed_http_state(request)
         if sock.connected:
             if not await self._upgrade():
-                return
+                return ws
         else:
             sock.connected = True
             sock.upgraded = True
         eio_sid = sock.sid
-        self.fanout.register(eio_sid, self.ws)
+        self.fanout.register(eio_sid, ws)
         queue = sock.queue
         if isinstance(queue, sessionqueue.SessionQueue):
             queue.consumer = self  # a writer task only while there is something to write
             self.wake()
         else:
             self.writer = asyncio.get_running_loop().create_task(self._write_forever())
+        # The read loop: frames until the client goes away. A frame Engine.IO cannot decode
+        # closes this connection only (engineio would fail the request handler the same way).
+        receive, dispatch = ws.receive, self.inbound.dispatch
+        limit, for_engineio = sock.server.max_http_buffer_size, sock.receive
         try:
-            await self._read()
+            while True:
+                msg = await receive()
+                kind = msg.type
+                if kind is not _TEXT and kind is not _BINARY:
+                    break  # CLOSE, CLOSING, CLOSED, ERROR (aiohttp answers control frames)
+                data = msg.data
+                if len(data) > limit:
+                    break
+                if kind is _TEXT and dispatch(eio_sid, data):
+                    continue
+                try:
+                    pkt = eio_packet.Packet(
+                        encoded_packet=data.decode() if kind is _TEXT else data)
+                except (ValueError, UnicodeDecodeError):
+                    break
+                try:
+                    await for_engineio(pkt)
+                except eio_exceptions.UnknownPacketError:
+                    pass
+                except eio_exceptions.SocketIsClosedError:
+                    break
+                except Exception:  # python-socketio refused the packet: it logged why
+                    sock.server.logger.exception("Unknown receive error")
+                msg = data = pkt = None  # not kept alive while the connection idles
         finally:
             self.fanout.unregister(eio_sid)
             if self.writer is None and isinstance(queue, sessionqueue.SessionQueue):
@@ -82,8 +125,9 @@ class SessionLoop:
         if self.writer is not None:
             await self.writer
         with contextlib.suppress(Exception):
-            await self.ws.close()
+            await ws.close()
         await sock.close(wait=False, abort=True, reason=sock.server.reason.TRANSPORT_CLOSE)
+        return ws
 
     # -- writing -------------------------------------------------------------------------
 
@@ -155,38 +199,13 @@ class SessionLoop:
         sock.upgrading = False
         return True
 
-    async def _read(self) -> None:
-        """Frames until the client goes away; a frame Engine.IO cannot decode closes this
-        connection only (engineio would fail the request handler the same way)."""
-        sock, receive, dispatch = self.sock, self.ws.receive, self.inbound.dispatch
-        eio_sid, limit = sock.sid, sock.server.max_http_buffer_size
-        for_engineio = sock.receive
-        while True:
-            msg = await receive()
-            kind = msg.type
-            if kind is not _TEXT and kind is not _BINARY:
-                return  # CLOSE, CLOSING, CLOSED, ERROR (aiohttp answers control frames)
-            data = msg.data
-            if len(data) > limit:
-                return
-            if kind is _TEXT and dispatch(eio_sid, data):
-                continue
-            try:
-                pkt = eio_packet.Packet(encoded_packet=data.decode() if kind is _TEXT else data)
-            except (ValueError, UnicodeDecodeError):
-                return
-            try:
-                await for_engineio(pkt)
-            except eio_exceptions.UnknownPacketError:
-                pass
-            except eio_exceptions.SocketIsClosedError:
-                return
-            except Exception:  # python-socketio refused the packet: it logged why
-                sock.server.logger.exception("Unknown receive error")
 
+def websocket_class(compress: bool, fanout: Fanout, inbound: Inbound,
+                    sio_environ: dict | None = None) -> type:
+    """An engineio-compatible aiohttp WebSocket driver class that runs ``SessionLoop``.
 
-def websocket_class(compress: bool, fanout: Fanout, inbound: Inbound) -> type:
-    """An engineio-compatible aiohttp WebSocket driver class that runs ``SessionLoop``."""
+    ``sio_environ`` is python-socketio's ``environ`` map (Engine.IO sid -> environ): the
+    environ of a websocket session is trimmed to ``ENVIRON_KEEP`` once the socket is open."""
 
     class NodeWebSocket:
         __slots__ = ("_sock", "environ", "handler", "server")
@@ -196,19 +215,29 @@ def websocket_class(compress: bool, fanout: Fanout, inbound: Inbound) -> type:
             self.server = server
             self._sock: WebSocketResponse | None = None
 
-        async def __call__(self, environ: dict) -> WebSocketResponse:
+        def __call__(self, environ: dict) -> Any:
+            """The coroutine engineio awaits: ``SessionLoop.serve`` itself, so the session
+            adds no frame of its own to the request's await chain."""
             request = environ["aiohttp.request"]
             ws = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size,
                                    compress=compress, decode_text=False)
             self._sock = ws
-            await ws.prepare(request)
             sock = getattr(self.handler, "__self__", None)
             if getattr(self.handler, "__func__", None) is AsyncSocket._websocket_handler:
-                await SessionLoop(sock, ws, fanout, inbound).run()
-            else:  # someone wrapped engineio's handler: serve it the driver interface
-                self.environ = environ
-                await self.handler(self)
-            return ws
+                trim_environ(environ)
+                if sio_environ is not None:
+                    kept = sio_environ.get(sock.sid)
+                    if kept is not None and kept is not environ:
+                        trim_environ(kept)  # upgraded from long-polling
+                return SessionLoop(sock, ws, fanout, inbound).serve(request)
+            return self._serve_wrapped(environ, request)
+
+        async def _serve_wrapped(self, environ: dict, request: Any) -> WebSocketResponse:
+            """Someone wrapped engineio's handler: serve it the driver interface."""
+            await self._sock.prepare(request)
+            self.environ = environ
+            await self.handler(self)
+            return self._sock
 
         async def close(self) -> None:
             await self._sock.close()
@@ -230,8 +259,86 @@ def websocket_class(compress: bool, fanout: Fanout, inbound: Inbound) -> type:
     return NodeWebSocket
 
 
+# What stays of a websocket session's WSGI-style environ once the socket is open. Nothing
+# in the node reads it after the handshake (the connect handler ignores it); these are the
+# keys an operator's hook could reasonably want. The rest (every request header under an
+# HTTP_ name, ~1 KB) would otherwise live as long as the connection.
+ENVIRON_KEEP = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "RAW_URI", "SERVER_PROTOCOL",
+                "REMOTE_ADDR", "wsgi.url_scheme", "HTTP_ORIGIN", "HTTP_USER_AGENT",
+                "HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO")
+_NO_MESSAGES: deque = deque(maxlen=0)  # takes nothing: appends are dropped
+
+
+def trim_environ(environ: dict) -> None:
+    """Keep only ``ENVIRON_KEEP`` (in place: python-socketio and engineio hold this dict).
+    The keys become this module's constants, so the trimmed dict owns no key strings."""
+    kept = {key: environ[key] for key in ENVIRON_KEEP if key in environ}
+    environ.clear()
+    environ.update(kept)
+
+
+def shed_http_state(request: Any) -> None:
+    """After the WebSocket handshake, drop what aiohttp keeps for HTTP on this connection.
+
+    The HTTP parser (~760 B) and the pipelined-request deque (~620 B) are read only while
+    the connection speaks HTTP; once ``prepare`` has installed the WebSocket reader, aiohttp
+    feeds every byte to that reader and reads neither again (``connection_lost`` sets the
+    parser to None itself). Skipped if aiohttp's internals are not what this expects."""
+    protocol = getattr(request, "_protocol", None)
+    if (protocol is None or getattr(protocol, "_payload_parser", None) is None
+            or not getattr(protocol, "_upgraded", False)):
+        return
+    if hasattr(protocol, "_parser"):
+        protocol._parser = None
+    _clear_headers(request.headers)
+    messages = getattr(protocol, "_messages", None)
+    if isinstance(messages, deque) and not messages:
+        protocol._messages = _NO_MESSAGES
+
+
+def _clear_headers(headers: Any) -> None:
+    """Empty the parsed request headers (~1 KB for a browser's). aiohttp keeps the request
+    message for the connection's life but reads its headers only before the handshake
+    answer; the read-only proxy exposes its dict only to the garbage collector's view."""
+    if not isinstance(headers, CIMultiDictProxy):
+        return
+    inner = [ref for ref in gc.get_referents(headers) if isinstance(ref, CIMultiDict)]
+    if len(inner) == 1:
+        inner[0].clear()
+
+
+class CoarseTimers:
+    """Many one-shot timers that share one event-loop timer per ``RESOLUTION`` slot.
+
+    A ``loop.call_later`` handle per connection costs ~530 B (uvloop's handle and timer,
+    the bound method, the argument tuple); here a pending call is one small tuple in the
+    list of its slot. Calls fire at most ``RESOLUTION`` late, never early, in the order they
+    were scheduled within a slot; nothing is ever cancelled (callers check at fire time)."""
+
+    RESOLUTION = 0.05  # seconds
+
+    def __init__(self) -> None:
+        self._slots: dict[int, list[tuple[Any, Any, Any]]] = {}
+
+    def call_later(self, delay: float, fn: Any, sock: Any, arg: Any = None) -> None:
+        loop = asyncio.get_running_loop()
+        slot = math.ceil((loop.time() + delay) / self.RESOLUTION)
+        calls = self._slots.get(slot)
+        if calls is None:
+            calls = self._slots[slot] = []
+            loop.call_at(slot * self.RESOLUTION, self._fire, slot)
+        calls.append((fn, sock, arg))
+
+    def _fire(self, slot: int) -> None:
+        for fn, sock, arg in self._slots.pop(slot, ()):
+            try:
+                fn(sock, arg)
+            except Exception:
+                log.exception("ping timer of %s failed", getattr(sock, "sid", sock))
+
+
 class PingTimers:
-    """Engine.IO pings as ``loop.call_later`` timers instead of one sleeping task per socket.
+    """Engine.IO pings as coarse timers instead of one sleeping task per socket.
 
     ``AsyncSocket.schedule_ping`` asks the server to start ``_send_ping`` (sleep
     ``ping_interval``, stamp ``last_ping``, send PING) whenever the client answered the
@@ -243,25 +350,23 @@ class PingTimers:
     def __init__(self, eio: Any, fanout: Fanout) -> None:
         self.eio = eio
         self.fanout = fanout
+        self.timers = CoarseTimers()
         self._start = eio.start_background_task
         eio.start_background_task = self.start_background_task
 
     def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(target, "__func__", None) is AsyncSocket._send_ping:
-            sock = target.__self__
-            sock.ping_timer = asyncio.get_running_loop().call_later(
-                self.eio.ping_interval, self._ping, sock)
+            self.timers.call_later(self.eio.ping_interval, self._ping, target.__self__)
             return None  # schedule_ping ignores what it gets back
         return self._start(target, *args, **kwargs)
 
-    def _ping(self, sock: Any) -> None:
+    def _ping(self, sock: Any, _: Any = None) -> None:
         if sock.closing or sock.closed:
             return
         sent = sock.last_ping = time.time()
         if not self.fanout.write_now(sock.sid, sock, _PING_FRAME):
             sock.queue.put_nowait(eio_packet.Packet(eio_packet.PING))
-        sock.ping_timer = asyncio.get_running_loop().call_later(
-            self.eio.ping_timeout, self._overdue, sock, sent)
+        self.timers.call_later(self.eio.ping_timeout, self._overdue, sock, sent)
 
     def _overdue(self, sock: Any, sent: float) -> None:
         """No PONG for the PING sent at ``sent``: the client is gone."""
@@ -285,6 +390,7 @@ def _ignore_result(task: asyncio.Future) -> None:
 
 def install(sio: Any, compress: bool, fanout: Fanout, inbound: Inbound) -> None:
     """Replace the Engine.IO server's websocket driver, ping tasks and queues with ours."""
-    sio.eio._async = dict(sio.eio._async, websocket=websocket_class(compress, fanout, inbound))
+    sio.eio._async = dict(sio.eio._async, websocket=websocket_class(
+        compress, fanout, inbound, getattr(sio, "environ", None)))
     PingTimers(sio.eio, fanout)
     sessionqueue.install(sio.eio)
