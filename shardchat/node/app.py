@@ -159,7 +159,7 @@ class Node:
         # (smaller) limit on the body it reads.
         app = web.Application(client_max_size=max(self.settings.max_body_bytes,
                                                    self.settings.max_packet_bytes) + 1024,
-                              middlewares=[self._instance_guard, self._json_errors])
+                              middlewares=[self._guard])
         self.sio.attach(app, socketio_path=urls.socketio_path(self.number))
         n = self.number
         r = app.router
@@ -174,8 +174,26 @@ class Node:
         return app
 
     @web.middleware
-    async def _instance_guard(self, request: web.Request, handler):
-        """A request for another instance's prefix is a routing mistake: say so (421)."""
+    async def _guard(self, request: web.Request, handler):
+        """Refuse what must not reach a handler, and answer HTTP errors in JSON.
+
+        One middleware rather than two: every open WebSocket keeps the whole middleware
+        chain suspended for its lifetime, so each extra layer costs memory per connection."""
+        refusal = self._refuse(request)
+        if refusal is not None:
+            return refusal
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400 or exc.content_type == "application/json":
+                raise
+            codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+            return json_error(exc.status, codes.get(exc.status, "error"),
+                              exc.reason + f": {request.method} {request.path}")
+
+    def _refuse(self, request: web.Request) -> web.Response | None:
+        """Over-size polling payloads (413), handshakes while closing (503), and requests
+        for another instance's prefix: a routing mistake, said as such (421)."""
         if (request.method == "POST" and request.content_length is not None
                 and request.content_length > self.settings.max_packet_bytes
                 and request.path.rstrip("/") == urls.socketio_path(self.number)):
@@ -193,7 +211,7 @@ class Node:
                               f"instance {self.number}: the load balancer rule for "
                               f"{urls.path_pattern(other)} must point at instance {other}.",
                               instance=self.number, requested_instance=other)
-        return await handler(request)
+        return None
 
     def _is_handshake(self, request: web.Request) -> bool:
         """A new Engine.IO session (no ``sid`` yet). During the drain grace period it is
@@ -201,17 +219,6 @@ class Node:
         it is refused outright, so fresh sockets cannot hold the shutdown open."""
         return (request.path.rstrip("/") == urls.socketio_path(self.number)
                 and "sid" not in request.query)
-
-    @web.middleware
-    async def _json_errors(self, request: web.Request, handler):
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400 or exc.content_type == "application/json":
-                raise
-            codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
-            return json_error(exc.status, codes.get(exc.status, "error"),
-                              exc.reason + f": {request.method} {request.path}")
 
     async def _healthz(self, request: web.Request) -> web.Response:
         status = "draining" if self.rooms.draining else "ok"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import inspect
 import logging
 import math
@@ -37,7 +36,6 @@ from aiohttp.web import WebSocketResponse
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
 from engineio.async_socket import AsyncSocket
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from shardchat.node import sessionqueue
 from shardchat.node.fanout import Fanout
@@ -290,21 +288,9 @@ def shed_http_state(request: Any) -> None:
         return
     if hasattr(protocol, "_parser"):
         protocol._parser = None
-    _clear_headers(request.headers)
     messages = getattr(protocol, "_messages", None)
     if isinstance(messages, deque) and not messages:
         protocol._messages = _NO_MESSAGES
-
-
-def _clear_headers(headers: Any) -> None:
-    """Empty the parsed request headers (~1 KB for a browser's). aiohttp keeps the request
-    message for the connection's life but reads its headers only before the handshake
-    answer; the read-only proxy exposes its dict only to the garbage collector's view."""
-    if not isinstance(headers, CIMultiDictProxy):
-        return
-    inner = [ref for ref in gc.get_referents(headers) if isinstance(ref, CIMultiDict)]
-    if len(inner) == 1:
-        inner[0].clear()
 
 
 class CoarseTimers:
