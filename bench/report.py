@@ -117,7 +117,9 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[dict]) -> dict[str, Pa
     md = [f"# Benchmark results ({meta.get('mode', 'full')} run)", "",
           f"Command: `{meta.get('command', 'python -m bench')}`  ",
           f"Machine: {meta.get('machine', '')}  ",
-          f"Started: {meta.get('started', '')}, took {meta.get('duration_s', 0):.0f} s", "",
+          f"Started: {meta.get('started', '')}, took {meta.get('duration_s', 0):.0f} s  ",
+          f"Throughput rows: the median of {meta.get('rounds', 1)} interleaved round(s) per "
+          "server (every round's figure is in results.json under `rounds`)", "",
           markdown_table(rows), "", "## Targets", "", targets_table(tg), ""]
     paths["md"].write_text("\n".join(md))
     plot(paths["png"], rows)
