@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -135,21 +134,13 @@ class Fanout:
 
     # -- broadcast -----------------------------------------------------------------------
 
-    async def emit(self, namespace: str, event: str, data: Any, recipients: Iterable[str],
-                   skip_sid: str | None = None) -> None:
-        """Send ``event`` with ``data`` to every sid in ``recipients`` (except ``skip_sid``).
+    async def emit(self, namespace: str, event: str, data: Any,
+                   recipients: list[tuple[str, str | None]]) -> None:
+        """Send ``event`` with ``data`` to each (Socket.IO sid, Engine.IO sid) recipient.
 
-        No task per recipient: fast recipients get one ``transport.write`` of a shared
-        frame; the rest are queued in order, one after the other."""
-        eio_sid_of = self.sio.manager.eio_sid_from_sid
-        await self.emit_sessions(namespace, event, data,
-                                 [(sid, eio_sid_of(sid, namespace)) for sid in recipients
-                                  if sid != skip_sid])
-
-    async def emit_sessions(self, namespace: str, event: str, data: Any,
-                            recipients: list[tuple[str, str | None]]) -> None:
-        """``emit`` to (sid, Engine.IO sid) pairs the caller already knows: the room
-        service keeps each member's Engine.IO sid, which saves a lookup per recipient."""
+        The room service keeps each member's Engine.IO sid, which saves a lookup per
+        recipient. No task per recipient: fast recipients get one ``transport.write`` of a
+        shared frame; the rest are queued in order, one after the other."""
         payload = sio_payload(sio_packet.EVENT, namespace, [event, data])
         if payload is None:
             encoded = self.sio.packet_class(sio_packet.EVENT, namespace=namespace,
@@ -163,7 +154,7 @@ class Fanout:
         size = len(payload)
         frame: bytes | None = None
         slow: list[str] = []
-        dropped: list[tuple[str, str, Any, Any]] = []
+        dropped: list[tuple[str, Any, Any]] = []
         sockets = self.sio.eio.sockets
         cap = self.cap
         for sid, eio_sid in recipients:
@@ -173,7 +164,7 @@ class Fanout:
             transport = self._direct_transport(eio_sid, sock)
             if transport is not None:
                 if transport.get_write_buffer_size() + size > cap:
-                    dropped.append((f"{sid} in {namespace}", eio_sid, sock, transport))
+                    dropped.append((f"{sid} in {namespace}", sock, transport))
                     continue
                 if frame is None:
                     frame = text_frame(payload)
@@ -181,7 +172,7 @@ class Fanout:
                 self.fast += 1
             else:
                 if self._pending_bytes(eio_sid, sock, size) > cap:
-                    dropped.append((f"{sid} in {namespace}", eio_sid, sock,
+                    dropped.append((f"{sid} in {namespace}", sock,
                                     self._transport_of(eio_sid)))
                     continue
                 slow.append(eio_sid)
@@ -191,7 +182,7 @@ class Fanout:
             for eio_sid in slow:
                 self.slow += 1
                 await send(eio_sid, pkt)
-        for who, _eio_sid, sock, transport in dropped:
+        for who, sock, transport in dropped:
             self._drop(who, sock, transport)
 
     # -- one recipient -------------------------------------------------------------------

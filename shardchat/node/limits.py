@@ -16,6 +16,7 @@ from shardchat.config import NodeSettings
 MAX_ROOM_NAME_CHARS = 100
 MAX_CLIENT_ID_CHARS = 64
 MAX_HISTORY_LIMIT = 100
+DEFAULT_HISTORY_LIMIT = 50
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def check_message(data: Any, settings: NodeSettings) -> Refusal | None:
 def check_history(data: Any) -> Refusal | None:
     if not isinstance(data, dict):
         return Refusal("bad_request", 'Ask for history as {"before": <seq>, "limit": 1..100}.')
-    before, limit = data.get("before"), data.get("limit", 50)
+    before, limit = data.get("before"), data.get("limit", DEFAULT_HISTORY_LIMIT)
     if before is not None and (not _is_int(before) or before < 1):
         return Refusal("bad_request", '"before" must be a positive whole number (a seq).')
     if not _is_int(limit) or not 1 <= limit <= MAX_HISTORY_LIMIT:

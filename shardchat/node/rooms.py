@@ -33,7 +33,7 @@ from shardchat.node.store import RoomRecord, Store, StoreError
 
 log = logging.getLogger("shardchat.rooms")
 
-WELCOME_HISTORY = 50
+WELCOME_HISTORY = 50  # SPEC: the welcome holds the latest 50 messages
 TYPING_REPEAT_SECONDS = 2.0
 
 
@@ -184,12 +184,13 @@ class RoomService:
             room.members.pop(sid, None)
             await self.fanout.sio.disconnect(sid, namespace=namespace)
             return
-        await self.fanout.emit(namespace, "welcome", welcome, (sid,))
+        me = [(sid, member.eio_sid)]
+        await self.fanout.emit(namespace, "welcome", welcome, me)
         member.floor = welcome["last_seq"]
         member.ready = True
         for event, data in member.buffered:
-            if event != "message" or data["seq"] > welcome["last_seq"]:
-                await self.fanout.emit(namespace, event, data, (sid,))
+            if event != "message" or data["seq"] > member.floor:
+                await self.fanout.emit(namespace, event, data, me)
         member.buffered.clear()
         await self._broadcast(room, "presence", {"event": "join", "member": member.public(),
                                                  "count": len(room.members)}, skip=sid)
@@ -220,8 +221,7 @@ class RoomService:
 
     async def disconnected(self, namespace: str, sid: str) -> None:
         self.joining.pop((namespace, sid), None)
-        addr = urls.parse_room_namespace(namespace)
-        room = self.rooms.get(addr.room_id) if addr else None
+        room = self.by_namespace.get(namespace)
         if room is None:
             return
         member = room.members.pop(sid, None)
@@ -287,7 +287,8 @@ class RoomService:
         if bad:
             return bad.ack()
         messages = await self.store.history(room.record.id, before=data.get("before"),
-                                            limit=data.get("limit", 50))
+                                            limit=data.get("limit",
+                                                           limits.DEFAULT_HISTORY_LIMIT))
         return {"ok": True, "messages": messages}
 
     # -- delivery -----------------------------------------------------------------------
@@ -304,4 +305,4 @@ class RoomService:
                 m.buffered.append((event, data))
             elif seq is None or seq > m.floor:  # the welcome may already hold this one
                 ready.append((sid, m.eio_sid))
-        await self.fanout.emit_sessions(room.namespace, event, data, ready)
+        await self.fanout.emit(room.namespace, event, data, ready)
