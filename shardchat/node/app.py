@@ -20,6 +20,7 @@ import socketio
 from aiohttp import web
 
 from shardchat import urls
+from shardchat.cluster.placement import NoCapacity, Placer
 from shardchat.config import Config
 from shardchat.node import gctune, internal, transport
 from shardchat.node.fanout import Fanout
@@ -97,6 +98,7 @@ class Node:
         self.sio.direct_send = self.fanout.send_packet
         self.rooms = RoomService(cfg, number, self.store, self.fanout)
         self.placer: Any = None
+        self.eio_path = urls.socketio_path(number)
         self.closing = False  # past the grace period: sockets are being closed
         self._register_events()
 
@@ -160,7 +162,7 @@ class Node:
         app = web.Application(client_max_size=max(self.settings.max_body_bytes,
                                                    self.settings.max_packet_bytes) + 1024,
                               middlewares=[self._guard])
-        self.sio.attach(app, socketio_path=urls.socketio_path(self.number))
+        self.sio.attach(app, socketio_path=self.eio_path)
         n = self.number
         r = app.router
         r.add_get("/", self._landing)
@@ -194,16 +196,20 @@ class Node:
     def _refuse(self, request: web.Request) -> web.Response | None:
         """Over-size polling payloads (413), handshakes while closing (503), and requests
         for another instance's prefix: a routing mistake, said as such (421)."""
-        if (request.method == "POST" and request.content_length is not None
-                and request.content_length > self.settings.max_packet_bytes
-                and request.path.rstrip("/") == urls.socketio_path(self.number)):
-            # Engine.IO would refuse the payload and then wait on a long-poll that never
-            # comes; answer at once instead.
-            return json_error(413, "too_large", f"The long-polling payload is larger than "
-                              f"{self.settings.max_packet_bytes} bytes (node.max_packet_bytes).")
-        if self.closing and self._is_handshake(request):
-            return json_error(503, "draining", f"Instance {self.number} is shutting down; "
-                              "reconnect in a few seconds.")
+        if request.path.rstrip("/") == self.eio_path:
+            if (request.method == "POST" and request.content_length is not None
+                    and request.content_length > self.settings.max_packet_bytes):
+                # Engine.IO would refuse the payload and then wait on a long-poll that never
+                # comes; answer at once instead.
+                return json_error(413, "too_large", f"The long-polling payload is larger than "
+                                  f"{self.settings.max_packet_bytes} bytes "
+                                  "(node.max_packet_bytes).")
+            if self.closing and "sid" not in request.query:
+                # A new Engine.IO session. During the drain grace period it is accepted, so
+                # its room connect gets the ``draining`` refusal; once the node is closing it
+                # is refused outright, so fresh sockets cannot hold the shutdown open.
+                return json_error(503, "draining", f"Instance {self.number} is shutting "
+                                  "down; reconnect in a few seconds.")
         other = urls.instance_of_path(request.path)
         if other is not None and other != self.number:
             return json_error(421, "wrong_instance",
@@ -212,13 +218,6 @@ class Node:
                               f"{urls.path_pattern(other)} must point at instance {other}.",
                               instance=self.number, requested_instance=other)
         return None
-
-    def _is_handshake(self, request: web.Request) -> bool:
-        """A new Engine.IO session (no ``sid`` yet). During the drain grace period it is
-        accepted, so its room connect gets the ``draining`` refusal; once the node is closing
-        it is refused outright, so fresh sockets cannot hold the shutdown open."""
-        return (request.path.rstrip("/") == urls.socketio_path(self.number)
-                and "sid" not in request.query)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         status = "draining" if self.rooms.draining else "ok"
@@ -243,18 +242,9 @@ class Node:
         return web.FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
 
     async def _api_create_room(self, request: web.Request) -> web.Response:
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raw = None
-        if raw is None or len(raw) > self.settings.max_body_bytes:
-            return json_error(413, "too_large", f"The request body is larger than "
-                              f"{self.settings.max_body_bytes} bytes (node.max_body_bytes).")
-        body, refusal = parse_room_request(raw)
+        body, refusal = await read_room_request(request, self.settings.max_body_bytes)
         if refusal:
             return refusal
-        from shardchat.cluster.placement import NoCapacity
-
         try:
             room = await self.placer.create_room(body["name"].strip(), body["private"])
         except NoCapacity as exc:
@@ -278,6 +268,19 @@ class Node:
         with contextlib.suppress(Exception):
             await self.sio.eio.disconnect()  # sockets with no room (refused joins) too
         await self.store.close()
+
+
+async def read_room_request(request: web.Request, max_bytes: int
+                            ) -> tuple[dict | None, web.Response | None]:
+    """Read and validate a create-room body (public API and internal call alike)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raw = None
+    if raw is None or len(raw) > max_bytes:
+        return None, json_error(413, "too_large", f"The request body is larger than "
+                                f"{max_bytes} bytes (node.max_body_bytes).")
+    return parse_room_request(raw)
 
 
 def parse_room_request(raw: bytes) -> tuple[dict | None, web.Response | None]:
@@ -308,8 +311,6 @@ def _html(path: Path) -> web.StreamResponse:
 
 async def serve(cfg: Config, number: int) -> int:
     """Run node N until SIGTERM/SIGINT; drain and return 0."""
-    from shardchat.cluster.placement import Placer
-
     node = Node(cfg, number)
     await node.store.open()
     node.placer = Placer(cfg, node)

@@ -50,15 +50,11 @@ def build_app(cfg: Config, node: Any) -> web.Application:
         return web.json_response(node.metrics())
 
     async def create_room(request: web.Request) -> web.Response:
-        from shardchat.node.app import json_error, parse_room_request
+        from shardchat.node.app import json_error, read_room_request
 
         if node.draining:
             return json_error(503, "draining", f"Instance {node.number} is draining.")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return json_error(413, "too_large", "The request body is too large.")
-        body, refusal = parse_room_request(raw)
+        body, refusal = await read_room_request(request, cfg.node.max_body_bytes)
         if refusal:
             return refusal
         room = await node.create_room(body["name"], body["private"])
