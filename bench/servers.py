@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from shardchat import urls
+from shardchat.node.internal import METRICS_PATH, ROOMS_PATH, auth_header
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-" + secrets.token_hex(8)
@@ -316,9 +317,9 @@ class ShardchatServer(Server):
         rooms = []
         for i in range(count):
             inst = self.instances[i % len(self.instances)]
-            status, body = _http("POST", f"http://127.0.0.1:{inst['internal_port']}/internal/rooms",
+            status, body = _http("POST", f"http://127.0.0.1:{inst['internal_port']}{ROOMS_PATH}",
                                  {"name": f"bench room {i}", "private": False},
-                                 {"Authorization": f"Bearer {SECRET}"})
+                                 auth_header(SECRET))
             if status != 201 or not isinstance(body, dict):
                 raise ServerError(f"creating a room on instance {inst['number']} failed: "
                                   f"{status} {body}")
@@ -328,8 +329,8 @@ class ShardchatServer(Server):
     def metrics(self) -> list[dict[str, Any]]:
         out = []
         for inst in self.instances:
-            status, body = _http("GET", f"http://127.0.0.1:{inst['internal_port']}"
-                                 "/internal/metrics", headers={"Authorization": f"Bearer {SECRET}"})
+            status, body = _http("GET", f"http://127.0.0.1:{inst['internal_port']}{METRICS_PATH}",
+                                 headers=auth_header(SECRET))
             if status == 200 and isinstance(body, dict):
                 out.append(body)
         return out

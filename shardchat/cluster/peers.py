@@ -28,13 +28,12 @@ from typing import Any
 import aiohttp
 
 from shardchat.config import Config, Instance
+from shardchat.node.internal import ROOMS_PATH, STATS_PATH, auth_header
 
 log = logging.getLogger(__name__)
 
 DISCOVERY_INTERVAL = 30.0
 RETRY_INTERVAL = 0.2  # an unhealthy peer is asked again this soon: nodes start one by one
-STATS_PATH = "/internal/stats"
-ROOMS_PATH = "/internal/rooms"
 
 
 class PeerError(Exception):
@@ -142,7 +141,7 @@ class PeerPool:
         await self._discover()
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                headers={"Authorization": f"Bearer {self._secret}"},
+                headers=auth_header(self._secret),
                 connector=aiohttp.TCPConnector(limit=0),
                 cookie_jar=aiohttp.DummyCookieJar())
         await self.poll_once()
