@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from shardchat import urls
+from shardchat.cluster.up import free_port
+from shardchat.config import dump_toml
 from shardchat.node.internal import METRICS_PATH, ROOMS_PATH, auth_header
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +46,6 @@ class Endpoint:
     port: int
     path: str
     namespace: str
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def affinity() -> tuple[set[int] | None, set[int] | None]:
@@ -249,14 +245,6 @@ class RedisServer(Server):
         return Endpoint("127.0.0.1", self.ports[member % 2], "/socket.io", f"/room/{room}")
 
 
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))
-
-
 class ShardchatServer(Server):
     """shardchat nodes (``python -m shardchat node``) with the default node settings, except
     the per-client rate limit, raised so the load generator's senders are never refused.
@@ -282,15 +270,11 @@ class ShardchatServer(Server):
     def _write_config(self) -> Path:
         self.instances = [{"number": i, "host": "127.0.0.1", "port": free_port(),
                            "internal_port": free_port()} for i in range(1, self.nodes + 1)]
-        lines = ["[cluster]", 'name = "bench"', f'secret = "{SECRET}"',
-                 f"data_dir = {_toml(str(self.tmp / 'data'))}"]
-        for inst in self.instances:
-            lines.append("\n[[instances]]")
-            lines += [f"{k} = {_toml(v)}" for k, v in inst.items()]
-        lines.append("\n[node]")
-        lines += [f"{k} = {_toml(v)}" for k, v in self.node_settings.items()]
+        data = {"cluster": {"name": "bench", "secret": SECRET,
+                            "data_dir": str(self.tmp / "data")},
+                "instances": self.instances, "node": self.node_settings}
         path = self.tmp / "shardchat.toml"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(dump_toml(data) + "\n")
         return path
 
     def start(self) -> None:

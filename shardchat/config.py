@@ -6,6 +6,7 @@ because a config mistake found at start-up is cheap and one found in production 
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -276,3 +277,35 @@ def load(path: str | Path, env: dict[str, str] | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(p), f"is not valid TOML: {exc}") from None
     return parse(data, source=str(p), env=env)
+
+
+# ---------------------------------------------------------------------------------------
+# writing (``shardchat up`` keeps its config as a file; tests and the benchmark write theirs)
+
+
+def toml_value(value: Any) -> str:
+    """One TOML value: booleans, numbers, strings (JSON escapes are valid TOML ones), lists."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def dump_toml(data: dict[str, Any], header: str = "") -> str:
+    """The config's shape as TOML: tables of values (``[node]``) and arrays of tables
+    (``[[instances]]``); ``header`` becomes a leading comment."""
+    out: list[str] = [f"# {header}", ""] if header else []
+    for name, value in data.items():
+        if isinstance(value, dict):
+            out.append(f"[{name}]")
+            out += [f"{k} = {toml_value(v)}" for k, v in value.items()]
+            out.append("")
+        elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            for item in value:
+                out.append(f"[[{name}]]")
+                out += [f"{k} = {toml_value(v)}" for k, v in item.items()]
+                out.append("")
+    return "\n".join(out)

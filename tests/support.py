@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,42 +20,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from shardchat.cluster.up import free_port
+from shardchat.config import dump_toml
+
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "test-secret-please-change"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))
 
 
 def write_config(path: Path, *, instances: list[dict[str, Any]], cluster: dict | None = None,
                  node: dict | None = None, aws: dict | None = None) -> Path:
     """Write a TOML config; returns its path."""
-    lines = ["[cluster]"]
-    for k, v in (cluster or {}).items():
-        lines.append(f"{k} = {toml_value(v)}")
-    for inst in instances:
-        lines.append("\n[[instances]]")
-        for k, v in inst.items():
-            lines.append(f"{k} = {toml_value(v)}")
-    for name, table in (("node", node), ("aws", aws)):
-        if table:
-            lines.append(f"\n[{name}]")
-            for k, v in table.items():
-                lines.append(f"{k} = {toml_value(v)}")
-    path.write_text("\n".join(lines) + "\n")
+    data: dict[str, Any] = {"cluster": cluster or {}, "instances": instances}
+    data.update((name, table) for name, table in (("node", node), ("aws", aws)) if table)
+    path.write_text(dump_toml(data) + "\n")
     return path
 
 

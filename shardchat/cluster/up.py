@@ -73,7 +73,8 @@ class UpOptions:
 # the config file
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS just had free on ``host`` (bind to 0, read it back)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -91,31 +92,10 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def _toml_scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
-
-
 def dump_toml(data: dict[str, Any]) -> str:
     """Write the config's shape back as TOML: tables of scalars and [[instances]]."""
-    out: list[str] = ["# Written by `shardchat up`; edits are kept, comments are not.", ""]
-    for name, value in data.items():
-        if isinstance(value, dict):
-            out.append(f"[{name}]")
-            out += [f"{k} = {_toml_scalar(v)}" for k, v in value.items()]
-            out.append("")
-        elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
-            for item in value:
-                out.append(f"[[{name}]]")
-                out += [f"{k} = {_toml_scalar(v)}" for k, v in item.items()]
-                out.append("")
-    return "\n".join(out)
+    return config_mod.dump_toml(data, header="Written by `shardchat up`; edits are kept, "
+                                "comments are not.")
 
 
 def _read_existing(path: Path) -> dict[str, Any]:
@@ -136,8 +116,8 @@ def _instances(old: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
         inst = dict(by_number.get(n) or {})
         inst["number"] = n
         inst.setdefault("host", "127.0.0.1")
-        inst.setdefault("port", _free_port())
-        inst.setdefault("internal_port", _free_port())
+        inst.setdefault("port", free_port())
+        inst.setdefault("internal_port", free_port())
         out.append(inst)
     return out
 
