@@ -101,6 +101,17 @@ class RoomClient:
         return self.welcome["you"]["sid"]
 
     @property
+    def token(self) -> str:
+        """The member token the welcome gave: pass it back to stay the same member."""
+        return self.welcome["you"]["token"]
+
+    @property
+    def public(self) -> dict[str, str]:
+        """How others see this client: in messages' ``from``, members and presence."""
+        you = self.welcome["you"]
+        return {"sid": you["sid"], "name": you["name"], "member": you["member"]}
+
+    @property
     def connected(self) -> bool:
         return self.sio.connected and self.namespace in self.sio.namespaces
 
@@ -189,11 +200,12 @@ async def open_client(node: NodeProcess, room: dict[str, Any] | str, *, name: st
                       transport: list[str] | None = None, invite: Any = FROM_ROOM,
                       last_seq: int | None = None, auth: Any = FROM_ROOM,
                       namespace: str | None = None, socketio_path: str | None = None,
-                      ) -> RoomClient:
+                      token: str | None = None) -> RoomClient:
     """Connect to a room and wait for its ``welcome``; raises Refused on CONNECT_ERROR.
 
     ``auth`` replaces the whole auth object (to send malformed ones); otherwise it is built
-    from ``name``, ``invite`` (default: the room JSON's invite, if any) and ``last_seq``.
+    from ``name``, ``invite`` (default: the room JSON's invite, if any), ``last_seq`` and
+    ``token`` (a member token from an earlier welcome).
     """
     ns, path = room_target(node, room)
     ns = namespace or ns
@@ -206,6 +218,8 @@ async def open_client(node: NodeProcess, room: dict[str, Any] | str, *, name: st
             auth["invite"] = invite
         if last_seq is not None:
             auth["last_seq"] = last_seq
+        if token is not None:
+            auth["token"] = token
     sio = socketio.AsyncClient(reconnection=False)
     client = RoomClient(sio, ns)
     try:

@@ -112,7 +112,8 @@ async def test_js_client_connects_sends_and_gets_ack_and_broadcast(node1, js_tra
     msgs = [e["data"] for e in js.all("message")]
     assert [(m["seq"], m["text"], m["client_id"]) for m in msgs] == [
         (1, "hello from js", "js-1"), (2, "second", None)]
-    assert msgs[0]["from"] == welcome["data"]["you"]
+    you = welcome["data"]["you"]
+    assert msgs[0]["from"] == {"sid": you["sid"], "name": you["name"], "member": you["member"]}
     assert msgs[0]["ts"] == acks[0]["ts"]
 
 

@@ -58,8 +58,9 @@ async def test_acked_messages_survive_kill_9_with_the_same_seq(tmp_path, connect
 
         ack = await bob.send_ok("after restart")
         assert ack["seq"] == 21
-        # a retry of a message acked before the crash is still recognised
-        alice2 = await connect(node, room, name="alice", transport=transport)
+        # a retry of a message acked before the crash is still recognised (same member)
+        alice2 = await connect(node, room, name="alice", transport=transport,
+                               token=alice.token)
         assert (await alice2.send_ok("m5", client_id="c5"))["seq"] == 5
 
         # the private room and its invite survive too

@@ -23,7 +23,7 @@ def assert_message(msg: dict, *, seq: int, room: dict, sender, text: str,
     assert set(msg) >= MESSAGE_KEYS, msg
     assert msg["seq"] == seq, msg
     assert msg["room"] == room["id"], msg
-    assert msg["from"] == {"sid": sender.sid, "name": sender.welcome["you"]["name"]}, msg
+    assert msg["from"] == sender.public, msg
     assert msg["text"] == text, msg
     assert msg["client_id"] == client_id, msg
     assert isinstance(msg["ts"], int) and abs(msg["ts"] - time.time() * 1000) < 60_000, msg
@@ -36,7 +36,8 @@ async def test_welcome_describes_room_self_members_and_empty_history(node1, conn
     w = alice.welcome
     assert w["room"] == {"id": room["id"], "name": "Welcome room", "private": False}
     assert w["you"]["name"] == "alice" and isinstance(w["you"]["sid"], str) and w["you"]["sid"]
-    assert w["members"] == [{"sid": w["you"]["sid"], "name": "alice"}]
+    assert w["members"] == [{"sid": w["you"]["sid"], "name": "alice",
+                             "member": w["you"]["member"]}]
     assert w["last_seq"] == 0
     assert w["history"] == []
     assert w["recovered"] is False
@@ -59,7 +60,7 @@ async def test_join_and_leave_announced_to_others_with_count(node1, connect, tra
     bob = await connect(node1, room, name="bob", transport=transport)
 
     join = await alice.next("presence")
-    assert join == {"event": "join", "member": {"sid": bob.sid, "name": "bob"}, "count": 2}
+    assert join == {"event": "join", "member": bob.public, "count": 2}
 
     # bob's own message is a barrier: anything about his join would have come before it
     await bob.send_ok("hi")
@@ -68,7 +69,7 @@ async def test_join_and_leave_announced_to_others_with_count(node1, connect, tra
 
     await bob.close()
     leave = await alice.next("presence")
-    assert leave == {"event": "leave", "member": {"sid": bob.sid, "name": "bob"}, "count": 1}
+    assert leave == {"event": "leave", "member": bob.public, "count": 1}
 
 
 async def test_message_reaches_everyone_including_sender_with_gapless_seq(node1, connect,
@@ -123,9 +124,10 @@ async def test_retry_with_same_client_id_gets_first_seq_and_no_duplicate(node1, 
     again = await alice.send_ok("hello", client_id="retry-1")
     assert again["seq"] == first["seq"] == 1
 
-    # a retry after reconnecting (same name, new connection) is still the same message
+    # a retry after reconnecting (new connection, the member token passed back) is still
+    # the same message
     await alice.close()
-    alice2 = await connect(node1, room, name="alice", transport=transport)
+    alice2 = await connect(node1, room, name="alice", transport=transport, token=alice.token)
     third = await alice2.send_ok("hello", client_id="retry-1")
     assert third["seq"] == 1
 

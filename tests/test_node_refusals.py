@@ -116,7 +116,7 @@ async def test_full_room_refuses_until_someone_leaves(tmp_path, connect, transpo
 
         other = await acreate_room(node, "other room")
         dave = await connect(node, other, name="dave", transport=transport)
-        assert dave.welcome["members"] == [{"sid": dave.sid, "name": "dave"}]
+        assert dave.welcome["members"] == [dave.public]
 
         assert (await alice.next("presence"))["event"] == "join"  # bob's
         await bob.close()

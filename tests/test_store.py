@@ -32,8 +32,10 @@ def room(rid: str = "room-1", *, private: bool = False) -> RoomRecord:
 
 async def send(store: Store, rid: str, text: str, *, name: str = "ann",
                client_id: str | None = None) -> tuple[dict, bool]:
+    """One message from the member called ``name`` (one member per name here)."""
     return await store.append_message(rid, sender_sid=f"sid-{name}", sender_name=name,
-                                      text=text, client_id=client_id, ts=next(_ts))
+                                      sender_member=f"member-{name}", text=text,
+                                      client_id=client_id, ts=next(_ts))
 
 
 async def opened(directory: Path, **kwargs) -> Store:
@@ -138,9 +140,11 @@ async def test_history_pages_backwards_in_ascending_order(store: Store) -> None:
 async def test_message_shape_and_text_stored_as_given(store: Store) -> None:
     text = "héllo 👋 — 中文 \n\t 'quotes' \"double\" \x00nul " + "x" * 3900
     msg, dup = await store.append_message("room-1", sender_sid="s1", sender_name="Zoë",
-                                          text=text, client_id="c-1", ts=1234)
+                                          sender_member="m1", text=text, client_id="c-1",
+                                          ts=1234)
     assert not dup
-    assert msg == {"seq": 1, "room": "room-1", "from": {"sid": "s1", "name": "Zoë"},
+    assert msg == {"seq": 1, "room": "room-1",
+                   "from": {"sid": "s1", "name": "Zoë", "member": "m1"},
                    "text": text, "ts": 1234, "client_id": "c-1"}
     assert await store.history("room-1") == [msg]
 
@@ -359,7 +363,8 @@ from shardchat.node.store import RoomRecord, Store
 async def writer(store, w):
     for i in range(100_000):
         msg, _ = await store.append_message("r", sender_sid=f"s{w}", sender_name=f"w{w}",
-                                            text=f"w{w}-{i}", client_id=None, ts=i)
+                                            sender_member=f"m{w}", text=f"w{w}-{i}",
+                                            client_id=None, ts=i)
         print(msg["seq"], msg["text"], flush=True)
 
 async def main():

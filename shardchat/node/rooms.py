@@ -29,6 +29,7 @@ from shardchat.node import limits
 from shardchat.node.fanout import Fanout
 from shardchat.node.invites import Invites
 from shardchat.node.limits import Refusal
+from shardchat.node.members import MemberTokens
 from shardchat.node.store import RoomRecord, Store, StoreError
 
 log = logging.getLogger("shardchat.rooms")
@@ -43,6 +44,10 @@ class Member:
     name: str
     bucket: limits.TokenBucket
     eio_sid: str | None = None  # the connection's Engine.IO session, fixed for its life
+    # Who this is, as the server issued it (members.py): the same across reconnects that
+    # pass the member token back, never taken from what the client claims. Key anything
+    # per person (dedup, rate limits) on (room, identity), never on the display name.
+    identity: str = ""
     ready: bool = False
     floor: int = 0  # highest seq the welcome already carried
     typing: bool = False
@@ -50,7 +55,8 @@ class Member:
     buffered: list[tuple[str, Any]] = field(default_factory=list)
 
     def public(self) -> dict[str, str]:
-        return {"sid": self.sid, "name": self.name}
+        """How others see this member; the public member id, never the token."""
+        return {"sid": self.sid, "name": self.name, "member": self.identity}
 
 
 @dataclass
@@ -60,6 +66,8 @@ class Joining:
     room_id: str
     name: str
     last_seq: int | None
+    identity: str  # the member id
+    token: str  # its token, for this member's welcome only
 
 
 @dataclass
@@ -77,6 +85,7 @@ class RoomService:
         self.store = store
         self.fanout = fanout
         self.invites = Invites(cfg.cluster.secret, cfg.node.invite_ttl_days * 86400)
+        self.member_tokens = MemberTokens(cfg.cluster.secret)
         self.rooms: dict[str, Room] = {}
         self.by_namespace: dict[str, Room] = {}  # saves parsing the namespace per event
         self.joining: dict[tuple[str, str], Joining] = {}
@@ -153,6 +162,10 @@ class RoomService:
         last_seq = auth.get("last_seq")
         if last_seq is not None and (not limits.is_int(last_seq) or last_seq < 0):
             return Refusal("bad_request", '"last_seq" must be a whole number >= 0.'), None
+        token = auth.get("token")
+        if token is not None and not isinstance(token, str):
+            return Refusal("bad_request", '"token" must be the string the welcome gave you '
+                           '(welcome.you.token), or left out.'), None
         room = self._room(addr.room_id)
         if room is None:
             return Refusal("not_found", f"There is no room {addr.room_id!r} on instance "
@@ -165,7 +178,9 @@ class RoomService:
         if len(room.members) + pending >= self.settings.room_capacity:
             return Refusal("full", f"The room is full ({self.settings.room_capacity} people); "
                            "try again later."), None
-        return None, Joining(room.record.id, auth["name"].strip(), last_seq)
+        who = self.member_tokens.identify(room.record.id, token)
+        return None, Joining(room.record.id, auth["name"].strip(), last_seq, who.member,
+                             who.token)
 
     async def connected(self, namespace: str, sid: str) -> None:
         """After CONNECT went out: welcome the joiner, then tell the others."""
@@ -175,7 +190,8 @@ class RoomService:
             return
         member = Member(sid, joining.name, limits.TokenBucket(
             self.settings.rate_limit_messages, self.settings.rate_limit_window),
-            self.fanout.sio.manager.eio_sid_from_sid(sid, namespace))
+            self.fanout.sio.manager.eio_sid_from_sid(sid, namespace),
+            identity=joining.identity)
         room.members[sid] = member  # not ready: broadcasts are buffered for it
         try:
             welcome = await self._welcome(room, member, joining.last_seq)
@@ -184,6 +200,8 @@ class RoomService:
             room.members.pop(sid, None)
             await self.fanout.sio.disconnect(sid, namespace=namespace)
             return
+        # The token goes to this member only: it is in no public() and never broadcast.
+        welcome["you"] = {**welcome["you"], "token": joining.token}
         me = [(sid, member.eio_sid)]
         await self.fanout.emit(namespace, "welcome", welcome, me)
         member.floor = welcome["last_seq"]
@@ -254,7 +272,8 @@ class RoomService:
         self._idle.clear()
         try:
             msg, duplicate = await self.store.append_message(
-                room.record.id, sender_sid=sid, sender_name=member.name, text=data["text"],
+                room.record.id, sender_sid=sid, sender_name=member.name,
+                sender_member=member.identity, text=data["text"],
                 client_id=data.get("client_id"), ts=int(time.time() * 1000))
         except StoreError:
             log.exception("store refused a message in %s", room.record.id)

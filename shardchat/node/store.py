@@ -25,8 +25,10 @@ Why this shape:
   that a failed commit takes back.
 * Old messages are pruned to the newest ``retention`` per room by the writer thread after
   a commit has been acknowledged, at most once every ``prune_interval`` seconds per room.
-  Dedup by ``(room, sender_name, client_id)`` covers every stored message (a retry of a
-  message already pruned is stored as new) and every message still in flight.
+  Dedup by ``(room, sender_member, client_id)`` covers every stored message (a retry of a
+  message already pruned is stored as new) and every message still in flight. The member
+  is the server-issued identity (``members.py``), never the display name, which anyone can
+  claim; see ``_migrate_dedup`` for stores written when dedup was keyed by name.
 * ``store.lock`` in the directory is held (flock) while the store is open, so a second
   process on the same data directory fails at open instead of reusing seqs. The kernel
   drops the lock when a process dies, even by ``kill -9``.
@@ -59,7 +61,7 @@ LOCK_NAME = "store.lock"
 CHECKPOINT_POLL = 1.0  # seconds between looks at the WAL's size
 CHECKPOINT_WAL_BYTES = 8 * 1024 * 1024  # checkpoint once the WAL is this large ...
 CHECKPOINT_MAX_AGE = 30.0  # ... or this many seconds after the last checkpoint
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: dedup keyed by sender_member instead of sender_name
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rooms (
@@ -76,18 +78,26 @@ CREATE TABLE IF NOT EXISTS messages (
     text        TEXT NOT NULL,
     ts          INTEGER NOT NULL,
     client_id   TEXT,
+    sender_member TEXT,
     PRIMARY KEY (room_id, seq)
 ) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS messages_dedup
-    ON messages (room_id, sender_name, client_id) WHERE client_id IS NOT NULL;
 """
+
+# The dedup index, created by ``_migrate_dedup`` once the column exists. Rows with no member
+# (written before member identities existed) are outside it: nobody can claim them.
+_DEDUP_INDEX = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS messages_member_dedup"
+    " ON messages (room_id, sender_member, client_id)"
+    " WHERE client_id IS NOT NULL AND sender_member IS NOT NULL"
+)
+_OLD_DEDUP_INDEX = "messages_dedup"  # (room_id, sender_name, client_id), schema 1
 
 _INSERT_ROOM = "INSERT INTO rooms (id, name, private, created_at) VALUES (?, ?, ?, ?)"
 _INSERT_MESSAGE = (
-    "INSERT INTO messages (room_id, seq, sender_sid, sender_name, text, ts, client_id)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO messages (room_id, seq, sender_sid, sender_name, text, ts, client_id,"
+    " sender_member) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_COLUMNS = "seq, sender_sid, sender_name, text, ts, client_id"
+_COLUMNS = "seq, sender_sid, sender_name, text, ts, client_id, sender_member"
 
 
 class StoreError(Exception):
@@ -122,13 +132,13 @@ class _RoomWrite:
 @dataclass(eq=False)
 class _MessageWrite:
     message: dict[str, Any]
-    key: tuple[str, str, str] | None  # dedup key (room, sender_name, client_id)
+    key: tuple[str, str, str] | None  # dedup key (room, sender_member, client_id)
     future: asyncio.Future
 
     def row(self) -> tuple:
-        m = self.message
-        return (m["room"], m["seq"], m["from"]["sid"], m["from"]["name"], m["text"], m["ts"],
-                m["client_id"])
+        m, sender = self.message, self.message["from"]
+        return (m["room"], m["seq"], sender["sid"], sender["name"], m["text"], m["ts"],
+                m["client_id"], sender["member"])
 
 
 @dataclass(eq=False)
@@ -149,9 +159,11 @@ class _Stats:
 
 
 def _message(room_id: str, seq: int, sid: str, name: str, text: str, ts: int,
-             client_id: str | None) -> dict[str, Any]:
-    return {"seq": seq, "room": room_id, "from": {"sid": sid, "name": name}, "text": text,
-            "ts": ts, "client_id": client_id}
+             client_id: str | None, member: str | None) -> dict[str, Any]:
+    """A message as clients get it; ``member`` is None for messages stored before member
+    identities existed."""
+    return {"seq": seq, "room": room_id, "from": {"sid": sid, "name": name, "member": member},
+            "text": text, "ts": ts, "client_id": client_id}
 
 
 def _from_row(room_id: str, row: tuple) -> dict[str, Any]:
@@ -316,30 +328,33 @@ class Store:
     # -- messages ------------------------------------------------------------------------
 
     async def append_message(self, room_id: str, *, sender_sid: str, sender_name: str,
-                             text: str, client_id: str | None,
+                             sender_member: str, text: str, client_id: str | None,
                              ts: int) -> tuple[dict[str, Any], bool]:
         """Store a message; returns (message, duplicate) once it is durable.
 
-        A repeat of an earlier (room, sender_name, client_id) returns the earlier message
+        A repeat of an earlier (room, sender_member, client_id) returns the earlier message
         with ``duplicate=True`` and stores nothing, whether the earlier one is committed
-        or still in flight.
+        or still in flight. ``sender_member`` is the server-issued member identity: the
+        same ``client_id`` under the same display name from another member is another
+        message.
         """
         self._require_open()
         if room_id not in self._rooms:
             raise ValueError(f"room {room_id!r} does not exist on this node.")
         for what, value in (("sender sid", sender_sid), ("sender name", sender_name),
-                            ("text", text)):
+                            ("sender member", sender_member), ("text", text)):
             _check_text(what, value)
         key = None
         if client_id is not None:
             _check_text("client_id", client_id)
-            key = (room_id, sender_name, client_id)
+            key = (room_id, sender_member, client_id)
             earlier = self._find_duplicate(key)
             if earlier is not None:
                 return await earlier, True
         seq = self._assigned.get(room_id, 0) + 1
         self._assigned[room_id] = seq
-        message = _message(room_id, seq, sender_sid, sender_name, text, int(ts), client_id)
+        message = _message(room_id, seq, sender_sid, sender_name, text, int(ts), client_id,
+                           sender_member)
         write = _MessageWrite(message, key, self._loop_future())
         self._enqueue(write)
         if key is None:
@@ -355,11 +370,11 @@ class Store:
         pending = self._inflight.get(key)
         if pending is not None:
             return asyncio.shield(pending.future)
-        room_id, name, client_id = key
+        room_id, member, client_id = key
         rows = self._read(
             f"SELECT {_COLUMNS} FROM messages"
-            " WHERE room_id = ? AND sender_name = ? AND client_id = ? AND seq <= ?",
-            (room_id, name, client_id, self._committed.get(room_id, 0)))
+            " WHERE room_id = ? AND sender_member = ? AND client_id = ? AND seq <= ?",
+            (room_id, member, client_id, self._committed.get(room_id, 0)))
         if not rows:
             return None
         done = self._loop_future()
@@ -513,6 +528,7 @@ class Store:
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.executescript(_SCHEMA)
+                _migrate_dedup(conn)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 self._load(conn)
             finally:
@@ -697,6 +713,34 @@ class Store:
         self._stats.pruned += dropped
         for room_id, cut in due:
             cuts[room_id] = (now, cut)
+
+def _migrate_dedup(conn: sqlite3.Connection) -> None:
+    """Move dedup from (room, sender_name, client_id) to (room, sender_member, client_id).
+
+    Stores of schema 1 have no ``sender_member`` column and a unique index on the display
+    name. The column is added (an O(1) change in SQLite; building the new index reads the
+    table once, at the first start after the upgrade) and the old index is dropped: it
+    must go, since two members of the same name may now both use one ``client_id``, and
+    the old index would fail their commit. Old rows keep ``sender_member`` NULL, which the
+    new index and every dedup lookup leave out: their dedup key was a name anyone could
+    claim, and the only retries that could match them come from connections made before the
+    upgrade, which hold no member token. Every stored message stays; only the convenience
+    of deduplicating a retry across the upgrade is given up. One transaction, so a crash
+    mid-way leaves the old schema, and running it again is a no-op.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+        if "sender_member" not in columns:
+            conn.execute("ALTER TABLE messages ADD COLUMN sender_member TEXT")
+        conn.execute(f"DROP INDEX IF EXISTS {_OLD_DEDUP_INDEX}")
+        conn.execute(_DEDUP_INDEX)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
 
 def _name_os_thread(name: bytes) -> None:
     """Give the current thread a name ``top -H``, py-spy and /proc show (Linux only), so
