@@ -76,7 +76,10 @@ def running_up(tmp: Path, nodes: int = 2) -> Iterator[str]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = tmp / "up.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # cwd is the cluster's own directory, so this tree goes on the path explicitly: the
+    # router and its nodes must run the code under test, not whichever copy is installed.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "shardchat", "up", "--nodes", str(nodes), "--port", str(port)],
@@ -374,8 +377,7 @@ def seed_messages(site: Site, room: dict[str, Any], count: int, senders: int = 4
         for i in range(senders):
             await one_sender(i, list(range(i * per + 1, min(count, (i + 1) * per) + 1)))
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:   # own thread, own event loop
-        pool.submit(asyncio.run, all_senders()).result(timeout=60)
+    run_async(all_senders())
 
 
 def test_scrolling_to_the_top_loads_older_messages(site, people):
@@ -413,6 +415,142 @@ def test_reconnect_recovers_missed_messages_and_sends_queued_ones(site, people):
     expect(ben.locator("#messages .msg.pending")).to_have_count(0)
     expect(message(ana, "written offline")).to_be_visible()
     expect(messages(ana)).to_have_count(4)          # delivered exactly once
+
+
+def run_async(coro: Any, timeout: float = 60) -> Any:
+    """Run a coroutine in a thread with its own event loop (Playwright's sync API owns this
+    thread); returns its result."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result(timeout=timeout)
+
+
+def impersonate(site: Site, room: dict[str, Any], name: str, victim_text: str) -> list[str]:
+    """Someone joins under ``name``, finds the victim's message in the history and posts
+    two messages dressed as the victim's: the very same client_id, and one that starts like
+    it. Returns the texts posted (both acked)."""
+    import socketio
+
+    async def attack() -> list[str]:
+        client = socketio.AsyncClient(reconnection=False)
+        welcomed: asyncio.Queue = asyncio.Queue()
+        client.on("welcome", welcomed.put_nowait, namespace=room["namespace"])
+        await client.connect(site.base_url, namespaces=[room["namespace"]],
+                             socketio_path=room["socketio_path"], transports=["websocket"],
+                             auth={"name": name}, wait_timeout=10)
+        try:
+            welcome = await asyncio.wait_for(welcomed.get(), 10)
+            copied = next(m["client_id"] for m in welcome["history"]
+                          if m["text"] == victim_text)
+            posted = []
+            for text, client_id in (("copied client id", copied),
+                                    ("same device prefix", copied.split(".")[0] + ".0f0f")):
+                ack = await client.call("message", {"text": text, "client_id": client_id},
+                                        namespace=room["namespace"], timeout=10)
+                assert ack.get("ok"), ack
+                posted.append(text)
+            return posted
+        finally:
+            await client.disconnect()
+
+    return run_async(attack())
+
+
+def test_someone_with_your_name_and_copied_client_id_is_not_shown_as_you(site, people):
+    room = create_room(site, "Look-alikes")
+    ana = people.join(room_link(site, room), "Ana")
+    send(ana, "the real Ana")
+    expect(message(ana, "the real Ana")).to_have_class(re.compile(r"\bown\b"))
+
+    posted = impersonate(site, room, "Ana", "the real Ana")
+    for text in posted:
+        expect(message(ana, text)).to_be_visible()
+        expect(message(ana, text)).not_to_have_class(re.compile(r"\bown\b"))
+        expect(message(ana, text)).to_contain_text("Ana")
+    expect(message(ana, "the real Ana")).to_have_class(re.compile(r"\bown\b"))
+
+    ana.reload()   # the member token is kept: after a reload only the real one is ours
+    expect_connected(ana)
+    expect(messages(ana)).to_have_count(3)
+    expect(message(ana, "the real Ana")).to_have_class(re.compile(r"\bown\b"))
+    for text in posted:
+        expect(message(ana, text)).not_to_have_class(re.compile(r"\bown\b"))
+    assert ana.errors == []
+
+
+def pump_until(page: Any, predicate: Any, what: str, timeout_ms: int = UI_TIMEOUT) -> None:
+    """Wait for a condition that Playwright's own callbacks make true: the sync API runs
+    them only while it is called, so the wait is on the page, in short slices."""
+    for _ in range(timeout_ms // 20):
+        if predicate():
+            return
+        page.wait_for_timeout(20)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class LoseOneAck:
+    """Routes the page's Socket.IO WebSocket; once armed, the next message the page sends
+    reaches the node (and is stored), but everything the node answers is lost and the
+    connection drops, the way a network cut right after sending looks to the page."""
+
+    def __init__(self) -> None:
+        self.upgraded = False      # the page is on the WebSocket transport
+        self.armed = False         # lose the answers to the next message the page sends
+        self.losing = False
+        self.cut = False           # the answers were lost and the connection dropped
+
+    def route(self, ws: Any) -> None:
+        server = ws.connect_to_server()
+        ws.on_message(lambda frame: self._from_page(frame, server))
+        server.on_message(lambda frame: self._from_server(frame, ws, server))
+
+    def _from_page(self, frame: Any, server: Any) -> None:
+        if frame == "5":
+            self.upgraded = True
+        if self.armed and isinstance(frame, str) and '["message",' in frame:
+            self.armed = False
+            self.losing = True
+        server.send(frame)
+
+    def _from_server(self, frame: Any, ws: Any, server: Any) -> None:
+        if not self.losing:
+            ws.send(frame)
+            return
+        if isinstance(frame, str) and frame.startswith("43"):   # the ack: cut here
+            self.losing = False
+            self.cut = True
+            ws.close()
+            server.close()
+
+
+def test_a_message_whose_ack_was_lost_is_resent_and_stored_once(site, people):
+    room = create_room(site, "Lost acks")
+    ben = people.join(room_link(site, room), "Ben")
+    lose = LoseOneAck()
+    ana = people.page()
+    ana.route_web_socket(re.compile(r"/socket\.io/"), lose.route)
+    ana.goto(room_link(site, room))
+    enter_name(ana, "Ana")
+    expect_connected(ana)
+    pump_until(ana, lambda: lose.upgraded, "the page to upgrade to WebSocket")
+
+    lose.armed = True
+    send(ana, "sent into the void")
+    pump_until(ana, lambda: lose.cut, "the lost ack")
+    expect(message(ben, "sent into the void")).to_be_visible()   # it was stored
+
+    # The page reconnects with its member token and resends: the node knows it as a retry.
+    expect_connected(ana)
+    expect(ana.locator("#messages .msg.pending")).to_have_count(0)
+    expect(messages(ana)).to_have_count(1)
+    expect(message(ana, "sent into the void")).to_have_class(re.compile(r"\bown\b"))
+    send(ben, "after the retry")
+    expect(message(ana, "after the retry")).to_be_visible()
+    expect(messages(ben)).to_have_count(2)       # stored and broadcast once
+    ben.reload()
+    expect_connected(ben)
+    expect(ben.locator("#messages .msg-text")).to_have_text(
+        ["sent into the void", "after the retry"])
+    assert ana.errors == []
 
 
 def test_screenshot_of_a_conversation(site, people, tmp_path):

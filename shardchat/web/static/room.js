@@ -129,20 +129,17 @@
     return Array.from(a, (b) => b.toString(16).padStart(2, "0")).join("");
   }
 
-  /** A per-browser id; our client_ids start with it so our own messages survive a reload. */
-  function deviceId() {
-    let id = storageGet("shardchat.device");
-    if (!id || !/^[0-9a-f]{16}$/.test(id)) {
-      id = randomId(8);
-      storageSet("shardchat.device", id);
-    }
-    return id;
-  }
+  // Who we are in this room is the member token the server gave us (welcome.you.token), not
+  // our display name: anyone can pick a name. Passing it back on every (re)connect keeps our
+  // member id, so resent messages are recognised as retries and our own messages stay ours
+  // after a reload. Keyed by room id only: the token is valid on whichever node hosts the room.
+  const tokenKey = "shardchat.member." + roomId;
 
   const state = {
     invite: takeInvite(),
     name: (storageGet("shardchat.name") || "").trim(),
-    device: deviceId(),
+    token: storageGet(tokenKey) || "",
+    member: "",                // our public member id, from the welcome
     room: null,
     socket: null,
     mySids: new Set(),
@@ -178,9 +175,17 @@
 
   function nameLength(s) { return [...s].length; }
 
+  /** Ours only when the server says our member sent it: names and client_ids can be copied,
+   *  the member id cannot be claimed without the token only we were given. */
   function isOwn(msg) {
-    if (msg.from && state.mySids.has(msg.from.sid)) return true;
-    return typeof msg.client_id === "string" && msg.client_id.startsWith(state.device + ".");
+    return !!(state.member && msg.from && msg.from.member === state.member);
+  }
+
+  /** Same sender for grouping: the same member (two people may share a name). */
+  function sameSender(a, b) {
+    if (!a.from || !b.from) return false;
+    if (a.from.member || b.from.member) return a.from.member === b.from.member;
+    return a.from.name === b.from.name;   // messages stored before member ids existed
   }
 
   const timeFmt = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
@@ -320,6 +325,7 @@
   function authPayload() {
     const auth = { name: state.name };
     if (state.invite) auth.invite = state.invite;
+    if (state.token) auth.token = state.token;
     if (state.everConnected) auth.last_seq = state.highestSeq;
     return auth;
   }
@@ -397,6 +403,7 @@
     state.retryDelay = 2000;
     hideRefusal();
     state.room = w.room;
+    takeIdentity(w.you);
     state.mySids.add(w.you.sid);
     state.mySid = w.you.sid;
     state.myName = w.you.name;
@@ -417,6 +424,15 @@
     render({ stickToBottom: !w.recovered || isNearBottom() });
     flushPending();
     maybeLoadOlder();
+  }
+
+  /** Keep the token for the next connect; a new one (the old was not accepted) replaces it. */
+  function takeIdentity(you) {
+    state.member = typeof you.member === "string" ? you.member : "";
+    if (typeof you.token === "string" && you.token !== state.token) {
+      state.token = you.token;
+      storageSet(tokenKey, you.token);
+    }
   }
 
   function showRoom(room, you) {
@@ -482,7 +498,7 @@
   }
 
   function sendMessage(text) {
-    const clientId = state.device + "." + randomId(8);
+    const clientId = randomId(12);
     state.pending.set(clientId, { text: text, status: "sending", error: "", ts: Date.now() });
     render({ stickToBottom: true });
     if (state.joined) {
@@ -509,7 +525,7 @@
       if (ack && ack.ok) {
         state.pending.delete(clientId);
         if (!state.messages.has(ack.seq) && typeof ack.seq === "number") {
-          const me = { sid: state.mySid, name: state.myName };
+          const me = { sid: state.mySid, name: state.myName, member: state.member };
           addMessage({ seq: ack.seq, room: roomId, from: me, text: still.text, ts: ack.ts, client_id: clientId });
           recomputeBounds();
         }
@@ -676,8 +692,8 @@
         prev = null;
       }
       const own = isOwn(m);
-      const continued = !!prev && prev.from && m.from && prev.from.name === m.from.name
-        && isOwn(prev) === own && m.ts - prev.ts < GROUP_GAP_MS;
+      const continued = !!prev && sameSender(prev, m) && isOwn(prev) === own
+        && m.ts - prev.ts < GROUP_GAP_MS;
       frag.append(messageElement(m, own, continued));
       used.add("m" + seq);
       prev = m;
