@@ -19,6 +19,7 @@ from tests.support import ROOT
 pytestmark = [pytest.mark.node_js, pytest.mark.timeout(60)]
 
 SCRIPT = Path(__file__).parent / "js" / "client_roundtrip.mjs"
+TOKEN_SCRIPT = Path(__file__).parent / "js" / "reconnect_with_token.mjs"
 CLIENT_PACKAGE = ROOT / "node_modules" / "socket.io-client" / "package.json"
 
 if shutil.which("node") is None or not CLIENT_PACKAGE.exists():
@@ -66,17 +67,18 @@ class JsClient:
 
 async def start_js(node, room: dict, *, name: str = "js", transport: str = "websocket",
                    auth: dict | None = None, namespace: str | None = None,
-                   emits: list[dict] | None = None, wait_for_text: str | None = None
-                   ) -> JsClient:
+                   emits: list[dict] | None = None, wait_for_text: str | None = None,
+                   script: Path = SCRIPT, **extra: Any) -> JsClient:
     if auth is None:
         auth = {"name": name}
         if room.get("invite"):
             auth["invite"] = room["invite"]
     spec = {"url": node.base_url, "namespace": namespace or room["namespace"],
             "path": room["socketio_path"], "transports": [transport], "auth": auth,
-            "emits": emits or [], "wait_for_text": wait_for_text, "timeout_ms": 15000}
+            "emits": emits or [], "wait_for_text": wait_for_text, "timeout_ms": 15000,
+            **extra}
     proc = await asyncio.create_subprocess_exec(
-        "node", str(SCRIPT), json.dumps(spec), cwd=str(ROOT),
+        "node", str(script), json.dumps(spec), cwd=str(ROOT),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     return JsClient(proc)
 
@@ -168,3 +170,30 @@ async def test_js_client_gets_failed_acks_and_stays_connected(node1, js_transpor
                                                   "bad_request"]
     assert all(a["ok"] is False and a["message"] for a in acks[:4])
     assert acks[4]["ok"] is True and acks[4]["seq"] == 1
+
+
+async def test_js_client_passes_its_member_token_back_and_its_retry_is_stored_once(
+        node1, connect, js_transport):
+    room = await acreate_room(node1, "Reconnects", private=True)
+    py = await connect(node1, room, name="py", transport=[js_transport])
+    retry = {"text": "once only", "client_id": "js-retry-1"}
+    js = await start_js(node1, room, transport=js_transport, script=TOKEN_SCRIPT,
+                        retry=retry)
+    await js.next("done")
+    await js.stop()
+
+    first, second = (e["data"] for e in js.all("welcome"))
+    assert first["you"]["member"] == second["you"]["member"]
+    auths = [e["data"] for e in js.all("auth")]
+    assert "token" not in auths[0]
+    assert auths[-1]["token"] == first["you"]["token"], "the reconnect did not pass it back"
+    acks = [e["data"] for e in js.all("ack")]
+    assert [a["ok"] for a in acks] == [True, True]
+    assert acks[0]["seq"] == acks[1]["seq"] == 1, acks
+
+    got = await py.next("message")
+    assert got["text"] == "once only" and got["from"]["member"] == first["you"]["member"]
+    await py.send_ok("barrier")
+    assert [m["text"] for m in [await py.next("message")]] == ["barrier"]
+    page = await py.call("history", {"limit": 10})
+    assert [m["text"] for m in page["messages"]] == ["once only", "barrier"]
