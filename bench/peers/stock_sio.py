@@ -3,7 +3,8 @@
 Fairest equivalent of shardchat: one namespace per room (shardchat's namespaces are the
 room paths), and a broadcast is ``sio.emit("message", msg, namespace=ns)``, the library's
 own one-call broadcast. The message carries the same fields as shardchat's (seq, room,
-from, text, ts, client_id) so frames have the same size. With ``--redis URL`` the server
+from with sid, name and a 22-character member id, text, ts, client_id) so frames have the
+same size. With ``--redis URL`` the server
 uses python-socketio's AsyncRedisManager: the Redis-adapter design, where the members of
 one room may sit on different nodes and every broadcast goes through Redis pub/sub.
 
@@ -13,6 +14,7 @@ Run: python -m bench.peers.stock_sio --port P [--redis redis://127.0.0.1:R/0]
 from __future__ import annotations
 
 import argparse
+import secrets
 import time
 from typing import Any
 
@@ -28,16 +30,19 @@ def build_app(redis_url: str | None = None) -> web.Application:
     app = web.Application()
     sio.attach(app)
     names: dict[str, str] = {}
+    members: dict[str, str] = {}
     seqs: dict[str, int] = {}
 
     @sio.on("connect", namespace="*")
     async def on_connect(namespace: str, sid: str, environ: dict, auth: Any = None) -> bool:
         names[sid] = str((auth or {}).get("name", "anon"))[:40]
+        members[sid] = secrets.token_urlsafe(16)
         return True
 
     @sio.on("disconnect", namespace="*")
     async def on_disconnect(namespace: str, sid: str, reason: Any = None) -> None:
         names.pop(sid, None)
+        members.pop(sid, None)
 
     @sio.on("message", namespace="*")
     async def on_message(namespace: str, sid: str, data: Any) -> dict:
@@ -47,7 +52,8 @@ def build_app(redis_url: str | None = None) -> web.Application:
         seqs[namespace] = seq
         ts = int(time.time() * 1000)
         msg = {"seq": seq, "room": namespace.rsplit("/", 1)[-1],
-               "from": {"sid": sid, "name": names.get(sid, "anon")}, "text": data["text"],
+               "from": {"sid": sid, "name": names.get(sid, "anon"),
+                        "member": members.get(sid, "")}, "text": data["text"],
                "ts": ts, "client_id": data.get("client_id")}
         await sio.emit("message", msg, namespace=namespace)
         return {"ok": True, "seq": seq, "ts": ts}
