@@ -63,6 +63,8 @@ class NodeSettings:
     max_recovery: int = 1000
     invite_ttl_days: float = 30.0
     write_buffer_cap: int = 1024 * 1024
+    write_buffer_grace: float = 5.0
+    max_page_bytes: int = 256 * 1024
     fsync: bool = True
     peer_timeout: float = 1.5
     placement_reservation_seconds: float = 5.0
@@ -170,6 +172,26 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(key, f"must be greater than 0, got {value}")
 
 
+# The widest a character of message text gets in JSON: a control character escapes to
+# ``\u00XX``. Plus room for the other fields of a message (sid, name, client_id, ts ...).
+JSON_BYTES_PER_CHAR = 6
+MESSAGE_OVERHEAD_BYTES = 1024
+
+
+def _check_page_bytes(n: NodeSettings) -> None:
+    """A page must hold the largest single message (so every page carries at least one)
+    and stay below the write buffer cap (so one page never makes a reader look slow)."""
+    largest = n.max_message_chars * JSON_BYTES_PER_CHAR + MESSAGE_OVERHEAD_BYTES
+    if n.max_page_bytes < largest:
+        raise ConfigError("node.max_page_bytes", f"must hold one message of "
+                          f"node.max_message_chars ({n.max_message_chars}) characters, "
+                          f"at least {largest} bytes; got {n.max_page_bytes}")
+    if n.max_page_bytes >= n.write_buffer_cap:
+        raise ConfigError("node.max_page_bytes", f"must be smaller than "
+                          f"node.write_buffer_cap ({n.write_buffer_cap}); got "
+                          f"{n.max_page_bytes}")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks; returns ``cfg`` unchanged or raises ConfigError."""
     c = cfg.cluster
@@ -209,8 +231,9 @@ def validate(cfg: Config) -> Config:
     for name in ("ping_interval", "ping_timeout", "max_message_chars", "max_packet_bytes",
                  "max_body_bytes", "max_name_chars", "rate_limit_messages", "rate_limit_window",
                  "room_capacity", "history_retention", "invite_ttl_days", "write_buffer_cap",
-                 "peer_timeout", "stats_interval"):
+                 "write_buffer_grace", "max_page_bytes", "peer_timeout", "stats_interval"):
         _positive(f"node.{name}", getattr(n, name))
+    _check_page_bytes(n)
     if n.max_recovery < 50:
         raise ConfigError("node.max_recovery", f"must be at least 50, got {n.max_recovery}")
     a = cfg.aws

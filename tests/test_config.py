@@ -63,6 +63,18 @@ def test_node_overrides_are_typed():
     assert cfg.node.room_capacity == 2 and cfg.node.fsync is False
 
 
+def test_page_bound_must_hold_a_message_and_stay_below_the_write_buffer_cap():
+    assert config.parse(base(), env={}).node.max_page_bytes == 256 * 1024
+    fits = base(node={"write_buffer_cap": 64 * 1024, "max_page_bytes": 32 * 1024})
+    assert config.parse(fits, env={}).node.max_page_bytes == 32 * 1024
+    # the default page bound is not below a small cap: the key at fault is the page bound's
+    assert error_key(base(node={"write_buffer_cap": 128 * 1024})) == "node.max_page_bytes"
+    assert error_key(base(node={"max_page_bytes": 1024 * 1024})) == "node.max_page_bytes"
+    # 4,000 characters of 6 JSON bytes each do not fit in 16 KiB
+    assert error_key(base(node={"max_page_bytes": 16 * 1024})) == "node.max_page_bytes"
+    assert error_key(base(node={"max_message_chars": 50_000})) == "node.max_page_bytes"
+
+
 def mutate(path: str, value):
     """base() with one value replaced; ``path`` like "instances.1.port" or "node.x"."""
     data = base()
@@ -93,6 +105,8 @@ def mutate(path: str, value):
     ("node.rate_limit_messages", True, "node.rate_limit_messages"),
     ("node.fsync", "yes", "node.fsync"),
     ("node.max_recovery", 10, "node.max_recovery"),
+    ("node.write_buffer_grace", 0, "node.write_buffer_grace"),
+    ("node.max_page_bytes", 0, "node.max_page_bytes"),
     ("node.nope", 1, "node.nope"),
     ("aws.scheme", "public", "aws.scheme"),
     ("aws.target_type", "lambda", "aws.target_type"),

@@ -117,7 +117,8 @@ async def stalled_member(node: Any, room: dict) -> SioClient:
 
 async def test_slow_reader_is_disconnected_and_others_keep_receiving(tmp_path):
     cap = 32 * 1024
-    settings = {"write_buffer_cap": cap, "rate_limit_messages": 100_000, "fsync": False}
+    settings = {"write_buffer_cap": cap, "max_page_bytes": 28 * 1024,
+                "rate_limit_messages": 100_000, "fsync": False}
     with running_nodes(tmp_path, 1, node=settings) as (node,):
         room = await acreate_room(node)
         alice = await open_client(node, room, name="alice")
