@@ -189,6 +189,59 @@ async def test_since_reads_a_long_gap_completely(tmp_path: Path) -> None:
     await s.close()
 
 
+def text_bytes(message: dict) -> int:
+    return len(message["text"])
+
+
+async def test_newest_stops_at_the_byte_bound_and_says_so(tmp_path: Path) -> None:
+    s = await opened(tmp_path, fsync=False)
+    await s.create_room(room("a"))
+    for i in range(1, 21):
+        await send(s, "a", "x" * (100 * i))  # seq i has 100 * i characters
+    page, more = await s.newest("a", limit=100, max_bytes=5000, size=text_bytes)
+    assert seqs(page) == [19, 20] and more is True  # 2000 + 1900 fit, 1800 more would not
+    page, more = await s.newest("a", limit=2, max_bytes=10**6, size=text_bytes)
+    assert seqs(page) == [19, 20] and more is False  # the limit, not the bytes
+    page, more = await s.newest("a", before=5, limit=100, max_bytes=10**6, size=text_bytes)
+    assert seqs(page) == [1, 2, 3, 4] and more is False
+    page, more = await s.newest("a", after=17, limit=100, max_bytes=10, size=text_bytes)
+    assert seqs(page) == [20] and more is True  # the newest always, whatever its size
+    page, more = await s.newest("a", after=17, before=18, limit=100, max_bytes=10,
+                                size=text_bytes)
+    assert page == [] and more is False
+    await s.close()
+
+
+async def test_newest_reads_a_long_range_off_the_loop_the_same_way(tmp_path: Path) -> None:
+    s = await opened(tmp_path, fsync=False, max_recovery=1000)
+    await s.create_room(room("a"))
+    n = store_mod.LOOP_READ_ROWS * 2
+    await asyncio.gather(*(send(s, "a", "y" * 10) for _ in range(n)))
+    page, more = await s.newest("a", after=0, limit=n, max_bytes=10 * 250, size=text_bytes)
+    assert seqs(page) == list(range(n - 249, n + 1)) and more is True
+    page, more = await s.newest("a", after=0, limit=n, max_bytes=10**6, size=text_bytes)
+    assert seqs(page) == list(range(1, n + 1)) and more is False
+    await s.close()
+
+
+async def test_gap_counts_what_since_would_return(tmp_path: Path) -> None:
+    s = await opened(tmp_path, retention=10, prune_interval=0, max_recovery=15)
+    await s.create_room(room("a"))
+    assert s.gap("a", 0) == 0
+    for i in range(1, 31):
+        await send(s, "a", f"t{i}")
+    await s.flush()  # 1..20 pruned
+    assert s.gap("a", 30) == 0
+    assert s.gap("a", 20) == 10
+    assert s.gap("a", 19) is None  # 20 is gone
+    assert s.gap("a", 31) is None  # a client from the future
+    with pytest.raises(ValueError):
+        s.gap("a", -1)
+    s.max_recovery = 5
+    assert s.gap("a", 20) is None  # longer than max_recovery
+    await s.close()
+
+
 async def test_retention_prunes_and_since_reports_the_pruned_gap(tmp_path: Path) -> None:
     s = await opened(tmp_path, retention=10, prune_interval=0, max_recovery=1000)
     await s.create_room(room("a"))

@@ -43,6 +43,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -423,6 +424,77 @@ class Store:
         if len(rows) != wanted:  # (room_id, seq) is unique, so fewer rows = pruned
             return None
         return [_from_row(room_id, r) for r in rows]
+
+    def gap(self, room_id: str, after_seq: int) -> int | None:
+        """How many committed messages follow ``after_seq``, or None when they cannot all
+        be given (the reasons of ``since``), without reading them: a room's stored seqs are
+        one unbroken range (a commit never leaves a hole, pruning takes the oldest), so the
+        gap is whole when the oldest stored message is at most ``after_seq + 1``. One
+        primary-key lookup, so a recovery can then read only the part it sends."""
+        self._require_open()
+        if after_seq < 0:
+            raise ValueError("after_seq must be 0 or more.")
+        if after_seq > self.last_seq(room_id):
+            return None
+        wanted = self._committed.get(room_id, 0) - after_seq
+        if wanted <= 0:
+            return 0
+        if wanted > self.max_recovery:
+            return None
+        rows = self._read("SELECT min(seq) FROM messages WHERE room_id = ?", (room_id,))
+        oldest = rows[0][0]
+        return wanted if oldest is not None and oldest <= after_seq + 1 else None
+
+    async def newest(self, room_id: str, *, after: int = 0, before: int | None = None,
+                     limit: int, max_bytes: int, size: Callable[[dict[str, Any]], int]
+                     ) -> tuple[list[dict[str, Any]], bool]:
+        """The newest committed messages with ``after < seq < before``, at most ``limit``
+        and at most ``max_bytes`` of ``size`` (the newest always, whatever its size),
+        oldest first; and whether older ones of that range were left out for the bytes.
+
+        Rows are read newest first and reading stops at the bound, so a long recovery gap
+        of large messages costs the rows that are sent, not the whole gap."""
+        self._require_open()
+        top = self._committed.get(room_id, 0)
+        if before is not None:
+            top = min(top, before - 1)
+        if limit <= 0 or top <= after:
+            return [], False
+        sql = (f"SELECT {_COLUMNS} FROM messages WHERE room_id = ? AND seq > ? AND seq <= ?"
+               " ORDER BY seq DESC LIMIT ?")
+        args = (sql, (room_id, after, top, limit), room_id, max_bytes, size)
+        if limit <= LOOP_READ_ROWS:
+            assert self._reader is not None
+            return self._read_newest(self._reader, *args)
+        assert self._loop is not None and self._bulk is not None
+        return await self._loop.run_in_executor(self._bulk, self._read_newest_bulk, *args)
+
+    def _read_newest(self, conn: sqlite3.Connection, sql: str, params: tuple, room_id: str,
+                     max_bytes: int, size: Callable[[dict[str, Any]], int]
+                     ) -> tuple[list[dict[str, Any]], bool]:
+        out: list[dict[str, Any]] = []
+        used = 0
+        try:
+            with contextlib.closing(conn.execute(sql, params)) as cursor:
+                for row in cursor:
+                    msg = _from_row(room_id, row)
+                    used += size(msg)
+                    if out and used > max_bytes:
+                        out.reverse()
+                        return out, True
+                    out.append(msg)
+        except sqlite3.Error as exc:
+            raise StoreError(f"reading {self.path} failed: {exc}") from exc
+        out.reverse()
+        return out, False
+
+    def _read_newest_bulk(self, *args: Any) -> tuple[list[dict[str, Any]], bool]:
+        """``_read_newest`` in the reader thread, on that thread's own connection."""
+        conn = getattr(self._bulk_local, "conn", None)
+        if conn is None:
+            conn = self._bulk_local.conn = self._connect(query_only=True)
+            self._bulk_conns.append(conn)
+        return self._read_newest(conn, *args)
 
     # -- event-loop helpers --------------------------------------------------------------
 
