@@ -15,16 +15,26 @@ still sees its packets in the order they were produced. An uncompressed frame is
 a connection that negotiated permessage-deflate (RSV1 clear), so the same bytes serve
 browser clients too.
 
-Back-pressure: a recipient whose unsent bytes (transport buffer plus queued packets) pass
-``write_buffer_cap`` is cut off, logged and counted, instead of letting a slow reader grow
-the node's memory without bound.
+Back-pressure: a client is cut off only for a backlog it fails to drain, never for the size
+of one packet. Its backlog is what it has not taken yet: its transport's write buffer
+(websocket), this tick's frames for it, and the packets in its Engine.IO queue
+(``SessionQueue.nbytes``: a long-polling client that does not GET, a websocket client whose
+writer waits for the socket to drain). It is looked at after the writes, never before: after
+each tick's flush for direct writes, after each queued packet otherwise. Above
+``write_buffer_cap`` a clock starts; a client still above the cap ``write_buffer_grace``
+seconds later is cut off, and one above twice the cap is cut off at once, which bounds what
+a stalled reader can hold. One packet never does it alone: welcome and history pages are
+bounded by ``max_page_bytes``, which is below the cap. A cut-off is logged and counted, and
+the client's queued packets are freed at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import struct
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -68,6 +78,19 @@ def sio_payload(kind: int, namespace: str, data: Any, ack_id: int | None = None
     return head.encode() + body
 
 
+def json_size(value: Any) -> int:
+    """Bytes of ``value`` as JSON on the wire: orjson's form, which every path of this node
+    uses; the stdlib's (what python-socketio falls back to when orjson cannot encode it)
+    otherwise. Page bounds are measured with this."""
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:
+        return len(json.dumps(value, separators=(",", ":")))
+
+
+_JSON_KINDS = (sio_packet.EVENT, sio_packet.ACK)
+
+
 class Fanout:
     """Delivers events to room members; the room service calls ``emit`` for every one."""
 
@@ -75,14 +98,19 @@ class Fanout:
         self.sio = sio
         self.settings = settings
         self.cap = settings.write_buffer_cap
+        self.grace = settings.write_buffer_grace
         self.fast = 0
         self.slow = 0
-        self.dropped = 0
+        self.dropped = 0  # clients cut off for their backlog
+        self.caught_up = 0  # clients that went above the cap and were below it in time
+        self.refusals = 0  # requests refused because their client was above the cap
         self.direct = 0  # single-recipient packets written straight to the transport
         self.queued = 0  # single-recipient packets that took the Engine.IO queue
         self._ws: dict[str, Any] = {}  # Engine.IO sid -> aiohttp WebSocketResponse
-        self._pending: dict[Any, list[bytes]] = {}  # transport -> frames of this loop tick
+        # transport -> [Engine.IO sid, frame, frame, ...]: what this loop tick writes to it
+        self._pending: dict[Any, list[Any]] = {}
         self._flush_scheduled = False
+        self._over: set[str] = set()  # Engine.IO sids above the cap, their clock running
 
     # -- knowing each client's websocket -------------------------------------------------
 
@@ -113,24 +141,30 @@ class Fanout:
             return None
         return transport
 
-    def _write(self, transport: Any, frame: bytes) -> None:
+    def _write(self, transport: Any, eio_sid: str, frame: bytes) -> None:
         """Queue ``frame`` for ``transport``; all frames of one loop tick for the same
         client go out in one write (group commit completes several messages at once)."""
-        frames = self._pending.get(transport)
-        if frames is None:
-            self._pending[transport] = [frame]
+        entry = self._pending.get(transport)
+        if entry is None:
+            self._pending[transport] = [eio_sid, frame]
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
         else:
-            frames.append(frame)
+            entry.append(frame)
 
     def _flush(self) -> None:
+        """One write per client of its frames of this tick, then one look at what its
+        transport could not hand to the kernel: a client over the cap is judged."""
         pending, self._pending = self._pending, {}
         self._flush_scheduled = False
-        for transport, frames in pending.items():
-            if not transport.is_closing():
-                transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        cap = self.cap
+        for transport, entry in pending.items():
+            if transport.is_closing():
+                continue
+            transport.write(entry[1] if len(entry) == 2 else b"".join(islice(entry, 1, None)))
+            if transport.get_write_buffer_size() > cap:
+                self._judge(entry[0])
 
     # -- broadcast -----------------------------------------------------------------------
 
@@ -140,7 +174,13 @@ class Fanout:
 
         The room service keeps each member's Engine.IO sid, which saves a lookup per
         recipient. No task per recipient: fast recipients get one ``transport.write`` of a
-        shared frame; the rest are queued in order, one after the other."""
+        shared frame; the rest are queued in order, one after the other.
+
+        Per recipient the hot path does: one socket lookup, the direct-write test (its
+        websocket is known, its writer is parked on an empty queue), and either an append
+        of the shared frame to its list for this tick's flush or a place on the slow list.
+        Back-pressure costs nothing here: it is one buffer-size look per client in the
+        flush (direct writes) and one backlog measure per queued packet (slow path)."""
         payload = sio_payload(sio_packet.EVENT, namespace, [event, data])
         if payload is None:
             encoded = self.sio.packet_class(sio_packet.EVENT, namespace=namespace,
@@ -151,30 +191,20 @@ class Fanout:
                     await self.sio.emit(event, data, to=sid, namespace=namespace)
                 return
             payload = ("4" + encoded).encode()
-        size = len(payload)
         frame: bytes | None = None
         slow: list[str] = []
-        dropped: list[tuple[str, Any, Any]] = []
         sockets = self.sio.eio.sockets
-        cap = self.cap
-        for sid, eio_sid in recipients:
+        for _sid, eio_sid in recipients:
             sock = sockets.get(eio_sid) if eio_sid is not None else None
             if sock is None or sock.closing:
                 continue
             transport = self._direct_transport(eio_sid, sock)
             if transport is not None:
-                if transport.get_write_buffer_size() + size > cap:
-                    dropped.append((f"{sid} in {namespace}", sock, transport))
-                    continue
                 if frame is None:
-                    frame = text_frame(payload)
-                self._write(transport, frame)
+                    frame = text_frame(payload)  # built once, shared by every recipient
+                self._write(transport, eio_sid, frame)
                 self.fast += 1
             else:
-                if self._pending_bytes(eio_sid, sock, size) > cap:
-                    dropped.append((f"{sid} in {namespace}", sock,
-                                    self._transport_of(eio_sid)))
-                    continue
                 slow.append(eio_sid)
         if slow:
             pkt = eio_packet.Packet(eio_packet.MESSAGE, payload[1:].decode())
@@ -182,19 +212,27 @@ class Fanout:
             for eio_sid in slow:
                 self.slow += 1
                 await send(eio_sid, pkt)
-        for who, sock, transport in dropped:
-            self._drop(who, sock, transport)
+                self._judge(eio_sid)
 
     # -- one recipient -------------------------------------------------------------------
 
     async def send_packet(self, eio_sid: str, pkt: Any) -> bool:
         """python-socketio's ``_send_packet`` (CONNECT, CONNECT_ERROR, DISCONNECT, ACK and
         single emits) through the same direct-write rule as broadcasts. False when the
-        packet has binary attachments: python-socketio then sends it as usual."""
-        encoded = pkt.encode()
-        if isinstance(encoded, list):
-            return False
-        await self.send_payload(eio_sid, ("4" + encoded).encode(), encoded)
+        packet has binary attachments: python-socketio then sends it as usual.
+
+        Events and acks are encoded with orjson like everything else this node sends, so a
+        history page has the size it was measured at on every transport (the stdlib's
+        ``\\u`` escapes would triple the bytes of some texts)."""
+        payload = None
+        if pkt.packet_type in _JSON_KINDS and pkt.data is not None:
+            payload = sio_payload(pkt.packet_type, pkt.namespace or "/", pkt.data, pkt.id)
+        if payload is None:
+            encoded = pkt.encode()
+            if isinstance(encoded, list):
+                return False
+            payload = ("4" + encoded).encode()
+        await self.send_payload(eio_sid, payload)
         return True
 
     async def send_payload(self, eio_sid: str, payload: bytes, encoded: str | None = None
@@ -209,41 +247,95 @@ class Fanout:
             encoded = payload[1:].decode()
         self.queued += 1
         await self.sio.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, encoded))
+        self._judge(eio_sid)
 
     def _transport_of(self, eio_sid: str) -> Any:
         ws = self._ws.get(eio_sid)
         writer = getattr(ws, "_writer", None) if ws is not None else None
         return writer.transport if writer is not None else None
 
-    def _pending_bytes(self, eio_sid: str, sock: Any, size: int) -> int:
-        """Bytes this client has not taken yet, if this packet were queued: its transport
-        buffer (websocket) plus its queued packets, estimated at this packet's size."""
-        transport = self._transport_of(eio_sid)
-        buffered = transport.get_write_buffer_size() if transport is not None else 0
-        return buffered + (sock.queue.qsize() + 1) * size
-
     def write_now(self, eio_sid: str, sock: Any, payload: bytes) -> bool:
-        """Write ``payload`` to the client's socket now if the direct rule allows it (also
-        when it cuts off a reader over the cap); False: use the Engine.IO queue."""
+        """Write ``payload`` to the client's socket now if the direct rule allows it, at any
+        size (the flush judges the backlog); False: use the Engine.IO queue."""
         if sock.closing:
             return False
         transport = self._direct_transport(eio_sid, sock)
         if transport is None:
             return False
-        if transport.get_write_buffer_size() + len(payload) > self.cap:
-            self._drop(f"session {eio_sid}", sock, transport)
-            return True
-        self._write(transport, text_frame(payload))
+        self._write(transport, eio_sid, text_frame(payload))
         self.direct += 1
         return True
 
     # -- back-pressure -------------------------------------------------------------------
 
-    def _drop(self, who: str, sock: Any, transport: Any) -> None:
-        """Cut off a reader that fell too far behind; the normal disconnect path (leave,
-        presence) follows from the closed connection."""
+    def unsent(self, eio_sid: str, sock: Any = None) -> int:
+        """Bytes this client has not taken yet: its transport's write buffer and this
+        tick's frames (websocket), plus its queued packets (either transport)."""
+        if sock is None:
+            sock = self.sio.eio.sockets.get(eio_sid)
+            if sock is None:
+                return 0
+        total = getattr(sock.queue, "nbytes", 0)
+        transport = self._transport_of(eio_sid)
+        if transport is not None:
+            total += transport.get_write_buffer_size()
+            entry = self._pending.get(transport)
+            if entry is not None:
+                total += sum(len(frame) for frame in islice(entry, 1, None))
+        return total
+
+    def backlogged(self, eio_sid: str | None) -> bool:
+        """True when this client already holds more unsent bytes than the cap. Work whose
+        only product is more bytes for it (a history page) is then refused (counted), so a
+        client that does not read cannot make the node read and hold pages for it."""
+        if eio_sid is None or self.unsent(eio_sid) <= self.cap:
+            return False
+        self.refusals += 1
+        return True
+
+    def _judge(self, eio_sid: str) -> None:
+        """After a write or a queued packet: a client above twice the cap is cut off now;
+        one above the cap gets ``grace`` seconds (one clock per episode) to get below."""
+        sock = self.sio.eio.sockets.get(eio_sid)
+        if sock is None or sock.closing:
+            return
+        unsent = self.unsent(eio_sid, sock)
+        if unsent <= self.cap:
+            return
+        if unsent > 2 * self.cap:
+            self._drop(eio_sid, sock, unsent, "more than twice node.write_buffer_cap")
+        elif eio_sid not in self._over:
+            self._over.add(eio_sid)
+            asyncio.get_running_loop().call_later(self.grace, self._deadline, eio_sid)
+
+    def _deadline(self, eio_sid: str) -> None:
+        """``grace`` seconds after a client went above the cap: still above, it is cut off;
+        below, it caught up, and a later excess starts a new clock."""
+        if eio_sid not in self._over:
+            return  # cut off meanwhile
+        self._over.discard(eio_sid)
+        sock = self.sio.eio.sockets.get(eio_sid)
+        if sock is None or sock.closing:
+            return
+        unsent = self.unsent(eio_sid, sock)
+        if unsent > self.cap:
+            self._drop(eio_sid, sock, unsent, f"still above node.write_buffer_cap after "
+                       f"{self.grace:g} s")
+        else:
+            self.caught_up += 1
+
+    def _drop(self, eio_sid: str, sock: Any, unsent: int, why: str) -> None:
+        """Cut off a reader that fell too far behind and free what was queued for it; the
+        normal disconnect path (leave, presence) follows from the closed connection."""
         self.dropped += 1
-        log.warning("disconnecting slow reader %s: more than %d bytes unsent", who, self.cap)
+        self._over.discard(eio_sid)
+        transport = self._transport_of(eio_sid)
+        log.warning("disconnecting slow reader %s (%s): %d bytes unsent, %s (%d)", eio_sid,
+                    "websocket" if transport is not None else "long-polling", unsent, why,
+                    self.cap)
+        discard = getattr(sock.queue, "discard", None)
+        if discard is not None:
+            discard()
         if transport is not None and not transport.is_closing():
             transport.abort()
         else:
@@ -252,7 +344,9 @@ class Fanout:
 
     def stats(self) -> dict[str, int]:
         return {"fast": self.fast, "slow": self.slow, "direct": self.direct,
-                "queued": self.queued, "dropped_slow_readers": self.dropped}
+                "queued": self.queued, "dropped_slow_readers": self.dropped,
+                "backlogged": len(self._over), "caught_up": self.caught_up,
+                "backlog_refusals": self.refusals}
 
 
 def _parked(queue: Any) -> bool:
