@@ -26,7 +26,7 @@ from socketio.exceptions import ConnectionRefusedError as SioRefused
 from shardchat import urls
 from shardchat.config import Config
 from shardchat.node import limits
-from shardchat.node.fanout import Fanout
+from shardchat.node.fanout import Fanout, json_size
 from shardchat.node.invites import Invites
 from shardchat.node.limits import Refusal
 from shardchat.node.members import MemberTokens
@@ -36,6 +36,11 @@ log = logging.getLogger("shardchat.rooms")
 
 WELCOME_HISTORY = 50  # SPEC: the welcome holds the latest 50 messages
 TYPING_REPEAT_SECONDS = 2.0
+
+
+def _listed_size(message: dict) -> int:
+    """Bytes one message adds to a JSON list: its encoding and a separator."""
+    return json_size(message) + 1
 
 
 @dataclass
@@ -214,14 +219,16 @@ class RoomService:
                                                  "count": len(room.members)}, skip=sid)
 
     async def _welcome(self, room: Room, member: Member, last_seq: int | None) -> dict:
+        """The welcome: the latest 50 messages, or every message after ``last_seq`` when the
+        store still holds that gap (``recovered``), as far as they fit in one page; the rest
+        is marked ``more`` and paged back with ``history``."""
         rid = room.record.id
-        recovered = False
-        history: list[dict] | None = None
+        after, limit, recovered = 0, WELCOME_HISTORY, False
         if last_seq is not None:
-            history = await self.store.since(rid, last_seq)
-            recovered = history is not None
-        if history is None:
-            history = await self.store.history(rid, limit=WELCOME_HISTORY)
+            gap = self.store.gap(rid, last_seq)
+            if gap is not None:
+                after, limit, recovered = last_seq, gap, True
+        history, more = await self._page(rid, after=after, limit=limit)
         top = history[-1]["seq"] if history else 0
         if recovered:
             top = max(top, last_seq)
@@ -233,6 +240,8 @@ class RoomService:
             "history": history,
             "recovered": recovered,
         }
+        if more:
+            welcome["more"] = True
         if room.record.private:
             welcome["invite"] = self.invites.issue(rid)
         return welcome
@@ -305,10 +314,25 @@ class RoomService:
         bad = limits.check_history(data)
         if bad:
             return bad.ack()
-        messages = await self.store.history(room.record.id, before=data.get("before"),
-                                            limit=data.get("limit",
-                                                           limits.DEFAULT_HISTORY_LIMIT))
-        return {"ok": True, "messages": messages}
+        if self.fanout.backlogged(member.eio_sid):
+            return Refusal("rate_limited", "Earlier replies have not reached you yet; read "
+                           "them, then ask for more history.").ack()
+        messages, more = await self._page(room.record.id, before=data.get("before"),
+                                          limit=data.get("limit", limits.DEFAULT_HISTORY_LIMIT))
+        ack: dict[str, Any] = {"ok": True, "messages": messages}
+        if more:
+            ack["more"] = True
+        return ack
+
+    async def _page(self, room_id: str, *, after: int = 0, before: int | None = None,
+                    limit: int) -> tuple[list[dict], bool]:
+        """The newest messages of a range whose JSON list fits in ``node.max_page_bytes``
+        (each message counts its encoding and a comma), and whether older ones of the range
+        were left out. The bound is below ``write_buffer_cap``, so no page can make its
+        reader look slow."""
+        return await self.store.newest(room_id, after=after, before=before, limit=limit,
+                                       max_bytes=self.settings.max_page_bytes - 1,
+                                       size=_listed_size)
 
     # -- delivery -----------------------------------------------------------------------
 
