@@ -353,9 +353,11 @@ def test_typing_indicator_appears_for_the_other_person(site, people):
     expect(ana.locator("#typing")).to_have_text("")
 
 
-def seed_messages(site: Site, room: dict[str, Any], count: int, senders: int = 4) -> None:
-    """Post ``count`` numbered messages with real Socket.IO clients, spread over several
-    connections so no one connection meets the rate limit; returns when all are acked."""
+def seed_messages(site: Site, room: dict[str, Any], count: int, senders: int = 4,
+                  filler: str = "") -> None:
+    """Post ``count`` numbered messages (``filler`` appended to each) with real Socket.IO
+    clients, spread over several connections so no one connection meets the rate limit;
+    returns when all are acked."""
     import socketio
 
     async def one_sender(index: int, numbers: list[int]) -> None:
@@ -365,7 +367,7 @@ def seed_messages(site: Site, room: dict[str, Any], count: int, senders: int = 4
                              auth={"name": f"seeder {index}"}, wait_timeout=10)
         try:
             for n in numbers:
-                ack = await client.call("message", {"text": f"message {n}"},
+                ack = await client.call("message", {"text": f"message {n}{filler}"},
                                         namespace=room["namespace"], timeout=10)
                 assert ack.get("ok"), ack
         finally:
@@ -551,6 +553,25 @@ def test_a_message_whose_ack_was_lost_is_resent_and_stored_once(site, people):
     expect(ben.locator("#messages .msg-text")).to_have_text(
         ["sent into the void", "after the retry"])
     assert ana.errors == []
+
+
+def test_reconnect_after_a_long_outage_pages_in_every_missed_message(site, people):
+    """100 missed messages of 4,000 characters are more than one welcome holds (its bytes
+    are bounded): the welcome brings the newest and says "more", and the page fetches the
+    rest with history requests until it meets what it had, so every message shows, once."""
+    room = create_room(site, "Long outage")
+    ben = people.join(room_link(site, room), "Ben")
+    seed_messages(site, room, 1)
+    expect(message(ben, "message 1")).to_be_visible()
+
+    ben.context.set_offline(True)
+    expect(ben.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    seed_messages(site, room, 100, senders=8, filler=" " + "x" * 3980)
+    ben.context.set_offline(False)
+    expect_connected(ben)
+    expect(messages(ben)).to_have_count(101)
+    expect(ben.locator("#messages .msg-text").first).to_have_text("message 1")
+    expect(ben.locator("#messages .msg-text").last).to_contain_text("message 100 x")
 
 
 def test_screenshot_of_a_conversation(site, people, tmp_path):

@@ -12,6 +12,8 @@
   const MAX_NAME = 40;
   const MAX_TEXT = 4000;
   const HISTORY_PAGE = 50;
+  const GAP_PAGE = 100;             // recovery pages ask for the most; the server bounds them in bytes
+  const GAP_RETRY_MS = 2000;
   const GROUP_GAP_MS = 5 * 60 * 1000;
   const TYPING_IDLE_MS = 2500;      // stop "typing" after this long without a keystroke
   const TYPING_STALE_MS = 6000;     // forget someone's "typing" if their stop never arrives
@@ -151,6 +153,9 @@
     members: new Map(),        // sid -> {sid, name}
     typing: new Map(),         // sid -> {name, timer}
     highestSeq: 0,
+    sentLastSeq: null,         // the last_seq of the current connection's auth
+    gap: null,                 // {after, before}: a recovery still being paged in
+    gapToken: 0,               // bumps on every welcome: stale gap pages are ignored
     lowestSeq: 0,
     atBeginning: false,
     loadingOlder: false,
@@ -326,7 +331,9 @@
     const auth = { name: state.name };
     if (state.invite) auth.invite = state.invite;
     if (state.token) auth.token = state.token;
-    if (state.everConnected) auth.last_seq = state.highestSeq;
+    // While a recovery is still being paged in, ask again from below its hole.
+    state.sentLastSeq = state.everConnected ? (state.gap ? state.gap.after : state.highestSeq) : null;
+    if (state.sentLastSeq !== null) auth.last_seq = state.sentLastSeq;
     return auth;
   }
 
@@ -411,8 +418,16 @@
     showRoom(w.room, w.you);
     setMembers(w.members || []);
     const history = Array.isArray(w.history) ? w.history : [];
+    state.gapToken += 1;
+    state.gap = null;
     if (w.recovered) {
       for (const m of history) addMessage(m);
+      // A recovery too large for one welcome carries its newest part and says "more": the
+      // rest, down to what we had, is paged in backwards.
+      if (w.more && history.length && state.sentLastSeq !== null
+          && history[0].seq > state.sentLastSeq + 1) {
+        state.gap = { after: state.sentLastSeq, before: history[0].seq };
+      }
     } else {
       state.messages.clear();
       for (const m of history) addMessage(m);
@@ -423,7 +438,30 @@
     setStatus("connected");
     render({ stickToBottom: !w.recovered || isNearBottom() });
     flushPending();
-    maybeLoadOlder();
+    if (state.gap) fillGap(state.gapToken);
+    else maybeLoadOlder();
+  }
+
+  /** Page a recovery's hole in, newest first, until it meets the messages we already had. */
+  function fillGap(token) {
+    if (token !== state.gapToken || !state.gap || !state.joined) return;
+    const gap = state.gap;
+    state.socket.timeout(ACK_TIMEOUT_MS).emit("history", { before: gap.before, limit: GAP_PAGE }, (err, ack) => {
+      if (token !== state.gapToken || !state.joined) return;  // a newer welcome took over
+      if (err || !ack || !ack.ok || !Array.isArray(ack.messages)) {
+        window.setTimeout(() => fillGap(token), GAP_RETRY_MS);
+        return;
+      }
+      const near = isNearBottom();
+      for (const m of ack.messages) addMessage(m);
+      const oldest = ack.messages.length ? ack.messages[0].seq : 0;
+      if (!oldest || oldest <= gap.after + 1) state.gap = null;
+      else gap.before = oldest;
+      recomputeBounds();
+      render(near ? { stickToBottom: true } : {});  // the hole is above the newest messages
+      if (state.gap) fillGap(token);
+      else maybeLoadOlder();
+    });
   }
 
   /** Keep the token for the next connect; a new one (the old was not accepted) replaces it. */
