@@ -15,17 +15,17 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from provisioner import naming
 from provisioner.actions import Action, Plan
-from provisioner.aws import error_code
 from provisioner.desired import ListenerSpec, TargetGroupSpec
 from provisioner.observed import ObservedState
+from shardchat.aws.clients import error_code
+from shardchat.aws.tags import OWNERSHIP_KEYS, TAG_ADOPTED, tag_list
 
 THROTTLE_CODES = {"Throttling", "ThrottlingException", "RequestLimitExceeded",
                   "TooManyRequestsException", "RequestThrottled"}
 MUTATION_ATTEMPTS = 6
 SSL_POLICY = "ELBSecurityPolicy-TLS13-1-2-2021-06"
-ADOPTED = {naming.TAG_ADOPTED: "true"}
+ADOPTED = {TAG_ADOPTED: "true"}
 
 
 @dataclass
@@ -60,10 +60,6 @@ def call(fn: Callable[..., Any], sleep: Callable[[float], None] = time.sleep,
     raise AssertionError("unreachable")
 
 
-def _tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
-    return naming.tag_list(tags)
-
-
 def _forward(arn: str) -> list[dict[str, Any]]:
     return [{"Type": "forward", "TargetGroupArn": arn}]
 
@@ -91,7 +87,7 @@ def create_load_balancer(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None
     spec = args["spec"]
     kw: dict[str, Any] = {"Name": spec.name, "Subnets": list(spec.subnets),
                           "Scheme": spec.scheme, "Type": "application", "IpAddressType": "ipv4",
-                          "Tags": _tag_list(spec.tags)}
+                          "Tags": tag_list(spec.tags)}
     if spec.security_groups:
         kw["SecurityGroups"] = list(spec.security_groups)
     ctx.lb_arn = call(elbv2.create_load_balancer, **kw)["LoadBalancers"][0]["LoadBalancerArn"]
@@ -112,16 +108,15 @@ def set_security_groups(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None:
 
 
 def adopt(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None:
-    call(elbv2.add_tags, ResourceArns=[args["arn"]], Tags=_tag_list({**args["tags"], **ADOPTED}))
+    call(elbv2.add_tags, ResourceArns=[args["arn"]], Tags=tag_list({**args["tags"], **ADOPTED}))
 
 
 def retag(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None:
-    call(elbv2.add_tags, ResourceArns=[args["arn"]], Tags=_tag_list(args["tags"]))
+    call(elbv2.add_tags, ResourceArns=[args["arn"]], Tags=tag_list(args["tags"]))
 
 
 def untag(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None:
-    keys = [naming.TAG_CLUSTER, naming.TAG_ROLE, naming.TAG_INSTANCE, naming.TAG_ADOPTED]
-    call(elbv2.remove_tags, ResourceArns=[args["arn"]], TagKeys=keys)
+    call(elbv2.remove_tags, ResourceArns=[args["arn"]], TagKeys=list(OWNERSHIP_KEYS))
 
 
 def create_target_group(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None:
@@ -134,7 +129,7 @@ def create_target_group(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None:
                 HealthCheckPath=h.path, HealthCheckIntervalSeconds=h.interval,
                 HealthCheckTimeoutSeconds=h.timeout, HealthyThresholdCount=h.healthy,
                 UnhealthyThresholdCount=h.unhealthy, Matcher={"HttpCode": h.matcher},
-                Tags=_tag_list(spec.tags))
+                Tags=tag_list(spec.tags))
     arn = resp["TargetGroups"][0]["TargetGroupArn"]
     ctx.tg_arns[spec.name] = arn
     call(elbv2.modify_target_group_attributes, TargetGroupArn=arn, Attributes=[
@@ -182,7 +177,7 @@ def _listener_kwargs(ctx: Context, spec: ListenerSpec, default: dict[str, Any]
 def create_listener(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None:
     spec: ListenerSpec = args["spec"]
     resp = call(elbv2.create_listener, LoadBalancerArn=ctx.lb_arn,
-                Tags=_tag_list(spec.tags), **_listener_kwargs(ctx, spec, args["default"]))
+                Tags=tag_list(spec.tags), **_listener_kwargs(ctx, spec, args["default"]))
     ctx.listener_arns[spec.port] = resp["Listeners"][0]["ListenerArn"]
 
 
@@ -200,7 +195,7 @@ def create_rule(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None:
     spec = args["spec"]
     resp = call(elbv2.create_rule, ListenerArn=ctx.listener_arns[args["listener_port"]],
                 Priority=args["priority"], Conditions=_path_condition(spec.path_pattern),
-                Actions=_forward(ctx.tg_arns[spec.target_group]), Tags=_tag_list(spec.tags))
+                Actions=_forward(ctx.tg_arns[spec.target_group]), Tags=tag_list(spec.tags))
     ctx.rule_arns[spec.instance] = resp["Rules"][0]["RuleArn"]
 
 

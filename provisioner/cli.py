@@ -16,12 +16,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from provisioner import reconcile, status
 from provisioner.actions import Action, Plan
-from provisioner.aws import Clients, error_code, error_message, make_clients
 from provisioner.observed import observe
 from provisioner.plan import ConflictError
 from provisioner.reconcile import checked_desired, destroy_plan_for, plan_for
 from shardchat import config as config_mod
-from shardchat.cluster.discovery import resolve_instances
+from shardchat.aws.clients import Clients, error_code, error_message, make_clients
+from shardchat.aws.ec2 import resolve_instances
 
 EXIT_OK, EXIT_AWS, EXIT_CONFIG = 0, 1, 2
 

@@ -10,6 +10,15 @@ from dataclasses import dataclass, field
 
 from provisioner import naming
 from shardchat import urls
+from shardchat.aws.alb import HealthCheck, Target
+from shardchat.aws.tags import (
+    ROLE_INSTANCE,
+    ROLE_LB,
+    ROLE_LISTENER,
+    ROLE_LOBBY,
+    ROLE_REDIRECT,
+    ownership,
+)
 from shardchat.cluster.rules import build_rules
 from shardchat.config import Config, ConfigError
 
@@ -19,25 +28,9 @@ LOBBY_HEALTH_PATH = "/healthz"  # default-routed: any node answers it
 
 
 @dataclass(frozen=True)
-class Target:
-    id: str  # EC2 instance id, or an IP address for target_type "ip"
-    port: int
-
-
-@dataclass(frozen=True)
-class HealthCheck:
-    path: str
-    interval: int
-    timeout: int
-    healthy: int
-    unhealthy: int
-    matcher: str = HEALTHY_CODES
-
-
-@dataclass(frozen=True)
 class TargetGroupSpec:
     name: str
-    role: str  # naming.ROLE_INSTANCE or naming.ROLE_LOBBY
+    role: str  # ROLE_INSTANCE or ROLE_LOBBY
     instance: int | None
     port: int
     target_type: str
@@ -59,7 +52,7 @@ class RuleSpec:
 
 @dataclass(frozen=True)
 class ListenerSpec:
-    role: str  # naming.ROLE_LISTENER (forwards, holds the rules) or naming.ROLE_REDIRECT
+    role: str  # ROLE_LISTENER (forwards, holds the rules) or ROLE_REDIRECT
     port: int
     protocol: str
     certificate_arn: str = ""
@@ -88,7 +81,7 @@ class DesiredState:
 
     @property
     def main_listener(self) -> ListenerSpec:
-        return next(ls for ls in self.listeners if ls.role == naming.ROLE_LISTENER)
+        return next(ls for ls in self.listeners if ls.role == ROLE_LISTENER)
 
     def target_group(self, name: str) -> TargetGroupSpec:
         return next(tg for tg in self.target_groups if tg.name == name)
@@ -161,23 +154,23 @@ def _health(cfg: Config, path: str) -> HealthCheck:
     a = cfg.aws
     return HealthCheck(path=path, interval=a.health_check_interval,
                        timeout=a.health_check_timeout, healthy=a.healthy_threshold,
-                       unhealthy=a.unhealthy_threshold)
+                       unhealthy=a.unhealthy_threshold, matcher=HEALTHY_CODES)
 
 
 def _listeners(cfg: Config, cluster: str) -> tuple[ListenerSpec, ...]:
     a = cfg.aws
     if not a.certificate_arn:
-        return (ListenerSpec(naming.ROLE_LISTENER, a.listener_port, "HTTP",
-                             tags=naming.tags(cluster, naming.ROLE_LISTENER)),)
+        return (ListenerSpec(ROLE_LISTENER, a.listener_port, "HTTP",
+                             tags=ownership(cluster, ROLE_LISTENER)),)
     if a.listener_port == HTTPS_PORT:
         raise ConfigError("aws.listener_port", f"must not be {HTTPS_PORT} when "
                           "aws.certificate_arn is set: it is the port that redirects to HTTPS")
     return (
-        ListenerSpec(naming.ROLE_LISTENER, HTTPS_PORT, "HTTPS", a.certificate_arn,
-                     tags=naming.tags(cluster, naming.ROLE_LISTENER)),
-        ListenerSpec(naming.ROLE_REDIRECT, a.listener_port, "HTTP",
+        ListenerSpec(ROLE_LISTENER, HTTPS_PORT, "HTTPS", a.certificate_arn,
+                     tags=ownership(cluster, ROLE_LISTENER)),
+        ListenerSpec(ROLE_REDIRECT, a.listener_port, "HTTP",
                      redirect_port=HTTPS_PORT,
-                     tags=naming.tags(cluster, naming.ROLE_REDIRECT)),
+                     tags=ownership(cluster, ROLE_REDIRECT)),
     )
 
 
@@ -193,26 +186,26 @@ def desired_state(cfg: Config) -> DesiredState:
         name = naming.target_group_name(cluster, inst.number, inst.port, a.target_type)
         by_instance[inst.number] = name
         groups.append(TargetGroupSpec(
-            name=name, role=naming.ROLE_INSTANCE, instance=inst.number, port=inst.port,
+            name=name, role=ROLE_INSTANCE, instance=inst.number, port=inst.port,
             target_type=a.target_type, vpc_id=a.vpc_id,
             health=_health(cfg, urls.healthz_path(inst.number)),
             deregistration_delay=a.deregistration_delay, targets=(target,),
-            tags=naming.tags(cluster, naming.ROLE_INSTANCE, inst.number)))
+            tags=ownership(cluster, ROLE_INSTANCE, inst.number)))
     lobby = naming.lobby_name(cluster, a.target_type)
     groups.append(TargetGroupSpec(
-        name=lobby, role=naming.ROLE_LOBBY, instance=None, port=cfg.instances[0].port,
+        name=lobby, role=ROLE_LOBBY, instance=None, port=cfg.instances[0].port,
         target_type=a.target_type, vpc_id=a.vpc_id, health=_health(cfg, LOBBY_HEALTH_PATH),
         deregistration_delay=a.deregistration_delay,
         targets=tuple(sorted(set(targets), key=lambda t: (t.id, t.port))),
-        tags=naming.tags(cluster, naming.ROLE_LOBBY)))
+        tags=ownership(cluster, ROLE_LOBBY)))
     try:
         ruleset = build_rules((i.number for i in cfg.instances), a.rule_priority_offset)
     except ValueError as exc:
         raise ConfigError("aws.rule_priority_offset", str(exc)) from None
     rules = tuple(RuleSpec(r.instance, r.priority, r.path_pattern, by_instance[r.instance],
-                           tags=naming.tags(cluster, naming.ROLE_INSTANCE, r.instance))
+                           tags=ownership(cluster, ROLE_INSTANCE, r.instance))
                   for r in ruleset.rules)
     lb = LoadBalancerSpec(a.load_balancer, tuple(a.subnets), tuple(a.security_groups),
-                          a.scheme, a.idle_timeout, tags=naming.tags(cluster, naming.ROLE_LB))
+                          a.scheme, a.idle_timeout, tags=ownership(cluster, ROLE_LB))
     return DesiredState(cluster=cluster, load_balancer=lb, listeners=_listeners(cfg, cluster),
                         target_groups=tuple(groups), rules=rules, lobby=lobby)

@@ -11,10 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from provisioner import limits, naming
+from provisioner import limits
 from provisioner.actions import ADOPT, CHANGE, CREATE, DELETE, Action, Plan
 from provisioner.desired import DesiredState, ListenerSpec, RuleSpec, TargetGroupSpec
-from provisioner.observed import ObservedListener, ObservedRule, ObservedState
+from provisioner.observed import ObservedState
+from shardchat.aws.alb import ObservedListener, ObservedRule
+from shardchat.aws.tags import (
+    ROLE_INSTANCE,
+    ROLE_LOBBY,
+    TAG_ADOPTED,
+    TAG_CLUSTER,
+    TAG_INSTANCE,
+    TAG_ROLE,
+)
 from shardchat.cluster.rules import MAX_PRIORITY
 
 
@@ -55,10 +64,10 @@ def _load_balancer(b: _Builder) -> None:
                      "the Socket.IO ping interval + timeout)", "set_idle_timeout",
                      {"seconds": spec.idle_timeout}))
         return
-    owner = lb.tags.get(naming.TAG_CLUSTER)
+    owner = lb.tags.get(TAG_CLUSTER)
     if owner not in (None, b.desired.cluster):
         raise ConflictError("OwnedByOtherCluster", f"load balancer {lb.name} is tagged "
-                            f"{naming.TAG_CLUSTER}={owner}: choose another aws.load_balancer")
+                            f"{TAG_CLUSTER}={owner}: choose another aws.load_balancer")
     if lb.scheme and lb.scheme != spec.scheme:
         raise ConflictError("SchemeMismatch", f"load balancer {lb.name} is {lb.scheme} but "
                             f"aws.scheme is {spec.scheme}; AWS cannot change a scheme in place: "
@@ -85,12 +94,12 @@ def _load_balancer(b: _Builder) -> None:
 
 
 def _why_new_group(b: _Builder, spec: TargetGroupSpec) -> str:
-    if spec.role == naming.ROLE_LOBBY:
-        old = [tg for tg in b.observed.target_groups if tg.role == naming.ROLE_LOBBY]
+    if spec.role == ROLE_LOBBY:
+        old = [tg for tg in b.observed.target_groups if tg.role == ROLE_LOBBY]
         return (f"replaces {old[0].name} (target type changed)" if old
                 else "the lobby: the listener's default action, every instance in it")
     old = [tg for tg in b.observed.target_groups
-           if tg.role == naming.ROLE_INSTANCE and tg.instance == spec.instance]
+           if tg.role == ROLE_INSTANCE and tg.instance == spec.instance]
     if old and old[0].port != spec.port:
         return (f"instance {spec.instance}'s port changed {old[0].port} -> {spec.port}; AWS "
                 f"cannot change a target group's port, so this replaces {old[0].name} "
@@ -170,7 +179,7 @@ def _unused_groups(b: _Builder) -> None:
                               "listener shardchat does not manage forwards to it: left in place")
             continue
         why = (f"instance {tg.instance} is no longer in the config"
-               if tg.role == naming.ROLE_INSTANCE and tg.instance not in
+               if tg.role == ROLE_INSTANCE and tg.instance not in
                {r.instance for r in b.desired.rules} else "replaced by a new target group")
         b.add(Action(DELETE, "target group", tg.name, why, "delete_target_group",
                      {"arn": tg.arn, "targets": tg.targets}))
@@ -216,8 +225,8 @@ def _listener(b: _Builder, spec: ListenerSpec) -> None:
         b.add(Action(ADOPT, "listener", subject, "it exists without shardchat tags: tag it "
                      "and set its default action (destroy will leave it in place)",
                      "adopt", {"arn": have.arn, "tags": spec.tags, "role": spec.role}))
-    elif have.tags.get(naming.TAG_ROLE) != spec.role:
-        b.add(Action(CHANGE, "listener", subject, f"role {have.tags.get(naming.TAG_ROLE)} -> "
+    elif have.tags.get(TAG_ROLE) != spec.role:
+        b.add(Action(CHANGE, "listener", subject, f"role {have.tags.get(TAG_ROLE)} -> "
                      f"{spec.role}", "retag", {"arn": have.arn, "tags": spec.tags,
                                               "role": spec.role}))
     drift = _listener_drift(spec, have, lobby_tg.arn if lobby_tg else None)
@@ -231,7 +240,7 @@ def _unused_listeners(b: _Builder) -> None:
     for ls in b.observed.listeners:
         if ls.port in ports or not b.observed.ours(ls.tags):
             continue
-        if ls.tags.get(naming.TAG_ADOPTED) or any(
+        if ls.tags.get(TAG_ADOPTED) or any(
                 not b.observed.ours(r.tags) for r in b.observed.rules_on(ls.arn)):
             b.warnings.append(f"listener {ls.protocol}:{ls.port} is no longer needed but was "
                               "adopted or holds rules shardchat does not manage: left in place")
@@ -282,7 +291,7 @@ def _rules(b: _Builder) -> None:
             raise ConflictError("PriorityInUse", f"priority {spec.priority} (instance "
                                 f"{spec.instance}) is taken by a rule shardchat does not "
                                 "manage: change aws.rule_priority_offset")
-        mine = sorted((r for r in ours if r.tags.get(naming.TAG_INSTANCE) == str(spec.instance)),
+        mine = sorted((r for r in ours if r.tags.get(TAG_INSTANCE) == str(spec.instance)),
                       key=lambda r: r.priority)
         if mine:
             kept[spec.instance] = mine[0]
@@ -314,7 +323,7 @@ def _rules(b: _Builder) -> None:
     leaving = [r for r in b.observed.rules if b.observed.ours(r.tags) and r.arn not in kept_arns]
     _priority_moves(b, moves, leaving, used, kept)
     for r in leaving:
-        n = r.tags.get(naming.TAG_INSTANCE, "?")
+        n = r.tags.get(TAG_INSTANCE, "?")
         why = ("a duplicate of this instance's rule" if n.isdigit() and int(n) in kept
                and r.listener_arn == (listener.arn if listener else "")
                else f"instance {n} is no longer in the config"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from provisioner import naming
-from provisioner.observed import ObservedRule, ObservedState, ObservedTargetGroup
+from provisioner.observed import ObservedState
+from shardchat.aws.alb import ObservedRule, ObservedTargetGroup
+from shardchat.aws.tags import ROLE_INSTANCE, ROLE_LOBBY, TAG_INSTANCE
 from shardchat.config import Config
 
 HEADERS = ("instance", "target group", "priority", "pattern", "target", "health")
@@ -16,7 +17,7 @@ def _rule_for(observed: ObservedState, tg: ObservedTargetGroup | None, n: int
         hit = next((r for r in ours if tg.arn in r.forward), None)
         if hit:
             return hit
-    return next((r for r in ours if r.tags.get(naming.TAG_INSTANCE) == str(n)), None)
+    return next((r for r in ours if r.tags.get(TAG_INSTANCE) == str(n)), None)
 
 
 def _row(label: str, tg: ObservedTargetGroup | None, rule: ObservedRule | None
@@ -35,14 +36,14 @@ def _row(label: str, tg: ObservedTargetGroup | None, rule: ObservedRule | None
 
 def rows(cfg: Config, observed: ObservedState) -> list[tuple[str, ...]]:
     groups = {tg.instance: tg for tg in observed.target_groups
-              if tg.role == naming.ROLE_INSTANCE}
+              if tg.role == ROLE_INSTANCE}
     numbers = sorted({i.number for i in cfg.instances} | {n for n in groups if n is not None})
     out: list[tuple[str, ...]] = []
     for n in numbers:
         tg = groups.get(n)
         out += _row(str(n), tg, _rule_for(observed, tg, n))
     for tg in observed.target_groups:
-        if tg.role == naming.ROLE_LOBBY:
+        if tg.role == ROLE_LOBBY:
             out += _row("lobby", tg, None)
     return out
 

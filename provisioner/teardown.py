@@ -7,16 +7,16 @@ someone else's rules or listeners is kept for the same reason.
 
 from __future__ import annotations
 
-from provisioner import naming
 from provisioner.actions import CHANGE, DELETE, Action, Plan
 from provisioner.observed import ObservedState
+from shardchat.aws.tags import TAG_ADOPTED, TAG_INSTANCE
 
 NO_ROUTE = "no shardchat cluster behind this listener"
 
 
 def _rules(observed: ObservedState) -> list[Action]:
     return [Action(DELETE, "rule", f"priority {r.priority} {', '.join(r.patterns)}",
-                   f"instance {r.tags.get(naming.TAG_INSTANCE, '?')}", "delete_rule",
+                   f"instance {r.tags.get(TAG_INSTANCE, '?')}", "delete_rule",
                    {"arn": r.arn})
             for r in observed.rules if observed.ours(r.tags)]
 
@@ -28,8 +28,8 @@ def _listeners(observed: ObservedState, warnings: list[str]) -> list[Action]:
             continue
         name = f"{ls.protocol}:{ls.port}"
         foreign = [r for r in observed.rules_on(ls.arn) if not observed.ours(r.tags)]
-        if ls.tags.get(naming.TAG_ADOPTED) or foreign:
-            why = "it was adopted" if ls.tags.get(naming.TAG_ADOPTED) else (
+        if ls.tags.get(TAG_ADOPTED) or foreign:
+            why = "it was adopted" if ls.tags.get(TAG_ADOPTED) else (
                 f"it holds {len(foreign)} rule(s) shardchat does not manage")
             warnings.append(f"listener {name} is kept because {why}; its default action "
                             "now answers 404")
@@ -50,9 +50,9 @@ def _load_balancer(observed: ObservedState, warnings: list[str]) -> list[Action]
         return []
     foreign = [ls for ls in observed.listeners if not observed.ours(ls.tags)]
     kept = [ls for ls in observed.listeners if observed.ours(ls.tags) and (
-        ls.tags.get(naming.TAG_ADOPTED)
+        ls.tags.get(TAG_ADOPTED)
         or any(not observed.ours(r.tags) for r in observed.rules_on(ls.arn)))]
-    if lb.tags.get(naming.TAG_ADOPTED) or foreign or kept:
+    if lb.tags.get(TAG_ADOPTED) or foreign or kept:
         warnings.append(f"load balancer {lb.name} is kept: it was adopted or still has "
                         "listeners or rules shardchat does not manage")
         return [Action(CHANGE, "load balancer", lb.name, "remove shardchat tags", "untag",

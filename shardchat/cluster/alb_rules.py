@@ -1,8 +1,9 @@
 """Read the rule set back from a live ALB, so the local router routes exactly like AWS.
 
-``shardchat-provision apply`` writes rules built by ``rules.build_rules``; this module reads
-what is actually on the load balancer (which may have been edited by hand since) and turns
-it into the same ``RuleSet`` plus the address of each instance's target.
+``shardchat-provision apply`` writes rules built by ``rules.build_rules``; this module takes
+what is actually on the load balancer (which may have been edited by hand since), read by
+the provisioner's own reader (``shardchat.aws.alb``), and turns it into the same ``RuleSet``
+plus the address of each instance's target.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from shardchat import urls
-from shardchat.cluster.discovery import TAG_INSTANCE
+from shardchat.aws import alb, ec2
+from shardchat.aws.alb import ObservedListener, Target
+from shardchat.aws.clients import make_clients
+from shardchat.aws.tags import ROLE_LISTENER, instance_of
 from shardchat.cluster.rules import Rule, RuleSet
 from shardchat.config import Config
 
-TAG_ROLE = "shardchat:role"
 Endpoint = tuple[str, int]
 
 
@@ -22,93 +25,39 @@ class AlbRulesError(RuntimeError):
     """The load balancer cannot be turned into a rule set (absent, no listener, ...)."""
 
 
-def _clients(region: str, endpoint_url: str | None) -> tuple[Any, Any]:
-    import boto3  # only the ALB-backed router needs it
-
-    kw: dict[str, Any] = {"region_name": region}
-    if endpoint_url:
-        kw["endpoint_url"] = endpoint_url
-    return boto3.client("elbv2", **kw), boto3.client("ec2", **kw)
-
-
-def _tags(elbv2: Any, arns: list[str]) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
-    for i in range(0, len(arns), 20):  # DescribeTags takes at most 20 ARNs
-        for d in elbv2.describe_tags(ResourceArns=arns[i:i + 20])["TagDescriptions"]:
-            out[d["ResourceArn"]] = {t["Key"]: t["Value"] for t in d.get("Tags", [])}
-    return out
-
-
-def _forward_one(actions: list[dict[str, Any]]) -> str | None:
-    """The one target group a forward action sends to, or None for anything else."""
-    if len(actions) != 1 or actions[0].get("Type") != "forward":
-        return None
-    a = actions[0]
-    groups = [g["TargetGroupArn"] for g in a.get("ForwardConfig", {}).get("TargetGroups", [])]
-    if a.get("TargetGroupArn"):
-        groups = list(dict.fromkeys([a["TargetGroupArn"], *groups]))
-    return groups[0] if len(groups) == 1 else None
-
-
-def _path_pattern(rule: dict[str, Any]) -> str | None:
-    conds = rule.get("Conditions", [])
-    if len(conds) != 1 or conds[0].get("Field") != "path-pattern":
-        return None
-    values = conds[0].get("PathPatternConfig", {}).get("Values") or conds[0].get("Values", [])
-    return values[0] if len(values) == 1 else None
-
-
-def _listener(elbv2: Any, lb_name: str) -> dict[str, Any]:
-    try:
-        lb = elbv2.describe_load_balancers(Names=[lb_name])["LoadBalancers"][0]
-    except Exception as exc:
-        raise AlbRulesError(f"load balancer {lb_name!r} not found: {exc}") from exc
-    listeners = []
-    for page in elbv2.get_paginator("describe_listeners").paginate(
-            LoadBalancerArn=lb["LoadBalancerArn"]):
-        listeners.extend(page["Listeners"])
-    tags = _tags(elbv2, [ls["ListenerArn"] for ls in listeners])
-    forwarding = [ls for ls in sorted(listeners, key=lambda ls: ls["Port"])
-                  if _forward_one(ls.get("DefaultActions", []))]
-    ours = [ls for ls in forwarding if tags[ls["ListenerArn"]].get(TAG_ROLE) == "listener"]
+def _listener(elbv2: Any, lb_name: str) -> ObservedListener:
+    """The listener whose rules route: shardchat's own when tagged, else the first (by
+    port) whose default action forwards to one target group."""
+    lb = alb.load_balancer(elbv2, lb_name)
+    if lb is None:
+        raise AlbRulesError(f"load balancer {lb_name!r} not found")
+    forwarding = [ls for ls in alb.listeners(elbv2, lb.arn) if ls.sole_target]
+    ours = [ls for ls in forwarding if ls.role == ROLE_LISTENER]
     if not (ours or forwarding):
         raise AlbRulesError(f"load balancer {lb_name!r} has no listener that forwards to a "
                             "target group (run shardchat-provision apply)")
     return (ours or forwarding)[0]
 
 
-def _targets(elbv2: Any, tg_arn: str) -> list[tuple[str, int]]:
-    resp = elbv2.describe_target_health(TargetGroupArn=tg_arn)
-    return [(h["Target"]["Id"], int(h["Target"]["Port"]))
-            for h in resp.get("TargetHealthDescriptions", [])
-            if h.get("TargetHealth", {}).get("State") not in ("draining", "unused")]
-
-
-def _hosts(ec2: Any, ids: list[str]) -> dict[str, str]:
-    if not ids:
-        return {}
-    out = {}
-    for r in ec2.describe_instances(InstanceIds=ids)["Reservations"]:
-        for inst in r["Instances"]:
-            out[inst["InstanceId"]] = inst.get("PrivateIpAddress", "")
-    return out
-
-
-def _instance_rules(elbv2: Any, listener_arn: str) -> list[tuple[Rule, str]]:
-    raw = []
-    for page in elbv2.get_paginator("describe_rules").paginate(ListenerArn=listener_arn):
-        raw.extend(r for r in page["Rules"] if str(r.get("Priority")).isdigit())
-    raw.sort(key=lambda r: int(r["Priority"]))  # AWS promises no order; moto uses insertion
-    found = [(r, _path_pattern(r), _forward_one(r.get("Actions", []))) for r in raw]
-    found = [(r, p, tg) for r, p, tg in found if p and tg]
-    tags = _tags(elbv2, sorted({tg for _, _, tg in found}))
+def _instance_rules(elbv2: Any, listener: ObservedListener) -> list[tuple[Rule, str]]:
+    """(rule, target group ARN) for each rule that sends one path pattern to one group,
+    in priority order. The instance is the group's ``shardchat:instance`` tag, else the
+    instance the pattern's path is addressed to; rules with neither are left out."""
+    found = [r for r in alb.rules(elbv2, (listener,)) if r.sole_pattern and r.sole_target]
+    tags = alb.tags_of(elbv2, sorted({str(r.sole_target) for r in found}))
     out = []
-    for r, pattern, tg in found:
-        tag = tags.get(tg, {}).get(TAG_INSTANCE, "")
-        number = int(tag) if tag.isdigit() else urls.instance_of_path(pattern.rstrip("*"))
+    for r in found:
+        pattern, tg = str(r.sole_pattern), str(r.sole_target)
+        number = instance_of(tags.get(tg, {}))
+        if number is None:
+            number = urls.instance_of_path(pattern.rstrip("*"))
         if number is not None:
-            out.append((Rule(int(r["Priority"]), pattern, number), tg))
+            out.append((Rule(r.priority, pattern, number), tg))
     return out
+
+
+def _live(elbv2: Any, tg_arn: str) -> tuple[Target, ...]:
+    return alb.live(alb.target_health(elbv2, tg_arn))
 
 
 def load_rules_from_alb(lb_name: str, *, region: str, endpoint_url: str | None = None,
@@ -118,24 +67,24 @@ def load_rules_from_alb(lb_name: str, *, region: str, endpoint_url: str | None =
 
     Instance targets resolve to ``cfg``'s host for that instance when given, else to the EC2
     private IP; IP targets are their own address."""
-    elbv2, ec2 = _clients(region, endpoint_url)
-    listener = _listener(elbv2, lb_name)
-    rules = _instance_rules(elbv2, listener["ListenerArn"])
-    targets = {n: _targets(elbv2, tg) for n, tg in
+    clients = make_clients(region, endpoint_url)
+    listener = _listener(clients.elbv2, lb_name)
+    rules = _instance_rules(clients.elbv2, listener)
+    targets = {n: _live(clients.elbv2, tg) for n, tg in
                {rule.instance: tg for rule, tg in reversed(rules)}.items()}
     known = {i.number: i.host for i in cfg.instances} if cfg else {}
-    ids = sorted({t[0] for n, ts in targets.items() for t in ts[:1]
-                  if t[0].startswith("i-") and n not in known})
-    hosts = _hosts(ec2, ids)
+    ids = sorted({ts[0].id for n, ts in targets.items()
+                  if ts and ts[0].id.startswith("i-") and n not in known})
+    hosts = ec2.private_ips(clients.ec2, ids)
     endpoints: dict[int, Endpoint] = {}
     for n, ts in targets.items():
         if not ts:
             continue
-        tid, port = ts[0]
+        tid, port = ts[0].id, ts[0].port
         host = known.get(n) or hosts.get(tid, tid) if tid.startswith("i-") else tid
         endpoints[n] = (host, port)
-    lobby = _forward_one(listener.get("DefaultActions", []))
-    lobby_targets = set(_targets(elbv2, lobby)) if lobby else set()
+    lobby = listener.sole_target
+    lobby_targets = set(_live(clients.elbv2, lobby)) if lobby else set()
     default = sorted(n for n, ts in targets.items() if ts and ts[0] in lobby_targets)
     ruleset = RuleSet(rules=tuple(r for r, _ in rules), default_instances=tuple(default))
     return ruleset, endpoints

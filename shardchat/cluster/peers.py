@@ -9,7 +9,7 @@ every ``RETRY_INTERVAL``); a failed room creation marks it the same way at once,
 placement skips it without waiting for the next poll.
 
 The peer list is the config's ``[[instances]]``, or, when ``aws.discover = "ec2-tags"``,
-the instances of ``shardchat.cluster.discovery.resolve_instances(cfg)`` (re-resolved every
+the instances of ``shardchat.aws.ec2.resolve_instances(cfg)`` (re-resolved every
 ``DISCOVERY_INTERVAL`` seconds; that module needs boto3 and AWS credentials, so it is only
 imported in that case).
 """
@@ -115,7 +115,7 @@ class PeerPool:
         if self._last_discovery and now - self._last_discovery < DISCOVERY_INTERVAL:
             return
         self._last_discovery = now
-        from shardchat.cluster import discovery  # needs boto3 + credentials: only here
+        from shardchat.aws import ec2 as discovery  # needs boto3 + credentials: only here
 
         try:
             found = await asyncio.to_thread(discovery.resolve_instances, self._cfg)

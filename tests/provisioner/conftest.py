@@ -6,6 +6,7 @@ Nothing here can reach real AWS: credentials are fake and every client talks to 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 from moto import mock_aws
 
 from shardchat import config as config_mod
-from tests.support import free_port, http_json, wait_until, write_config
+from tests.support import ROOT, free_port, http_json, wait_until, write_config
 
 REGION = "us-east-1"
 # An AMI from moto's built-in catalogue (the one its EC2 docs use). Looking one up with
@@ -181,9 +182,12 @@ PROVISION = Path(sys.executable).parent / "shardchat-provision"
 
 def provision(*args: str, stdin: str | None = None, timeout: float = 120
               ) -> subprocess.CompletedProcess:
-    """Run the installed ``shardchat-provision`` CLI; returns the finished process."""
+    """Run the installed ``shardchat-provision`` CLI on this checkout's code (the install
+    may point at another checkout); returns the finished process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     return subprocess.run([str(PROVISION), *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+                          text=True, timeout=timeout, check=False, env=env)
 
 
 def write_provision_config(path: Path, net: Network, numbers: list[int], **kw: Any) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from provisioner import reconcile
-from shardchat.cluster.discovery import discover_instances, resolve_instances
+from shardchat.aws.ec2 import discover_instances, resolve_instances
 from shardchat.config import ConfigError
 
 from .conftest import add_instances, make_config
@@ -58,3 +58,4 @@ def test_new_autoscaled_instance_gets_group_and_rule_on_next_apply(aws):
               for tg in elbv2.describe_target_groups()["TargetGroups"]}
     health = elbv2.describe_target_health(TargetGroupArn=groups["demo-i2-9001"])
     assert [h["Target"]["Id"] for h in health["TargetHealthDescriptions"]] == [newcomer]
+

@@ -1,4 +1,5 @@
-"""The instance list from EC2 tags, for clusters whose nodes come and go (Auto Scaling).
+"""EC2: the instance list from tags (for clusters whose nodes come and go), and the private
+addresses of instance targets.
 
 A running EC2 instance belongs to the cluster when it carries ``shardchat:cluster = <name>``
 and ``shardchat:instance = <N>``. Its private IP is the host; its ports come from the tags
@@ -12,24 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from shardchat import urls
+from shardchat.aws.clients import client, paginate
+from shardchat.aws.tags import TAG_CLUSTER, TAG_INSTANCE, TAG_INTERNAL_PORT, TAG_PORT, tag_map
 from shardchat.config import Config, ConfigError, Instance
-
-TAG_CLUSTER = "shardchat:cluster"
-TAG_INSTANCE = "shardchat:instance"
-TAG_PORT = "shardchat:port"
-TAG_INTERNAL_PORT = "shardchat:internal-port"
-DEFAULT_PORT = 9001
-DEFAULT_INTERNAL_PORT = 9101
-
-
-def _ec2(cfg: Config, endpoint_url: str | None, session: Any) -> Any:
-    import boto3  # only needed when discovery is on
-
-    session = session or boto3.session.Session()
-    kw: dict[str, Any] = {"region_name": cfg.aws.region}
-    if endpoint_url:
-        kw["endpoint_url"] = endpoint_url
-    return session.client("ec2", **kw)
 
 
 def _int_tag(tags: dict[str, str], key: str, default: int, where: str) -> int:
@@ -43,7 +29,7 @@ def _int_tag(tags: dict[str, str], key: str, default: int, where: str) -> int:
 
 
 def _instance(raw: dict[str, Any], ports: tuple[int, int]) -> Instance:
-    tags = {t["Key"]: t["Value"] for t in raw.get("Tags", [])}
+    tags = tag_map(raw.get("Tags", []))
     iid = raw["InstanceId"]
     number = _int_tag(tags, TAG_INSTANCE, 0, iid)
     if not urls.valid_instance(number):
@@ -61,24 +47,25 @@ def _instance(raw: dict[str, Any], ports: tuple[int, int]) -> Instance:
 
 def discover_instances(cfg: Config, *, endpoint_url: str | None = None,
                        session: Any = None) -> tuple[Instance, ...]:
-    """Running EC2 instances tagged for ``cfg.cluster.name``, sorted by number."""
-    first = cfg.instances[0] if cfg.instances else None
-    ports = (first.port, first.internal_port) if first else (DEFAULT_PORT, DEFAULT_INTERNAL_PORT)
-    ec2 = _ec2(cfg, endpoint_url, session)
+    """Running EC2 instances tagged for ``cfg.cluster.name``, sorted by number. Ports an
+    instance's tags leave out are those of the first configured instance (or the
+    defaults)."""
+    first = cfg.instances[0] if cfg.instances else Instance(number=urls.MIN_INSTANCE)
+    ports = (first.port, first.internal_port)
+    ec2 = client("ec2", cfg.aws.region, endpoint_url, session=session)
     filters = [{"Name": f"tag:{TAG_CLUSTER}", "Values": [cfg.cluster.name]},
                {"Name": "tag-key", "Values": [TAG_INSTANCE]},
                {"Name": "instance-state-name", "Values": ["running"]}]
     found: dict[int, Instance] = {}
-    for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
-        for reservation in page.get("Reservations", []):
-            for raw in reservation.get("Instances", []):
-                inst = _instance(raw, ports)
-                if inst.number in found:
-                    raise ConfigError("aws.discover", f"EC2 instances "
-                                      f"{found[inst.number].ec2_instance_id} and "
-                                      f"{inst.ec2_instance_id} both claim instance number "
-                                      f"{inst.number}: fix the {TAG_INSTANCE} tags")
-                found[inst.number] = inst
+    for reservation in paginate(ec2, "describe_instances", "Reservations", Filters=filters):
+        for raw in reservation.get("Instances", []):
+            inst = _instance(raw, ports)
+            if inst.number in found:
+                raise ConfigError("aws.discover", f"EC2 instances "
+                                  f"{found[inst.number].ec2_instance_id} and "
+                                  f"{inst.ec2_instance_id} both claim instance number "
+                                  f"{inst.number}: fix the {TAG_INSTANCE} tags")
+            found[inst.number] = inst
     return tuple(found[n] for n in sorted(found))
 
 
@@ -89,3 +76,14 @@ def resolve_instances(cfg: Config, endpoint_url: str | None = None, *,
         return cfg
     return cfg.with_instances(discover_instances(cfg, endpoint_url=endpoint_url,
                                                  session=session))
+
+
+def private_ips(ec2: Any, instance_ids: list[str]) -> dict[str, str]:
+    """EC2 instance id -> private IP address (empty when it has none)."""
+    if not instance_ids:
+        return {}
+    out = {}
+    for reservation in ec2.describe_instances(InstanceIds=instance_ids)["Reservations"]:
+        for inst in reservation["Instances"]:
+            out[inst["InstanceId"]] = inst.get("PrivateIpAddress", "")
+    return out
