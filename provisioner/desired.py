@@ -20,9 +20,8 @@ from shardchat.aws.tags import (
     ownership,
 )
 from shardchat.cluster.rules import build_rules
-from shardchat.config import Config, ConfigError
+from shardchat.config import HTTPS_PORT, Config, ConfigError, Instance
 
-HTTPS_PORT = 443
 HEALTHY_CODES = "200"  # a draining node answers 503 and leaves rotation
 LOBBY_HEALTH_PATH = "/healthz"  # default-routed: any node answers it
 
@@ -87,67 +86,10 @@ class DesiredState:
         return next(tg for tg in self.target_groups if tg.name == name)
 
 
-def _range(key: str, value: int, low: int, high: int, why: str = "") -> None:
-    if not low <= value <= high:
-        raise ConfigError(key, f"must be {low}..{high}, got {value}{why}")
-
-
-def check_aws_settings(cfg: Config) -> None:
-    """The [aws] values AWS itself would refuse, refused here first with the key at fault."""
-    a, n = cfg.aws, cfg.node
-    if not a.load_balancer:
-        raise ConfigError("aws.load_balancer", "must name the load balancer to create or adopt")
-    if len(a.load_balancer) > 32 or not all(c.isalnum() or c == "-" for c in a.load_balancer):
-        raise ConfigError("aws.load_balancer", "must be 1..32 letters, digits or '-', "
-                          f"got {a.load_balancer!r}")
-    if not a.vpc_id:
-        raise ConfigError("aws.vpc_id", "must name the VPC the nodes run in")
-    if len(set(a.subnets)) < 2:
-        raise ConfigError("aws.subnets", "must list at least two subnets in two availability "
-                          f"zones (an ALB requires it), got {list(a.subnets)}")
-    _range("aws.idle_timeout", a.idle_timeout, 1, 4000)
-    if n.ping_interval + n.ping_timeout >= a.idle_timeout:
-        raise ConfigError("aws.idle_timeout", f"must exceed node.ping_interval + "
-                          f"node.ping_timeout ({n.ping_interval + n.ping_timeout:g} s), got "
-                          f"{a.idle_timeout} s: the load balancer would cut idle sockets")
-    _range("aws.health_check_interval", a.health_check_interval, 5, 300)
-    _range("aws.health_check_timeout", a.health_check_timeout, 2, 120)
-    if a.health_check_timeout >= a.health_check_interval:
-        raise ConfigError("aws.health_check_timeout", f"must be less than "
-                          f"aws.health_check_interval ({a.health_check_interval} s), "
-                          f"got {a.health_check_timeout} s")
-    _range("aws.healthy_threshold", a.healthy_threshold, 2, 10)
-    _range("aws.unhealthy_threshold", a.unhealthy_threshold, 2, 10)
-    _range("aws.deregistration_delay", a.deregistration_delay, 0, 3600)
-    if a.certificate_arn and not a.certificate_arn.startswith("arn:"):
-        raise ConfigError("aws.certificate_arn", "must be an ACM or IAM certificate ARN "
-                          f"(arn:...), got {a.certificate_arn!r}")
-
-
-def _target(cfg: Config, idx: int) -> Target:
-    inst = cfg.instances[idx]
-    if not 1 <= inst.port <= 65535:
-        raise ConfigError(f"instances[{idx}].port", f"must be a TCP port 1..65535, "
-                          f"got {inst.port}")
+def _target(cfg: Config, inst: Instance) -> Target:
     if cfg.aws.target_type == "ip":
         return Target(inst.host, inst.port)
-    if not inst.ec2_instance_id:
-        raise ConfigError(f"instances[{idx}].ec2_instance_id", "is required when "
-                          "aws.target_type = \"instance\" (or set aws.target_type = \"ip\" "
-                          "to target the host address)")
-    return Target(inst.ec2_instance_id, inst.port)
-
-
-def _check_instances(cfg: Config) -> None:
-    if not cfg.instances:
-        raise ConfigError("instances", "the config lists no instances (and discovery found "
-                          "none): there is nothing to route to")
-    seen: set[int] = set()
-    for idx, inst in enumerate(cfg.instances):
-        if inst.number in seen:
-            raise ConfigError(f"instances[{idx}].number",
-                              f"duplicate instance number {inst.number}")
-        seen.add(inst.number)
+    return Target(str(inst.ec2_instance_id), inst.port)
 
 
 def _health(cfg: Config, path: str) -> HealthCheck:
@@ -162,9 +104,6 @@ def _listeners(cfg: Config, cluster: str) -> tuple[ListenerSpec, ...]:
     if not a.certificate_arn:
         return (ListenerSpec(ROLE_LISTENER, a.listener_port, "HTTP",
                              tags=ownership(cluster, ROLE_LISTENER)),)
-    if a.listener_port == HTTPS_PORT:
-        raise ConfigError("aws.listener_port", f"must not be {HTTPS_PORT} when "
-                          "aws.certificate_arn is set: it is the port that redirects to HTTPS")
     return (
         ListenerSpec(ROLE_LISTENER, HTTPS_PORT, "HTTPS", a.certificate_arn,
                      tags=ownership(cluster, ROLE_LISTENER)),
@@ -175,11 +114,10 @@ def _listeners(cfg: Config, cluster: str) -> tuple[ListenerSpec, ...]:
 
 
 def desired_state(cfg: Config) -> DesiredState:
-    """Everything apply should leave behind for ``cfg``; raises ConfigError on bad input."""
-    check_aws_settings(cfg)
-    _check_instances(cfg)
+    """Everything apply should leave behind for ``cfg``, which has passed
+    ``config.validate_for_aws`` (the only check left here is what ``build_rules`` refuses)."""
     a, cluster = cfg.aws, cfg.cluster.name
-    targets = [_target(cfg, idx) for idx in range(len(cfg.instances))]
+    targets = [_target(cfg, inst) for inst in cfg.instances]
     groups: list[TargetGroupSpec] = []
     by_instance: dict[int, str] = {}
     for inst, target in zip(cfg.instances, targets, strict=True):

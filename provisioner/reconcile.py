@@ -15,12 +15,13 @@ from provisioner.desired import DesiredState, desired_state
 from provisioner.observed import ObservedState, observe
 from provisioner.plan import make_plan, usage
 from provisioner.teardown import make_destroy_plan
-from shardchat.config import Config
+from shardchat.config import Config, validate_for_aws
 
 
 def checked_desired(cfg: Config) -> DesiredState:
-    """The desired state, refused up front when it cannot fit one ALB (no AWS call)."""
-    desired = desired_state(cfg)
+    """The desired state, refused up front (no AWS call) when the config lacks what the
+    provisioner needs or cannot fit one ALB."""
+    desired = desired_state(validate_for_aws(cfg))
     limits.check(usage(desired, None), cfg.aws.max_target_groups, cfg.aws.max_rules)
     return desired
 

@@ -17,6 +17,7 @@ from shardchat import urls
 
 SECRET_ENV = "SHARDCHAT_SECRET"
 DEFAULT_SECRET = "change-me"
+HTTPS_PORT = 443  # the HTTPS listener's port when aws.certificate_arn is set
 
 
 class ConfigError(ValueError):
@@ -236,7 +237,19 @@ def validate(cfg: Config) -> Config:
     _check_page_bytes(n)
     if n.max_recovery < 50:
         raise ConfigError("node.max_recovery", f"must be at least 50, got {n.max_recovery}")
-    a = cfg.aws
+    _check_aws(cfg.aws, n)
+    return cfg
+
+
+def _within(key: str, value: int, low: int, high: int, unit: str = "") -> None:
+    if not low <= value <= high:
+        raise ConfigError(key, f"must be {low}..{high}{unit}, got {value}")
+
+
+def _check_aws(a: AwsConfig, n: NodeSettings) -> None:
+    """The [aws] values AWS itself would refuse (or that would cut sockets), refused here
+    with the key at fault. Keys a node never needs may stay empty: ``validate_for_aws``
+    requires them when the provisioner runs."""
     if a.scheme not in ("internet-facing", "internal"):
         raise ConfigError("aws.scheme", f"must be \"internet-facing\" or \"internal\", "
                           f"got {a.scheme!r}")
@@ -246,12 +259,60 @@ def validate(cfg: Config) -> Config:
     if a.discover not in ("config", "ec2-tags"):
         raise ConfigError("aws.discover", f"must be \"config\" or \"ec2-tags\", got {a.discover!r}")
     _port("aws.listener_port", a.listener_port)
-    if not 1 <= a.idle_timeout <= 4000:
-        raise ConfigError("aws.idle_timeout", f"must be 1..4000 seconds, got {a.idle_timeout}")
+    _within("aws.idle_timeout", a.idle_timeout, 1, 4000, " seconds")
     if n.ping_interval + n.ping_timeout >= a.idle_timeout:
         raise ConfigError("aws.idle_timeout", f"must exceed node.ping_interval + "
                           f"node.ping_timeout ({n.ping_interval + n.ping_timeout:g} s), got "
                           f"{a.idle_timeout} s: the load balancer would cut idle sockets")
+    if a.load_balancer and (len(a.load_balancer) > 32 or not all(
+            c.isalnum() or c == "-" for c in a.load_balancer)):
+        raise ConfigError("aws.load_balancer", "must be 1..32 letters, digits or '-', "
+                          f"got {a.load_balancer!r}")
+    if a.subnets and len(set(a.subnets)) < 2:
+        raise ConfigError("aws.subnets", REQUIRED_AWS["subnets"] + f", got {list(a.subnets)}")
+    _within("aws.health_check_interval", a.health_check_interval, 5, 300)
+    _within("aws.health_check_timeout", a.health_check_timeout, 2, 120)
+    if a.health_check_timeout >= a.health_check_interval:
+        raise ConfigError("aws.health_check_timeout", f"must be less than "
+                          f"aws.health_check_interval ({a.health_check_interval} s), "
+                          f"got {a.health_check_timeout} s")
+    _within("aws.healthy_threshold", a.healthy_threshold, 2, 10)
+    _within("aws.unhealthy_threshold", a.unhealthy_threshold, 2, 10)
+    _within("aws.deregistration_delay", a.deregistration_delay, 0, 3600)
+    if a.certificate_arn and not a.certificate_arn.startswith("arn:"):
+        raise ConfigError("aws.certificate_arn", "must be an ACM or IAM certificate ARN "
+                          f"(arn:...), got {a.certificate_arn!r}")
+    if a.certificate_arn and a.listener_port == HTTPS_PORT:
+        raise ConfigError("aws.listener_port", f"must not be {HTTPS_PORT} when "
+                          "aws.certificate_arn is set: it is the port that redirects to HTTPS")
+
+
+# What the provisioner needs that a node config may leave out, and what to say when missing.
+REQUIRED_AWS = {
+    "load_balancer": "must name the load balancer to create or adopt",
+    "vpc_id": "must name the VPC the nodes run in",
+    "subnets": "must list at least two subnets in two availability zones (an ALB requires it)",
+}
+
+
+def validate_for_aws(cfg: Config) -> Config:
+    """A validated config that also holds everything ``shardchat-provision`` needs: the
+    [aws] keys a node never reads, at least one instance, and each instance's EC2 id when
+    the load balancer targets instances. Returns ``cfg`` or raises ConfigError."""
+    a = cfg.aws
+    for key, missing in REQUIRED_AWS.items():
+        if not getattr(a, key):
+            got = f", got {list(a.subnets)}" if key == "subnets" else ""
+            raise ConfigError(f"aws.{key}", missing + got)
+    if not cfg.instances:
+        raise ConfigError("instances", "the config lists no instances (and discovery found "
+                          "none): there is nothing to route to")
+    if a.target_type == "instance":
+        for idx, inst in enumerate(cfg.instances):
+            if not inst.ec2_instance_id:
+                raise ConfigError(f"instances[{idx}].ec2_instance_id", "is required when "
+                                  "aws.target_type = \"instance\" (or set aws.target_type = "
+                                  "\"ip\" to target the host address)")
     return cfg
 
 

@@ -113,9 +113,30 @@ def mutate(path: str, value):
     ("aws.discover", "dns", "aws.discover"),
     ("aws.subnets", "subnet-a", "aws.subnets"),
     ("aws.idle_timeout", 30, "aws.idle_timeout"),
+    ("aws.load_balancer", "has space", "aws.load_balancer"),
+    ("aws.subnets", ["subnet-a"], "aws.subnets"),
+    ("aws.health_check_interval", 1, "aws.health_check_interval"),
+    ("aws.health_check_timeout", 10, "aws.health_check_timeout"),
+    ("aws.healthy_threshold", 11, "aws.healthy_threshold"),
+    ("aws.unhealthy_threshold", 1, "aws.unhealthy_threshold"),
+    ("aws.deregistration_delay", 3601, "aws.deregistration_delay"),
+    ("aws.certificate_arn", "my-cert", "aws.certificate_arn"),
 ])
 def test_bad_value_names_its_key(path, value, key):
     assert error_key(mutate(path, value)) == key
+
+
+def test_listener_port_443_is_refused_with_a_certificate():
+    data = base(aws={"certificate_arn": "arn:aws:acm:us-east-1:1:certificate/x",
+                     "listener_port": 443})
+    assert error_key(data) == "aws.listener_port"
+
+
+def test_a_node_config_needs_no_provisioner_keys_but_the_provisioner_does():
+    cfg = config.parse(base(), env={})  # no [aws] at all: fine for nodes and the router
+    with pytest.raises(ConfigError) as info:
+        config.validate_for_aws(cfg)
+    assert info.value.key == "aws.load_balancer"
 
 
 def test_instance_without_number_is_reported():

@@ -15,7 +15,7 @@ from typing import Any
 from shardchat import urls
 from shardchat.aws.clients import client, paginate
 from shardchat.aws.tags import TAG_CLUSTER, TAG_INSTANCE, TAG_INTERNAL_PORT, TAG_PORT, tag_map
-from shardchat.config import Config, ConfigError, Instance
+from shardchat.config import Config, ConfigError, Instance, validate
 
 
 def _int_tag(tags: dict[str, str], key: str, default: int, where: str) -> int:
@@ -71,11 +71,14 @@ def discover_instances(cfg: Config, *, endpoint_url: str | None = None,
 
 def resolve_instances(cfg: Config, endpoint_url: str | None = None, *,
                       session: Any = None) -> Config:
-    """``cfg`` with its instances found by EC2 tags when ``aws.discover = "ec2-tags"``."""
+    """``cfg`` with its instances found by EC2 tags when ``aws.discover = "ec2-tags"``.
+
+    The result is validated like a config file (ports from tags checked like ports in the
+    file), so everything downstream can trust any Config it is handed."""
     if cfg.aws.discover != "ec2-tags":
         return cfg
-    return cfg.with_instances(discover_instances(cfg, endpoint_url=endpoint_url,
-                                                 session=session))
+    return validate(cfg.with_instances(discover_instances(cfg, endpoint_url=endpoint_url,
+                                                          session=session)))
 
 
 def private_ips(ec2: Any, instance_ids: list[str]) -> dict[str, str]:

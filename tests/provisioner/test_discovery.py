@@ -59,3 +59,11 @@ def test_new_autoscaled_instance_gets_group_and_rule_on_next_apply(aws):
     health = elbv2.describe_target_health(TargetGroupArn=groups["demo-i2-9001"])
     assert [h["Target"]["Id"] for h in health["TargetHealthDescriptions"]] == [newcomer]
 
+
+def test_discovered_ports_are_checked_like_configured_ones(aws):
+    _, ec2, net = aws
+    add_instances(ec2, net, 1, tags("demo", 1, port="70000"))
+    with pytest.raises(ConfigError) as err:
+        reconcile.checked_desired(resolve_instances(make_config(net, [1], aws={
+            "discover": "ec2-tags"})))
+    assert err.value.key == "instances[0].port" and "1..65535" in err.value.message
