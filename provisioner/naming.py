@@ -1,12 +1,14 @@
 """Names of the AWS resources shardchat creates.
 
-Ownership is decided by tags (``shardchat.aws.tags``), never by names: names only have to
-be unique and readable.
+Ownership is decided by tags (``shardchat.aws.tags``), never by names: names only have to be
+unique, readable and stable. A target group's name is built from the frozen storage name of
+its instance (``shardchat.names``), never from the URL scheme, so existing groups keep being
+recognised whatever the URLs look like.
 """
 
 from __future__ import annotations
 
-from shardchat import urls
+from shardchat.names import storage_name
 
 MAX_TARGET_GROUP_NAME = 32  # AWS limit on target group names
 
@@ -20,7 +22,7 @@ def _fit(cluster: str, suffix: str) -> str:
 def target_group_name(cluster: str, instance: int, port: int, target_type: str) -> str:
     """Instance N's target group. The port and target type are part of the name because
     AWS cannot change either in place: a change means a new group beside the old one."""
-    suffix = f"{urls.prefix(instance).lstrip('/')}-{port}"
+    suffix = f"{storage_name(instance)}-{port}"
     if target_type == "ip":
         suffix += "-ip"
     return _fit(cluster, suffix)

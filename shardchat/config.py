@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shardchat import urls
+from shardchat.names import storage_name
 
 SECRET_ENV = "SHARDCHAT_SECRET"
 DEFAULT_SECRET = "change-me"
@@ -117,7 +118,7 @@ class Config:
         return Path(self.cluster.data_dir)
 
     def instance_data_dir(self, number: int) -> Path:
-        return self.data_dir / urls.prefix(number).lstrip("/")
+        return self.data_dir / storage_name(number)
 
     def with_instances(self, instances: tuple[Instance, ...]) -> Config:
         return replace(self, instances=tuple(sorted(instances, key=lambda i: i.number)))

@@ -31,11 +31,16 @@ def valid_room_id(room_id: str) -> bool:
     return isinstance(room_id, str) and _ROOM_ID_RE.match(room_id) is not None
 
 
-def prefix(n: int) -> str:
-    """``/i<N>``: the path prefix that routes to instance N (no trailing slash)."""
+def checked_instance(n: int) -> int:
+    """``n`` itself when it is a valid instance number; ValueError otherwise."""
     if not valid_instance(n):
         raise ValueError(f"instance number must be {MIN_INSTANCE}..{MAX_INSTANCE}, got {n!r}")
-    return f"/i{n}"
+    return n
+
+
+def prefix(n: int) -> str:
+    """``/i<N>``: the path prefix that routes to instance N (no trailing slash)."""
+    return f"/i{checked_instance(n)}"
 
 
 def path_pattern(n: int) -> str:
