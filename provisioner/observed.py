@@ -13,7 +13,7 @@ from typing import Any
 
 from shardchat.aws import alb
 from shardchat.aws.alb import ObservedListener, ObservedRule, ObservedTargetGroup
-from shardchat.aws.tags import is_ours
+from shardchat.aws.tags import TAG_ADOPTED, is_ours
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,24 @@ class ObservedState:
 
     def rules_on(self, listener_arn: str) -> tuple[ObservedRule, ...]:
         return tuple(r for r in self.rules if r.listener_arn == listener_arn)
+
+    def foreign_rules(self, listener_arn: str | None = None) -> tuple[ObservedRule, ...]:
+        """Rules someone else manages (on one listener, or on any)."""
+        rules = self.rules if listener_arn is None else self.rules_on(listener_arn)
+        return tuple(r for r in rules if not self.ours(r.tags))
+
+    def must_keep(self, listener: ObservedListener) -> bool:
+        """A listener of ours that must outlive its use: it was adopted, or it holds rules
+        someone else manages."""
+        return bool(listener.tags.get(TAG_ADOPTED) or self.foreign_rules(listener.arn))
+
+    def foreign_refs(self) -> set[str]:
+        """Target group ARNs that a rule or listener someone else manages forwards to: such
+        a group must stay, and it counts against the load balancer's quota."""
+        refs = {arn for r in self.foreign_rules() for arn in r.forward}
+        refs |= {arn for ls in self.listeners if not self.ours(ls.tags)
+                 for arn in ls.forwards_to()}
+        return refs
 
 
 def observe(elbv2: Any, cluster: str, lb_name: str) -> ObservedState:

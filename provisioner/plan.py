@@ -16,14 +16,7 @@ from provisioner.actions import ADOPT, CHANGE, CREATE, DELETE, Action, Plan
 from provisioner.desired import DesiredState, ListenerSpec, RuleSpec, TargetGroupSpec
 from provisioner.observed import ObservedState
 from shardchat.aws.alb import ObservedListener, ObservedRule
-from shardchat.aws.tags import (
-    ROLE_INSTANCE,
-    ROLE_LOBBY,
-    TAG_ADOPTED,
-    TAG_CLUSTER,
-    TAG_INSTANCE,
-    TAG_ROLE,
-)
+from shardchat.aws.tags import ROLE_INSTANCE, ROLE_LOBBY, TAG_CLUSTER, TAG_INSTANCE, TAG_ROLE
 from shardchat.cluster.rules import MAX_PRIORITY
 
 
@@ -167,10 +160,7 @@ def _register(b: _Builder, spec: TargetGroupSpec, targets, why: str) -> None:
 
 def _unused_groups(b: _Builder) -> None:
     wanted = {tg.name for tg in b.desired.target_groups}
-    foreign_refs = {arn for r in b.observed.rules if not b.observed.ours(r.tags)
-                    for arn in r.forward}
-    foreign_refs |= {arn for ls in b.observed.listeners if not b.observed.ours(ls.tags)
-                     for arn in ls.forwards_to()}
+    foreign_refs = b.observed.foreign_refs()
     for tg in b.observed.target_groups:
         if tg.name in wanted:
             continue
@@ -225,7 +215,7 @@ def _listener(b: _Builder, spec: ListenerSpec) -> None:
         b.add(Action(ADOPT, "listener", subject, "it exists without shardchat tags: tag it "
                      "and set its default action (destroy will leave it in place)",
                      "adopt", {"arn": have.arn, "tags": spec.tags, "role": spec.role}))
-    elif have.tags.get(TAG_ROLE) != spec.role:
+    elif have.role != spec.role:
         b.add(Action(CHANGE, "listener", subject, f"role {have.tags.get(TAG_ROLE)} -> "
                      f"{spec.role}", "retag", {"arn": have.arn, "tags": spec.tags,
                                               "role": spec.role}))
@@ -240,8 +230,7 @@ def _unused_listeners(b: _Builder) -> None:
     for ls in b.observed.listeners:
         if ls.port in ports or not b.observed.ours(ls.tags):
             continue
-        if ls.tags.get(TAG_ADOPTED) or any(
-                not b.observed.ours(r.tags) for r in b.observed.rules_on(ls.arn)):
+        if b.observed.must_keep(ls):
             b.warnings.append(f"listener {ls.protocol}:{ls.port} is no longer needed but was "
                               "adopted or holds rules shardchat does not manage: left in place")
             continue
@@ -291,10 +280,10 @@ def _rules(b: _Builder) -> None:
             raise ConflictError("PriorityInUse", f"priority {spec.priority} (instance "
                                 f"{spec.instance}) is taken by a rule shardchat does not "
                                 "manage: change aws.rule_priority_offset")
-        mine = sorted((r for r in ours if r.tags.get(TAG_INSTANCE) == str(spec.instance)),
-                      key=lambda r: r.priority)
+        # ``ours`` is in priority order: the first of an instance's rules is the one kept
+        mine = next((r for r in ours if r.tags.get(TAG_INSTANCE) == str(spec.instance)), None)
         if mine:
-            kept[spec.instance] = mine[0]
+            kept[spec.instance] = mine
     taken = {r.priority for r in present}
     used = taken | {s.priority for s in b.desired.rules}
     spare = iter(_free_priorities(used, len(b.desired.rules)))
@@ -356,14 +345,11 @@ def _priority_moves(b: _Builder, moves: list[tuple[str | int, int]],
 
 def usage(desired: DesiredState, observed: ObservedState | None) -> limits.Usage:
     """What ``desired`` needs from one ALB, including what others already hold on it."""
-    foreign_rules: list[ObservedRule] = []
+    foreign_rules: tuple[ObservedRule, ...] = ()
     foreign_tgs: set[str] = set()
     if observed is not None:
-        ours = {tg.arn for tg in observed.target_groups}
-        foreign_rules = [r for r in observed.rules if not observed.ours(r.tags)]
-        foreign_tgs = {a for r in foreign_rules for a in r.forward if a not in ours}
-        foreign_tgs |= {a for ls in observed.listeners if not observed.ours(ls.tags)
-                        for a in ls.forwards_to() if a not in ours}
+        foreign_rules = observed.foreign_rules()
+        foreign_tgs = observed.foreign_refs() - {tg.arn for tg in observed.target_groups}
     return limits.Usage(target_groups=len(desired.target_groups), rules=len(desired.rules),
                         foreign_rules=len(foreign_rules), foreign_target_groups=len(foreign_tgs))
 

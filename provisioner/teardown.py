@@ -27,10 +27,10 @@ def _listeners(observed: ObservedState, warnings: list[str]) -> list[Action]:
         if not observed.ours(ls.tags):
             continue
         name = f"{ls.protocol}:{ls.port}"
-        foreign = [r for r in observed.rules_on(ls.arn) if not observed.ours(r.tags)]
-        if ls.tags.get(TAG_ADOPTED) or foreign:
+        if observed.must_keep(ls):
             why = "it was adopted" if ls.tags.get(TAG_ADOPTED) else (
-                f"it holds {len(foreign)} rule(s) shardchat does not manage")
+                f"it holds {len(observed.foreign_rules(ls.arn))} rule(s) shardchat does not "
+                "manage")
             warnings.append(f"listener {name} is kept because {why}; its default action "
                             "now answers 404")
             out.append(Action(CHANGE, "listener", name, "default action -> fixed 404 "
@@ -49,9 +49,7 @@ def _load_balancer(observed: ObservedState, warnings: list[str]) -> list[Action]
     if lb is None or not observed.ours(lb.tags):
         return []
     foreign = [ls for ls in observed.listeners if not observed.ours(ls.tags)]
-    kept = [ls for ls in observed.listeners if observed.ours(ls.tags) and (
-        ls.tags.get(TAG_ADOPTED)
-        or any(not observed.ours(r.tags) for r in observed.rules_on(ls.arn)))]
+    kept = [ls for ls in observed.listeners if observed.ours(ls.tags) and observed.must_keep(ls)]
     if lb.tags.get(TAG_ADOPTED) or foreign or kept:
         warnings.append(f"load balancer {lb.name} is kept: it was adopted or still has "
                         "listeners or rules shardchat does not manage")
@@ -62,9 +60,7 @@ def _load_balancer(observed: ObservedState, warnings: list[str]) -> list[Action]
 
 
 def _target_groups(observed: ObservedState, warnings: list[str]) -> list[Action]:
-    foreign_refs = {a for r in observed.rules if not observed.ours(r.tags) for a in r.forward}
-    foreign_refs |= {a for ls in observed.listeners if not observed.ours(ls.tags)
-                     for a in ls.forwards_to()}
+    foreign_refs = observed.foreign_refs()
     out = []
     for tg in observed.target_groups:
         if tg.arn in foreign_refs:

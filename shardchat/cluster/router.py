@@ -131,15 +131,14 @@ def _raw_target(request: web.Request) -> str:
     return request.rel_url.raw_path_qs  # absolute-form request line
 
 
-def _by_priority(rules: RuleSet) -> RuleSet:
-    """The rule set in evaluation order (ALB: lowest priority first), whatever its input
-    order; two rules with one priority are a mistake ALB itself would refuse."""
-    ordered = tuple(sorted(rules.rules, key=lambda r: r.priority))
-    for a, b in itertools.pairwise(ordered):
+def _unique_priorities(rules: RuleSet) -> RuleSet:
+    """``rules`` (already in evaluation order: RuleSet keeps them so), refused when two
+    share a priority, a mistake ALB itself would refuse."""
+    for a, b in itertools.pairwise(rules.rules):
         if a.priority == b.priority:
             raise ValueError(f"rules {a.path_pattern!r} and {b.path_pattern!r} share priority "
                              f"{a.priority}; every rule needs its own priority")
-    return RuleSet(rules=ordered, default_instances=rules.default_instances)
+    return rules
 
 
 class Router:
@@ -148,7 +147,7 @@ class Router:
     def __init__(self, rules: RuleSet, targets: Mapping[int, Target], *,
                  health: HealthSettings | None = None, connect_timeout: float = 10.0,
                  idle_timeout: float = 60.0):
-        self.rules = _by_priority(rules)
+        self.rules = _unique_priorities(rules)
         self.targets = dict(targets)
         self.health_settings = health or HealthSettings()
         self.health = {n: TargetHealth() for n in self.targets}
