@@ -22,8 +22,9 @@ from provisioner.reconcile import checked_desired, destroy_plan_for, plan_for
 from shardchat import config as config_mod
 from shardchat.aws.clients import Clients, error_code, error_message, make_clients
 from shardchat.aws.ec2 import resolve_instances
+from shardchat.cli_common import EXIT_FAILED, EXIT_OK, config_errors_exit, load_config
 
-EXIT_OK, EXIT_AWS, EXIT_CONFIG = 0, 1, 2
+EXIT_AWS = EXIT_FAILED  # AWS refused, or holds something in the way
 
 HINTS = {
     "AccessDenied": "the credentials lack a permission: docs/aws.md lists the IAM policy",
@@ -51,7 +52,7 @@ class Failure(Exception):
 
 
 def _load(path: str, region: str | None) -> config_mod.Config:
-    cfg = config_mod.load(path)
+    cfg = load_config(path)
     if region:
         cfg = dataclasses.replace(cfg, aws=dataclasses.replace(cfg.aws, region=region))
     return cfg
@@ -60,12 +61,10 @@ def _load(path: str, region: str | None) -> config_mod.Config:
 def _guard(fn: Callable[[], None]) -> None:
     """Run ``fn``, turning errors into a printed sentence and an exit code."""
     try:
-        fn()
+        with config_errors_exit():
+            fn()
     except Failure as exc:
         sys.exit(exc.code)
-    except config_mod.ConfigError as exc:
-        click.echo(f"Config error at {exc.key}: {exc.message}", err=True)
-        sys.exit(EXIT_CONFIG)
     except ConflictError as exc:
         click.echo(f"Refused ({exc.code}): {exc.message}", err=True)
         sys.exit(EXIT_AWS)

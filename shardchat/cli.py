@@ -6,15 +6,7 @@ import sys
 
 import click
 
-from shardchat import config as config_mod
-
-
-def _load(path: str):
-    try:
-        return config_mod.load(path)
-    except config_mod.ConfigError as exc:
-        click.echo(f"config error: {exc}", err=True)
-        sys.exit(2)
+from shardchat.cli_common import config_errors_exit, load_config
 
 
 @click.group()
@@ -31,12 +23,9 @@ def node(config_path: str, number: int) -> None:
     """Run chat node N (public listener + internal peer listener)."""
     from shardchat.node.app import run_node
 
-    cfg = _load(config_path)
-    try:
+    cfg = load_config(config_path)
+    with config_errors_exit():
         cfg.instance(number)
-    except config_mod.ConfigError as exc:
-        click.echo(f"config error: {exc}", err=True)
-        sys.exit(2)
     sys.exit(run_node(cfg, number))
 
 
@@ -47,7 +36,7 @@ def check(config_path: str) -> None:
     """Validate a config file and print what it describes."""
     from shardchat.cluster.rules import build_rules
 
-    cfg = _load(config_path)
+    cfg = load_config(config_path)
     click.echo(f"{config_path}: ok — cluster {cfg.cluster.name!r}, "
                f"{len(cfg.instances)} instance(s), public URL {cfg.cluster.public_url}")
     ruleset = build_rules([i.number for i in cfg.instances], cfg.aws.rule_priority_offset)

@@ -7,7 +7,6 @@ shardchat.cluster.commands up|router ...`` runs them on their own as well.
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import click
 
 from shardchat import config as config_mod
+from shardchat.cli_common import EXIT_CONFIG, EXIT_FAILED, load_config, setup_logging
 
 
 @click.command("up")
@@ -28,15 +28,8 @@ def up(nodes: int, port: int, host: str) -> None:
     """Run a whole cluster here: N nodes plus the router; data under ./.shardchat/."""
     from shardchat.cluster.up import UpOptions, run_up
 
+    setup_logging("router")
     sys.exit(run_up(UpOptions(nodes=nodes, port=port, host=host, base=Path(".shardchat"))))
-
-
-def _load_config(path: str) -> config_mod.Config:
-    try:
-        return config_mod.load(path)
-    except config_mod.ConfigError as exc:
-        click.echo(f"config error: {exc}", err=True)
-        sys.exit(2)
 
 
 def _rules_and_targets(cfg: config_mod.Config, alb_name: str | None, region: str | None,
@@ -53,7 +46,7 @@ def _rules_and_targets(cfg: config_mod.Config, alb_name: str | None, region: str
                                    endpoint_url=endpoint_url, cfg=cfg)
     except Exception as exc:
         click.echo(f"cannot read the rules of load balancer {alb_name!r}: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
 
 
 async def _serve_until_signal(router, host: str, port: int) -> None:
@@ -68,7 +61,7 @@ async def _serve_until_signal(router, host: str, port: int) -> None:
     except OSError as exc:
         click.echo(f"cannot listen on {host}:{port} ({exc.strerror}); pass --port with a free "
                    "port", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     try:
         click.echo(f"router listening on http://{host}:{port}/ "
                    f"({len(router.targets)} targets, {len(router.rules.rules)} rules); "
@@ -92,9 +85,8 @@ def router(config_path: str, port: int, host: str, alb_name: str | None,
     """Run the local router alone: ALB rule semantics in front of the configured nodes."""
     from shardchat.cluster.router import Router
 
-    logging.basicConfig(level=logging.INFO, format="router: %(message)s")
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
-    cfg = _load_config(config_path)
+    setup_logging("router")
+    cfg = load_config(config_path)
     rules, targets = _rules_and_targets(cfg, alb_name, region, endpoint_url)
     rt = Router(rules, targets, idle_timeout=float(cfg.aws.idle_timeout))
     asyncio.run(_serve_until_signal(rt, host, port))

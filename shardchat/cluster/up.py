@@ -374,8 +374,6 @@ async def _main(opts: UpOptions) -> int:
 
 def run_up(opts: UpOptions) -> int:
     """Run the local cluster until Ctrl-C/SIGTERM; returns the process exit code."""
-    logging.basicConfig(level=logging.INFO, format="router: %(message)s")
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
     try:
         return asyncio.run(_main(opts))
     except UpError as exc:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+
+from tests.support import ROOT, write_config
 
 from .conftest import build_network, provision, write_provision_config
 
@@ -105,3 +110,16 @@ def test_aws_refusal_exits_1_with_the_error_code(setup):
     assert done.returncode == 1
     assert "AWS refused (" in done.stderr and "Subnet" in done.stderr
     assert elbv2.describe_target_groups()["TargetGroups"] == []
+
+
+def test_a_bad_config_reads_the_same_in_every_command(tmp_path):
+    """``shardchat`` and ``shardchat-provision`` share one start-up: the key at fault, exit 2."""
+    cfg = write_config(tmp_path / "c.toml", cluster={"name": "demo", "secret": "s3cret"},
+                       instances=[{"number": 1, "port": 70000, "internal_port": 9101}])
+    expected = "Config error at instances[0].port: must be a TCP port 1..65535, got 70000"
+    check = subprocess.run([sys.executable, "-m", "shardchat", "check", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+    plan = provision("plan", "--config", str(cfg), "--endpoint-url", "http://127.0.0.1:9")
+    for done in (check, plan):
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.splitlines()[0] == expected
