@@ -6,6 +6,7 @@ because a config mistake found at start-up is cheap and one found in production 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -60,6 +61,13 @@ class NodeSettings:
     max_name_chars: int = 40
     rate_limit_messages: int = 20
     rate_limit_window: float = 10.0
+    rate_limit_typing: int = 20
+    rate_limit_history: int = 20
+    rate_limit_joins: int = 10
+    rate_limit_rooms: int = 10
+    rate_limit_address_multiple: int = 10
+    rate_limit_max_keys: int = 100_000
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     room_capacity: int = 500
     history_retention: int = 10_000
     max_recovery: int = 1000
@@ -194,6 +202,16 @@ def _check_page_bytes(n: NodeSettings) -> None:
                           f"{n.max_page_bytes}")
 
 
+def _networks(key: str, values: tuple[str, ...]) -> None:
+    """Every entry an IP address or CIDR (``10.0.0.0/16``, ``::1``), host bits clear."""
+    for idx, value in enumerate(values):
+        try:
+            ipaddress.ip_network(value.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{key}[{idx}]", f"must be an IP address or a CIDR such as "
+                              f"\"10.0.0.0/16\", got {value!r} ({exc})") from None
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks; returns ``cfg`` unchanged or raises ConfigError."""
     c = cfg.cluster
@@ -232,10 +250,16 @@ def validate(cfg: Config) -> Config:
     n = cfg.node
     for name in ("ping_interval", "ping_timeout", "max_message_chars", "max_packet_bytes",
                  "max_body_bytes", "max_name_chars", "rate_limit_messages", "rate_limit_window",
-                 "room_capacity", "history_retention", "invite_ttl_days", "write_buffer_cap",
+                 "rate_limit_typing", "rate_limit_history", "rate_limit_joins", "rate_limit_rooms",
+                 "rate_limit_address_multiple", "rate_limit_max_keys", "room_capacity",
+                 "history_retention", "invite_ttl_days", "write_buffer_cap",
                  "write_buffer_grace", "max_page_bytes", "peer_timeout", "stats_interval"):
         _positive(f"node.{name}", getattr(n, name))
     _check_page_bytes(n)
+    if n.rate_limit_max_keys < 2:
+        raise ConfigError("node.rate_limit_max_keys", "must be at least 2 (an event spends "
+                          f"from a member's bucket and an address's), got {n.rate_limit_max_keys}")
+    _networks("node.trusted_proxies", n.trusted_proxies)
     if n.max_recovery < 50:
         raise ConfigError("node.max_recovery", f"must be at least 50, got {n.max_recovery}")
     _check_aws(cfg.aws, n)
