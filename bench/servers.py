@@ -245,9 +245,14 @@ class RedisServer(Server):
         return Endpoint("127.0.0.1", self.ports[member % 2], "/socket.io", f"/room/{room}")
 
 
+UNLIMITED = {f"rate_limit_{kind}": 1_000_000
+             for kind in ("messages", "typing", "history", "joins", "rooms")}
+
+
 class ShardchatServer(Server):
     """shardchat nodes (``python -m shardchat node``) with the default node settings, except
-    the per-client rate limit, raised so the load generator's senders are never refused.
+    the rate limits, raised so the load generator's senders (thousands of clients on one
+    loopback address) are never refused.
     Each room lives on one node: rooms alternate between the nodes."""
 
     label = "shardchat"
@@ -261,7 +266,7 @@ class ShardchatServer(Server):
         self.label = "shardchat" if nodes == 1 else f"shardchat, {nodes} nodes"
         if not self.node_settings_fsync(node_settings):
             self.label += " (fsync off)"
-        self.node_settings = {"rate_limit_messages": 1_000_000, **(node_settings or {})}
+        self.node_settings = {**UNLIMITED, **(node_settings or {})}
 
     @staticmethod
     def node_settings_fsync(settings: dict[str, Any] | None) -> bool:

@@ -27,9 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SECRET = "test-secret-please-change"
 
 
+# Every test client comes from 127.0.0.1, so under the default per-address limits a whole
+# test module would be throttled as one client. Tests of the limits set their own.
+TEST_RATE_LIMITS = {"rate_limit_messages": 100_000, "rate_limit_typing": 100_000,
+                    "rate_limit_history": 100_000, "rate_limit_joins": 100_000,
+                    "rate_limit_rooms": 100_000}
+
+
 def write_config(path: Path, *, instances: list[dict[str, Any]], cluster: dict | None = None,
                  node: dict | None = None, aws: dict | None = None) -> Path:
-    """Write a TOML config; returns its path."""
+    """Write a TOML config; returns its path. ``node`` settings override
+    ``TEST_RATE_LIMITS``."""
+    node = {**TEST_RATE_LIMITS, **(node or {})}
     data: dict[str, Any] = {"cluster": cluster or {}, "instances": instances}
     data.update((name, table) for name, table in (("node", node), ("aws", aws)) if table)
     path.write_text(dump_toml(data) + "\n")

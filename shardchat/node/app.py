@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 from pathlib import Path
@@ -22,7 +23,8 @@ from aiohttp import web
 from shardchat import urls
 from shardchat.cluster.placement import NoCapacity, Placer
 from shardchat.config import Config
-from shardchat.node import gctune, internal, transport
+from shardchat.node import gctune, internal, ratelimit, transport
+from shardchat.node.clientaddr import ClientAddresses
 from shardchat.node.fanout import Fanout
 from shardchat.node.inbound import Inbound
 from shardchat.node.limits import check_room_name
@@ -97,6 +99,7 @@ class Node:
         transport.install(self.sio, cfg.node.websocket_compression, self.fanout, self.inbound)
         self.sio.direct_send = self.fanout.send_packet
         self.rooms = RoomService(cfg, number, self.store, self.fanout)
+        self.addresses = ClientAddresses(cfg.node.trusted_proxies)
         self.placer: Any = None
         self.eio_path = urls.socketio_path(number)
         self.closing = False  # past the grace period: sockets are being closed
@@ -115,6 +118,7 @@ class Node:
         """Internal counters (``GET /internal/metrics``): where the work goes."""
         return {"instance": self.number, "store": self.store.stats(),
                 "fanout": self.fanout.stats(), "inbound": self.inbound.stats(),
+                "rate_limits": self.rooms.limiter.stats(),
                 "gc": gctune.WATCH.stats()}
 
     @property
@@ -124,11 +128,11 @@ class Node:
     # -- Socket.IO ----------------------------------------------------------------------
 
     def _register_events(self) -> None:
-        sio, rooms = self.sio, self.rooms
+        sio, rooms, addresses = self.sio, self.rooms, self.addresses
 
         @sio.on("connect", namespace="*")
         async def connect(namespace, sid, environ, auth=None):
-            rooms.admit(namespace, sid, auth)
+            rooms.admit(namespace, sid, auth, addresses.of_environ(environ))
 
         @sio.on("disconnect", namespace="*")
         async def disconnect(namespace, sid, reason=None):
@@ -245,6 +249,9 @@ class Node:
         body, refusal = await read_room_request(request, self.settings.max_body_bytes)
         if refusal:
             return refusal
+        limited = self.rooms.limiter.take("rooms", address=self.addresses.of_request(request))
+        if limited:
+            return rate_limited_response(limited, self.settings.rate_limit_window)
         try:
             room = await self.placer.create_room(body["name"].strip(), body["private"])
         except NoCapacity as exc:
@@ -268,6 +275,14 @@ class Node:
         with contextlib.suppress(Exception):
             await self.sio.eio.disconnect()  # sockets with no room (refused joins) too
         await self.store.close()
+
+
+def rate_limited_response(limited: ratelimit.Limited, window: float) -> web.Response:
+    """429 ``rate_limited``, with the wait both in the JSON and as ``Retry-After``."""
+    refused = ratelimit.refusal(limited, window)
+    response = json_error(429, refused.code, refused.message, retry_after=refused.retry_after)
+    response.headers["Retry-After"] = str(max(1, math.ceil(refused.retry_after)))
+    return response
 
 
 async def read_room_request(request: web.Request, max_bytes: int

@@ -1,4 +1,4 @@
-"""Input rules and per-connection rate limits.
+"""Input rules, and the refusal every check returns (rate limits: ``ratelimit.py``).
 
 Each check returns None when the input is acceptable, or an ``Refusal`` carrying the SPEC
 error code and a sentence a person can act on. Nothing here raises on hostile input: a
@@ -7,7 +7,6 @@ payload of the wrong type is just another refusal.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,34 +92,3 @@ def _is_int(v: Any) -> bool:
 
 
 is_int = _is_int
-
-
-class TokenBucket:
-    """``capacity`` events per ``window`` seconds, refilled continuously (bursts allowed)."""
-
-    __slots__ = ("capacity", "rate", "tokens", "updated")
-
-    def __init__(self, capacity: int, window: float):
-        self.capacity = float(capacity)
-        self.rate = capacity / window
-        self.tokens = float(capacity)
-        self.updated = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-    def retry_after(self) -> float:
-        return max(0.0, (1.0 - self.tokens) / self.rate)
-
-
-def rate_limited(bucket: TokenBucket, settings: NodeSettings) -> Refusal:
-    return Refusal("rate_limited", f"You are sending too fast (limit "
-                   f"{settings.rate_limit_messages} messages per "
-                   f"{settings.rate_limit_window:g} s); try again in "
-                   f"{max(bucket.retry_after(), 0.1):.1f} s.")

@@ -25,11 +25,12 @@ from socketio.exceptions import ConnectionRefusedError as SioRefused
 
 from shardchat import urls
 from shardchat.config import Config
-from shardchat.node import limits
+from shardchat.node import limits, ratelimit
 from shardchat.node.fanout import Fanout, json_size
 from shardchat.node.invites import Invites
 from shardchat.node.limits import Refusal
 from shardchat.node.members import MemberTokens
+from shardchat.node.ratelimit import RateLimiter, limit_identity
 from shardchat.node.store import RoomRecord, Store, StoreError
 
 log = logging.getLogger("shardchat.rooms")
@@ -47,7 +48,8 @@ def _listed_size(message: dict) -> int:
 class Member:
     sid: str
     name: str
-    bucket: limits.TokenBucket
+    limit_key: Any  # whose per-member rate limits it spends (ratelimit.limit_identity)
+    address: str  # the client address its limits are also counted against
     eio_sid: str | None = None  # the connection's Engine.IO session, fixed for its life
     # Who this is, as the server issued it (members.py): the same across reconnects that
     # pass the member token back, never taken from what the client claims. Key anything
@@ -73,6 +75,8 @@ class Joining:
     last_seq: int | None
     identity: str  # the member id
     token: str  # its token, for this member's welcome only
+    limit_key: Any
+    address: str
 
 
 @dataclass
@@ -94,6 +98,7 @@ class RoomService:
         self.rooms: dict[str, Room] = {}
         self.by_namespace: dict[str, Room] = {}  # saves parsing the namespace per event
         self.joining: dict[tuple[str, str], Joining] = {}
+        self.limiter = RateLimiter(cfg.node)  # outlives connections, so reconnects count
         self.draining = False
         self.in_flight = 0
         self._idle = asyncio.Event()
@@ -137,15 +142,17 @@ class RoomService:
 
     # -- connect ------------------------------------------------------------------------
 
-    def admit(self, namespace: str, sid: str, auth: Any) -> None:
-        """Connect handler: decide, or raise the refusal as a CONNECT_ERROR."""
-        refusal, joining = self._check_connect(namespace, auth)
+    def admit(self, namespace: str, sid: str, auth: Any, address: str) -> None:
+        """Connect handler: decide, or raise the refusal as a CONNECT_ERROR. ``address`` is
+        the client's (``ClientAddresses.of_environ``), for the per-address join limit."""
+        refusal, joining = self._check_connect(namespace, auth, address)
         if refusal is not None:
             log.info("refused %s on %s: %s", sid, namespace, refusal.code)
-            raise SioRefused(refusal.message, {"code": refusal.code})
+            raise SioRefused(refusal.message, refusal.connect_error()["data"])
         self.joining[(namespace, sid)] = joining
 
-    def _check_connect(self, namespace: str, auth: Any) -> tuple[Refusal | None, Any]:
+    def _check_connect(self, namespace: str, auth: Any, address: str
+                       ) -> tuple[Refusal | None, Any]:
         addr = urls.parse_room_namespace(namespace)
         if addr is None:
             return Refusal("not_found", f"{namespace!r} is not a room: room namespaces look like "
@@ -171,6 +178,13 @@ class RoomService:
         if token is not None and not isinstance(token, str):
             return Refusal("bad_request", '"token" must be the string the welcome gave you '
                            '(welcome.you.token), or left out.'), None
+        name = auth["name"].strip()
+        who = self.member_tokens.identify(addr.room_id, token)
+        limit_key = limit_identity(addr.room_id, name, who.member, returning=who.token == token)
+        # before the room is looked up: a flood of joins must not become a flood of reads
+        limited = self.limiter.take("joins", identity=limit_key, address=address)
+        if limited:
+            return ratelimit.refusal(limited, self.settings.rate_limit_window), None
         room = self._room(addr.room_id)
         if room is None:
             return Refusal("not_found", f"There is no room {addr.room_id!r} on instance "
@@ -183,9 +197,8 @@ class RoomService:
         if len(room.members) + pending >= self.settings.room_capacity:
             return Refusal("full", f"The room is full ({self.settings.room_capacity} people); "
                            "try again later."), None
-        who = self.member_tokens.identify(room.record.id, token)
-        return None, Joining(room.record.id, auth["name"].strip(), last_seq, who.member,
-                             who.token)
+        return None, Joining(room.record.id, name, last_seq, who.member, who.token, limit_key,
+                             address)
 
     async def connected(self, namespace: str, sid: str) -> None:
         """After CONNECT went out: welcome the joiner, then tell the others."""
@@ -193,10 +206,9 @@ class RoomService:
         room = self.rooms.get(joining.room_id) if joining else None
         if joining is None or room is None:
             return
-        member = Member(sid, joining.name, limits.TokenBucket(
-            self.settings.rate_limit_messages, self.settings.rate_limit_window),
-            self.fanout.sio.manager.eio_sid_from_sid(sid, namespace),
-            identity=joining.identity)
+        member = Member(sid, joining.name, joining.limit_key, joining.address,
+                        self.fanout.sio.manager.eio_sid_from_sid(sid, namespace),
+                        identity=joining.identity)
         room.members[sid] = member  # not ready: broadcasts are buffered for it
         try:
             welcome = await self._welcome(room, member, joining.last_seq)
@@ -275,8 +287,10 @@ class RoomService:
         bad = limits.check_message(data, self.settings)
         if bad:
             return bad.ack()
-        if not member.bucket.take():
-            return limits.rate_limited(member.bucket, self.settings).ack()
+        limited = self.limiter.take("messages", identity=member.limit_key,
+                                    address=member.address)
+        if limited:
+            return ratelimit.refusal(limited, self.settings.rate_limit_window).ack()
         self.in_flight += 1
         self._idle.clear()
         try:
@@ -303,6 +317,8 @@ class RoomService:
         state, now = bool(data.get("typing")), time.monotonic()
         if state == member.typing and now - member.typing_at < TYPING_REPEAT_SECONDS:
             return  # a repeat of what the others already know: not worth a broadcast
+        if self.limiter.take("typing", identity=member.limit_key, address=member.address):
+            return  # over the limit: dropped (typing has no ack), counted in the metrics
         member.typing, member.typing_at = state, now
         await self._broadcast(room, "typing", {"sid": sid, "name": member.name,
                                                "typing": state}, skip=sid)
@@ -317,6 +333,10 @@ class RoomService:
         if self.fanout.backlogged(member.eio_sid):
             return Refusal("rate_limited", "Earlier replies have not reached you yet; read "
                            "them, then ask for more history.").ack()
+        limited = self.limiter.take("history", identity=member.limit_key,
+                                    address=member.address)
+        if limited:
+            return ratelimit.refusal(limited, self.settings.rate_limit_window).ack()
         messages, more = await self._page(room.record.id, before=data.get("before"),
                                           limit=data.get("limit", limits.DEFAULT_HISTORY_LIMIT))
         ack: dict[str, Any] = {"ok": True, "messages": messages}

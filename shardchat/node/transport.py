@@ -257,10 +257,10 @@ def websocket_class(compress: bool, fanout: Fanout, inbound: Inbound,
     return NodeWebSocket
 
 
-# What stays of a websocket session's WSGI-style environ once the socket is open. Nothing
-# in the node reads it after the handshake (the connect handler ignores it); these are the
-# keys an operator's hook could reasonably want. The rest (every request header under an
-# HTTP_ name, ~1 KB) would otherwise live as long as the connection.
+# What stays of a websocket session's WSGI-style environ once the socket is open. The
+# connect handler reads the client's address from it (REMOTE_ADDR, HTTP_X_FORWARDED_FOR);
+# the other keys are those an operator's hook could reasonably want. The rest (every
+# request header under an HTTP_ name, ~1 KB) would otherwise live as long as the connection.
 ENVIRON_KEEP = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "RAW_URI", "SERVER_PROTOCOL",
                 "REMOTE_ADDR", "wsgi.url_scheme", "HTTP_ORIGIN", "HTTP_USER_AGENT",
                 "HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO")
@@ -269,7 +269,12 @@ _NO_MESSAGES: deque = deque(maxlen=0)  # takes nothing: appends are dropped
 
 def trim_environ(environ: dict) -> None:
     """Keep only ``ENVIRON_KEEP`` (in place: python-socketio and engineio hold this dict).
-    The keys become this module's constants, so the trimmed dict owns no key strings."""
+    The keys become this module's constants, so the trimmed dict owns no key strings.
+    engineio's ``REMOTE_ADDR`` is a placeholder; it becomes the real peer first, since the
+    request that knew it is dropped (the per-address rate limits read it at connect)."""
+    request = environ.get("aiohttp.request")
+    if request is not None and request.remote:
+        environ["REMOTE_ADDR"] = request.remote
     kept = {key: environ[key] for key in ENVIRON_KEEP if key in environ}
     environ.clear()
     environ.update(kept)
