@@ -205,6 +205,9 @@ async def test_rate_limited_sender_is_told_and_stays_connected(tmp_path, connect
         assert history["ok"] is True
         assert [m["text"] for m in history["messages"]] == ["m0", "m1", "m2"]
         await alice.close()
+        # the limit belongs to the member, not the connection: coming back does not refill it
+        again = await connect(node, room, transport=transport)
+        assert_failed_ack(await again.send("after a reconnect"), "rate_limited")
 
 
 BAD_MESSAGES = {
