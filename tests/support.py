@@ -36,9 +36,7 @@ TEST_RATE_LIMITS = {"rate_limit_messages": 100_000, "rate_limit_typing": 100_000
 
 def write_config(path: Path, *, instances: list[dict[str, Any]], cluster: dict | None = None,
                  node: dict | None = None, aws: dict | None = None) -> Path:
-    """Write a TOML config; returns its path. ``node`` settings override
-    ``TEST_RATE_LIMITS``."""
-    node = {**TEST_RATE_LIMITS, **(node or {})}
+    """Write a TOML config; returns its path."""
     data: dict[str, Any] = {"cluster": cluster or {}, "instances": instances}
     data.update((name, table) for name, table in (("node", node), ("aws", aws)) if table)
     path.write_text(dump_toml(data) + "\n")
@@ -48,7 +46,9 @@ def write_config(path: Path, *, instances: list[dict[str, Any]], cluster: dict |
 def make_cluster_config(tmp: Path, n: int = 1, *, node: dict | None = None,
                         aws: dict | None = None, public_url: str | None = None,
                         name: str = "test") -> tuple[Path, list[dict[str, Any]]]:
-    """A config for ``n`` loopback nodes with fresh ports; returns (path, instances)."""
+    """A config for ``n`` loopback nodes with fresh ports; returns (path, instances).
+    ``node`` settings override ``TEST_RATE_LIMITS``."""
+    node = {**TEST_RATE_LIMITS, **(node or {})}
     instances = [{"number": i, "host": "127.0.0.1", "port": free_port(),
                   "internal_port": free_port()} for i in range(1, n + 1)]
     cluster = {"name": name, "public_url": public_url or "http://127.0.0.1:8080",

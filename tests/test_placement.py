@@ -14,6 +14,7 @@ from shardchat.cluster.router import Router, serve
 from shardchat.cluster.rules import build_rules
 from tests.support import (
     SECRET,
+    TEST_RATE_LIMITS,
     NodeProcess,
     free_port,
     http_json,
@@ -179,7 +180,7 @@ async def test_a_peer_that_never_answers_does_not_hold_up_creation(tmp_path):
                       "internal_port": silent_port})
     cfg = write_config(tmp_path / "shardchat.toml", instances=instances,
                        cluster={"name": "test", "secret": SECRET,
-                                "data_dir": str(tmp_path / "data")})
+                                "data_dir": str(tmp_path / "data")}, node=TEST_RATE_LIMITS)
     nodes = [NodeProcess(cfg, inst, tmp_path) for inst in instances[:2]]
     try:
         for node in nodes:
