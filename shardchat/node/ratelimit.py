@@ -25,7 +25,6 @@ from typing import Any
 from shardchat.config import NodeSettings
 from shardchat.node.limits import Refusal
 
-KINDS = ("messages", "typing", "history", "joins", "rooms")
 IDENTITY, ADDRESS, TABLE = "identity", "address", "table"
 SWEEPS_PER_WINDOW = 8  # an idle bucket lingers about 1/8 window past its expiry
 SWEEP_BATCH = 512  # expired buckets dropped per sweep at most

@@ -147,7 +147,10 @@ class RoomService:
         the client's (``ClientAddresses.of_environ``), for the per-address join limit."""
         refusal, joining = self._check_connect(namespace, auth, address)
         if refusal is not None:
-            log.info("refused %s on %s: %s", sid, namespace, refusal.code)
+            # a join flood must not become a log flood: rate-limited refusals are counted
+            # in the metrics instead
+            level = logging.DEBUG if refusal.code == "rate_limited" else logging.INFO
+            log.log(level, "refused %s on %s: %s", sid, namespace, refusal.code)
             raise SioRefused(refusal.message, refusal.connect_error()["data"])
         self.joining[(namespace, sid)] = joining
 
