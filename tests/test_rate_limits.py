@@ -94,8 +94,10 @@ class Joiner:
         return aiohttp.ClientSession(connector=aiohttp.TCPConnector(
             local_addr=(self.source, 0)))
 
-    async def join(self, room: dict[str, Any], name: str) -> RoomClient:
-        """Join and wait for the welcome; raises Refused on CONNECT_ERROR."""
+    async def join(self, room: dict[str, Any], name: str, token: str | None = None
+                   ) -> RoomClient:
+        """Join (passing back a member ``token`` if given) and wait for the welcome;
+        raises Refused on CONNECT_ERROR."""
         session = self.session()
         kwargs = {"http_session": session} if session is not None else {}
         sio = socketio.AsyncClient(reconnection=False, **kwargs)
@@ -103,7 +105,8 @@ class Joiner:
         self.opened.append((client, session))
         await sio.connect(self.node.base_url, namespaces=[room["namespace"]],
                           socketio_path=room["socketio_path"], transports=self.transport,
-                          auth={"name": name}, headers=self.headers, wait=False)
+                          auth={"name": name, **({"token": token} if token else {})},
+                          headers=self.headers, wait=False)
         queue, data = await first_of(client.events["welcome"], client.connect_errors)
         if queue is client.connect_errors:
             await self.close(client)
@@ -216,6 +219,36 @@ async def test_rotating_display_names_hits_the_address_limit(limited, joiners, t
     # someone at another address is not affected
     other = await joiners(limited, transport, xff=fresh_address()).join(room, "someone")
     await other.send_ok("still fine")
+
+
+async def test_a_member_with_its_token_keeps_its_limits_across_reconnects(limited, joiners,
+                                                                         transport):
+    room = await acreate_room(limited)
+    alice = joiners(limited, transport, xff=fresh_address())
+    first = await alice.join(room, "alice")
+    token = first.welcome["you"]["token"]
+    await alice.close(first)
+    client = await alice.join(room, "alice", token=token)
+    sent, refused = await send_until_refused(client, 6, "with token")
+    assert sent == LIMITS["rate_limit_messages"]
+    assert_rate_limited(refused)
+    await alice.close(client)
+    # the member id, not the name, is whose limits these are
+    renamed = await alice.join(room, "alice, renamed", token=token)
+    assert_rate_limited(await renamed.send("after a reconnect under another name"))
+
+
+async def test_nobody_without_the_token_spends_a_members_limits(limited, joiners, transport):
+    room = await acreate_room(limited)
+    alice = joiners(limited, transport, xff=fresh_address())
+    first = await alice.join(room, "alice")
+    token = first.welcome["you"]["token"]
+    await alice.close(first)
+    impostor = await joiners(limited, transport, xff=fresh_address()).join(room, "alice")
+    sent, refused = await send_until_refused(impostor, 6, "as alice")
+    assert sent == LIMITS["rate_limit_messages"] and refused is not None
+    back = await alice.join(room, "alice", token=token)
+    await back.send_ok("the real alice is not throttled by the impostor")
 
 
 # ---------------------------------------------------------------------------------------
