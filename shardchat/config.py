@@ -18,6 +18,7 @@ from shardchat import urls
 from shardchat.names import storage_name
 
 SECRET_ENV = "SHARDCHAT_SECRET"
+IDLE_MARGIN = 15.0  # default keep-alive beyond the ALB's idle timeout (node.idle_timeout = 0)
 DEFAULT_SECRET = "change-me"
 HTTPS_PORT = 443  # the HTTPS listener's port when aws.certificate_arn is set
 
@@ -81,6 +82,8 @@ class NodeSettings:
     stats_interval: float = 1.0
     drain_grace_seconds: float = 1.0
     log_level: str = "INFO"
+    header_timeout: float = 10.0  # seconds to receive a request's headers (listener.py)
+    idle_timeout: float = 0.0  # idle keep-alive seconds; 0: aws.idle_timeout + IDLE_MARGIN
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,12 @@ class Config:
 
     def instance_data_dir(self, number: int) -> Path:
         return self.data_dir / storage_name(number)
+
+    @property
+    def keepalive_timeout(self) -> float:
+        """How long listeners keep an idle connection: ``node.idle_timeout``, by default
+        longer than the ALB's, so the ALB never reuses a connection the node just closed."""
+        return self.node.idle_timeout or self.aws.idle_timeout + IDLE_MARGIN
 
     def with_instances(self, instances: tuple[Instance, ...]) -> Config:
         return replace(self, instances=tuple(sorted(instances, key=lambda i: i.number)))
@@ -253,7 +262,8 @@ def validate(cfg: Config) -> Config:
                  "rate_limit_typing", "rate_limit_history", "rate_limit_joins", "rate_limit_rooms",
                  "rate_limit_address_multiple", "rate_limit_max_keys", "room_capacity",
                  "history_retention", "invite_ttl_days", "write_buffer_cap",
-                 "write_buffer_grace", "max_page_bytes", "peer_timeout", "stats_interval"):
+                 "write_buffer_grace", "max_page_bytes", "peer_timeout", "stats_interval",
+                 "header_timeout"):
         _positive(f"node.{name}", getattr(n, name))
     _check_page_bytes(n)
     if n.rate_limit_max_keys < 2:
@@ -289,6 +299,14 @@ def _check_aws(a: AwsConfig, n: NodeSettings) -> None:
         raise ConfigError("aws.idle_timeout", f"must exceed node.ping_interval + "
                           f"node.ping_timeout ({n.ping_interval + n.ping_timeout:g} s), got "
                           f"{a.idle_timeout} s: the load balancer would cut idle sockets")
+    if n.idle_timeout < 0:
+        raise ConfigError("node.idle_timeout", f"must be 0 (automatic) or more than "
+                          f"aws.idle_timeout, got {n.idle_timeout:g}")
+    if n.idle_timeout and n.idle_timeout <= a.idle_timeout:
+        raise ConfigError("node.idle_timeout", f"must exceed aws.idle_timeout "
+                          f"({a.idle_timeout} s), got {n.idle_timeout:g} s: the load balancer "
+                          "would reuse connections the node already closed (502s); or 0 for "
+                          f"aws.idle_timeout + {IDLE_MARGIN:g} s")
     if a.load_balancer and (len(a.load_balancer) > 32 or not all(
             c.isalnum() or c == "-" for c in a.load_balancer)):
         raise ConfigError("aws.load_balancer", "must be 1..32 letters, digits or '-', "

@@ -20,7 +20,7 @@ from typing import Any
 import socketio
 from aiohttp import web
 
-from shardchat import urls
+from shardchat import listener, urls
 from shardchat.cluster.placement import NoCapacity, Placer
 from shardchat.config import Config
 from shardchat.node import gctune, internal, ratelimit, transport
@@ -337,8 +337,9 @@ async def serve(cfg: Config, number: int) -> int:
                             handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await public.setup()
     await private.setup()
-    await web.TCPSite(private, inst.host, inst.internal_port).start()
-    await web.TCPSite(public, inst.host, inst.port).start()
+    timeouts = listener.ListenerTimeouts.from_config(cfg)  # header and idle bounds
+    await listener.start_site(private, inst.host, inst.internal_port, timeouts)
+    await listener.start_site(public, inst.host, inst.port, timeouts)
     gctune.install(tune=os.environ.get("SHARDCHAT_GC_TUNE", "1") != "0")
     log.info("instance %d serving http://%s:%d%s/ (internal port %d)", number, inst.host,
              inst.port, urls.prefix(number), inst.internal_port)
