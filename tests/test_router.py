@@ -8,18 +8,26 @@ a room's page, polling and websocket all reach the node that owns the room).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import re
+import subprocess
+import sys
 
 import aiohttp
+import psutil
 import pytest
 import socketio
 from aiohttp import web
 
 from shardchat import urls
-from shardchat.cluster.router import Router, serve
+from shardchat.cluster.router import HealthSettings, Router, RouterLimits, serve
 from shardchat.cluster.rules import Rule, RuleSet, build_rules
-from tests.support import free_port, running_nodes
+from shardchat.listener import ListenerTimeouts
+from tests.conftest import create_room
+from tests.support import ROOT, free_port, http_json, running_nodes, wait_until
+from tests.test_listener import trickle_headers
 
 
 class EchoTarget:
@@ -30,6 +38,7 @@ class EchoTarget:
         self.port = free_port()
         self.healthy = True
         self.release = asyncio.Event()
+        self.bodies: list[int] = []  # length of every request body read in full
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> EchoTarget:
@@ -55,6 +64,7 @@ class EchoTarget:
         if path.endswith("/stream"):
             return await self.stream(request)
         body = await request.read()
+        self.bodies.append(len(body))
         return web.json_response({
             "instance": self.number, "method": request.method, "raw": request.raw_path,
             "headers": [[k, v] for k, v in request.headers.items()],
@@ -83,8 +93,13 @@ class EchoTarget:
         return ws
 
 
-async def start_router(rules: RuleSet, targets: dict[int, tuple[str, int]]):
-    router = Router(rules, targets)
+BIG = RouterLimits(max_body_bytes=64 * 1024 * 1024, max_frame_bytes=64 * 1024 * 1024)
+
+
+async def start_router(rules: RuleSet, targets: dict[int, tuple[str, int]],
+                       limits: RouterLimits = BIG, **kwargs):
+    """A router on a free port; by default with room for the streaming tests' big bodies."""
+    router = Router(rules, targets, limits=limits, **kwargs)
     port = free_port()
     runner = await serve(router, "127.0.0.1", port)
     return router, runner, f"http://127.0.0.1:{port}"
@@ -263,3 +278,180 @@ async def test_room_page_polling_and_websocket_reach_the_owning_node(tmp_path):
         finally:
             await runner.cleanup()
 
+
+
+# -- a target that refuses connections -------------------------------------------------------
+
+
+async def test_refused_default_request_goes_to_the_next_target_and_the_refuser_is_out():
+    """A lobby request that hits a stopped target (connection refused: nothing reached it) is
+    sent to another healthy target, and later requests skip the stopped one at once, long
+    before a health check would have noticed."""
+    targets = [await EchoTarget(n).start() for n in (1, 2, 3)]
+    slow_checks = HealthSettings(interval=3600)  # only the requests themselves can notice
+    router, runner, base = await start_router(
+        build_rules([1, 2, 3]), {t.number: ("127.0.0.1", t.port) for t in targets},
+        health=slow_checks)
+    try:
+        assert sorted(router.healthy()) == [1, 2, 3]
+        await targets[1].stop()
+        seen = []
+        async with aiohttp.ClientSession() as s:
+            for i in range(12):
+                async with s.post(f"{base}/api/rooms", data=b"x" * (1000 + i)) as r:
+                    assert r.status == 200, await r.text()
+                    body = await r.json()
+                    assert body["length"] == 1000 + i  # the retried body arrived whole
+                    seen.append(body["instance"])
+            assert 2 not in seen and set(seen) == {1, 3}
+            assert 2 not in router.healthy()
+            assert "connection failed" in router.health[2].reason
+            async with s.get(f"{base}/i2/x") as r:  # a rule has no other target
+                assert r.status == 502 and (await r.json())["error"] == "bad_gateway"
+            await targets[1].start()  # back on its port: health checks bring it back
+            for _ in range(slow_checks.healthy_threshold):
+                await router.check_health()
+            assert 2 in router.healthy()
+            got = set()
+            for _ in range(6):
+                async with s.get(f"{base}/") as r:
+                    got.add((await r.json())["instance"])
+            assert got == {1, 2, 3}
+    finally:
+        await runner.cleanup()
+        for t in targets:
+            await t.stop()
+
+
+async def test_kill_9_of_one_node_of_four_does_not_fail_room_creation(tmp_path):
+    """Right after a node dies, the default action still has it as healthy; every creation
+    through the router succeeds anyway and none is placed on the dead node."""
+    with running_nodes(tmp_path, 4) as nodes:
+        router, runner, base = await start_router(
+            build_rules([n.number for n in nodes]),
+            {n.number: ("127.0.0.1", n.port) for n in nodes}, limits=RouterLimits())
+        try:
+            dead = nodes[1]
+            dead.kill()
+            assert dead.number in router.healthy()  # no health check has seen it yet
+            statuses, instances = [], []
+            async with aiohttp.ClientSession() as s:
+                for i in range(40):
+                    async with s.post(f"{base}/api/rooms", json={"name": f"r{i}"}) as r:
+                        statuses.append(r.status)
+                        if r.status == 201:
+                            instances.append((await r.json())["instance"])
+            assert statuses == [201] * 40, statuses
+            assert dead.number not in instances
+            assert len(set(instances)) >= 2  # still spread over the living nodes
+        finally:
+            await runner.cleanup()
+
+
+# -- bodies, frames and slow clients ---------------------------------------------------------
+
+
+async def test_body_over_the_cap_is_refused_and_never_reaches_the_target_whole():
+    target = await EchoTarget(1).start()
+    limits = RouterLimits(max_body_bytes=100_000)
+    _router, runner, base = await start_router(
+        build_rules([1]), {1: ("127.0.0.1", target.port)}, limits=limits)
+
+    async def parts():
+        for _ in range(30):
+            yield b"y" * 10_000
+
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{base}/api/x", data=b"x" * 100_001) as r:
+                assert r.status == 413 and (await r.json())["error"] == "too_large"
+            async with s.post(f"{base}/api/x", data=parts()) as r:  # chunked, no length
+                assert r.status == 413 and (await r.json())["error"] == "too_large"
+            async with s.post(f"{base}/api/x", data=b"z" * 100_000) as r:
+                assert r.status == 200 and (await r.json())["length"] == 100_000
+        assert target.bodies == [100_000]  # the cut-off one was never taken as complete
+    finally:
+        await runner.cleanup()
+        await target.stop()
+
+
+async def test_trickled_headers_are_cut_off_but_idle_keep_alive_waits():
+    targets = [await EchoTarget(1).start()]
+    limits = RouterLimits(timeouts=ListenerTimeouts(header=1.0, idle=3.0))
+    _router, runner, base = await start_router(
+        build_rules([1]), {1: ("127.0.0.1", targets[0].port)}, limits=limits)
+    port = int(base.rsplit(":", 1)[1])
+    try:
+        held, answer = await trickle_headers(port, b"GET /api/x HTTP/1.1\r\nX-Slow: ", 0.2, 15)
+        assert held < 2.5, f"trickling client held its socket {held:.1f} s"
+        assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+        silent, _ = await trickle_headers(port, b"", 30, 15)  # connects and sends nothing
+        assert silent < 2.5
+        # A kept-alive connection waits for its next request past the header timeout.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        request = b"GET /api/x HTTP/1.1\r\nHost: x\r\n\r\n"
+        try:
+            for _ in range(2):
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))
+                await asyncio.wait_for(reader.readexactly(length), 5)
+                with pytest.raises(TimeoutError):  # still open after header + 0.5 s idle
+                    await asyncio.wait_for(reader.read(1), 1.5)
+            loop = asyncio.get_running_loop()
+            idle_from = loop.time()
+            assert await asyncio.wait_for(reader.read(1), 10) == b""  # idle timeout ends it
+            assert loop.time() - idle_from < 3.0
+        finally:
+            writer.close()
+    finally:
+        await runner.cleanup()
+        await targets[0].stop()
+
+
+def _rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+@contextlib.contextmanager
+def router_process(config_path, port: int, log_path):
+    """``shardchat router`` as its own process (its memory is its own); yields its URL."""
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shardchat", "router", "--config", str(config_path),
+             "--port", str(port)], cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: http_json("GET", f"{base}/healthz", timeout=1)[0] == 200,
+                   20, what="router answering")
+        yield proc, base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+async def test_huge_websocket_frame_is_refused_without_buffering_it(tmp_path):
+    """A 40 MB frame from a client: the router (its own process, so its memory can be read)
+    closes that WebSocket with 1009 from the frame's header, and chat keeps working."""
+    log_path = tmp_path / "router.log"
+    with running_nodes(tmp_path, 1, node={"ping_interval": 1.0, "ping_timeout": 2.0}) as nodes, \
+            router_process(nodes[0].config_path, free_port(), log_path) as (router, base):
+        room = create_room(nodes[0])
+        await _welcome(base, room, "websocket")  # warm up every code path once
+        before = _rss(router.pid)
+        ws_url = f"{base}{room['socketio_path']}/?EIO=4&transport=websocket"
+        async with aiohttp.ClientSession() as s, s.ws_connect(ws_url) as ws:
+            assert (await ws.receive(timeout=5)).data.startswith("0{")  # Engine.IO open
+            sending = asyncio.create_task(ws.send_str("4" + "x" * (40 * 1024 * 1024)))
+            msg = await ws.receive(timeout=20)
+            while msg.type is aiohttp.WSMsgType.TEXT:  # Engine.IO pings may come first
+                msg = await ws.receive(timeout=20)
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+        assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1009, msg
+        grown = _rss(router.pid) - before
+        print(f"router RSS growth over a refused 40 MB frame: {grown / 2**20:.1f} MiB")
+        assert grown < 16 * 1024 * 1024, f"router RSS grew by {grown / 2**20:.1f} MiB"
+        data = await _welcome(base, room, "websocket")  # chat through the router still works
+        assert data["room"]["id"] == room["id"]
+    assert "1009" in log_path.read_text()  # the refusal is logged

@@ -83,12 +83,13 @@ async def _serve_until_signal(router, host: str, port: int) -> None:
 def router(config_path: str, port: int, host: str, alb_name: str | None,
            endpoint_url: str | None, region: str | None) -> None:
     """Run the local router alone: ALB rule semantics in front of the configured nodes."""
-    from shardchat.cluster.router import Router
+    from shardchat.cluster.router import Router, RouterLimits
 
     setup_logging("router")
     cfg = load_config(config_path)
     rules, targets = _rules_and_targets(cfg, alb_name, region, endpoint_url)
-    rt = Router(rules, targets, idle_timeout=float(cfg.aws.idle_timeout))
+    rt = Router(rules, targets, idle_timeout=float(cfg.aws.idle_timeout),
+                limits=RouterLimits.from_config(cfg))
     asyncio.run(_serve_until_signal(rt, host, port))
 
 

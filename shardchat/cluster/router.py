@@ -10,13 +10,25 @@ forwards each request, unchanged, to a target:
   ``health_interval`` s; ``unhealthy_threshold`` failures in a row take a target out,
   ``healthy_threshold`` passes bring it back; at start-up one pass is enough. When every
   target of a group is unhealthy, requests go to all of them anyway ("fail open", as ALB);
+* a target that cannot be connected to (refused, or no TCP connection within
+  ``connect_timeout``) is marked unhealthy at once, as if it had failed its health checks,
+  and a request of the default action that hit it is sent to the next target of the group:
+  nothing of it reached the first one, so nothing can happen twice. A request that may have
+  reached a target (the connection broke later) is never retried. A rule's request has no
+  other target to go to. This is where the router is kinder than ALB, which answers 502
+  until its health checks catch up (``docs/aws.md``);
 * answers that come from the router itself are JSON: 502 ``bad_gateway`` (target refused
   or broke the connection), 504 ``gateway_timeout`` (no TCP connection within
   ``connect_timeout``, or no answer within ``idle_timeout``), 503 ``no_target`` (the group
-  has no registered target);
+  has no registered target), 413 ``too_large`` (a body over ``RouterLimits.max_body_bytes``);
 * HTTP of any method is streamed both ways (hop-by-hop headers removed, bodies and
   encodings untouched); WebSocket upgrades are proxied frame by frame in both directions
   (text, binary, ping, pong, close with its code), without adding compression;
+* nothing a client sends is buffered without bound: request bodies are streamed and cut off
+  at ``max_body_bytes`` (the most any node accepts), a client's WebSocket frame over
+  ``max_frame_bytes`` (``node.max_packet_bytes``) closes that WebSocket with 1009 "message
+  too big" before its payload is read, and the listener has the header and idle timeouts of
+  ``shardchat.listener``. Frames from the nodes are not capped: the nodes bound their own;
 * ``X-Forwarded-For`` (appended), ``X-Forwarded-Proto`` and ``X-Forwarded-Port`` are set.
 
 The router takes a RuleSet plus ``{instance: (host, port)}``, so it runs equally on rules
@@ -30,7 +42,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -39,6 +51,8 @@ from yarl import URL
 
 from shardchat import urls
 from shardchat.cluster.rules import RuleSet
+from shardchat.config import Config
+from shardchat.listener import ListenerTimeouts, start_site
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +74,23 @@ class HealthSettings:
     timeout: float = 1.0
     healthy_threshold: int = 2
     unhealthy_threshold: int = 2
+
+
+@dataclass(frozen=True)
+class RouterLimits:
+    """What one client may make the router hold: see the module docstring."""
+
+    max_frame_bytes: int = 64 * 1024
+    max_body_bytes: int = 64 * 1024 + 1024
+    timeouts: ListenerTimeouts = field(default_factory=ListenerTimeouts)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> RouterLimits:
+        """The nodes' own limits: what a node would refuse is refused here, early."""
+        n = cfg.node
+        return cls(max_frame_bytes=n.max_packet_bytes,
+                   max_body_bytes=max(n.max_body_bytes, n.max_packet_bytes) + 1024,
+                   timeouts=ListenerTimeouts.from_config(cfg))
 
 
 @dataclass
@@ -89,9 +120,53 @@ class TargetHealth:
         self.checked = True
         return before != self.healthy
 
+    def fail_now(self, reason: str, settings: HealthSettings) -> bool:
+        """Out at once, as after ``unhealthy_threshold`` failed checks; True if it flipped."""
+        before = self.healthy
+        self.healthy, self.checked, self.reason = False, True, reason
+        self.passes, self.failures = 0, max(self.failures, settings.unhealthy_threshold)
+        return before
+
 
 class NoTarget(Exception):
     """The matched target group has no registered target."""
+
+
+class Unreachable(Exception):
+    """No connection to the target could be made: nothing of the request reached it."""
+
+    def __init__(self, number: int, cause: Exception):
+        super().__init__(f"instance {number}: {cause!r}")
+        self.number = number
+        self.cause = cause
+
+
+class BodyTooLarge(Exception):
+    """The client's request body passed ``RouterLimits.max_body_bytes``."""
+
+
+class _Body:
+    """A client's request body, streamed to the target in chunks and counted on the way.
+
+    ``started`` tells whether any of it was sent (a request whose body was never read can be
+    sent elsewhere); passing ``limit`` raises BodyTooLarge, which aborts the upstream
+    request, so a target never receives a cut-off body as if it were whole."""
+
+    def __init__(self, request: web.Request, limit: int):
+        self._request = request
+        self._limit = limit
+        self.started = False
+        self.too_large = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.started = True
+        total = 0
+        async for chunk in self._request.content.iter_chunked(CHUNK):
+            total += len(chunk)
+            if total > self._limit:
+                self.too_large = True
+                raise BodyTooLarge()
+            yield chunk
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -146,9 +221,10 @@ class Router:
 
     def __init__(self, rules: RuleSet, targets: Mapping[int, Target], *,
                  health: HealthSettings | None = None, connect_timeout: float = 10.0,
-                 idle_timeout: float = 60.0):
+                 idle_timeout: float = 60.0, limits: RouterLimits | None = None):
         self.rules = _unique_priorities(rules)
         self.targets = dict(targets)
+        self.limits = limits or RouterLimits()
         self.health_settings = health or HealthSettings()
         self.health = {n: TargetHealth() for n in self.targets}
         self._connect_timeout = connect_timeout
@@ -232,49 +308,83 @@ class Router:
     def healthy(self) -> list[int]:
         return [n for n, h in self.health.items() if h.healthy]
 
+    def mark_down(self, n: int, reason: str) -> None:
+        """Take target ``n`` out now; its health checks bring it back as usual."""
+        if self.health[n].fail_now(reason, self.health_settings):
+            host, port = self.targets[n]
+            log.info("target %s (%s:%s) is unhealthy: %s", n, host, port, reason)
+
     # -- routing --------------------------------------------------------------------------
 
-    def pick(self, path: str) -> int:
-        """The instance this request goes to; raises NoTarget for an empty group."""
+    def candidates(self, path: str) -> list[int]:
+        """The instances this request may go to, in order: a rule's one instance, or the
+        default action's pool starting at its round-robin turn (the rest are where a
+        request goes when the one before refused the connection). Raises NoTarget for an
+        empty group."""
         rule = self.rules.match(path)
         if rule is not None:
             if rule.instance not in self.targets:
                 raise NoTarget(f"rule {rule.priority} ({rule.path_pattern}) forwards to "
                                f"instance {rule.instance}, which has no registered target")
-            return rule.instance
+            return [rule.instance]
         group = [n for n in self.rules.default_instances if n in self.targets]
         if not group:
             raise NoTarget("the default action has no registered target")
         pool = [n for n in group if self.health[n].healthy] or group  # fail open
-        return pool[next(self._rr) % len(pool)]
+        turn = next(self._rr) % len(pool)
+        return pool[turn:] + pool[:turn]
+
+    def pick(self, path: str) -> int:
+        """The instance this request goes to first; raises NoTarget for an empty group."""
+        return self.candidates(path)[0]
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = _raw_target(request)
         try:
-            n = self.pick(raw.split("?", 1)[0])
+            order = self.candidates(raw.split("?", 1)[0])
         except NoTarget as exc:
             return _error(503, "no_target", f"No server can take this request: {exc}.")
-        host, port = self.targets[n]
-        url = URL(f"http://{host}:{port}{raw}", encoded=True)
-        if _is_websocket(request):
-            return await self._websocket(request, n, url)
-        return await self._http(request, n, url)
+        if (request.content_length or 0) > self.limits.max_body_bytes:
+            return _too_large(self.limits.max_body_bytes)
+        for attempt, n in enumerate(order):
+            host, port = self.targets[n]
+            url = URL(f"http://{host}:{port}{raw}", encoded=True)
+            try:
+                if _is_websocket(request):
+                    return await self._websocket(request, n, url)
+                return await self._http(request, n, url)
+            except Unreachable as exc:
+                self.mark_down(n, f"connection failed ({exc.cause.__class__.__name__})")
+                if attempt + 1 < len(order):
+                    log.info("instance %s refused %s %s; sent to instance %s instead", n,
+                             request.method, request.path, order[attempt + 1])
+                    continue
+                return _unreachable(n, exc.cause)
+        raise AssertionError("candidates() is never empty")
 
     # -- plain HTTP -----------------------------------------------------------------------
 
     async def _http(self, request: web.Request, n: int, url: URL) -> web.StreamResponse:
+        """Relay one request; raises Unreachable when it could be sent elsewhere."""
         assert self._session is not None
-        data = _stream_body(request) if request.body_exists else None
+        body = _Body(request, self.limits.max_body_bytes) if request.body_exists else None
         try:
             upstream = await self._session.request(
-                request.method, url, headers=_forward_headers(request), data=data,
+                request.method, url, headers=_forward_headers(request), data=body,
                 allow_redirects=False,
                 skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"))
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            if body is None or not body.started:
+                raise Unreachable(n, exc) from None
+            return _unreachable(n, exc)
+        except BodyTooLarge:
+            return _too_large(self.limits.max_body_bytes, close=True)
         except aiohttp.ServerTimeoutError:
             return _error(504, "gateway_timeout", f"Instance {n} did not answer in time.")
         except aiohttp.ClientError as exc:
-            return _error(502, "bad_gateway", f"Instance {n} could not be reached "
-                          f"({exc.__class__.__name__}); it may be down or restarting.")
+            if body is not None and body.too_large:
+                return _too_large(self.limits.max_body_bytes, close=True)
+            return _unreachable(n, exc)
         async with upstream:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
@@ -302,6 +412,8 @@ class Router:
                 url, headers=_forward_headers(request, WS_HANDSHAKE), protocols=offered,
                 autoclose=False, autoping=False, compress=0, max_msg_size=0,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0))
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise Unreachable(n, exc) from None
         except aiohttp.WSServerHandshakeError as exc:
             status = exc.status if exc.status >= 400 else 502
             return _error(status, "upgrade_refused", f"Instance {n} refused the WebSocket "
@@ -309,11 +421,12 @@ class Router:
         except aiohttp.ServerTimeoutError:
             return _error(504, "gateway_timeout", f"Instance {n} did not answer in time.")
         except aiohttp.ClientError as exc:
-            return _error(502, "bad_gateway", f"Instance {n} could not be reached "
-                          f"({exc.__class__.__name__}); it may be down or restarting.")
+            return _unreachable(n, exc)
+        # A client frame over the cap is refused from its header (1009), never buffered.
         down = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (),
-            autoclose=False, autoping=False, compress=False, max_msg_size=0)
+            autoclose=False, autoping=False, compress=False,
+            max_msg_size=self.limits.max_frame_bytes)
         try:
             await down.prepare(request)
         except Exception:
@@ -327,9 +440,18 @@ class Router:
         return down
 
 
-async def _stream_body(request: web.Request) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(CHUNK):
-        yield chunk
+def _unreachable(n: int, exc: Exception) -> web.Response:
+    return _error(502, "bad_gateway", f"Instance {n} could not be reached "
+                  f"({exc.__class__.__name__}); it may be down or restarting.")
+
+
+def _too_large(limit: int, close: bool = False) -> web.Response:
+    """413 for a body over the cap; ``close``: the unread rest of it is not waited for."""
+    resp = _error(413, "too_large", f"The request body is larger than {limit} bytes, more "
+                  "than any chat server accepts.")
+    if close:
+        resp.force_close()
+    return resp
 
 
 async def _pump(src, dst) -> None:
@@ -349,6 +471,12 @@ async def _pump(src, dst) -> None:
             await dst.close(code=code, message=(msg.extra or "").encode())
             return
         else:  # CLOSING, CLOSED, ERROR: the connection is gone
+            if msg.type is WSMsgType.ERROR and isinstance(msg.data, aiohttp.WebSocketError) \
+                    and msg.data.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+                log.warning("closed a websocket (1009): %s", msg.data)
+                with contextlib.suppress(Exception):
+                    await dst.close(code=aiohttp.WSCloseCode.GOING_AWAY,
+                                    message=b"peer sent a message too big")
             return
 
 
@@ -373,9 +501,8 @@ async def serve(router: Router, host: str, port: int) -> web.AppRunner:
     """Start the router on host:port; the caller cleans up the returned runner."""
     runner = web.AppRunner(router.app(), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
     try:
-        await site.start()
+        await start_site(runner, host, port, router.limits.timeouts)
     except BaseException:
         await runner.cleanup()
         raise

@@ -36,7 +36,7 @@ import aiohttp
 
 from shardchat import config as config_mod
 from shardchat import urls
-from shardchat.cluster.router import Router, serve
+from shardchat.cluster.router import Router, RouterLimits, serve
 from shardchat.cluster.rules import build_rules
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,8 @@ class Up:
         numbers = [n.number for n in self.nodes]
         router = Router(build_rules(numbers, self.cfg.aws.rule_priority_offset),
                         {i.number: (i.host, i.port) for i in self.cfg.instances},
-                        idle_timeout=float(self.cfg.aws.idle_timeout))
+                        idle_timeout=float(self.cfg.aws.idle_timeout),
+                        limits=RouterLimits.from_config(self.cfg))
         try:
             self._runner = await serve(router, self.opts.host, self.opts.port)
         except OSError as exc:
