@@ -28,7 +28,9 @@ from typing import Any
 import aiohttp
 
 from shardchat.config import Config, Instance
-from shardchat.node.internal import ROOMS_PATH, STATS_PATH, auth_header
+from shardchat.node.idempotency import HEADER as KEY_HEADER
+from shardchat.node.idempotency import IdempotencyConflict
+from shardchat.node.internal import KEYS_PATH, ROOMS_PATH, STATS_PATH, auth_header
 
 log = logging.getLogger(__name__)
 
@@ -220,31 +222,55 @@ class PeerPool:
 
     # -- room creation --------------------------------------------------------------------
 
-    async def create_room(self, number: int, name: str, private: bool, timeout: float
-                          ) -> dict[str, Any]:
-        """Create a room on peer ``number``; raises PeerError (never hangs past timeout)."""
+    async def create_room(self, number: int, name: str, private: bool, timeout: float,
+                          key: str | None = None) -> dict[str, Any]:
+        """Create a room on peer ``number`` (under Idempotency-Key ``key``, if given);
+        raises PeerError (never hangs past timeout), IdempotencyConflict on a 422."""
         peer = self._peers.get(number)
         if peer is None:
             raise PeerError(number, "not a known peer")
-        body = await self._request(peer, "POST", ROOMS_PATH,
-                                   {"name": name, "private": private}, timeout, expect=201)
+        headers = {KEY_HEADER: key} if key else None
+        body = await self._request(peer, "POST", ROOMS_PATH, {"name": name, "private": private},
+                                   timeout, expect=201, headers=headers)
         if not isinstance(body, dict) or body.get("instance") != number:
             raise PeerError(number, "room answer is not a room of this instance")
         return body
 
+    async def find_key(self, number: int, key: str, timeout: float) -> dict[str, Any] | None:
+        """``{"room", "fingerprint"}`` of the room peer ``number`` created under ``key``, or
+        None when it has none; raises PeerError when it cannot say."""
+        peer = self._peers.get(number)
+        if peer is None:
+            raise PeerError(number, "not a known peer")
+        body = await self._request(peer, "GET", KEYS_PATH + key, None, timeout,
+                                   expect=(200, 404))
+        if not isinstance(body, dict):
+            raise PeerError(number, "creation-key answer is not a JSON object")
+        if "room" not in body:
+            return None
+        room = body["room"]
+        if not isinstance(room, dict) or room.get("instance") != number:
+            raise PeerError(number, "creation-key answer is not a room of this instance")
+        return body
+
     async def _request(self, peer: PeerState, method: str, path: str, payload: Any,
-                       timeout: float, expect: int) -> Any:
+                       timeout: float, expect: int | tuple[int, ...],
+                       headers: dict[str, str] | None = None) -> Any:
         if self._session is None:
             raise PeerError(peer.number, "peer pool is not started")
         limit = aiohttp.ClientTimeout(total=max(timeout, 0.05))
+        wanted = expect if isinstance(expect, tuple) else (expect,)
         try:
             async with self._session.request(method, peer.base_url + path, json=payload,
-                                             timeout=limit) as resp:
+                                             headers=headers, timeout=limit) as resp:
                 try:
                     body = await resp.json(content_type=None)
                 except ValueError:
                     body = None
-                if resp.status != expect:
+                if resp.status == 422 and isinstance(body, dict) \
+                        and body.get("error") == IdempotencyConflict.code:
+                    raise IdempotencyConflict()
+                if resp.status not in wanted:
                     code = body.get("error") if isinstance(body, dict) else None
                     raise PeerError(peer.number, f"answered {resp.status} {code or ''}".strip(),
                                     draining=(resp.status == 503 and code == "draining"))

@@ -27,12 +27,21 @@ are not candidates, and a create call that fails moves on to the next candidate 
 ``PLACEMENT_BUDGET`` seconds, so creation never hangs on a bad peer. With no candidate left
 the answer is ``NoCapacity`` (HTTP 503 ``no_capacity``).
 
+A creation with an Idempotency-Key (``node/idempotency.py``) first asks this node and every
+peer, all at once and each within ``node.peer_timeout``, whether a room was already created
+under that key, and answers that room if so. Peers believed down are asked too (a refused
+connection costs a millisecond, and one that just came back may hold the key). A peer that
+cannot be asked is passed over: it cannot serve the room it might hold either, and a room
+now is worth more to the person waiting than a promise that the unreachable one exists.
+
 ``rank``/``choose`` are pure (no I/O, no clock) so they are tested as plain functions;
 ``Placer`` wires them to the peers and the local node.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -41,6 +50,7 @@ from typing import Any, Protocol
 
 from shardchat.cluster.peers import PeerError, PeerPool
 from shardchat.config import Config
+from shardchat.node.idempotency import IdempotencyConflict, replay
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +75,10 @@ class LocalNode(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
-    async def create_room(self, name: str, private: bool) -> dict[str, Any]: ...
+    async def create_room(self, name: str, private: bool,
+                          key: str | None = None) -> dict[str, Any]: ...
+
+    async def find_keyed_room(self, key: str) -> dict[str, Any] | None: ...
 
 
 @dataclass(frozen=True)
@@ -172,6 +185,7 @@ class Placer:
         self._budget = max(PLACEMENT_BUDGET, cfg.node.peer_timeout)
         self._peers = PeerPool(cfg, local.number)
         self._reservations = Reservations(cfg.node.placement_reservation_seconds)
+        self._keyed: dict[str, asyncio.Future[None]] = {}  # keyed creations answered here
 
     async def start(self) -> None:
         await self._peers.start()
@@ -197,8 +211,49 @@ class Placer:
         order = [n for n in order if n not in tried]
         return order[0] if order else None
 
-    async def create_room(self, name: str, private: bool) -> dict[str, Any]:
-        """Place and create the room; raises NoCapacity when nobody can take it."""
+    async def find_key(self, key: str) -> dict[str, Any] | None:
+        """``{"room", "fingerprint"}`` of the room created under ``key`` on this node or a
+        peer, or None when none of those that answered has one."""
+        found = await self._local.find_keyed_room(key)
+        if found is not None:
+            return found
+        peers = [p.number for p in self._peers.snapshot()]  # down ones fail fast
+        answers = await asyncio.gather(
+            *(self._peers.find_key(n, key, self._peer_timeout) for n in peers),
+            return_exceptions=True)
+        for n, answer in zip(peers, answers, strict=True):
+            if isinstance(answer, PeerError):
+                log.warning("could not ask instance %s for a creation key: %s", n, answer.reason)
+            elif isinstance(answer, BaseException):
+                log.error("asking instance %s for a creation key failed: %r", n, answer)
+            elif answer is not None:
+                return answer
+        return None
+
+    async def create_room(self, name: str, private: bool,
+                          key: str | None = None) -> dict[str, Any]:
+        """Place and create the room (once per Idempotency-Key ``key``); raises NoCapacity
+        when nobody can take it, IdempotencyConflict when ``key`` made another room.
+
+        Keyed creations answered by this node take turns per key: a retry arriving while
+        the first attempt is still placing waits for it, then finds its room."""
+        if key is None:
+            return await self._place(name, private, None)
+        while (pending := self._keyed.get(key)) is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
+        turn = self._keyed[key] = asyncio.get_running_loop().create_future()
+        try:
+            found = await self.find_key(key)
+            if found is not None:
+                return replay(found, name, private)
+            return await self._place(name, private, key)
+        finally:
+            del self._keyed[key]
+            turn.set_result(None)
+
+    async def _place(self, name: str, private: bool, key: str | None) -> dict[str, Any]:
+        """Create the room on the best instance that takes it, within the budget."""
         deadline = time.monotonic() + self._budget
         tried: set[int] = set()
         while (target := self._next(tried)) is not None:
@@ -210,10 +265,13 @@ class Placer:
             item = self._reservations.add(target)
             try:
                 if is_local:
-                    room = await self._local.create_room(name, private)
+                    room = await self._local.create_room(name, private, key)
                 else:
                     room = await self._peers.create_room(
-                        target, name, private, min(self._peer_timeout, remaining))
+                        target, name, private, min(self._peer_timeout, remaining), key)
+            except IdempotencyConflict:
+                self._reservations.release(item)
+                raise
             except PeerError as exc:
                 self._reservations.release(item)
                 self._peers.mark_failed(target, exc.reason, exc.draining)

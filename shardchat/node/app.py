@@ -23,7 +23,7 @@ from aiohttp import web
 from shardchat import listener, urls
 from shardchat.cluster.placement import NoCapacity, Placer
 from shardchat.config import Config
-from shardchat.node import gctune, internal, ratelimit, transport
+from shardchat.node import gctune, idempotency, internal, ratelimit, transport
 from shardchat.node.clientaddr import ClientAddresses
 from shardchat.node.fanout import Fanout
 from shardchat.node.inbound import Inbound
@@ -100,6 +100,7 @@ class Node:
         self.sio.direct_send = self.fanout.send_packet
         self.rooms = RoomService(cfg, number, self.store, self.fanout)
         self.addresses = ClientAddresses(cfg.node.trusted_proxies)
+        self.keyed = idempotency.KeyedCreations(self.store, self.rooms)
         self.placer: Any = None
         self.eio_path = urls.socketio_path(number)
         self.closing = False  # past the grace period: sockets are being closed
@@ -111,8 +112,15 @@ class Node:
         return {"instance": self.number, "connections": self.rooms.connection_count(),
                 "rooms": self.store.room_count(), "draining": self.rooms.draining}
 
-    async def create_room(self, name: str, private: bool) -> dict[str, Any]:
-        return await self.rooms.create_room(name, private)
+    async def create_room(self, name: str, private: bool,
+                          key: str | None = None) -> dict[str, Any]:
+        if key is None:
+            return await self.rooms.create_room(name, private)
+        return await self.keyed.create(key, name, private)
+
+    async def find_keyed_room(self, key: str) -> dict[str, Any] | None:
+        """This node's room created under Idempotency-Key ``key``, with its fingerprint."""
+        return await self.keyed.find(key)
 
     def metrics(self) -> dict[str, Any]:
         """Internal counters (``GET /internal/metrics``): where the work goes."""
@@ -246,6 +254,9 @@ class Node:
         return web.FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
 
     async def _api_create_room(self, request: web.Request) -> web.Response:
+        key, refusal = read_creation_key(request)
+        if refusal:
+            return refusal
         body, refusal = await read_room_request(request, self.settings.max_body_bytes)
         if refusal:
             return refusal
@@ -253,10 +264,12 @@ class Node:
         if limited:
             return rate_limited_response(limited, self.settings.rate_limit_window)
         try:
-            room = await self.placer.create_room(body["name"].strip(), body["private"])
+            room = await self.placer.create_room(body["name"].strip(), body["private"], key)
         except NoCapacity as exc:
             return json_error(503, "no_capacity", str(exc) or "No instance can take a new room "
                               "right now (all are down or draining); try again shortly.")
+        except idempotency.IdempotencyConflict as exc:
+            return json_error(422, exc.code, str(exc))
         return web.json_response(room, status=201)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -296,6 +309,13 @@ async def read_room_request(request: web.Request, max_bytes: int
         return None, json_error(413, "too_large", f"The request body is larger than "
                                 f"{max_bytes} bytes (node.max_body_bytes).")
     return parse_room_request(raw)
+
+
+def read_creation_key(request: web.Request) -> tuple[str | None, web.Response | None]:
+    """The request's Idempotency-Key (None when it has none), or a 400 for a bad one."""
+    key = request.headers.get(idempotency.HEADER)
+    bad = idempotency.check_key(key)
+    return (None, json_error(400, bad.code, bad.message)) if bad else (key, None)
 
 
 def parse_room_request(raw: bytes) -> tuple[dict | None, web.Response | None]:

@@ -20,6 +20,7 @@ log = logging.getLogger("shardchat.internal")
 STATS_PATH = "/internal/stats"
 ROOMS_PATH = "/internal/rooms"
 METRICS_PATH = "/internal/metrics"
+KEYS_PATH = "/internal/creation-keys/"  # + an Idempotency-Key: the room created under it
 
 
 def auth_header(secret: str) -> dict[str, str]:
@@ -50,18 +51,35 @@ def build_app(cfg: Config, node: Any) -> web.Application:
         return web.json_response(node.metrics())
 
     async def create_room(request: web.Request) -> web.Response:
-        from shardchat.node.app import json_error, read_room_request
+        """Create a room here; with an Idempotency-Key, the room already made under it."""
+        from shardchat.node.app import json_error, read_creation_key, read_room_request
+        from shardchat.node.idempotency import IdempotencyConflict
 
         if node.draining:
             return json_error(503, "draining", f"Instance {node.number} is draining.")
+        key, refusal = read_creation_key(request)
+        if refusal:
+            return refusal
         body, refusal = await read_room_request(request, cfg.node.max_body_bytes)
         if refusal:
             return refusal
-        room = await node.create_room(body["name"], body["private"])
+        try:
+            room = await node.create_room(body["name"], body["private"], key)
+        except IdempotencyConflict as exc:
+            return json_error(422, exc.code, str(exc))
         return web.json_response(room, status=201)
+
+    async def keyed_room(request: web.Request) -> web.Response:
+        """``{"room", "fingerprint"}`` of the room created here under the key, or 404."""
+        found = await node.find_keyed_room(request.match_info["key"])
+        if found is None:
+            return web.json_response({"error": "not_found", "message": "No room was created "
+                                      "here under that key."}, status=404)
+        return web.json_response(found)
 
     app = web.Application(middlewares=[check_secret], client_max_size=cfg.node.max_body_bytes)
     app.router.add_get(STATS_PATH, stats)
     app.router.add_post(ROOMS_PATH, create_room)
     app.router.add_get(METRICS_PATH, metrics)
+    app.router.add_get(KEYS_PATH + "{key}", keyed_room)
     return app

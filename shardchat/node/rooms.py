@@ -31,7 +31,7 @@ from shardchat.node.invites import Invites
 from shardchat.node.limits import Refusal
 from shardchat.node.members import MemberTokens
 from shardchat.node.ratelimit import RateLimiter, limit_identity
-from shardchat.node.store import RoomRecord, Store, StoreError
+from shardchat.node.store import CreationKey, RoomRecord, Store, StoreError
 
 log = logging.getLogger("shardchat.rooms")
 
@@ -106,11 +106,13 @@ class RoomService:
 
     # -- rooms --------------------------------------------------------------------------
 
-    async def create_room(self, name: str, private: bool) -> dict[str, Any]:
-        """Create a room on this node (durable before it returns) and describe it."""
+    async def create_room(self, name: str, private: bool,
+                          key: CreationKey | None = None) -> dict[str, Any]:
+        """Create a room on this node (durable before it returns) and describe it; ``key``:
+        the Idempotency-Key it is created under (``idempotency.py``)."""
         record = RoomRecord(id=secrets.token_urlsafe(16), name=name.strip(),
                             private=bool(private), created_at=int(time.time() * 1000))
-        await self.store.create_room(record)
+        await self.store.create_room(record, key)
         return self.describe(record)
 
     def describe(self, record: RoomRecord) -> dict[str, Any]:

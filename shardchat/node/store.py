@@ -82,6 +82,13 @@ CREATE TABLE IF NOT EXISTS messages (
     sender_member TEXT,
     PRIMARY KEY (room_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS creation_keys (
+    key         TEXT PRIMARY KEY,
+    room_id     TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS creation_keys_age ON creation_keys (created_at);
 """
 
 # The dedup index, created by ``_migrate_dedup`` once the column exists. Rows with no member
@@ -99,6 +106,11 @@ _INSERT_MESSAGE = (
     " sender_member) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _COLUMNS = "seq, sender_sid, sender_name, text, ts, client_id, sender_member"
+# An Idempotency-Key is remembered this long (docs/protocol.md); older ones are pruned
+# whenever a keyed room is written, in the same transaction.
+KEY_TTL_MS = 24 * 3600 * 1000
+_INSERT_KEY = ("INSERT OR REPLACE INTO creation_keys (key, room_id, fingerprint, created_at)"
+               " VALUES (?, ?, ?, ?)")
 
 
 class StoreError(Exception):
@@ -121,6 +133,14 @@ class RoomRecord:
         return {"id": self.id, "name": self.name, "private": self.private}
 
 
+@dataclass(frozen=True)
+class CreationKey:
+    """The Idempotency-Key a room was created under, and a digest of what was asked."""
+
+    key: str
+    fingerprint: str
+
+
 # -- queued writes --------------------------------------------------------------------
 
 
@@ -128,6 +148,7 @@ class RoomRecord:
 class _RoomWrite:
     record: RoomRecord
     future: asyncio.Future
+    key: CreationKey | None = None  # stored in the room's own transaction
 
 
 @dataclass(eq=False)
@@ -304,8 +325,9 @@ class Store:
 
     # -- rooms ---------------------------------------------------------------------------
 
-    async def create_room(self, room: RoomRecord) -> None:
-        """Store a new room; durable when this returns. A known id raises ValueError."""
+    async def create_room(self, room: RoomRecord, key: CreationKey | None = None) -> None:
+        """Store a new room (with the key it was created under, atomically); durable when
+        this returns. A known id raises ValueError."""
         self._require_open()
         _check_text("room id", room.id)
         _check_text("room name", room.name)
@@ -313,11 +335,22 @@ class Store:
             raise ValueError(f"room {room.id!r} already exists on this node.")
         future = self._loop_future()
         self._pending_rooms.add(room.id)
-        self._enqueue(_RoomWrite(room, future))
+        self._enqueue(_RoomWrite(room, future, key))
         await asyncio.shield(future)
 
     def get_room(self, room_id: str) -> RoomRecord | None:
         return self._rooms.get(room_id)
+
+    def find_key(self, key: str, now_ms: int | None = None) -> tuple[str, str] | None:
+        """(room id, fingerprint) of the room created under ``key`` in the last
+        ``KEY_TTL_MS``, once that room is committed; else None. One primary-key probe."""
+        self._require_open()
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        rows = self._read("SELECT room_id, fingerprint FROM creation_keys"
+                          " WHERE key = ? AND created_at >= ?", (key, now_ms - KEY_TTL_MS))
+        if not rows or rows[0][0] not in self._rooms:
+            return None
+        return rows[0][0], rows[0][1]
 
     def room_count(self) -> int:
         return len(self._rooms)
@@ -728,6 +761,7 @@ class Store:
             if rooms:
                 conn.executemany(_INSERT_ROOM, [(r.id, r.name, int(r.private), r.created_at)
                                                 for r in rooms])
+                self._write_keys(conn, batch)
             if messages:
                 conn.executemany(_INSERT_MESSAGE, [m.row() for m in messages])
             conn.execute("COMMIT")
@@ -750,6 +784,18 @@ class Store:
         s.max_batch = max(s.max_batch, len(messages) + len(rooms))
         self._call_soon(self._committed_batch, batch)
         return {m.message["room"]: m.message["seq"] for m in messages}  # seqs ascend
+
+    @staticmethod
+    def _write_keys(conn: sqlite3.Connection, batch: list[Any]) -> None:
+        """Inside the batch's transaction: the creation keys of its rooms, and expired keys
+        out (a key is only written after a lookup found none alive, so REPLACE only ever
+        replaces an expired one)."""
+        keyed = [(i.key.key, i.record.id, i.key.fingerprint, i.record.created_at)
+                 for i in batch if isinstance(i, _RoomWrite) and i.key is not None]
+        if keyed:
+            cutoff = int(time.time() * 1000) - KEY_TTL_MS
+            conn.execute("DELETE FROM creation_keys WHERE created_at < ?", (cutoff,))
+            conn.executemany(_INSERT_KEY, keyed)
 
     def _prune(self, conn: sqlite3.Connection, tops: dict[str, int],
                cuts: dict[str, tuple[float, int]]) -> None:
