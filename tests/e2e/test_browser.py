@@ -249,6 +249,43 @@ def test_landing_page_creates_a_room_and_shows_api_errors(site, people):
     assert page.errors == []
 
 
+def test_landing_page_retries_a_lost_creation_and_gets_the_same_room(site, people):
+    """The first try reaches the server (the room is made) but its answer is lost behind a
+    502; the page tries again with the same Idempotency-Key and lands in that very room.
+    The second click-to-room goes through a network error first."""
+    page = people.page()
+    keys: list[str] = []
+    made: list[dict[str, Any]] = []
+
+    def lose_the_first_answer(route: Any) -> None:
+        keys.append(route.request.headers.get("idempotency-key", ""))
+        if len(keys) == 1:
+            made.append(route.fetch().json())
+            route.fulfill(status=502, content_type="application/json",
+                          body='{"error": "bad_gateway", "message": "target went away"}')
+        elif len(keys) == 3:
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    page.route("**/api/rooms", lose_the_first_answer)
+    page.goto(site.url("/"))
+    page.fill("#room-name", "Retried plan")
+    page.click("#create-button")
+    page.wait_for_url(re.compile(r"/i\d+/room/[A-Za-z0-9_-]+$"))
+    assert page.url == site.url(made[0]["path"])  # the room of the lost answer, not a new one
+    assert len(keys) == 2 and keys[0] == keys[1]
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", keys[0])
+
+    page.goto(site.url("/"))
+    page.fill("#room-name", "Another plan")
+    page.click("#create-button")
+    page.wait_for_url(re.compile(r"/i\d+/room/[A-Za-z0-9_-]+$"))
+    assert len(keys) == 4 and keys[2] == keys[3] != keys[0]  # a new creation, a new key
+    assert page.url != site.url(made[0]["path"])
+    assert page.errors == []
+
+
 def test_two_people_chat_and_see_each_other_in_the_member_list(site, people):
     room = create_room(site, "Team chat")
     ana = people.join(room_link(site, room), "Ana")

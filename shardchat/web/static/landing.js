@@ -4,6 +4,11 @@
  * The API answers with the room's instance-prefixed path; private rooms also get an invite
  * token, which travels in the query string so the room page can store it and show the
  * shareable link.
+ *
+ * A creation that fails on the way (no answer, or 502/503/504 from a load balancer whose
+ * target just died) is retried a few times with backoff, always with the same
+ * Idempotency-Key: the server answers a retry with the room the first try may already have
+ * made, so a retry never makes a second room. Each click of "Create" is a new key.
  */
 (function () {
   "use strict";
@@ -32,6 +37,22 @@
     form.setAttribute("aria-busy", busy ? "true" : "false");
   }
 
+  const RETRY_DELAYS_MS = [400, 1200, 3000];  // after the 1st, 2nd, 3rd failed try
+  const RETRY_STATUSES = [502, 503, 504];
+
+  /** 128 random bits in base64url: unguessable, since the key stands for the room. */
+  function newIdempotencyKey() {
+    const bytes = new Uint8Array(16);
+    window.crypto.getRandomValues(bytes);
+    let text = "";
+    bytes.forEach(function (b) { text += String.fromCharCode(b); });
+    return btoa(text).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+
+  function wait(ms) {
+    return new Promise(function (resolve) { window.setTimeout(resolve, ms); });
+  }
+
   /** A sentence for a person from an API error body, whatever shape it has. */
   function apiErrorText(status, body) {
     if (body && typeof body.message === "string" && body.message) return body.message;
@@ -48,16 +69,19 @@
     return room.path;
   }
 
-  async function createRoom(name, isPrivate) {
+  /** One try: resolves to {room} on success, {retry, error} otherwise. */
+  async function tryCreate(name, isPrivate, key) {
     let response;
     try {
       response = await fetch("/api/rooms", {
         method: "POST",
-        headers: { "Content-Type": "application/json", "Accept": "application/json" },
+        headers: { "Content-Type": "application/json", "Accept": "application/json",
+                   "Idempotency-Key": key },
         body: JSON.stringify({ name: name, private: isPrivate }),
       });
     } catch (err) {
-      throw new Error("Could not reach the server. Check your connection and try again.");
+      return { retry: true,
+               error: "Could not reach the server. Check your connection and try again." };
     }
     let body = null;
     try {
@@ -65,10 +89,21 @@
     } catch (err) {
       body = null;
     }
-    if (response.status !== 201 || !body || typeof body.path !== "string") {
-      throw new Error(apiErrorText(response.status, body));
+    if (response.status === 201 && body && typeof body.path === "string") {
+      return { room: body };
     }
-    return body;
+    return { retry: RETRY_STATUSES.indexOf(response.status) !== -1,
+             error: apiErrorText(response.status, body) };
+  }
+
+  async function createRoom(name, isPrivate) {
+    const key = newIdempotencyKey();
+    for (let attempt = 0; ; attempt++) {
+      const outcome = await tryCreate(name, isPrivate, key);
+      if (outcome.room) return outcome.room;
+      if (!outcome.retry || attempt >= RETRY_DELAYS_MS.length) throw new Error(outcome.error);
+      await wait(RETRY_DELAYS_MS[attempt] * (0.75 + Math.random() / 2));
+    }
   }
 
   // Only a blank name is caught here; every other rule (length, ...) is the API's to state,
