@@ -252,7 +252,8 @@ UNLIMITED = {f"rate_limit_{kind}": 1_000_000
 class ShardchatServer(Server):
     """shardchat nodes (``python -m shardchat node``) with the default node settings, except
     the rate limits, raised so the load generator's senders (thousands of clients on one
-    loopback address) are never refused.
+    loopback address) are never refused, and a short drain grace (no load balancer waits on
+    it), so that a stop is quick and a profile is written.
     Each room lives on one node: rooms alternate between the nodes."""
 
     label = "shardchat"
@@ -266,7 +267,7 @@ class ShardchatServer(Server):
         self.label = "shardchat" if nodes == 1 else f"shardchat, {nodes} nodes"
         if not self.node_settings_fsync(node_settings):
             self.label += " (fsync off)"
-        self.node_settings = {**UNLIMITED, **(node_settings or {})}
+        self.node_settings = {**UNLIMITED, "drain_grace_seconds": 0.5, **(node_settings or {})}
 
     @staticmethod
     def node_settings_fsync(settings: dict[str, Any] | None) -> bool:

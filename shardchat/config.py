@@ -80,7 +80,9 @@ class NodeSettings:
     peer_timeout: float = 1.5
     placement_reservation_seconds: float = 5.0
     stats_interval: float = 1.0
-    drain_grace_seconds: float = 1.0
+    # When the key is not set: aws.health_check_interval * aws.unhealthy_threshold (see
+    # ``drain_grace_default``); 20.0 is that product for the [aws] defaults.
+    drain_grace_seconds: float = 20.0
     log_level: str = "INFO"
     header_timeout: float = 10.0  # seconds to receive a request's headers (listener.py)
     idle_timeout: float = 0.0  # idle keep-alive seconds; 0: aws.idle_timeout + IDLE_MARGIN
@@ -221,6 +223,14 @@ def _networks(key: str, values: tuple[str, ...]) -> None:
                               f"\"10.0.0.0/16\", got {value!r} ({exc})") from None
 
 
+def drain_grace_default(aws: AwsConfig) -> float:
+    """How long the load balancer takes to see a draining node as unhealthy and stop sending
+    it new connections: ``unhealthy_threshold`` failed checks, ``health_check_interval``
+    apart. The default of ``node.drain_grace_seconds``: a shorter grace closes clients while
+    the load balancer still sends their reconnects (and new visitors) to this node."""
+    return float(max(0, aws.health_check_interval * aws.unhealthy_threshold))
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks; returns ``cfg`` unchanged or raises ConfigError."""
     c = cfg.cluster
@@ -270,6 +280,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("node.rate_limit_max_keys", "must be at least 2 (an event spends "
                           f"from a member's bucket and an address's), got {n.rate_limit_max_keys}")
     _networks("node.trusted_proxies", n.trusted_proxies)
+    if n.drain_grace_seconds < 0:
+        raise ConfigError("node.drain_grace_seconds", f"must be 0 or more seconds, got "
+                          f"{n.drain_grace_seconds}")
     if n.max_recovery < 50:
         raise ConfigError("node.max_recovery", f"must be at least 50, got {n.max_recovery}")
     _check_aws(cfg.aws, n)
@@ -378,11 +391,15 @@ def parse(data: dict[str, Any], source: str = "<dict>", env: dict[str, str] | No
         if not isinstance(table, dict) or "number" not in table:
             raise ConfigError(f"instances[{idx}].number", "is required")
         instances.append(_build(Instance, table, f"instances[{idx}]"))
+    aws = _build(AwsConfig, data.get("aws"), "aws")
+    node = _build(NodeSettings, data.get("node"), "node")
+    if "drain_grace_seconds" not in (data.get("node") or {}):
+        node = replace(node, drain_grace_seconds=drain_grace_default(aws))
     cfg = Config(
         cluster=cluster,
         instances=tuple(instances),
-        node=_build(NodeSettings, data.get("node"), "node"),
-        aws=_build(AwsConfig, data.get("aws"), "aws"),
+        node=node,
+        aws=aws,
         source=source,
     )
     validate(cfg)

@@ -25,6 +25,9 @@ from shardchat.config import dump_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "test-secret-please-change"
+# Tests stop nodes with SIGTERM all the time; without the key the grace would follow the ALB
+# health checks (20 s with the [aws] defaults), so every test config sets a short one.
+TEST_DRAIN_GRACE = 1.0
 
 
 # Every test client comes from 127.0.0.1, so under the default per-address limits a whole
@@ -36,7 +39,9 @@ TEST_RATE_LIMITS = {"rate_limit_messages": 100_000, "rate_limit_typing": 100_000
 
 def write_config(path: Path, *, instances: list[dict[str, Any]], cluster: dict | None = None,
                  node: dict | None = None, aws: dict | None = None) -> Path:
-    """Write a TOML config; returns its path."""
+    """Write a TOML config; returns its path. ``node.drain_grace_seconds`` defaults to
+    ``TEST_DRAIN_GRACE`` (pass it in ``node`` to test another)."""
+    node = {"drain_grace_seconds": TEST_DRAIN_GRACE, **(node or {})}
     data: dict[str, Any] = {"cluster": cluster or {}, "instances": instances}
     data.update((name, table) for name, table in (("node", node), ("aws", aws)) if table)
     path.write_text(dump_toml(data) + "\n")

@@ -181,3 +181,20 @@ def test_example_config_is_valid():
         pytest.skip("config.example.toml not written yet")
     cfg = config.load(example, env={})
     assert cfg.instances, "the example should show at least one instance"
+
+
+def test_drain_grace_defaults_to_the_time_the_alb_needs_to_see_a_node_unhealthy():
+    assert config.parse(base(), env={}).node.drain_grace_seconds == 10 * 2
+    aws = {"health_check_interval": 30, "unhealthy_threshold": 3}
+    assert config.parse(base(aws=aws), env={}).node.drain_grace_seconds == 90
+
+
+def test_an_explicit_drain_grace_wins_over_the_health_check_default():
+    data = base(aws={"health_check_interval": 30}, node={"drain_grace_seconds": 0.5})
+    assert config.parse(data, env={}).node.drain_grace_seconds == 0.5
+    assert config.parse(base(node={"drain_grace_seconds": 0}), env={}
+                        ).node.drain_grace_seconds == 0
+
+
+def test_a_negative_drain_grace_names_the_key():
+    assert error_key(base(node={"drain_grace_seconds": -1})) == "node.drain_grace_seconds"
