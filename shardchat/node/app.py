@@ -23,7 +23,7 @@ from aiohttp import web
 from shardchat import listener, urls
 from shardchat.cluster.placement import NoCapacity, Placer
 from shardchat.config import Config
-from shardchat.node import gctune, idempotency, internal, ratelimit, transport
+from shardchat.node import gctune, idempotency, internal, ratelimit, shutdown, transport
 from shardchat.node.clientaddr import ClientAddresses
 from shardchat.node.fanout import Fanout
 from shardchat.node.inbound import Inbound
@@ -34,7 +34,6 @@ from shardchat.node.store import Store
 log = logging.getLogger("shardchat.node")
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-SHUTDOWN_TIMEOUT = 5.0  # seconds open HTTP requests get once the store is flushed
 CLIENT_JS_ENV = "SHARDCHAT_CLIENT_JS"
 CLIENT_JS_REL = Path("node_modules/socket.io-client/dist/socket.io.min.js")
 
@@ -104,6 +103,9 @@ class Node:
         self.placer: Any = None
         self.eio_path = urls.socketio_path(number)
         self.closing = False  # past the grace period: sockets are being closed
+        self.runners: list[web.AppRunner] = []  # public, internal
+        self.step = "serving"  # the shutdown step under way, for the watchdog's log
+        self.store_closed = False
         self._register_events()
 
     # -- LocalNode protocol (used by placement) ------------------------------------------
@@ -274,20 +276,85 @@ class Node:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def drain(self) -> None:
-        """Stop taking rooms and connections, let in-flight messages commit, flush, close."""
+    async def start(self) -> None:
+        """Open the store, start placement and both listeners."""
+        await self.store.open()
+        self.placer = Placer(self.cfg, self)
+        await self.placer.start()
+        inst = self.instance
+        self.runners = [
+            web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
+                          shutdown_timeout=shutdown.HTTP_TIMEOUT),
+            web.AppRunner(internal.build_app(self.cfg, self), access_log=None,
+                          handle_signals=False, shutdown_timeout=shutdown.HTTP_TIMEOUT)]
+        for runner in self.runners:
+            await runner.setup()
+        public, private = self.runners
+        timeouts = listener.ListenerTimeouts.from_config(self.cfg)  # header and idle bounds
+        await listener.start_site(private, inst.host, inst.internal_port, timeouts)
+        await listener.start_site(public, inst.host, inst.port, timeouts)
+
+    async def drain(self, hurry: asyncio.Event | None = None) -> int:
+        """Stop taking rooms and connections, let in-flight messages commit, close every
+        session so that its client reconnects, stop the listeners, flush the store.
+
+        Each step has its own bound (``shutdown.run_step``), and the whole stop after the
+        grace period has ``SHUTDOWN_LIMIT`` (``shutdown.Watchdog``). Returns the exit code:
+        0 once the store is flushed and closed, whatever else overran."""
         self.rooms.draining = True
-        log.info("instance %d draining", self.number)
-        await asyncio.sleep(self.settings.drain_grace_seconds)  # lets health checks see it
-        await self.rooms.wait_idle(timeout=10)
+        grace = self.settings.drain_grace_seconds
+        log.info("instance %d draining: health answers 503 for %g s, then clients are "
+                 "closed", self.number, grace)
+        await self._grace(grace, hurry)
+        watchdog = shutdown.Watchdog(shutdown.SHUTDOWN_LIMIT, self.open_state,
+                                     lambda: 0 if self.store_closed else 1)
+        watchdog.arm()
+        public, private = self.runners
+        steps = [
+            ("in-flight messages", lambda: self.rooms.wait_idle(timeout=shutdown.IDLE_TIMEOUT),
+             shutdown.IDLE_TIMEOUT + 1),
+            ("closing sessions", self._close_sessions, shutdown.CLOSE_TIMEOUT + 1),
+            ("public listener", public.cleanup, shutdown.LISTENER_TIMEOUT),
+            ("internal listener", private.cleanup, shutdown.LISTENER_TIMEOUT),
+            ("placement", self.placer.close, shutdown.PEERS_TIMEOUT),
+            ("engine", self.sio.shutdown, shutdown.ENGINE_TIMEOUT),
+            ("flushing the store", self.store.close, shutdown.STORE_TIMEOUT),
+        ]
+        finished = False
+        for name, work, timeout in steps:
+            self.step = name
+            finished = await shutdown.run_step(name, work(), timeout)
+        self.store_closed = finished  # the store is the last step
+        self.step = "exiting"
+        return 0 if self.store_closed else 1
+
+    async def _close_sessions(self) -> None:
+        """Refuse new Engine.IO sessions, then end every open one so its client reconnects
+        (to this node once it is back, or wherever the load balancer sends it)."""
         self.closing = True
-        for room in list(self.rooms.rooms.values()):
-            for sid in list(room.members):
-                with contextlib.suppress(Exception):
-                    await self.sio.disconnect(sid, namespace=room.namespace)
-        with contextlib.suppress(Exception):
-            await self.sio.eio.disconnect()  # sockets with no room (refused joins) too
-        await self.store.close()
+        counts = await transport.close_sessions(self.sio.eio, self.fanout,
+                                                shutdown.CLOSE_TIMEOUT)
+        log.info("instance %d closed its sessions: %s", self.number, counts)
+
+    async def _grace(self, seconds: float, hurry: asyncio.Event | None) -> None:
+        """Answer 503 on health for ``seconds`` so the load balancer stops sending new
+        connections here, while the members go on chatting; a second signal ends it early."""
+        if hurry is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), seconds)
+
+    def open_state(self) -> str:
+        """What a stop is still waiting on, for the watchdog's log line (read-only: it runs
+        on the watchdog's thread)."""
+        sessions = [s for s in list(self.sio.eio.sockets.values()) if not s.closed]
+        websockets = len(self.fanout._ws)
+        connections = sum(len(r.server.connections) for r in self.runners
+                          if r.server is not None)
+        return (f"step {self.step!r}; {len(sessions)} Engine.IO sessions ({websockets} on "
+                f"websocket), {connections} HTTP connections, store "
+                f"{'closed' if self.store_closed else 'not closed'}")
 
 
 def rate_limited_response(limited: ratelimit.Limited, window: float) -> web.Response:
@@ -344,37 +411,49 @@ def _html(path: Path) -> web.StreamResponse:
                                            "Cache-Control": "no-cache"})
 
 
+class StopRequest:
+    """Why and how urgently the node stops: the first SIGTERM/SIGINT (or the loss of the
+    parent that started it) begins the drain, a second one cuts the grace period short."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.hurry = asyncio.Event()
+
+    def __call__(self, why: str) -> None:
+        if not self.requested.is_set():
+            log.info("stopping: %s", why)
+            self.requested.set()
+        elif not self.hurry.is_set():
+            log.info("%s again: skipping the rest of the grace period", why)
+            self.hurry.set()
+
+
 async def serve(cfg: Config, number: int) -> int:
-    """Run node N until SIGTERM/SIGINT; drain and return 0."""
+    """Run node N until SIGTERM/SIGINT (or its supervisor is gone); drain and return the
+    exit code (0 after a clean drain)."""
     node = Node(cfg, number)
-    await node.store.open()
-    node.placer = Placer(cfg, node)
-    await node.placer.start()
-    inst = node.instance
-    public = web.AppRunner(node.build_app(), access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT)
-    private = web.AppRunner(internal.build_app(cfg, node), access_log=None,
-                            handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
-    await public.setup()
-    await private.setup()
-    timeouts = listener.ListenerTimeouts.from_config(cfg)  # header and idle bounds
-    await listener.start_site(private, inst.host, inst.internal_port, timeouts)
-    await listener.start_site(public, inst.host, inst.port, timeouts)
+    await node.start()
     gctune.install(tune=os.environ.get("SHARDCHAT_GC_TUNE", "1") != "0")
+    inst = node.instance
     log.info("instance %d serving http://%s:%d%s/ (internal port %d)", number, inst.host,
              inst.port, urls.prefix(number), inst.internal_port)
-    stop = asyncio.Event()
+    stop = StopRequest()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await node.drain()
-    await node.placer.close()
-    await node.sio.shutdown()
-    await public.cleanup()
-    await private.cleanup()
-    log.info("instance %d stopped cleanly", number)
-    return 0
+        loop.add_signal_handler(sig, stop, signal.Signals(sig).name)
+    parent = shutdown.expected_parent()
+    watcher = None
+    if parent is not None:
+        watcher = asyncio.create_task(shutdown.watch_parent(parent, stop), name="parent")
+    await stop.requested.wait()
+    if watcher is not None:
+        watcher.cancel()
+    code = await node.drain(stop.hurry)
+    if code == 0:
+        log.info("instance %d stopped cleanly", number)
+    else:
+        log.error("instance %d stopped, but its store could not be closed in time", number)
+    return code
 
 
 def run_node(cfg: Config, number: int) -> int:

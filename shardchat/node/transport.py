@@ -17,7 +17,11 @@ per connection sleeps until the next ping. Here the driver runs the same session
   Engine.IO socket asks for a ``_send_ping`` task, which ``install`` turns into a timer),
   and a PING that gets no PONG within ``ping_timeout`` aborts the connection;
 * compression is off unless ``node.websocket_compression`` asks for it (aiohttp's default
-  of accepting permessage-deflate would compress every frame for every recipient).
+  of accepting permessage-deflate would compress every frame for every recipient);
+* a long-polling session that closes has its waiting GET answered at once (engineio leaves
+  it to its poll timeout, ping_interval + ping_timeout, which holds the client's request and
+  the server's shutdown that long), and ``close_sessions`` ends every session on shutdown
+  the way a lost connection ends, so that clients reconnect by themselves.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 from collections import deque
 from typing import Any
 
-from aiohttp import WSMsgType
+from aiohttp import WSCloseCode, WSMsgType
 from aiohttp.web import WebSocketResponse
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
@@ -45,6 +49,7 @@ log = logging.getLogger("shardchat.transport")
 
 _TEXT, _BINARY = WSMsgType.TEXT, WSMsgType.BINARY
 _PING_FRAME = b"2"
+GOING_AWAY_REASON = b"server shutting down"
 
 
 class SessionLoop:
@@ -74,6 +79,10 @@ class SessionLoop:
         shed_http_state(request)
         if sock.connected:
             if not await self._upgrade():
+                return ws
+            if sock.closed:  # the session was ended (shutdown) while it upgraded
+                with contextlib.suppress(Exception):
+                    await ws.close(code=WSCloseCode.GOING_AWAY, message=GOING_AWAY_REASON)
                 return ws
         else:
             sock.connected = True
@@ -379,9 +388,92 @@ def _ignore_result(task: asyncio.Future) -> None:
         task.exception()
 
 
+# -- closing -----------------------------------------------------------------------------
+
+
+def answer_polls_on_close(eio: Any) -> None:
+    """When a long-polling session closes, answer its waiting GET now.
+
+    A client that leaves sends CLOSE in a POST while its next GET is already waiting (the
+    official client polls again before it handles the packet that made it leave); engineio
+    closes the session without waking that GET, which then waits for engineio's poll timeout
+    (ping_interval + ping_timeout, 40 s by default) before it is answered. Until then the
+    client's request stays open (a Node.js script does not exit) and so does the server's
+    handler, which a shutdown has to wait for. The GET gets a NOOP instead: a client that
+    left ignores it, one that did not sees its next request fail and reconnects. Sessions
+    that close with a CLOSE packet queued (ping timeout) are left as they are."""
+    handler = eio.handlers.get("disconnect")
+    if handler is None or not inspect.iscoroutinefunction(handler):
+        raise RuntimeError("python-socketio registered no async Engine.IO disconnect handler; "
+                           "this python-socketio version is not supported")
+
+    async def on_disconnect(eio_sid: str, reason: Any = None) -> Any:
+        sock = eio.sockets.get(eio_sid)
+        try:
+            return await handler(eio_sid, reason)
+        finally:
+            if sock is not None and not sock.upgraded:
+                # after close() has queued its CLOSE packet, if it queues one
+                asyncio.get_running_loop().call_soon(_answer_poll, sock)
+
+    eio.handlers["disconnect"] = on_disconnect
+
+
+def _answer_poll(sock: Any) -> None:
+    if sock.queue.empty():
+        sock.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
+
+
+async def close_sessions(eio: Any, fanout: Fanout, timeout: float) -> dict[str, int]:
+    """End every Engine.IO session so that its client reconnects by itself (shutdown).
+
+    Not with a Socket.IO DISCONNECT: the official client takes that as final ("io server
+    disconnect", no reconnection), and python-socketio's client takes an Engine.IO CLOSE
+    packet the same way. Both reconnect, with backoff, when the transport is lost:
+
+    * websocket: the WebSocket is closed (close code 1001, going away); the client sees
+      "transport close";
+    * long-polling: the session ends and its waiting GET is answered (``answer_polls_on_
+      close``); the client's next request fails (400 for the ended session, or connection
+      refused once the listener is down) and it sees "transport error".
+
+    Waits up to ``timeout`` seconds for the WebSocket close handshakes, then aborts the
+    connections still open. Returns how many sessions ended each way."""
+    counts = {"websocket": 0, "polling": 0, "aborted": 0}
+    closes: list[asyncio.Future] = []
+    for eio_sid, sock in list(eio.sockets.items()):
+        if sock.closed or sock.closing:
+            continue
+        ws = fanout._ws.get(eio_sid)
+        if ws is not None:
+            closes.append(asyncio.ensure_future(
+                ws.close(code=WSCloseCode.GOING_AWAY, message=GOING_AWAY_REASON)))
+            counts["websocket"] += 1
+            continue
+        counts["polling"] += 1
+        with contextlib.suppress(Exception):
+            # a websocket that is not ours (someone wrapped engineio's handler) only closes
+            # through engineio's writer, which the CLOSE packet stops
+            await sock.close(wait=False, abort=not sock.upgraded,
+                             reason=eio.reason.SERVER_DISCONNECT)
+    if closes:
+        _, pending = await asyncio.wait(closes, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        for task in closes:
+            task.add_done_callback(_ignore_result)
+    for eio_sid in list(fanout._ws):
+        transport = fanout._transport_of(eio_sid)
+        if transport is not None and not transport.is_closing():
+            transport.abort()
+            counts["aborted"] += 1
+    return counts
+
+
 def install(sio: Any, compress: bool, fanout: Fanout, inbound: Inbound) -> None:
     """Replace the Engine.IO server's websocket driver, ping tasks and queues with ours."""
     sio.eio._async = dict(sio.eio._async, websocket=websocket_class(
         compress, fanout, inbound, getattr(sio, "environ", None)))
     PingTimers(sio.eio, fanout)
     sessionqueue.install(sio.eio)
+    answer_polls_on_close(sio.eio)
