@@ -3,7 +3,9 @@
 * SIGTERM after official JS clients were refused and went away (or vanished, or went
   silent mid-session) exits 0 within a bound, and the clients' own processes end too;
 * a drained client (official JS client, python-socketio) sees a lost transport, not a final
-  disconnect, and reconnects by itself with ``last_seq`` once the node is back.
+  disconnect, and reconnects by itself with ``last_seq`` once the node is back;
+* ``shardchat up`` takes its nodes with it: killed with SIGKILL, its nodes exit; Ctrl-C
+  finishes within a bound.
 
 A relay (a TCP forwarder the test can cut, as a load balancer whose target is down) sits
 between the reconnecting clients and the node, so the test decides when they can get back
@@ -15,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +37,15 @@ from shardchat import urls
 from shardchat.cluster.up import port_free
 from shardchat.node import shutdown
 from tests.conftest import acreate_room, open_client
-from tests.support import ROOT, NodeProcess, make_cluster_config, wait_until
+from tests.e2e.test_up import UpProcess
+from tests.support import (
+    ROOT,
+    NodeProcess,
+    free_port,
+    http_json,
+    make_cluster_config,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -427,3 +440,84 @@ async def test_python_client_reconnects_after_a_drain_and_recovers(tmp_path, tra
             await asyncio.wait_for(sio.disconnect(), 10)
         await relay.close()
         node.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# `shardchat up` and its nodes
+
+
+def node_pids(up_pid: int) -> list[int]:
+    """The pids of the processes whose parent is ``up_pid`` (its nodes)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == up_pid:
+                pids.append(int(entry.name))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped has stopped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def up_node_ports(cwd: Path) -> list[int]:
+    data = tomllib.loads((cwd / ".shardchat" / "shardchat.toml").read_text())
+    return [p for inst in data["instances"] for p in (inst["port"], inst["internal_port"])]
+
+
+async def open_silent_sessions(base: str, nodes: int) -> None:
+    """One silent long-polling session on every node, through the router."""
+    async with aiohttp.ClientSession() as session:
+        for n in range(1, nodes + 1):
+            await silent_polling_session(session, base, n)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+async def test_up_killed_takes_its_nodes_with_it(tmp_path):
+    up = UpProcess(tmp_path, 2, free_port())
+    pids: list[int] = []
+    try:
+        base = await asyncio.to_thread(up.wait_for_url)
+        pids = node_pids(up.proc.pid)
+        assert len(pids) == 2, pids
+        await open_silent_sessions(base, 2)
+        up.proc.send_signal(signal.SIGKILL)
+        up.proc.wait(timeout=10)
+        await asyncio.to_thread(wait_until, lambda: not any(alive(p) for p in pids), 20, 0.1,
+                                "the nodes of the killed `shardchat up` to exit")
+        ports = up_node_ports(tmp_path)
+        assert all(port_free("127.0.0.1", p) for p in ports), ports
+        logs = [(tmp_path / ".shardchat" / "logs" / f"node-{n}.log").read_text()
+                for n in (1, 2)]
+        assert all("stopped cleanly" in text for text in logs), logs
+    finally:
+        up.kill()
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_up_interrupted_stops_within_its_bound(tmp_path):
+    up = UpProcess(tmp_path, 2, free_port())
+    try:
+        base = await asyncio.to_thread(up.wait_for_url)
+        status, room = await asyncio.to_thread(http_json, "POST", f"{base}/api/rooms",
+                                               {"name": "open"})
+        assert status == 201, room
+        await open_silent_sessions(base, 2)
+        started = time.monotonic()
+        code = await asyncio.to_thread(up.interrupt, 15)
+        took = time.monotonic() - started
+        assert code == 0, "\n".join(up.seen)
+        assert took < 15
+        await asyncio.to_thread(up.wait_for, re.compile(r"^stopped\.$"), 5)
+    finally:
+        up.kill()

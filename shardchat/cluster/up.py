@@ -11,15 +11,25 @@ Everything lives under ``./.shardchat/`` of the working directory:
 
 Nodes are real ``shardchat node`` processes in their own process group, so Ctrl-C reaches
 only this supervisor, which then stops them in order: SIGTERM to every node (each drains,
-flushes its store and exits), wait for all of them, stop the router, exit 0. Nothing is
-restarted behind the user's back: a node that dies is reported, and the others keep going.
+flushes its store and exits), wait for all of them, stop the router, exit 0. Every wait is
+bounded: a node that has not exited ``STOP_EXTRA`` seconds past its own shutdown limit is
+killed, and the supervisor itself exits by ``stop_limit`` whatever it is waiting on. Nothing
+is restarted behind the user's back: a node that dies is reported, the others keep going.
+
+Nodes die with the supervisor, also when it is SIGKILLed and cannot stop them. Each node is
+started with ``SHARDCHAT_PARENT_PID`` set to this process's pid, and the node itself (see
+``shardchat.node.shutdown.watch_parent``) asks the kernel for SIGTERM when its parent dies
+(Linux ``PR_SET_PDEATHSIG``) and also checks ``getppid()`` every second: an orphan is
+re-parented, so the value changes. The check covers what the signal cannot: a supervisor
+that died before the node set it, and platforms without prctl. Both live in the node rather
+than in a ``preexec_fn`` here, because code between fork and exec is unsafe once the
+supervisor runs threads. On parent loss the node drains as on SIGTERM and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -36,15 +46,20 @@ import aiohttp
 
 from shardchat import config as config_mod
 from shardchat import urls
-from shardchat.cluster.router import Router, RouterLimits, serve
+from shardchat.cluster.router import HealthSettings, Router, RouterLimits, serve
 from shardchat.cluster.rules import build_rules
+from shardchat.node.shutdown import PARENT_PID_ENV, SHUTDOWN_LIMIT, Watchdog
 
 log = logging.getLogger(__name__)
 
 CLUSTER_NAME = "local"
 START_TIMEOUT = 30.0   # seconds a node may take to answer its health check
-STOP_EXTRA = 20.0      # seconds beyond node.drain_grace_seconds a node may take to exit
-_PR_SET_PDEATHSIG = 1
+STOP_EXTRA = 5.0       # seconds beyond a node's own shutdown bound before it is killed
+KILL_WAIT = 5.0        # seconds a killed node may take to be reaped
+ROUTER_STOP = 5.0      # seconds the router's listener may take to close
+# The nodes' drain grace unless the config sets one: as long as the local router takes to
+# see a draining node as unhealthy (its checks, every 1 s, two failures in a row).
+UP_DRAIN_GRACE = HealthSettings.interval * HealthSettings.unhealthy_threshold
 
 
 class UpError(Exception):
@@ -134,6 +149,9 @@ def local_config(opts: UpOptions) -> config_mod.Config:
         cluster["secret"] = secrets.token_urlsafe(32)
     cluster.setdefault("data_dir", str(opts.base / "data"))
     data["cluster"] = cluster
+    node = dict(data.get("node") or {})
+    node.setdefault("drain_grace_seconds", UP_DRAIN_GRACE)
+    data["node"] = node
     data["instances"] = _instances(list(data.get("instances") or []), opts.nodes)
     data = {"cluster": data.pop("cluster"), "instances": data.pop("instances"), **data}
     try:
@@ -168,12 +186,6 @@ def check_ports(cfg: config_mod.Config, opts: UpOptions) -> None:
 # node processes
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: if the supervisor is killed, nodes get SIGTERM."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class NodeRunner:
     """One ``shardchat node`` child process and its log file."""
 
@@ -195,15 +207,12 @@ class NodeRunner:
         return logf
 
     async def start(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
         with self._open_log() as logf:
-            extra: dict[str, Any] = {"process_group": 0}
-            if sys.platform.startswith("linux"):
-                extra["preexec_fn"] = _die_with_parent
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "shardchat", "node", "--config", str(self.config_path),
                 "--instance", str(self.number), stdin=asyncio.subprocess.DEVNULL,
-                stdout=logf, stderr=asyncio.subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"}, **extra)
+                stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env, process_group=0)
 
     @property
     def running(self) -> bool:
@@ -259,6 +268,16 @@ class Up:
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
+
+    @property
+    def node_stop_limit(self) -> float:
+        """Seconds a node may take from SIGTERM to exit before it is killed."""
+        return self.cfg.node.drain_grace_seconds + SHUTDOWN_LIMIT + STOP_EXTRA
+
+    @property
+    def stop_limit(self) -> float:
+        """Seconds the whole stop may take; past it this process exits regardless."""
+        return self.node_stop_limit + KILL_WAIT + ROUTER_STOP + 5.0
 
     def request_stop(self) -> None:
         if self.stop_requested.is_set():
@@ -338,6 +357,8 @@ class Up:
 
     async def _stop(self) -> int:
         self.say("stopping: draining the nodes ...")
+        watchdog = Watchdog(self.stop_limit, self._still_running, lambda: 1)
+        watchdog.arm()
         # nodes failing their health checks while they drain is expected, not news
         logging.getLogger("shardchat.cluster.router").setLevel(logging.WARNING)
         live = [n for n in self.nodes if n.running]
@@ -345,26 +366,42 @@ class Up:
             node.stopping = True
         for node in live:
             node.signal(signal.SIGTERM)
-        deadline = self.cfg.node.drain_grace_seconds + STOP_EXTRA
-        ok = True
-        for node in live:
-            assert node.proc is not None
-            try:
-                code = await asyncio.wait_for(node.proc.wait(), timeout=deadline)
-            except TimeoutError:
-                self.say(f"node {node.number} did not stop within {deadline:g} s; killing it")
-                node.signal(signal.SIGKILL)
-                code = await node.proc.wait()
-            if code != 0:
-                ok = False
-                self.say(f"node {node.number} stopped with code {code}; see {node.log_path}")
+        codes = await asyncio.gather(*(self._wait_stopped(n) for n in live))
+        ok = all(code == 0 for code in codes)
         for t in self._watchers:
             t.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
         if self._runner is not None:
-            await self._runner.cleanup()
+            try:
+                await asyncio.wait_for(self._runner.cleanup(), ROUTER_STOP)
+            except TimeoutError:
+                self.say(f"the router did not stop within {ROUTER_STOP:g} s; leaving it")
         self.say("stopped." if ok and not self.force else "stopped, not cleanly.")
         return 0 if ok and not self.force else 1
+
+    async def _wait_stopped(self, node: NodeRunner) -> int | None:
+        """Wait for a SIGTERMed node to exit; kill it past ``node_stop_limit``."""
+        assert node.proc is not None
+        limit = self.node_stop_limit
+        try:
+            code = await asyncio.wait_for(node.proc.wait(), timeout=limit)
+        except TimeoutError:
+            self.say(f"node {node.number} did not stop within {limit:g} s; killing it")
+            node.signal(signal.SIGKILL)
+            try:
+                code = await asyncio.wait_for(node.proc.wait(), timeout=KILL_WAIT)
+            except TimeoutError:
+                self.say(f"node {node.number} (pid {node.proc.pid}) survived SIGKILL")
+                return None
+        if code != 0:
+            self.say(f"node {node.number} stopped with code {code}; see {node.log_path}")
+        return code
+
+    def _still_running(self) -> str:
+        """For the watchdog's log line: the nodes that have not exited."""
+        left = [f"node {n.number} (pid {n.proc.pid})" for n in self.nodes if n.running
+                and n.proc is not None]
+        return ", ".join(left) or "no node; the router or the event loop"
 
 
 async def _main(opts: UpOptions) -> int:
