@@ -480,6 +480,23 @@ async def open_silent_sessions(base: str, nodes: int) -> None:
             await silent_polling_session(session, base, n)
 
 
+def test_a_node_whose_supervisor_is_already_gone_stops_by_itself(tmp_path):
+    """The supervisor died before the node could ask for the parent-death signal: the node
+    sees that its parent is not the pid it was given, drains and exits 0."""
+    cfg_path, instances = make_cluster_config(tmp_path, 1)
+    # the node's parent is this process; any other pid is a supervisor it no longer has
+    gone = os.getppid()
+    node = NodeProcess(cfg_path, instances[0], tmp_path,
+                       env={shutdown.PARENT_PID_ENV: str(gone)})
+    node.start(wait=False)
+    try:
+        assert node.proc.wait(timeout=30) == 0, node.log()
+        assert f"parent process {gone} is gone" in node.log()
+        assert "stopped cleanly" in node.log()
+    finally:
+        node.stop()
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 async def test_up_killed_takes_its_nodes_with_it(tmp_path):
     up = UpProcess(tmp_path, 2, free_port())

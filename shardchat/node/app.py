@@ -412,18 +412,20 @@ def _html(path: Path) -> web.StreamResponse:
 
 
 class StopRequest:
-    """Why and how urgently the node stops: the first SIGTERM/SIGINT (or the loss of the
-    parent that started it) begins the drain, a second one cuts the grace period short."""
+    """Why and how urgently the node stops: the first SIGTERM/SIGINT begins the drain, a
+    second one cuts the grace period short. SIGHUP (the parent-death signal, or a closed
+    terminal) and a parent found gone begin it too, but never hurry it: the kernel may send
+    the parent-death signal more than once."""
 
     def __init__(self) -> None:
         self.requested = asyncio.Event()
         self.hurry = asyncio.Event()
 
-    def __call__(self, why: str) -> None:
+    def __call__(self, why: str, can_hurry: bool = True) -> None:
         if not self.requested.is_set():
             log.info("stopping: %s", why)
             self.requested.set()
-        elif not self.hurry.is_set():
+        elif can_hurry and not self.hurry.is_set():
             log.info("%s again: skipping the rest of the grace period", why)
             self.hurry.set()
 
@@ -441,10 +443,12 @@ async def serve(cfg: Config, number: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, signal.Signals(sig).name)
+    loop.add_signal_handler(signal.SIGHUP, stop, "SIGHUP", False)
     parent = shutdown.expected_parent()
     watcher = None
     if parent is not None:
-        watcher = asyncio.create_task(shutdown.watch_parent(parent, stop), name="parent")
+        watcher = asyncio.create_task(
+            shutdown.watch_parent(parent, lambda why: stop(why, False)), name="parent")
     await stop.requested.wait()
     if watcher is not None:
         watcher.cancel()

@@ -42,6 +42,7 @@ SHUTDOWN_LIMIT = 30.0    # all of the above together (at most 29 s); then the pr
 
 PARENT_PID_ENV = "SHARDCHAT_PARENT_PID"
 PARENT_POLL_SECONDS = 1.0
+PARENT_DEATH_SIGNAL = signal.SIGHUP  # "the other end is gone": a drain, never a hurry
 _PR_SET_PDEATHSIG = 1
 
 
@@ -117,12 +118,14 @@ def expected_parent() -> int | None:
 
 
 def _set_parent_death_signal() -> bool:
-    """Linux: have the kernel send SIGTERM to this process when its parent dies."""
+    """Linux: have the kernel send PARENT_DEATH_SIGNAL to this process when its parent
+    dies. Not SIGTERM: the kernel may deliver it more than once (once per exiting thread of
+    a parent that had several), and a second SIGTERM means "hurry"."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+        return libc.prctl(_PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
 
@@ -131,7 +134,7 @@ async def watch_parent(parent: int, stop: Callable[[str], None]) -> None:
     """Call ``stop`` once the process ``parent`` is no longer this node's parent.
 
     Two mechanisms, because each alone has a gap: PR_SET_PDEATHSIG (set here, at start)
-    delivers SIGTERM the moment the parent dies, SIGKILL included, but it is Linux-only and
+    signals the moment the parent dies, SIGKILL included, but it is Linux-only and
     cannot cover a parent that died before it was set; polling ``getppid`` (the orphan is
     re-parented, so the value changes) covers both, within ``PARENT_POLL_SECONDS``."""
     _set_parent_death_signal()
