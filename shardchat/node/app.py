@@ -218,6 +218,9 @@ class Node:
                 return json_error(413, "too_large", f"The long-polling payload is larger than "
                                   f"{self.settings.max_packet_bytes} bytes "
                                   "(node.max_packet_bytes).")
+            closed = self._closed_session(request.query.get("sid"))
+            if closed is not None:
+                return closed
             if self.closing and "sid" not in request.query:
                 # A new Engine.IO session. During the drain grace period it is accepted, so
                 # its room connect gets the ``draining`` refusal; once the node is closing it
@@ -232,6 +235,21 @@ class Node:
                               f"{urls.path_pattern(other)} must point at instance {other}.",
                               instance=self.number, requested_instance=other)
         return None
+
+    def _closed_session(self, sid: str | None) -> web.Response | None:
+        """A long-polling request for an Engine.IO session that has closed (the client sent
+        CLOSE, or was disconnected) while a late POST was on its way: engineio's POST path
+        raises on it and aiohttp would answer a plain-text 500. Say what happened instead,
+        and forget the session as engineio's own lookup would."""
+        if sid is None:
+            return None
+        sockets = self.sio.eio.sockets
+        sock = sockets.get(sid)
+        if sock is None or not sock.closed:
+            return None
+        sockets.pop(sid, None)
+        return json_error(400, "bad_request", "This Engine.IO session is closed; open a new "
+                          "connection.")
 
     async def _healthz(self, request: web.Request) -> web.Response:
         status = "draining" if self.rooms.draining else "ok"
