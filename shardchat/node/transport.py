@@ -470,10 +470,39 @@ async def close_sessions(eio: Any, fanout: Fanout, timeout: float) -> dict[str, 
     return counts
 
 
+CLOSE_FLUSH_SECONDS = 2.0  # how long a server-side close waits for its CLOSE to go out
+
+
+def bound_disconnect(eio: Any) -> None:
+    """Let a server-side Engine.IO disconnect wait at most ``CLOSE_FLUSH_SECONDS``.
+
+    engineio's ``disconnect`` queues a CLOSE packet, marks the socket closed and then waits
+    until the queue is drained. A long-polling socket drains only into a GET that is already
+    pending: every later GET is refused because the socket is closed, so without a pending
+    GET the wait never ends. One POST carrying a packet the server refuses (an Engine.IO
+    OPEN, say) made engineio disconnect that way and held the request, its socket and its
+    queue forever. After the bound, the CLOSE is given up (the client learns from the 400s
+    its next requests get) and the session is forgotten."""
+    original = eio.disconnect
+
+    async def disconnect(sid: str | None = None) -> None:
+        try:
+            await asyncio.wait_for(original(sid), CLOSE_FLUSH_SECONDS)
+        except TimeoutError:
+            for key in [sid] if sid is not None else list(eio.sockets):
+                sock = eio.sockets.get(key)
+                if sock is not None and sock.closed:
+                    eio.sockets.pop(key, None)
+
+    eio.disconnect = disconnect
+
+
 def install(sio: Any, compress: bool, fanout: Fanout, inbound: Inbound) -> None:
-    """Replace the Engine.IO server's websocket driver, ping tasks and queues with ours."""
+    """Replace the Engine.IO server's websocket driver, ping tasks and queues with ours,
+    and bound its disconnects."""
     sio.eio._async = dict(sio.eio._async, websocket=websocket_class(
         compress, fanout, inbound, getattr(sio, "environ", None)))
     PingTimers(sio.eio, fanout)
     sessionqueue.install(sio.eio)
     answer_polls_on_close(sio.eio)
+    bound_disconnect(sio.eio)
