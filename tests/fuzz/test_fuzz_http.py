@@ -179,11 +179,13 @@ def test_only_the_cluster_secret_opens_the_internal_listener(harness: Harness,
                   request(method, path.encode(), headers, body))
     what = f"{method} {path} with Authorization {values!r}"
     assert_not_server_error(answer, what)
-    exact = values == [f"Bearer {SECRET}".encode()]
+    secret = f"Bearer {SECRET}".encode()
     if answer.status == 400 and answer.content_type != "application/json":
         pass  # the HTTP parser refused a header byte before any handler ran
-    elif exact:
+    elif values == [secret]:
         assert answer.status in (200, 201, 404), f"{what}: {answer.status} {answer.body!r}"
+    elif secret in values:
+        assert answer.status in (200, 201, 401, 404), f"{what}: {answer.status}"  # repeated
     else:
         assert answer.status == 401, f"{what}: {answer.status} {answer.body[:300]!r}"
         assert_error_shape(answer, what)
