@@ -6,6 +6,8 @@ bench/results/results.{json,md,png}.
     python -m bench --scenario large      one scenario (repeatable)
     python -m bench --server shardchat    only some servers (repeatable)
     python -m bench --profile DIR         also write a cProfile of each shardchat node
+    python -m bench --scenario soak       the soak (bench/soak.py, 5 minutes; not in the
+                                          default run): --soak-seconds, --soak-clients
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report, scenarios
+from bench import report, scenarios, soak
 from bench.servers import (
     NodeJsServer,
     RedisServer,
@@ -159,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~1 minute smoke run")
-    parser.add_argument("--scenario", action="append", choices=sorted(scenarios.SCENARIOS),
-                        help="run only this scenario (repeatable)")
+    parser.add_argument("--scenario", action="append",
+                        choices=[*sorted(scenarios.SCENARIOS), "soak"],
+                        help="run only this scenario (repeatable); soak runs only when named")
     parser.add_argument("--server", action="append", choices=SERVER_KEYS,
                         help="run only this server (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
@@ -169,7 +172,16 @@ def main(argv: list[str] | None = None) -> int:
                              "reported (default 3, 1 with --quick)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="write a cProfile of each shardchat node into this directory")
+    parser.add_argument("--soak-seconds", type=float, default=300.0,
+                        help="seconds of churn in the soak (default 300; 60 with --quick)")
+    parser.add_argument("--soak-clients", type=int, default=2000,
+                        help="connections in the soak (default 2000; 500 with --quick)")
     args = parser.parse_args(argv)
+    if args.scenario and "soak" in args.scenario:
+        code = run_soak(args, argv)
+        args.scenario = [n for n in args.scenario if n != "soak"]
+        if not args.scenario:
+            return code
     names = args.scenario or list(scenarios.SCENARIOS)
     plan = [scenarios.SCENARIOS[n] for n in names]
     if args.quick:
@@ -202,6 +214,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {', '.join(str(p) for p in paths.values())} "
           f"({meta['duration_s']:.0f} s)")
     return 1 if any("error" in r for r in rows) else 0
+
+
+def run_soak(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The soak scenario: its own plan, results in soak.{json,md,png}; 1 if a verdict failed."""
+    from dataclasses import replace
+
+    plan = soak.SoakPlan(seconds=args.soak_seconds, clients=args.soak_clients)
+    if args.quick:
+        plan = soak.quick_plan(args.soak_seconds)
+    raise_fd_limit(2 * plan.clients + 1024)
+    if plan.big_room > plan.clients:
+        plan = replace(plan, big_room=plan.clients // 2)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    t0 = time.monotonic()
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    row = asyncio.run(soak.run(plan, log=print))
+    meta = {"command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": machine(), "started": started,
+            "duration_s": round(time.monotonic() - t0, 1)}
+    paths = soak.write(args.out, meta, row)
+    print()
+    print(soak.markdown(row, meta))
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0 if row["ok"] else 1
 
 
 if __name__ == "__main__":
