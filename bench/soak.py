@@ -136,6 +136,7 @@ class Soak:
         self.pending: set[asyncio.Future] = set()
         self.stop = asyncio.Event()
         self.t0 = 0.0
+        self.gc_collections: list[int] | None = None
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -343,7 +344,22 @@ class Soak:
         self.samples.append({"t": round(time.monotonic() - self.t0, 1),
                              "rss": procstat.rss_bytes(self.pid), "fds": self.fds(),
                              "connected_ws": connected, "acked": self.tally.acked,
-                             "sent": self.tally.sent, "deliveries": self.tally.deliveries})
+                             "sent": self.tally.sent, "deliveries": self.tally.deliveries,
+                             "gc_collections": self.gc_collections})
+
+    async def watch_gc(self) -> None:
+        """The node's collector counts (``/internal/metrics``) every sample period: RSS
+        that grows between full collections is cyclic garbage not yet collected, RSS that
+        grows across them is kept."""
+        for _ in range(100_000):
+            if self.stop.is_set():
+                return
+            with contextlib.suppress(Exception):
+                metrics = await asyncio.to_thread(self.server.metrics)
+                if metrics:
+                    self.gc_collections = metrics[0]["gc"]["collections"]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), self.plan.sample_s)
 
     async def drive(self) -> None:
         """The traffic of the whole run: a tick every 50 ms, each doing its share."""
@@ -500,6 +516,7 @@ async def run(plan: SoakPlan, log: Any = print) -> dict[str, Any]:
         soak.t0 = time.monotonic()
         pollers = [asyncio.ensure_future(soak.polling_member(i))
                    for i in range(plan.polling_clients)]
+        pollers.append(asyncio.ensure_future(soak.watch_gc()))
         log(f"soak: connected in {row['connect_s']} s; {plan.seconds:g} s of churn")
         await soak.drive()
         await soak.settle()
