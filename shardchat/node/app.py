@@ -70,6 +70,22 @@ class NodeSocketServer(socketio.AsyncServer):
         if self.direct_send is None or not await self.direct_send(eio_sid, pkt):
             await super()._send_packet(eio_sid, pkt)
 
+    async def _handle_event(self, eio_sid, namespace, id, data):
+        """Refuse client events named ``connect`` or ``disconnect``: python-socketio would
+        run the node's own lifecycle handler for them, so one client could make its room
+        announce a leave (and drop it from the member list) while it stays connected."""
+        if data and data[0] in self.reserved_events:
+            ns = namespace or "/"
+            sid = self.manager.sid_from_eio_sid(eio_sid, ns)
+            if id is not None and sid is not None and self.manager.is_connected(sid, ns):
+                refusal = {"ok": False, "error": "bad_request",
+                           "message": f"{data[0]!r} is not an event a client may send: "
+                                      "use message, typing or history."}
+                await self._send_packet(eio_sid, self.packet_class(
+                    socketio.packet.ACK, namespace=ns, id=id, data=[refusal]))
+            return
+        await super()._handle_event(eio_sid, namespace, id, data)
+
     async def _handle_connect(self, eio_sid, namespace, data):
         await super()._handle_connect(eio_sid, namespace, data)
         ns = namespace or "/"
