@@ -45,7 +45,6 @@ pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(300), pytest.mark.xdist_grou
 
 MAX_MESSAGE_CHARS = 4000
 MAX_CLIENT_ID_CHARS = 64
-RESERVED = {"connect", "disconnect", "connect_error"}
 OWN_EVENTS = {"message", "typing", "history"}
 MAX_INT_DIGITS = 100  # engineio's JSON refuses longer integers
 ACK_TIMEOUT = 4.0  # every ack of a batch, loopback: a missing one is missing
@@ -257,8 +256,6 @@ FIRST_SEQ: dict[tuple[str, str], int] = {}  # (room namespace, client_id) -> fir
 def check_ack(event: Event, ack: Any, stored: list[tuple[int, dict]], what: str) -> None:
     """The ack fits the event (SPEC 4); an accepted message goes to ``stored``."""
     data = event.args[0] if event.args else None
-    if event.name in RESERVED:
-        return  # python-socketio's business; answered or not, the connection stays up
     if event.name == "typing":
         assert ack == [] or assert_ack_shape(ack, what), f"{what}: typing acked {ack!r}"
         return

@@ -180,11 +180,12 @@ def test_only_the_cluster_secret_opens_the_internal_listener(harness: Harness,
     what = f"{method} {path} with Authorization {values!r}"
     assert_not_server_error(answer, what)
     secret = f"Bearer {SECRET}".encode()
+    given = [v.strip(b" \t") for v in values]  # surrounding whitespace is not the value
     if answer.status == 400 and answer.content_type != "application/json":
         pass  # the HTTP parser refused a header byte before any handler ran
-    elif values == [secret]:
+    elif given == [secret]:
         assert answer.status in (200, 201, 404), f"{what}: {answer.status} {answer.body!r}"
-    elif secret in values:
+    elif secret in given:
         assert answer.status in (200, 201, 401, 404), f"{what}: {answer.status}"  # repeated
     else:
         assert answer.status == 401, f"{what}: {answer.status} {answer.body[:300]!r}"
