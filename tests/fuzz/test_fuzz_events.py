@@ -177,6 +177,7 @@ class Session:
         self.sock = sock
         self.ns = harness.namespace
         self.next_id = 1
+        self.first_seq: dict[str, int] = {}  # client_id -> seq its first ack gave
 
     async def send(self, event: Event, ascii_only: bool) -> int | None:
         ack_id = None
@@ -225,20 +226,21 @@ async def run_batch(harness: Harness, transport: str, batch: list[Event], ascii_
         for event, ack_id in sent:
             if ack_id in acks:
                 check_ack(event, acks[ack_id], stored, f"{event!r} over {transport}")
-        return new_messages(harness, stored, what)
+        return new_messages(harness, stored, session.first_seq, what)
     finally:
         await sock.close()
 
 
-def new_messages(harness: Harness, stored: list[tuple[int, dict]], what: str
-                 ) -> dict[int, str]:
+def new_messages(harness: Harness, stored: list[tuple[int, dict]],
+                 first_seq: dict[str, int], what: str) -> dict[int, str]:
     """seq -> text of the messages stored for the first time (in send order), checking that
-    a repeated client_id got its first seq back: nothing acked is stored twice."""
+    a client_id repeated by the same member got its first seq back: nothing acked is
+    stored twice. (Each example's connection is a new member, so dedup spans one.)"""
     fresh: dict[int, str] = {}
     for seq, data in stored:
         cid = data.get("client_id")
         if isinstance(cid, str):
-            first = FIRST_SEQ.setdefault((harness.namespace, cid), seq)
+            first = first_seq.setdefault(cid, seq)
             assert seq == first, (f"{what}: client_id {cid!r} was acked as seq {first} "
                                   f"before, now again as seq {seq}")
         if seq > harness.top_seq:
@@ -248,9 +250,6 @@ def new_messages(harness: Harness, stored: list[tuple[int, dict]], what: str
                 f"{what}: a message without client_id was acked with an old seq {seq}")
     harness.top_seq = max([harness.top_seq, *fresh])
     return fresh
-
-
-FIRST_SEQ: dict[tuple[str, str], int] = {}  # (room namespace, client_id) -> first seq
 
 
 def check_ack(event: Event, ack: Any, stored: list[tuple[int, dict]], what: str) -> None:
