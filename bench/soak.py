@@ -6,7 +6,7 @@ What the clients do, all at once and all bounded (see ``SoakPlan``):
 
 * **join / leave / reconnect**: every second ``churn_per_s`` connections leave (half of
   them politely with a Socket.IO DISCONNECT, half by dropping TCP) and as many come back
-  under the same name, so a reconnect is the same member identity;
+  with the member token of their first welcome, so a reconnect is the same member;
 * **messages with acks and client_ids**: ``send_per_s`` messages a second, each with a
   unique ``client_id``; now and then a sender repeats an earlier message (same name, room,
   client_id) after reconnecting, as a client retrying an unacknowledged send would;
@@ -43,7 +43,7 @@ import aiohttp
 
 from bench import procstat
 from bench.servers import ShardchatServer, affinity
-from bench.wsclient import SioClient, connect
+from bench.wsclient import SioClient
 from shardchat.config import NodeSettings
 
 MAX_PACKET_BYTES = NodeSettings().max_packet_bytes
@@ -82,7 +82,9 @@ def quick_plan(seconds: float) -> SoakPlan:
 
 @dataclass
 class Slot:
-    """One member: a fixed name in a fixed room, connected or not at any moment."""
+    """One member: a fixed name in a fixed room, connected or not at any moment. Its
+    member token (from its first welcome) goes with every reconnect, so a retry after a
+    reconnect is recognised as the same member's (SPEC 4, member identity)."""
 
     index: int
     room: int
@@ -90,6 +92,25 @@ class Slot:
     client: SioClient | None = None
     busy: bool = False  # connecting, pausing or leaving: leave it alone
     sent: int = 0
+    token: str | None = None
+
+    def auth(self) -> dict[str, Any]:
+        return {"name": self.name, **({"token": self.token} if self.token else {})}
+
+
+class SoakClient(SioClient):
+    """The load generator's client, also reading its ``welcome`` for the member token."""
+
+    slot: Slot | None = None
+
+    def _sio_packet(self, p: bytes) -> None:
+        if self.slot is not None and self.slot.token is None and p[1:2] == b"2":
+            head = b"42" + self._ns_part() + b'["welcome",'
+            if p.startswith(head):
+                with contextlib.suppress(ValueError, KeyError, TypeError, IndexError):
+                    token = json.loads(p[len(head) - 11:])[1]["you"].get("token")
+                    self.slot.token = token if isinstance(token, str) else None
+        super()._sio_packet(p)
 
 
 @dataclass
@@ -165,14 +186,31 @@ class Soak:
         port, path, ns = self.rooms[slot.room]
         slot.busy = True
         try:
-            slot.client = await connect("127.0.0.1", port, path, ns, {"name": slot.name},
-                                        timeout=15, on_message=self._count)
+            slot.client = await self._connect(slot, port, path, ns)
             self.tally.joins += 1
         except (OSError, TimeoutError, RuntimeError):
             self.tally.join_failures += 1
             slot.client = None
         finally:
             slot.busy = False
+
+    async def _connect(self, slot: Slot, port: int, path: str, ns: str) -> SioClient:
+        """``wsclient.connect`` with a ``SoakClient`` that keeps the slot's token."""
+        loop = asyncio.get_running_loop()
+
+        def make() -> SoakClient:
+            client = SoakClient("127.0.0.1", port, path, ns, slot.auth(),
+                                on_message=self._count)
+            client.slot = slot
+            return client
+
+        _, client = await asyncio.wait_for(loop.create_connection(make, "127.0.0.1", port), 15)
+        try:
+            await asyncio.wait_for(asyncio.shield(client.connected), 15)
+        except BaseException:
+            client.close()
+            raise
+        return client
 
     def alive(self, slot: Slot) -> bool:
         c = slot.client
