@@ -29,7 +29,7 @@ import aiohttp
 from shardchat import urls
 from shardchat.config import NodeSettings
 from tests.conftest import RoomClient, acreate_room, open_client
-from tests.support import SECRET, NodeProcess, http_json
+from tests.support import NodeProcess
 
 EVENT_TIMEOUT = 5.0
 NO_ANSWER = "<no answer>"
@@ -479,14 +479,3 @@ def assert_error_shape(answer: RawAnswer, what: str) -> None:
         f"{what}: {answer.status} error body without a code: {body!r}")
     assert isinstance(body.get("message"), str) and body["message"].strip(), (
         f"{what}: {answer.status} error body without a message: {body!r}")
-
-
-def internal_auth() -> dict[str, str]:
-    return {"Authorization": f"Bearer {SECRET}"}
-
-
-def create_room_raw(node: NodeProcess) -> dict[str, Any]:
-    status, room = http_json("POST", f"{node.internal_url}/internal/rooms",
-                             {"name": "fuzz", "private": False}, headers=internal_auth())
-    assert status == 201, (status, room)
-    return room

@@ -10,6 +10,7 @@ each request the node is alive and its bystanders unharmed (``Harness.check``).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -71,7 +72,7 @@ def room_outcome(raw: bytes) -> set[int]:
     if len(raw) > MAX_BODY_BYTES:
         return {413}
     try:
-        body = __import__("json").loads(raw or b"null")
+        body = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError):
         return {400}
     if not isinstance(body, dict):
@@ -134,7 +135,7 @@ def test_any_create_room_body_gets_a_room_or_a_json_error(harness: Harness, body
 
 def check_created_room(harness: Harness, room: Any, body: bytes, what: str) -> None:
     """A created room says what was asked for, and its page is served."""
-    asked = __import__("json").loads(body)
+    asked = json.loads(body)
     assert room["name"] == asked["name"].strip(), f"{what}: created {room!r}"
     assert room["private"] is asked.get("private", False), f"{what}: created {room!r}"
     assert urls.valid_room_id(room["id"]), f"{what}: created {room!r}"
