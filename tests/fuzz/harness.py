@@ -16,6 +16,7 @@ blamed on the example that caused it and hypothesis shrinks towards the real cul
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
@@ -356,8 +357,6 @@ class RawPolling:
         if isinstance(frame, str):
             frame = frame.encode("utf-8", "surrogatepass")
         if not text:
-            import base64
-
             frame = b"b" + base64.b64encode(frame)
         return await self.post(frame) == 200
 
