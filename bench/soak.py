@@ -517,9 +517,13 @@ class Soak:
 
 
 def generous_limits() -> dict[str, Any]:
-    """Every rate limit this node knows, out of reach: 2,000 clients share one address."""
-    return {f.name: 1_000_000_000 for f in fields(NodeSettings)
-            if f.name.startswith("rate_limit_") and f.name != "rate_limit_window"}
+    """Every rate limit this node knows, out of reach (2,000 clients share one address),
+    and a short drain grace: the audit stops the node, and no load balancer is watching."""
+    limits: dict[str, Any] = {f.name: 1_000_000_000 for f in fields(NodeSettings)
+                              if f.name.startswith("rate_limit_")
+                              and f.name != "rate_limit_window"}
+    limits["drain_grace_seconds"] = 0.5
+    return limits
 
 
 def rss_verdict(samples: list[dict[str, Any]], plan: SoakPlan) -> dict[str, Any]:
