@@ -469,7 +469,9 @@ async def serve(cfg: Config, number: int) -> int:
     exit code (0 after a clean drain)."""
     node = Node(cfg, number)
     await node.start()
-    gctune.install(tune=os.environ.get("SHARDCHAT_GC_TUNE", "1") != "0")
+    tuned = os.environ.get("SHARDCHAT_GC_TUNE", "1") != "0"
+    gctune.install(tune=tuned)
+    sweeper = asyncio.create_task(gctune.sweep_old(), name="gc-sweep") if tuned else None
     inst = node.instance
     log.info("instance %d serving http://%s:%d%s/ (internal port %d)", number, inst.host,
              inst.port, urls.prefix(number), inst.internal_port)
@@ -484,8 +486,9 @@ async def serve(cfg: Config, number: int) -> int:
         watcher = asyncio.create_task(
             shutdown.watch_parent(parent, lambda why: stop(why, False)), name="parent")
     await stop.requested.wait()
-    if watcher is not None:
-        watcher.cancel()
+    for task in (watcher, sweeper):
+        if task is not None:
+            task.cancel()
     code = await node.drain(stop.hurry)
     if code == 0:
         log.info("instance %d stopped cleanly", number)
