@@ -33,7 +33,7 @@ from shardchat.node.fanout import Fanout
 from shardchat.node.inbound import UNAVAILABLE, BoundedJson, Inbound, packet_head
 from shardchat.node.limits import Refusal, check_room_name
 from shardchat.node.rooms import RoomService
-from shardchat.node.store import Store
+from shardchat.node.store import Store, StoreError
 
 log = logging.getLogger("shardchat.node")
 
@@ -559,9 +559,14 @@ class StopRequest:
 
 async def serve(cfg: Config, number: int) -> int:
     """Run node N until SIGTERM/SIGINT (or its supervisor is gone); drain and return the
-    exit code (0 after a clean drain)."""
+    exit code (0 after a clean drain). A store that cannot be opened (damaged, or in use by
+    another process) is one logged line and exit code 1."""
     node = Node(cfg, number)
-    await node.start()
+    try:
+        await node.start()  # opens the store before anything listens
+    except StoreError as exc:  # damaged, locked by another process, or unwritable
+        log.error("instance %d cannot start: %s", number, exc)
+        return 1
     tuned = os.environ.get("SHARDCHAT_GC_TUNE", "1") != "0"
     gctune.install(tune=tuned)
     sweeper = asyncio.create_task(gctune.sweep_old(), name="gc-sweep") if tuned else None
