@@ -18,9 +18,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from shardchat import urls
-from shardchat.node.app import answers_errors
+from shardchat import config, urls
+from shardchat.node.app import Node, answers_errors, security_headers
 from tests.conftest import (
     acreate_room,
     assert_failed_ack,
@@ -444,3 +445,36 @@ async def test_a_failing_event_handler_acks_unavailable(caplog):
     assert_failed_ack(ack, "unavailable")
     failures = [r for r in caplog.records if r.exc_info]
     assert len(failures) == 1 and "handler" in failures[0].getMessage()
+
+
+async def test_a_failing_http_handler_answers_json_500(tmp_path, caplog):
+    """The node's own middleware around a handler with a bug: JSON 500, never the plain
+    text page aiohttp would send, and the traceback in the log once."""
+    cfg = config.parse({"cluster": {"name": "t", "secret": SECRET,
+                                    "data_dir": str(tmp_path / "data")},
+                        "instances": [{"number": 1}]}, env={})
+    node = Node(cfg, 1)  # the store is never opened: only the middleware is used
+
+    async def broken(request: web.Request) -> web.Response:
+        raise KeyError("a bug")
+
+    app = web.Application(middlewares=[node._guard])
+    app.on_response_prepare.append(security_headers)
+    app.router.add_get("/api/broken", broken)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        with caplog.at_level("ERROR"):
+            async with aiohttp.ClientSession() as s, s.get(
+                    f"http://127.0.0.1:{port}/api/broken") as resp:
+                assert resp.status == 500
+                assert resp.content_type == "application/json"
+                body = await resp.json()
+                assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    finally:
+        await runner.cleanup()
+    assert body["error"] == "internal_error" and body["message"], body
+    assert len([r for r in caplog.records if r.exc_info]) == 1

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,6 +41,41 @@ log = logging.getLogger("shardchat.node")
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 CLIENT_JS_ENV = "SHARDCHAT_CLIENT_JS"
 CLIENT_JS_REL = Path("node_modules/socket.io-client/dist/socket.io.min.js")
+
+
+# Security headers on every answer (``security_headers``). The pages load only their own
+# scripts, styles and images (no inline script or style, no data: URLs) and talk only to
+# their own origin: fetch for the API, Socket.IO over long-polling and WebSocket. CSP 3
+# lets 'self' match ws:/wss: of the same host, but not every browser in use does, so the
+# page's own host is named for WebSockets as well. Anything that is not a page gets a policy
+# that allows nothing. The room URL carries its invite in ``?invite=`` until the page takes
+# it out of the address bar, so no Referer is ever sent: not to our own assets, not to a
+# site a person follows a link to.
+PAGE_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+               "connect-src 'self'{sockets}; object-src 'none'; base-uri 'none'; "
+               "form-action 'self'; frame-ancestors 'none'")
+OTHER_POLICY = "default-src 'none'; frame-ancestors 'none'"
+COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                  "X-Frame-Options": "DENY"}
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])"
+                   r"(?::\d{1,5})?")
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: CSP, nosniff, no Referer, no framing (see above)."""
+    if isinstance(response, web.WebSocketResponse):
+        return  # a 101 switch: nothing of it is rendered
+    headers = response.headers
+    for name, value in COMMON_HEADERS.items():
+        headers.setdefault(name, value)
+    if "Content-Security-Policy" in headers:
+        return
+    if response.content_type == "text/html":
+        host = request.headers.get("Host", "")
+        sockets = f" ws://{host} wss://{host}" if _HOST.fullmatch(host) else ""
+        headers["Content-Security-Policy"] = PAGE_POLICY.format(sockets=sockets)
+    else:
+        headers["Content-Security-Policy"] = OTHER_POLICY
 
 
 def json_error(status: int, code: str, message: str, **extra: Any) -> web.Response:
@@ -277,6 +313,7 @@ class Node:
         app = web.Application(client_max_size=max(self.settings.max_body_bytes,
                                                    self.settings.max_packet_bytes) + 1024,
                               middlewares=[self._guard])
+        app.on_response_prepare.append(security_headers)
         self.sio.attach(app, socketio_path=self.eio_path)
         n = self.number
         r = app.router
