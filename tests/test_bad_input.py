@@ -178,8 +178,8 @@ async def test_bad_room_names_do_not_mark_peers_failed(tmp_path):
 
 
 async def test_a_peer_refusing_with_4xx_is_not_a_failed_peer(tmp_path):
-    """Node 2 takes smaller bodies than node 1 (413 for long names): node 1 still places
-    short-named rooms on it, and long-named ones where they fit."""
+    """Node 2 takes smaller bodies than node 1 (413 for long names): the long-named rooms
+    all end up on node 1, and node 2 stays a candidate, taking its share of the rest."""
     nodes = two_node_cluster(tmp_path, node2_settings={"max_body_bytes": 64})
     try:
         for node in nodes:
@@ -187,9 +187,10 @@ async def test_a_peer_refusing_with_4xx_is_not_a_failed_peer(tmp_path):
         for node in nodes:
             await asyncio.to_thread(node.wait_healthy)
         await wait_both_placeable(nodes)
-        bad, placed = await create_interleaved(nodes[0], {"name": "L" * 90}, 20)
-        assert all(status == 201 and body["instance"] == 1 for status, body in bad), bad
-        assert placed[1] >= 5 and placed[2] >= 5, placed
+        long_named, placed = await create_interleaved(nodes[0], {"name": "L" * 90}, 20)
+        assert all(status == 201 and body["instance"] == 1 for status, body in long_named)
+        # a peer marked failed after each 413 would take none of the short-named rooms
+        assert placed[2] >= 5, placed
     finally:
         for node in nodes:
             node.stop()
