@@ -263,6 +263,21 @@ async def test_malformed_invite_is_forbidden(node1, connect, transport, watch, i
     watch.assert_no_traceback()
 
 
+@pytest.mark.parametrize("token", ["\ud800" * 22 + ".sig", "é" * 22 + ".sig",
+                                   "A" * 22 + ".\udfff", "x" * 5000],
+                         ids=["surrogate_member", "non_ascii_member", "surrogate_sig", "5000"])
+async def test_malformed_member_token_gets_a_fresh_identity(node1, connect, transport, watch,
+                                                            token):
+    room = await acreate_room(node1)
+    bystander = await connect(node1, room, name="bystander", transport=transport)
+    alice = await connect(node1, room, name="alice", transport=transport,
+                          auth={"name": "alice", "token": token})
+    assert alice.welcome["you"]["token"] != token
+    await alice.send_ok("a fresh identity, not an error")
+    assert (await bystander.next("message"))["text"] == "a fresh identity, not an error"
+    watch.assert_no_traceback()
+
+
 # ---------------------------------------------------------------------------------------
 # unreadable Socket.IO packets
 
