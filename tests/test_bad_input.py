@@ -28,7 +28,14 @@ from tests.conftest import (
     assert_refusal_shape,
     refusal,
 )
-from tests.support import SECRET, NodeProcess, free_port, http_json, write_config
+from tests.support import (
+    SECRET,
+    TEST_RATE_LIMITS,
+    NodeProcess,
+    free_port,
+    http_json,
+    write_config,
+)
 from tests.test_node_refusals import raw_socket
 
 pytestmark = pytest.mark.timeout(120)
@@ -119,11 +126,12 @@ def two_node_cluster(tmp: Path, node2_settings: dict | None = None) -> list[Node
     instances = [{"number": n, "host": "127.0.0.1", "port": free_port(),
                   "internal_port": free_port()} for n in (1, 2)]
     cluster = {"name": "test", "secret": SECRET, "data_dir": str(tmp / "data")}
-    shared = write_config(tmp / "shardchat.toml", instances=instances, cluster=cluster)
+    shared = write_config(tmp / "shardchat.toml", instances=instances, cluster=cluster,
+                          node=TEST_RATE_LIMITS)
     own = shared
     if node2_settings:
         own = write_config(tmp / "node2.toml", instances=instances, cluster=cluster,
-                           node=node2_settings)
+                           node={**TEST_RATE_LIMITS, **node2_settings})
     return [NodeProcess(shared, instances[0], tmp), NodeProcess(own, instances[1], tmp)]
 
 
