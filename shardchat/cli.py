@@ -6,7 +6,17 @@ import sys
 
 import click
 
+from shardchat import config as config_mod
 from shardchat.cli_common import config_errors_exit, load_config
+
+
+def load_node_config(path: str) -> config_mod.Config:
+    """The config a node may run with: valid, and carrying a strong enough cluster secret
+    (or exit 2 with one line saying what to set)."""
+    cfg = load_config(path)
+    with config_errors_exit():
+        config_mod.require_secret(cfg)
+    return cfg
 
 
 @click.group()
@@ -23,7 +33,7 @@ def node(config_path: str, number: int) -> None:
     """Run chat node N (public listener + internal peer listener)."""
     from shardchat.node.app import run_node
 
-    cfg = load_config(config_path)
+    cfg = load_node_config(config_path)
     with config_errors_exit():
         cfg.instance(number)
     sys.exit(run_node(cfg, number))
@@ -33,10 +43,10 @@ def node(config_path: str, number: int) -> None:
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="TOML config file to check.")
 def check(config_path: str) -> None:
-    """Validate a config file and print what it describes."""
+    """Validate a config file (a node's secret included) and print what it describes."""
     from shardchat.cluster.rules import build_rules
 
-    cfg = load_config(config_path)
+    cfg = load_node_config(config_path)
     click.echo(f"{config_path}: ok — cluster {cfg.cluster.name!r}, "
                f"{len(cfg.instances)} instance(s), public URL {cfg.cluster.public_url}")
     ruleset = build_rules([i.number for i in cfg.instances], cfg.aws.rule_priority_offset)

@@ -19,7 +19,8 @@ from shardchat.names import storage_name
 
 SECRET_ENV = "SHARDCHAT_SECRET"
 IDLE_MARGIN = 15.0  # default keep-alive beyond the ALB's idle timeout (node.idle_timeout = 0)
-DEFAULT_SECRET = "change-me"
+PLACEHOLDER_SECRET = "change-me"  # the example config's value: never accepted by a node
+MIN_SECRET_CHARS = 16
 HTTPS_PORT = 443  # the HTTPS listener's port when aws.certificate_arn is set
 
 
@@ -36,7 +37,7 @@ class ConfigError(ValueError):
 class ClusterConfig:
     name: str = "demo"
     public_url: str = "http://127.0.0.1:8080"
-    secret: str = DEFAULT_SECRET
+    secret: str = ""  # unset: tools that sign nothing (the provisioner) do not need one
     data_dir: str = "./data"
 
 
@@ -144,6 +145,44 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------
+# the cluster secret
+
+
+def secret_problem(secret: str) -> str | None:
+    """Why a node must not run with ``secret``, or None when it may.
+
+    The secret signs invite links and opens the internal API, so a guessable one lets anyone
+    forge invites and call peers. A missing secret and the example's placeholder are refused
+    rather than replaced by a default: a default would be the same on every install."""
+    if not secret:
+        return "is not set"
+    if secret.strip().lower() == PLACEHOLDER_SECRET:
+        return f"is the example's placeholder {PLACEHOLDER_SECRET!r}"
+    if not secret.isascii() or not secret.isprintable() or " " in secret:
+        return "must be printable ASCII without spaces (peers send it in an HTTP header)"
+    if len(secret) < MIN_SECRET_CHARS:
+        return f"is only {len(secret)} characters long"
+    return None
+
+
+def require_secret(cfg: Config, env: dict[str, str] | None = None) -> None:
+    """Raise ConfigError unless ``cfg`` carries a secret a node may run with.
+
+    Checked by the commands that run or vouch for a node (``node``, ``check``, ``up``), not
+    by ``parse``: the provisioner reads the same file and never uses the secret."""
+    problem = secret_problem(cfg.cluster.secret)
+    if problem is None:
+        return
+    env = os.environ if env is None else env
+    key = SECRET_ENV if env.get(SECRET_ENV) else "cluster.secret"
+    raise ConfigError(key, f"{problem}; a node needs a cluster secret of at least "
+                      f"{MIN_SECRET_CHARS} characters, the same on every node: set "
+                      f"{SECRET_ENV} (or cluster.secret in {cfg.source}) to a random value "
+                      "such as the output of: python3 -c \"import secrets; "
+                      "print(secrets.token_urlsafe(32))\"")
+
+
+# ---------------------------------------------------------------------------------------
 # parsing
 
 
@@ -240,8 +279,6 @@ def validate(cfg: Config) -> Config:
     if not c.public_url.startswith(("http://", "https://")):
         raise ConfigError("cluster.public_url", f"must start with http:// or https://, "
                           f"got {c.public_url!r}")
-    if not c.secret:
-        raise ConfigError("cluster.secret", f"must not be empty (or set {SECRET_ENV})")
     seen: dict[int, str] = {}
     endpoints: dict[tuple[str, int], str] = {}
     for idx, inst in enumerate(cfg.instances):

@@ -90,7 +90,6 @@ def mutate(path: str, value):
     ("cluster.name", "has space", "cluster.name"),
     ("cluster.name", "x" * 21, "cluster.name"),
     ("cluster.public_url", "chat.example.com", "cluster.public_url"),
-    ("cluster.secret", "", "cluster.secret"),
     ("cluster.colour", "blue", "cluster.colour"),
     ("instances.1.number", 1, "instances[1].number"),
     ("instances.1.number", 0, "instances[1].number"),

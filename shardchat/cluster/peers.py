@@ -5,8 +5,10 @@ while a user waits for a room. So a background task polls ``GET /internal/stats`
 peer each ``node.stats_interval`` seconds, each call bounded by ``node.peer_timeout``, and
 placement only ever reads the last snapshot. A peer that refused, timed out or answered
 garbage is marked unhealthy until a later poll succeeds (unhealthy peers are asked again
-every ``RETRY_INTERVAL``); a failed room creation marks it the same way at once, so the next
-placement skips it without waiting for the next poll.
+every ``RETRY_INTERVAL``); a room creation that fails for the peer's sake (no connection, a
+timeout, a 5xx) marks it the same way at once, so the next placement skips it without
+waiting for the next poll. A creation the peer refuses with a 4xx does not: the peer is up,
+and marking it would let anyone steer placement by sending requests it refuses.
 
 The peer list is the config's ``[[instances]]``, or, when ``aws.discover = "ec2-tags"``,
 the instances of ``shardchat.aws.ec2.resolve_instances(cfg)`` (re-resolved every
@@ -39,13 +41,24 @@ RETRY_INTERVAL = 0.2  # an unhealthy peer is asked again this soon: nodes start 
 
 
 class PeerError(Exception):
-    """A peer did not do what was asked (unreachable, too slow, draining, or refused)."""
+    """A peer did not do what was asked (unreachable, too slow, draining, or refused).
 
-    def __init__(self, number: int, reason: str, draining: bool = False):
+    ``status`` is the peer's HTTP status when it answered at all; ``body`` its JSON error.
+    A 4xx (``refused``) means the peer is up and read the request but would not do it: that
+    says something about the request (or the peer's config), not about the peer's health."""
+
+    def __init__(self, number: int, reason: str, draining: bool = False,
+                 status: int | None = None, body: Any = None):
         super().__init__(f"instance {number}: {reason}")
         self.number = number
         self.reason = reason
         self.draining = draining
+        self.status = status
+        self.body = body if isinstance(body, dict) else {}
+
+    @property
+    def refused(self) -> bool:
+        return self.status is not None and 400 <= self.status < 500
 
 
 @dataclass
@@ -273,7 +286,8 @@ class PeerPool:
                 if resp.status not in wanted:
                     code = body.get("error") if isinstance(body, dict) else None
                     raise PeerError(peer.number, f"answered {resp.status} {code or ''}".strip(),
-                                    draining=(resp.status == 503 and code == "draining"))
+                                    draining=(resp.status == 503 and code == "draining"),
+                                    status=resp.status, body=body)
                 return body
         except TimeoutError:
             raise PeerError(peer.number, f"no answer within {timeout:g} s") from None

@@ -25,7 +25,12 @@ the reservations, a burst on an idle cluster spreads like round-robin.
 A dead, slow or draining peer is skipped: peers that failed their last poll or a create call
 are not candidates, and a create call that fails moves on to the next candidate within
 ``PLACEMENT_BUDGET`` seconds, so creation never hangs on a bad peer. With no candidate left
-the answer is ``NoCapacity`` (HTTP 503 ``no_capacity``).
+the answer is ``NoCapacity`` (HTTP 503 ``no_capacity``). Only a peer's own failure (no
+connection, a timeout, a 5xx) counts against it. A 4xx is the peer refusing this request
+(the receiving node has validated it already, so a peer with other limits, or a misrouted
+one): the next candidate is tried and the peer stays a candidate for the next room; if
+nobody took the room and a peer said 400 or 413, the caller gets that answer (``Refused``).
+Marking such a peer failed would let anyone steer placement with requests peers refuse.
 
 A creation with an Idempotency-Key (``node/idempotency.py``) first asks this node and every
 peer, all at once and each within ``node.peer_timeout``, whether a room was already created
@@ -66,6 +71,19 @@ class NoCapacity(Exception):
                  "down or draining); try again in a few seconds."):
         super().__init__(message)
         self.message = message
+
+
+class Refused(Exception):
+    """Peers refused the request itself (400/413) and none took it: answer the same."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+REQUEST_ERRORS = (400, 413)  # the request's own fault, worth passing on to the caller
 
 
 class LocalNode(Protocol):
@@ -256,6 +274,7 @@ class Placer:
         """Create the room on the best instance that takes it, within the budget."""
         deadline = time.monotonic() + self._budget
         tried: set[int] = set()
+        refused: Refused | None = None
         while (target := self._next(tried)) is not None:
             tried.add(target)
             remaining = deadline - time.monotonic()
@@ -274,6 +293,13 @@ class Placer:
                 raise
             except PeerError as exc:
                 self._reservations.release(item)
+                if exc.refused:  # the peer is up: it is still a candidate for the next room
+                    log.warning("instance %s refused a room creation: %s", target, exc.reason)
+                    if exc.status in REQUEST_ERRORS:
+                        refused = Refused(exc.status, str(exc.body.get("error") or "bad_request"),
+                                          str(exc.body.get("message") or "The room request "
+                                              "was refused; check its name and size."))
+                    continue
                 self._peers.mark_failed(target, exc.reason, exc.draining)
                 log.warning("placement skipped instance %s: %s", target, exc.reason)
                 continue
@@ -283,4 +309,6 @@ class Placer:
                 continue
             self._reservations.confirm(item)
             return room
+        if refused is not None:
+            raise refused
         raise NoCapacity()

@@ -2,11 +2,12 @@
 
 Everything lives under ``./.shardchat/`` of the working directory:
 
-* ``shardchat.toml``: the cluster config. Written on first run with a random secret (kept,
-  never printed) and free loopback ports for the nodes. Later runs reuse it as it is, so
-  ports, secret and data stay put; only ``public_url`` follows ``--port``/``--host`` and the
-  instance list follows ``--nodes`` (existing instances keep their ports). Any other key a
-  person adds (a ``[node]`` table, say) is kept.
+* ``shardchat.toml``: the cluster config. Written on first run with a random 256-bit secret
+  (kept, never printed; a missing or weak one found there is replaced) and free loopback
+  ports for the nodes. Later runs reuse it as it is, so ports, secret and data stay put;
+  only ``public_url`` follows ``--port``/``--host`` and the instance list follows
+  ``--nodes`` (existing instances keep their ports). Any other key a person adds (a
+  ``[node]`` table, say) is kept.
 * ``data/``: node N's store (``data/i<N>/``); ``logs/node-<N>.log``: node N's output.
 
 Nodes are real ``shardchat node`` processes in their own process group, so Ctrl-C reaches
@@ -145,8 +146,8 @@ def local_config(opts: UpOptions) -> config_mod.Config:
     cluster = dict(data.get("cluster") or {})
     cluster.setdefault("name", CLUSTER_NAME)
     cluster["public_url"] = opts.public_url
-    if not cluster.get("secret") or cluster["secret"] == config_mod.DEFAULT_SECRET:
-        cluster["secret"] = secrets.token_urlsafe(32)
+    if config_mod.secret_problem(str(cluster.get("secret") or "")):
+        cluster["secret"] = secrets.token_urlsafe(32)  # 256 random bits
     cluster.setdefault("data_dir", str(opts.base / "data"))
     data["cluster"] = cluster
     node = dict(data.get("node") or {})
@@ -156,6 +157,7 @@ def local_config(opts: UpOptions) -> config_mod.Config:
     data = {"cluster": data.pop("cluster"), "instances": data.pop("instances"), **data}
     try:
         cfg = config_mod.parse(data, source=str(path))
+        config_mod.require_secret(cfg)  # a weak SHARDCHAT_SECRET would stop every node
     except config_mod.ConfigError as exc:
         raise UpError(f"{path}: {exc}. Fix that key, or delete the file to start over.") from None
     text = dump_toml(data)

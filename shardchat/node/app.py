@@ -9,33 +9,73 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
+import re
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import socketio
 from aiohttp import web
+from socketio import packet as sio_packet
+from socketio.exceptions import ConnectionRefusedError as SioRefused
 
 from shardchat import listener, urls
-from shardchat.cluster.placement import NoCapacity, Placer
+from shardchat.cluster.placement import NoCapacity, Placer, Refused
 from shardchat.config import Config
 from shardchat.node import gctune, idempotency, internal, ratelimit, shutdown, transport
 from shardchat.node.clientaddr import ClientAddresses
 from shardchat.node.fanout import Fanout
-from shardchat.node.inbound import Inbound
-from shardchat.node.limits import check_room_name
+from shardchat.node.inbound import UNAVAILABLE, BoundedJson, Inbound, packet_head
+from shardchat.node.limits import Refusal, check_room_name
 from shardchat.node.rooms import RoomService
-from shardchat.node.store import Store
+from shardchat.node.store import Store, StoreError
 
 log = logging.getLogger("shardchat.node")
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 CLIENT_JS_ENV = "SHARDCHAT_CLIENT_JS"
 CLIENT_JS_REL = Path("node_modules/socket.io-client/dist/socket.io.min.js")
+
+
+# Security headers on every answer (``security_headers``). The pages load only their own
+# scripts, styles and images (no inline script or style, no data: URLs) and talk only to
+# their own origin: fetch for the API, Socket.IO over long-polling and WebSocket. CSP 3
+# lets 'self' match ws:/wss: of the same host, but not every browser in use does, so the
+# page's own host is named for WebSockets as well. Anything that is not a page gets a policy
+# that allows nothing. The room URL carries its invite in ``?invite=`` until the page takes
+# it out of the address bar, so no Referer is ever sent: not to our own assets, not to a
+# site a person follows a link to.
+PAGE_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+               "connect-src 'self'{sockets}; object-src 'none'; base-uri 'none'; "
+               "form-action 'self'; frame-ancestors 'none'")
+OTHER_POLICY = "default-src 'none'; frame-ancestors 'none'"
+COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                  "X-Frame-Options": "DENY"}
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])"
+                   r"(?::\d{1,5})?")
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: CSP, nosniff, no Referer, no framing (see above)."""
+    if isinstance(response, web.WebSocketResponse):
+        return  # a 101 switch: nothing of it is rendered
+    headers = response.headers
+    for name, value in COMMON_HEADERS.items():
+        headers.setdefault(name, value)
+    if "Content-Security-Policy" in headers:
+        return
+    if response.content_type == "text/html":
+        host = request.headers.get("Host", "")
+        sockets = f" ws://{host} wss://{host}" if _HOST.fullmatch(host) else ""
+        headers["Content-Security-Policy"] = PAGE_POLICY.format(sockets=sockets)
+    else:
+        headers["Content-Security-Policy"] = OTHER_POLICY
 
 
 def json_error(status: int, code: str, message: str, **extra: Any) -> web.Response:
@@ -91,7 +131,75 @@ class NodeSocketServer(socketio.AsyncServer):
         ns = namespace or "/"
         sid = self.manager.sid_from_eio_sid(eio_sid, ns)
         if sid is not None and self.manager.is_connected(sid, ns) and self.on_connected:
-            await self.on_connected(ns, sid)
+            try:
+                await self.on_connected(ns, sid)
+            except Exception:
+                log.exception("welcoming %s to %s failed", sid, ns)
+                await self.refuse_connected(sid, ns, JOIN_FAILED)
+
+    async def refuse_connected(self, sid: str, namespace: str, refusal: Refusal) -> None:
+        """Refuse a join after its CONNECT went out (the welcome could not be built):
+        CONNECT_ERROR with the refusal's code, then the namespace is closed. Both official
+        clients treat a CONNECT_ERROR as the end of that namespace whenever it comes."""
+        eio_sid = self.manager.eio_sid_from_sid(sid, namespace)
+        if eio_sid is not None:
+            with contextlib.suppress(Exception):
+                await self._send_packet(eio_sid, self.packet_class(
+                    sio_packet.CONNECT_ERROR, namespace=namespace,
+                    data=refusal.connect_error()))
+        with contextlib.suppress(Exception):
+            await self.disconnect(sid, namespace=namespace)
+
+    async def _handle_eio_message(self, eio_sid, data):
+        """python-socketio's packet dispatch, but a packet it cannot read is answered."""
+        try:
+            await super()._handle_eio_message(eio_sid, data)
+        except Exception as exc:
+            await self._unreadable(eio_sid, data, exc)
+
+    async def _unreadable(self, eio_sid: str, data: Any, exc: Exception) -> None:
+        """Answer what can be answered of a packet that failed to decode (see inbound.py):
+        a CONNECT gets CONNECT_ERROR ``bad_request``, an EVENT with an ack id an ack
+        ``bad_request``; anything else is dropped. The connection stays up."""
+        head = packet_head(data) if isinstance(data, str | bytes) else None
+        log.info("unreadable Socket.IO packet from %s (%s): %s", eio_sid,
+                 exc.__class__.__name__, "answered bad_request" if head else "dropped")
+        if head is None:
+            return
+        kind, namespace, ack_id = head
+        if kind == sio_packet.CONNECT:
+            await self._send_packet(eio_sid, self.packet_class(
+                sio_packet.CONNECT_ERROR, namespace=namespace,
+                data=UNREADABLE_CONNECT.connect_error()))
+            return
+        sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
+        if ack_id is None or sid is None or not self.manager.is_connected(sid, namespace):
+            return
+        await self._send_packet(eio_sid, self.packet_class(
+            sio_packet.ACK, namespace=namespace, id=ack_id, data=[UNREADABLE_EVENT.ack()]))
+
+
+UNREADABLE_EVENT = Refusal("bad_request", "The event could not be read: its JSON is malformed "
+                           "or nested too deeply. Send a flat object such as {\"text\": \"hi\"}.")
+UNREADABLE_CONNECT = Refusal("bad_request", "The connect request could not be read: its auth "
+                             "JSON is malformed or nested too deeply. Send {\"name\": \"...\"}.")
+JOIN_FAILED = Refusal("unavailable", "The server could not let you into this room right now; "
+                      "try again in a moment.")
+
+
+def answers_errors(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """An event handler that never raises: a bug or an unexpected failure is logged once,
+    with its traceback, and the client gets an ``unavailable`` ack instead of silence."""
+
+    @functools.wraps(handler)
+    async def run(*args: Any) -> Any:
+        try:
+            return await handler(*args)
+        except Exception:
+            log.exception("the %s handler failed", handler.__name__)
+            return dict(UNAVAILABLE)
+
+    return run
 
 
 class Node:
@@ -107,7 +215,7 @@ class Node:
         self.sio = NodeSocketServer(
             async_mode="aiohttp", namespaces="*",
             ping_interval=cfg.node.ping_interval, ping_timeout=cfg.node.ping_timeout,
-            max_http_buffer_size=cfg.node.max_packet_bytes,
+            max_http_buffer_size=cfg.node.max_packet_bytes, json=BoundedJson,
             cors_allowed_origins=None, logger=False, engineio_logger=False)
         self.fanout = Fanout(self.sio, cfg.node)
         self.inbound = Inbound(self.sio, self.fanout)
@@ -158,25 +266,38 @@ class Node:
 
         @sio.on("connect", namespace="*")
         async def connect(namespace, sid, environ, auth=None):
-            rooms.admit(namespace, sid, auth, addresses.of_environ(environ))
+            try:
+                rooms.admit(namespace, sid, auth, addresses.of_environ(environ))
+            except SioRefused:
+                raise
+            except Exception:  # a bug must still answer the join, not leave it hanging
+                log.exception("admitting %s to %s failed", sid, namespace)
+                raise SioRefused(JOIN_FAILED.message, {"code": JOIN_FAILED.code}) from None
 
         @sio.on("disconnect", namespace="*")
         async def disconnect(namespace, sid, reason=None):
-            await rooms.disconnected(namespace, sid)
+            try:
+                await rooms.disconnected(namespace, sid)
+            except Exception:
+                log.exception("cleaning up after %s left %s failed", sid, namespace)
 
         @sio.on("message", namespace="*")
+        @answers_errors
         async def message(namespace, sid, data=None, *_):
             return await rooms.message(namespace, sid, data)
 
         @sio.on("typing", namespace="*")
+        @answers_errors
         async def typing(namespace, sid, data=None, *_):
             await rooms.typing(namespace, sid, data)
 
         @sio.on("history", namespace="*")
+        @answers_errors
         async def history(namespace, sid, data=None, *_):
             return await rooms.history(namespace, sid, data)
 
         @sio.on("*", namespace="*")
+        @answers_errors
         async def unknown(event, namespace, sid, *args):
             log.debug("ignored unknown event %r on %s", event, namespace)
             return {"ok": False, "error": "bad_request",
@@ -192,6 +313,7 @@ class Node:
         app = web.Application(client_max_size=max(self.settings.max_body_bytes,
                                                    self.settings.max_packet_bytes) + 1024,
                               middlewares=[self._guard])
+        app.on_response_prepare.append(security_headers)
         self.sio.attach(app, socketio_path=self.eio_path)
         n = self.number
         r = app.router
@@ -222,6 +344,12 @@ class Node:
             codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
             return json_error(exc.status, codes.get(exc.status, "error"),
                               exc.reason + f": {request.method} {request.path}")
+        except Exception:
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                raise  # the socket may be open already: no HTTP answer can follow
+            log.exception("%s %s failed", request.method, request.path)
+            return json_error(500, "internal_error", "The server failed to answer this "
+                              "request; try again, and if it keeps failing tell its operator.")
 
     def _refuse(self, request: web.Request) -> web.Response | None:
         """Over-size polling payloads (413), handshakes while closing (503), and requests
@@ -301,6 +429,8 @@ class Node:
             return rate_limited_response(limited, self.settings.rate_limit_window)
         try:
             room = await self.placer.create_room(body["name"].strip(), body["private"], key)
+        except Refused as exc:
+            return json_error(exc.status, exc.code, exc.message)
         except NoCapacity as exc:
             return json_error(503, "no_capacity", str(exc) or "No instance can take a new room "
                               "right now (all are down or draining); try again shortly.")
@@ -423,7 +553,7 @@ def parse_room_request(raw: bytes) -> tuple[dict | None, web.Response | None]:
     """Validate a POST /api/rooms body; returns (body, None) or (None, error response)."""
     try:
         body = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json goes
         return None, json_error(400, "bad_request", 'The body must be JSON, e.g. '
                                 '{"name": "Team chat", "private": false}.')
     if not isinstance(body, dict):
@@ -466,9 +596,14 @@ class StopRequest:
 
 async def serve(cfg: Config, number: int) -> int:
     """Run node N until SIGTERM/SIGINT (or its supervisor is gone); drain and return the
-    exit code (0 after a clean drain)."""
+    exit code (0 after a clean drain). A store that cannot be opened (damaged, or in use by
+    another process) is one logged line and exit code 1."""
     node = Node(cfg, number)
-    await node.start()
+    try:
+        await node.start()  # opens the store before anything listens
+    except StoreError as exc:  # damaged, locked by another process, or unwritable
+        log.error("instance %d cannot start: %s", number, exc)
+        return 1
     tuned = os.environ.get("SHARDCHAT_GC_TUNE", "1") != "0"
     gctune.install(tune=tuned)
     sweeper = asyncio.create_task(gctune.sweep_old(), name="gc-sweep") if tuned else None

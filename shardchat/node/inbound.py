@@ -15,8 +15,15 @@ What is left to python-socketio, by returning False from ``dispatch``: every pac
 is not plainly a text EVENT (CONNECT, DISCONNECT, ACK, binary events and their attachments),
 JSON orjson would read differently from the stdlib (integers beyond 64 bits, NaN) or not at
 all, an event without a coroutine handler, and anything odd in the header. python-socketio
-then does exactly what it always did, including its error handling, so a malformed packet
-costs this path nothing and changes no behaviour.
+then does exactly what it always did, so a malformed packet costs this path nothing.
+
+A packet python-socketio cannot read either (JSON nested deeper than any parser goes:
+orjson stops at 1024 levels, the stdlib at Python's recursion limit, which ``BoundedJson``
+turns into the ValueError of any other bad JSON) is never an exception that leaves the
+sender waiting: ``NodeSocketServer`` in ``app.py`` catches the failure and,
+from the header alone (``packet_head``), acks an EVENT that asked for an ack with
+``bad_request`` or refuses a CONNECT with ``bad_request``; anything else is dropped. The
+connection stays up either way.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import re
 from typing import Any
 
 import orjson
+from engineio import json as engineio_json
 from socketio import packet as sio_packet
 
 from shardchat.node.fanout import Fanout, sio_payload
@@ -38,13 +46,14 @@ _DIGITS = frozenset(b"0123456789")
 _MAX_ID_DIGITS = 18  # fits in 63 bits; longer ids go the normal way
 _LONG_NUMBER = re.compile(rb"\d{19}")  # may be a number orjson would turn into a float
 _COMMA, _SLASH, _BRACKET = ord(","), ord("/"), ord("[")
+UNAVAILABLE = {"ok": False, "error": "unavailable",
+               "message": "The server failed to handle this request; try again in a moment."}
 
 
-def parse_event(data: bytes) -> tuple[str, int | None, list] | None:
-    """Split ``42[/ns,][id][...]`` into (namespace, ack id, args), or None when the frame
-    must take python-socketio's path (see the module docstring)."""
+def split_header(data: bytes, i: int) -> tuple[str, int | None, int] | None:
+    """Read ``[/ns,][id]`` from offset ``i`` up to a JSON array: (namespace, ack id, offset
+    of the ``[``), or None when the header is anything but that plain shape."""
     n = len(data)
-    i = 2
     namespace = "/"
     if n > i and data[i] == _SLASH:
         sep = data.find(b",", i)
@@ -63,7 +72,17 @@ def parse_event(data: bytes) -> tuple[str, int | None, list] | None:
         j += 1
     if j - i > _MAX_ID_DIGITS or j >= n or data[j] != _BRACKET:
         return None
-    ack_id = int(data[i:j]) if j > i else None
+    return namespace, (int(data[i:j]) if j > i else None), j
+
+
+def parse_event(data: bytes) -> tuple[str, int | None, list] | None:
+    """Split ``42[/ns,][id][...]`` into (namespace, ack id, args), or None when the frame
+    must take python-socketio's path (see the module docstring)."""
+    header = split_header(data, 2)
+    if header is None:
+        return None
+    namespace, ack_id, j = header
+    n = len(data)
     body = memoryview(data)[j:]
     if n - j >= 19 and _LONG_NUMBER.search(data, j):
         return None
@@ -74,6 +93,49 @@ def parse_event(data: bytes) -> tuple[str, int | None, list] | None:
     if not args or type(args[0]) is not str:
         return None
     return namespace, ack_id, args
+
+
+CONNECT, EVENT = sio_packet.CONNECT, sio_packet.EVENT
+
+
+class BoundedJson:
+    """The JSON python-socketio and python-engineio decode packets with (their ``json=``
+    option): engineio's own (which bounds integer literals), except that JSON nested deeper
+    than the parser can recurse is a ValueError, the error both libraries expect from bad
+    JSON, instead of a RecursionError that escapes them with a traceback."""
+
+    dumps = staticmethod(engineio_json.dumps)
+
+    @staticmethod
+    def loads(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return engineio_json.loads(*args, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+
+def packet_head(data: str | bytes) -> tuple[int, str, int | None] | None:
+    """(type, namespace, ack id) of a Socket.IO packet whose body could not be read.
+
+    Used once python-socketio failed to decode a packet (JSON nested deeper than the
+    parser goes, a body of the wrong shape), so that the sender still gets an answer: only
+    CONNECT (``0[/ns,]{...}``) and EVENT (``2[/ns,][id][...]``) packets have one to get."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    if not data or data[:1] not in (b"0", b"2"):
+        return None
+    kind = data[0] - 0x30
+    if kind == CONNECT:
+        namespace = "/"
+        if data[1:2] == b"/":
+            end = data.find(b",")
+            raw = data[1:] if end < 0 else data[1:end]
+            namespace = raw.split(b"?", 1)[0].decode("utf-8", "replace")
+        return kind, namespace, None
+    header = split_header(data, 1)
+    if header is None:
+        return None
+    return kind, header[0], header[1]
 
 
 class Inbound:
@@ -121,9 +183,9 @@ class Inbound:
         what orders a client's messages (the store assigns seq when the handler starts)."""
         try:
             result = await handler(*args)
-        except Exception:
+        except Exception:  # app.py's handlers answer their own errors: this is a last resort
             log.exception("handler for an event on %s failed", namespace)
-            return
+            result = UNAVAILABLE
         if ack_id is None or result is self.sio.not_handled:
             return
         if result is None:

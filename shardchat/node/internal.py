@@ -1,8 +1,10 @@
 """The internal listener: what peers ask of this node, behind the cluster secret.
 
 It listens on ``internal_port``, which no load balancer ever targets, and every request must
-carry ``Authorization: Bearer <cluster secret>`` (compared in constant time). A wrong or
-missing secret is answered 401 and logged with the caller's address.
+carry ``Authorization: Bearer <cluster secret>`` (compared in constant time, as the bytes
+that arrived: a header that is not UTF-8 is just a wrong secret). A wrong or missing secret
+is answered 401 and logged with the caller's address. Every answer is JSON, an unexpected
+error in a handler included (500 ``internal_error``).
 """
 
 from __future__ import annotations
@@ -33,14 +35,23 @@ def build_app(cfg: Config, node: Any) -> web.Application:
 
     @web.middleware
     async def check_secret(request: web.Request, handler):
-        given = request.headers.get("Authorization", "").encode()
+        # aiohttp hands non-UTF-8 header bytes over as surrogate escapes: encode them back
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
             log.warning("internal request %s %s from %s refused: wrong or missing secret",
                         request.method, request.path, request.remote)
             return web.json_response({"error": "unauthorized", "message": "Internal calls "
                                       "need the cluster secret (Authorization: Bearer ...)."},
                                      status=401)
-        return await handler(request)
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("internal request %s %s failed", request.method, request.path)
+            return web.json_response({"error": "internal_error", "message": "This node "
+                                      "failed to answer; its log has the details."},
+                                     status=500)
 
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(node.stats())

@@ -4,6 +4,11 @@ A token is ``<expiry>.<signature>``: the expiry in epoch seconds (base 36) and a
 HMAC-SHA256 over the room id and that expiry, keyed by a key derived from the cluster
 secret. Nothing is stored: any node holding the secret can check a token, a token for room A
 never opens room B, and changing the secret revokes every invite at once.
+
+A token comes from the client, so ``check`` reads it as hostile: it is length-bounded, the
+expiry must be plain base-36 digits of a plausible length (``int`` would otherwise accept
+signs, underscores, spaces and thousands of digits), and the signature is compared in
+constant time as bytes. Anything else is simply an invite that does not open the room.
 """
 
 from __future__ import annotations
@@ -11,10 +16,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 
 _KEY_LABEL = b"shardchat invite v1"
 _SIG_BYTES = 16  # 128 bits: forging one is out of reach, and the link stays short
+_SIG_CHARS = 22  # base64url of 16 bytes, unpadded
+_EXPIRY = re.compile(r"[0-9a-z]{1,12}")  # base-36 epoch seconds; 12 digits last 150,000 years
+_MAX_TOKEN_CHARS = 12 + 1 + _SIG_CHARS
+_INVALID = "The invite is not valid for this room: ask a member for the link again."
 
 
 class Invites:
@@ -35,13 +45,15 @@ class Invites:
         """None when ``token`` opens ``room_id``; otherwise a sentence saying why not."""
         if not isinstance(token, str) or not token:
             return "This room is private: join with the invite link a member shared."
+        if len(token) > _MAX_TOKEN_CHARS or not token.isascii():
+            return _INVALID
         exp_text, _, sig = token.partition(".")
-        try:
-            expiry = int(exp_text, 36)
-        except ValueError:
-            return "The invite is not valid for this room: ask a member for the link again."
-        if not hmac.compare_digest(sig, self._sign(room_id, expiry)):
-            return "The invite is not valid for this room: ask a member for the link again."
+        if _EXPIRY.fullmatch(exp_text) is None:
+            return _INVALID
+        expiry = int(exp_text, 36)
+        if not hmac.compare_digest(sig.encode("ascii"),
+                                   self._sign(room_id, expiry).encode("ascii")):
+            return _INVALID
         if expiry < (time.time() if now is None else now):
             return "The invite has expired: ask a member of the room for a new link."
         return None

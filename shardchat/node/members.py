@@ -59,8 +59,8 @@ class MemberTokens:
 
     def check(self, room_id: str, token: object) -> str | None:
         """The member id ``token`` proves in ``room_id``, or None when it proves nothing."""
-        if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
-            return None
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS or not token.isascii():
+            return None  # ours are ASCII; a lone surrogate could not even be encoded
         member, dot, sig = token.partition(".")
         if not dot or len(member) != _ID_CHARS:
             return None

@@ -37,6 +37,8 @@ log = logging.getLogger("shardchat.rooms")
 
 WELCOME_HISTORY = 50  # SPEC: the welcome holds the latest 50 messages
 TYPING_REPEAT_SECONDS = 2.0
+UNREADABLE_ROOM = Refusal("unavailable", "This room's history cannot be read on this server "
+                          "right now (its log says why); try again later.")
 
 
 def _listed_size(message: dict) -> int:
@@ -217,10 +219,11 @@ class RoomService:
         room.members[sid] = member  # not ready: broadcasts are buffered for it
         try:
             welcome = await self._welcome(room, member, joining.last_seq)
-        except StoreError:
-            log.exception("could not read history of %s", room.record.id)
+        except StoreError as exc:
+            log.error("room %s cannot be joined, its history is unreadable: %s",
+                      room.record.id, exc)
             room.members.pop(sid, None)
-            await self.fanout.sio.disconnect(sid, namespace=namespace)
+            await self.fanout.sio.refuse_connected(sid, namespace, UNREADABLE_ROOM)
             return
         # The token goes to this member only: it is in no public() and never broadcast.
         welcome["you"] = {**welcome["you"], "token": joining.token}
@@ -342,8 +345,13 @@ class RoomService:
                                     address=member.address)
         if limited:
             return ratelimit.refusal(limited, self.settings.rate_limit_window).ack()
-        messages, more = await self._page(room.record.id, before=data.get("before"),
-                                          limit=data.get("limit", limits.DEFAULT_HISTORY_LIMIT))
+        try:
+            messages, more = await self._page(
+                room.record.id, before=data.get("before"),
+                limit=data.get("limit", limits.DEFAULT_HISTORY_LIMIT))
+        except StoreError as exc:
+            log.error("history of room %s is unreadable: %s", room.record.id, exc)
+            return UNREADABLE_ROOM.ack()
         ack: dict[str, Any] = {"ok": True, "messages": messages}
         if more:
             ack["more"] = True

@@ -32,6 +32,14 @@ Why this shape:
 * ``store.lock`` in the directory is held (flock) while the store is open, so a second
   process on the same data directory fails at open instead of reusing seqs. The kernel
   drops the lock when a process dies, even by ``kill -9``.
+* A damaged store is refused at open (``StoreDamaged``), never served half-read. SQLite reads
+  an empty file as an empty database, so ``store.created``, written once the first open has
+  created the schema, marks a directory that holds a store: with it, a missing or empty
+  store file is damage, not a fresh start. Every open runs ``PRAGMA quick_check`` (b-tree
+  structure, page use, record shapes; measured at 80-130 ms for 100k messages, 27 MB, and
+  0.55 s for 1M; ``integrity_check`` also compares indexes with their tables, at 3-4 times
+  the cost). Damage it cannot see (bytes flipped inside a message) or that appears later is
+  a read error at run time, which the room service answers with ``unavailable``.
 """
 
 from __future__ import annotations
@@ -59,6 +67,9 @@ log = logging.getLogger(__name__)
 DB_NAME = "store.sqlite3"
 LOOP_READ_ROWS = 200  # longer recovery reads go to the reader thread
 LOCK_NAME = "store.lock"
+MARKER_NAME = "store.created"  # this directory holds a store: an empty one is damage
+RESTORE_DOC = 'docs/operations.md, "Restoring a damaged store"'
+CHECK_ERRORS = 3  # problems quick_check reports (the first says enough)
 CHECKPOINT_POLL = 1.0  # seconds between looks at the WAL's size
 CHECKPOINT_WAL_BYTES = 8 * 1024 * 1024  # checkpoint once the WAL is this large ...
 CHECKPOINT_MAX_AGE = 30.0  # ... or this many seconds after the last checkpoint
@@ -118,6 +129,21 @@ class StoreError(Exception):
 
     The caller should tell the user to try again; nothing of the failed write was kept.
     """
+
+
+class StoreDamaged(StoreError):
+    """The store file is missing, empty, truncated or fails its integrity check.
+
+    The node must not start on it: serving it would lose rooms silently or answer joins
+    with read errors. The message names the file and how to restore it."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(
+            f"the store {path} {problem}. This node will not serve a damaged store: restore "
+            f"{path.name} from a backup or a replica ({RESTORE_DOC}); to start this instance "
+            f"empty instead, move {path.name} and {MARKER_NAME} out of {path.parent}.")
+        self.path = path
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -627,10 +653,14 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot create the data directory {self.directory}: {exc}; "
                              "check the path and its permissions.") from exc
+        used_before = (self.directory / LOCK_NAME).exists()  # opened here by any version
         self._take_lock()
+        existed = self._expect_store(used_before)
         try:
             conn = self._connect()
             try:
+                if existed:
+                    self._check_integrity(conn)
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.executescript(_SCHEMA)
                 _migrate_dedup(conn)
@@ -638,8 +668,61 @@ class Store:
                 self._load(conn)
             finally:
                 conn.close()
+        except sqlite3.DatabaseError as exc:  # "malformed", "not a database", ...
+            raise StoreDamaged(self.path, f"cannot be read ({exc})") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
+        if not existed or not (self.directory / MARKER_NAME).exists():
+            self._write_marker()
+
+    def _expect_store(self, used_before: bool) -> bool:
+        """True when a store file with content is here. Refuses a missing or empty file in a
+        directory whose marker says a store was created in it, and an empty file where an
+        earlier open left its lock (a store from before the marker existed)."""
+        try:
+            size: int | None = self.path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        marked = (self.directory / MARKER_NAME).exists()
+        if marked and size is None:
+            raise StoreDamaged(self.path, f"is missing, but {MARKER_NAME} says this "
+                               "directory held a store")
+        if size == 0 and (marked or used_before):
+            why = MARKER_NAME if marked else LOCK_NAME
+            raise StoreDamaged(self.path, f"is empty (0 bytes), but {why} says this "
+                               "directory held a store")
+        return bool(size)
+
+    def _check_integrity(self, conn: sqlite3.Connection) -> None:
+        """``PRAGMA quick_check`` before anything is written (see the module docstring)."""
+        started = time.monotonic()
+        rows = conn.execute(f"PRAGMA quick_check({CHECK_ERRORS})").fetchall()
+        problems = [str(r[0]).replace("*** in database main ***", "").strip() for r in rows]
+        if problems != ["ok"]:
+            detail = "; ".join(p.replace("\n", "; ") for p in problems if p)
+            raise StoreDamaged(self.path, f"fails its integrity check ({detail})")
+        log.info("store %s passed its integrity check in %.0f ms", self.path,
+                 (time.monotonic() - started) * 1000)
+
+    def _write_marker(self) -> None:
+        """Mark the directory as holding a store, durably (file and directory fsynced)."""
+        marker = self.directory / MARKER_NAME
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                os.write(fd, f"{DB_NAME} created {when}; while this file exists, a missing or "
+                         "empty store is refused\n".encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise StoreError(f"cannot write {marker}: {exc}") from exc
 
     def _load(self, conn: sqlite3.Connection) -> None:
         for rid, name, private, created_at in conn.execute(
