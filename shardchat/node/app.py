@@ -298,7 +298,12 @@ class Node:
 
         @sio.on("*", namespace="*")
         @answers_errors
-        async def unknown(event, namespace, sid, *args):
+        async def unknown(*args):
+            # (event, namespace, sid, *data); an event literally named "*" matches this
+            # handler by name instead and comes as (namespace, sid, *data). Namespaces start
+            # with "/", sids never do.
+            named = len(args) >= 2 and isinstance(args[1], str) and args[1].startswith("/")
+            event, namespace = (args[0], args[1]) if named else ("*", args[0] if args else "?")
             log.debug("ignored unknown event %r on %s", event, namespace)
             return {"ok": False, "error": "bad_request",
                     "message": f"Unknown event {event!r}: use message, typing or history."}

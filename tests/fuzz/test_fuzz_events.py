@@ -66,8 +66,8 @@ class Event:
     def decodable(self) -> bool:
         """False when the JSON holds an integer of more than ``MAX_INT_DIGITS`` digits:
         python-socketio refuses to decode such a packet at all (a guard against slow
-        big-number parsing), so it is dropped like any other undecodable packet and no ack
-        can be promised. Everything else must be answered."""
+        big-number parsing), so the node answers it, if at all, with the ``bad_request`` refusal
+        for unreadable events. Everything else must be answered."""
         return not _has_huge_int(list(self.args))
 
     def frame(self, namespace: str, ack_id: int | None, ascii_only: bool) -> bytes:
@@ -255,6 +255,12 @@ def new_messages(harness: Harness, stored: list[tuple[int, dict]],
 def check_ack(event: Event, ack: Any, stored: list[tuple[int, dict]], what: str) -> None:
     """The ack fits the event (SPEC 4); an accepted message goes to ``stored``."""
     data = event.args[0] if event.args else None
+    if not event.decodable:
+        # The node cannot read such a packet (an integer past the decoder's digit bound):
+        # it may answer it only with the refusal for unreadable events.
+        body = assert_ack_shape(ack, what)
+        assert body == {**body, "ok": False, "error": "bad_request"}, f"{what}: {body!r}"
+        return
     if event.name == "typing":
         assert ack == [] or assert_ack_shape(ack, what), f"{what}: typing acked {ack!r}"
         return
