@@ -72,6 +72,7 @@ class NodeSettings:
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     room_capacity: int = 500
     history_retention: int = 10_000
+    prune_interval: float = 5.0  # seconds between two prunes of one room's old messages
     max_recovery: int = 1000
     invite_ttl_days: float = 30.0
     write_buffer_cap: int = 1024 * 1024
@@ -322,6 +323,9 @@ def validate(cfg: Config) -> Config:
                           f"{n.drain_grace_seconds}")
     if n.max_recovery < 50:
         raise ConfigError("node.max_recovery", f"must be at least 50, got {n.max_recovery}")
+    if n.prune_interval < 0:
+        raise ConfigError("node.prune_interval", "must be 0 (prune after every write) or more "
+                          f"seconds, got {n.prune_interval:g}")
     _check_aws(cfg.aws, n)
     return cfg
 

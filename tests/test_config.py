@@ -104,6 +104,8 @@ def mutate(path: str, value):
     ("node.rate_limit_messages", True, "node.rate_limit_messages"),
     ("node.fsync", "yes", "node.fsync"),
     ("node.max_recovery", 10, "node.max_recovery"),
+    ("node.prune_interval", -1, "node.prune_interval"),
+    ("node.prune_interval", "5", "node.prune_interval"),
     ("node.write_buffer_grace", 0, "node.write_buffer_grace"),
     ("node.max_page_bytes", 0, "node.max_page_bytes"),
     ("node.nope", 1, "node.nope"),
@@ -197,3 +199,11 @@ def test_an_explicit_drain_grace_wins_over_the_health_check_default():
 
 def test_a_negative_drain_grace_names_the_key():
     assert error_key(base(node={"drain_grace_seconds": -1})) == "node.drain_grace_seconds"
+
+
+def test_prune_interval_defaults_to_five_seconds_and_may_be_zero():
+    assert config.parse(base(), env={}).node.prune_interval == 5.0
+    data = base(node={"prune_interval": 0})
+    assert config.parse(data, env={}).node.prune_interval == 0.0
+    example = config.load(ROOT / "config.example.toml", env={})
+    assert example.node.prune_interval == 5.0  # the example documents the default

@@ -211,7 +211,8 @@ class Node:
         self.settings = cfg.node
         self.instance = cfg.instance(number)
         self.store = Store(cfg.instance_data_dir(number), retention=cfg.node.history_retention,
-                           fsync=cfg.node.fsync, max_recovery=cfg.node.max_recovery)
+                           fsync=cfg.node.fsync, max_recovery=cfg.node.max_recovery,
+                           prune_interval=cfg.node.prune_interval)
         self.sio = NodeSocketServer(
             async_mode="aiohttp", namespaces="*",
             ping_interval=cfg.node.ping_interval, ping_timeout=cfg.node.ping_timeout,
