@@ -2,21 +2,39 @@
 
 Every test gets its own ports and data directory, so tests run in parallel (pytest-xdist).
 Nodes are real ``shardchat node`` processes; waiting is always on an observable event
-(an HTTP answer, a process exit) with a deadline, never a bare sleep.
+(an HTTP answer, a process exit) with a deadline, never a bare sleep. Sync tests wait with
+``wait_until``; async tests with ``await async_wait_until(...)``, which polls with
+``asyncio.sleep`` so the clients living on the event loop keep running meanwhile.
+
+Ports. A node's ports must be in its config file before it starts, so they are picked with
+``free_port()`` (bind to port 0, read the number, close): between that close and the node's
+own bind, another process (the other xdist worker, another test run on this machine) may take
+the port. Rather than hand bound sockets to a node (the product has no way to inherit one),
+starting is retried: when a node exits during start-up because its address is in use
+(``PortInUse``, read from its log), ``start_nodes`` stops every node it started, gives all of
+them fresh ports, rewrites the config file and starts them again, up to ``PORT_ATTEMPTS``
+times. All nodes of one config start together through ``start_nodes`` (``running_nodes``
+does), so no node keeps a stale view of a peer's ports. A restart of a node that ran before
+keeps its ports, since its peers know them. Servers a test runs in its own process bind port
+0 and read the port back (nothing to race), and a port that must refuse connections is held
+bound without listening (``refusing_port``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +46,9 @@ SECRET = "test-secret-please-change"
 # Tests stop nodes with SIGTERM all the time; without the key the grace would follow the ALB
 # health checks (20 s with the [aws] defaults), so every test config sets a short one.
 TEST_DRAIN_GRACE = 1.0
+HEALTHY_TIMEOUT = 60.0  # seconds a node may take to start: generous for a loaded 2-core box
+PORT_ATTEMPTS = 5       # starts with fresh ports before a port clash fails the test
+ADDRESS_IN_USE = "address already in use"  # how the node's bind error (EADDRINUSE) reads
 
 
 # Every test client comes from 127.0.0.1, so under the default per-address limits a whole
@@ -83,8 +104,16 @@ def http_json(method: str, url: str, body: Any = None, headers: dict | None = No
         return status, raw.decode("utf-8", "replace")
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
-    """Poll ``predicate`` until it returns truthy; raise with ``what`` after ``timeout``."""
+class GiveUp(Exception):
+    """Raised by a predicate to end a wait at once: the condition can never come true."""
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns truthy; raise with ``what`` after ``timeout``.
+
+    A predicate that raises is asked again (the thing may not be up yet), except for
+    ``GiveUp``, which ends the wait. Blocking: async tests use ``async_wait_until``."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
@@ -92,26 +121,92 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: s
             value = predicate()
             if value:
                 return value
+        except GiveUp:
+            raise
         except Exception as exc:
             last_exc = exc
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
-                       + (f" (last error: {last_exc!r})" if last_exc else ""))
+    raise TimeoutError(_timed_out(timeout, what, last_exc))
+
+
+async def async_wait_until(predicate: Callable[[], Any | Awaitable[Any]],
+                           timeout: float = 10.0, interval: float = 0.05,
+                           what: str = "condition") -> Any:
+    """``wait_until`` for async tests: ``predicate`` may be a plain or an async callable,
+    and the polling sleeps with ``asyncio.sleep``, so the event loop (and every client on
+    it) keeps running. A predicate that blocks (a plain HTTP call) goes to a thread via
+    ``in_thread``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last_exc: Exception | None = None
+    while loop.time() < deadline:
+        try:
+            value = predicate()
+            if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+                value = await value
+            if value:
+                return value
+        except GiveUp:
+            raise
+        except Exception as exc:
+            last_exc = exc
+        await asyncio.sleep(interval)
+    raise TimeoutError(_timed_out(timeout, what, last_exc))
+
+
+def in_thread(fn: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
+    """A blocking predicate as an async one (for ``async_wait_until``)."""
+    return lambda: asyncio.to_thread(fn)
+
+
+def _timed_out(timeout: float, what: str, last_exc: Exception | None) -> str:
+    return (f"timed out after {timeout}s waiting for {what}"
+            + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+@contextlib.contextmanager
+def refusing_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port that refuses connections for as long as the block runs: bound (so nobody
+    else can take it) but never listening."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        yield s.getsockname()[1]
+
+
+def bound_port(runner: Any) -> int:
+    """The port an aiohttp runner started on port 0 actually listens on."""
+    return runner.addresses[0][1]
+
+
+class NodeExited(GiveUp):
+    """A node process exited before it answered its health check."""
+
+
+class PortInUse(NodeExited):
+    """A node exited at start-up because one of its ports was taken meanwhile."""
 
 
 class NodeProcess:
-    """A real ``shardchat node`` subprocess."""
+    """A real ``shardchat node`` subprocess. ``port``/``internal_port`` are read from the
+    ``instance`` dict, which ``start_nodes`` updates when it had to pick fresh ports."""
 
     def __init__(self, config_path: Path, instance: dict[str, Any], log_dir: Path,
                  env: dict[str, str] | None = None):
         self.config_path = config_path
         self.instance = instance
         self.number = instance["number"]
-        self.port = instance["port"]
-        self.internal_port = instance["internal_port"]
         self.log_path = log_dir / f"node-{self.number}.log"
         self.env = env
         self.proc: subprocess.Popen | None = None
+        self._log_from = 0  # where this run's output starts in the (appended) log
+
+    @property
+    def port(self) -> int:
+        return self.instance["port"]
+
+    @property
+    def internal_port(self) -> int:
+        return self.instance["internal_port"]
 
     @property
     def base_url(self) -> str:
@@ -122,29 +217,56 @@ class NodeProcess:
         return f"http://127.0.0.1:{self.internal_port}"
 
     def start(self, wait: bool = True) -> NodeProcess:
+        """Start the node (and wait until healthy). A first start retries a port clash
+        with fresh ports (``start_nodes``); a restart keeps the ports its peers know."""
+        if wait and self.proc is None:
+            start_nodes([self])
+            return self
+        self.launch()
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting for it."""
         env = dict(os.environ)
         env.update(self.env or {})
         env.setdefault("PYTHONUNBUFFERED", "1")
+        with contextlib.suppress(OSError):
+            self._log_from = self.log_path.stat().st_size
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process lifetime
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shardchat", "node", "--config", str(self.config_path),
              "--instance", str(self.number)],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
         log.close()
-        if wait:
-            self.wait_healthy()
-        return self
 
     def healthz(self) -> tuple[int, Any]:
         return http_json("GET", f"{self.base_url}/i{self.number}/healthz", timeout=2)
 
-    def wait_healthy(self, timeout: float = 20.0) -> None:
+    def wait_healthy(self, timeout: float = HEALTHY_TIMEOUT) -> None:
+        """Wait for a 200 from healthz; a node that exits first fails at once with its log
+        (``PortInUse`` when it could not bind)."""
         def ok():
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"node {self.number} exited with {self.proc.returncode}:\n"
-                                   + self.log())
+                run_log = self.run_log()
+                kind = PortInUse if ADDRESS_IN_USE in run_log else NodeExited
+                raise kind(f"node {self.number} exited with {self.proc.returncode}:\n"
+                           + run_log[-4000:])
             return self.healthz()[0] == 200
-        wait_until(ok, timeout, what=f"node {self.number} healthy")
+        try:
+            wait_until(ok, timeout, what=f"node {self.number} healthy")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; its log:\n{self.log()}") from None
+
+    def run_log(self) -> str:
+        """This run's output (the log file holds every run of the node)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_from)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def log(self) -> str:
         try:
@@ -171,16 +293,51 @@ class NodeProcess:
         self.kill()
 
 
+def start_nodes(nodes: Iterable[NodeProcess], timeout: float = HEALTHY_TIMEOUT) -> None:
+    """Start nodes of one config together and wait until each is healthy. When one lost a
+    port to another process, all of them get fresh ports (the config file is rewritten)
+    and start again; see the module docstring."""
+    nodes = list(nodes)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        for node in nodes:
+            node.launch()
+        try:
+            for node in nodes:
+                node.wait_healthy(timeout)
+            return
+        except PortInUse:
+            for node in nodes:
+                node.stop()
+            if attempt == PORT_ATTEMPTS:
+                raise
+            repick_ports(nodes)
+
+
+def repick_ports(nodes: Iterable[NodeProcess]) -> None:
+    """Fresh ports for ``nodes``, written to their instance dicts and their config file."""
+    by_config: dict[Path, list[NodeProcess]] = {}
+    for node in nodes:
+        node.instance["port"], node.instance["internal_port"] = free_port(), free_port()
+        by_config.setdefault(node.config_path, []).append(node)
+    for path, group in by_config.items():
+        data = tomllib.loads(path.read_text())
+        ports = {n.number: n.instance for n in group}
+        for inst in data.get("instances", []):
+            if inst.get("number") in ports:
+                inst["port"] = ports[inst["number"]]["port"]
+                inst["internal_port"] = ports[inst["number"]]["internal_port"]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(dump_toml(data) + "\n")
+        tmp.replace(path)
+
+
 @contextlib.contextmanager
 def running_nodes(tmp: Path, n: int = 1, **kwargs) -> Iterator[list[NodeProcess]]:
     """Start ``n`` nodes on fresh loopback ports; stop them on exit."""
     cfg_path, instances = make_cluster_config(tmp, n, **kwargs)
     nodes = [NodeProcess(cfg_path, inst, tmp) for inst in instances]
     try:
-        for node in nodes:
-            node.start(wait=False)
-        for node in nodes:
-            node.wait_healthy()
+        start_nodes(nodes)
         yield nodes
     finally:
         for node in nodes:

@@ -19,6 +19,7 @@ from tests.support import (
     free_port,
     http_json,
     running_nodes,
+    start_nodes,
     wait_until,
     write_config,
 )
@@ -183,10 +184,7 @@ async def test_a_peer_that_never_answers_does_not_hold_up_creation(tmp_path):
                                 "data_dir": str(tmp_path / "data")}, node=TEST_RATE_LIMITS)
     nodes = [NodeProcess(cfg, inst, tmp_path) for inst in instances[:2]]
     try:
-        for node in nodes:
-            node.start(wait=False)
-        for node in nodes:
-            await asyncio.to_thread(node.wait_healthy)
+        await asyncio.to_thread(start_nodes, nodes)
         placed: collections.Counter[int] = collections.Counter()
         give_up = time.monotonic() + 8  # peer 2 may have come up just now: wait till seen
         for i in range(2000):  # until the healthy peer has taken a few rooms
