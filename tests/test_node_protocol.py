@@ -3,14 +3,13 @@ recovery and room isolation, over both Engine.IO transports, against a real node
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
 
 from shardchat import urls
 from tests.conftest import acreate_room, assert_refusal_shape, refusal
-from tests.support import running_nodes
+from tests.support import async_wait_until, running_nodes
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -259,25 +258,28 @@ async def test_recovery_gap_longer_than_max_recovery_gives_latest_50(tmp_path, c
 
 async def test_recovery_of_a_pruned_gap_gives_latest_50_not_recovered(tmp_path, connect,
                                                                       transport):
-    """The node keeps at least history_retention messages and prunes older ones lazily;
-    once the gap after last_seq is pruned, a reconnect cannot be complete and says so."""
-    with running_nodes(tmp_path, 1, node={"history_retention": 50,
+    """The node keeps at least history_retention messages and prunes older ones lazily
+    (after a write, at most every node.prune_interval seconds per room); once the gap after
+    last_seq is pruned, a reconnect cannot be complete and says so."""
+    with running_nodes(tmp_path, 1, node={"history_retention": 50, "prune_interval": 0.1,
                                           "rate_limit_messages": 100_000}) as (node,):
         room = await acreate_room(node)
         alice = await connect(node, room, name="alice", transport=transport)
         for i in range(1, 121):
             await alice.send_ok(f"m{i}")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        for attempt in range(200):  # pruning follows a commit, so keep committing
-            await alice.send_ok(f"extra{attempt}")
+        extra = iter(range(1000))
+
+        async def gap_reported_as_lost() -> dict:
+            """One more write (pruning follows a write), then a reconnect from seq 1."""
+            await alice.send_ok(f"extra{next(extra)}")
             bob = await connect(node, room, name="bob", transport=transport, last_seq=1)
             await bob.close()
-            if not bob.welcome["recovered"] or loop.time() > deadline:
-                break
-            await asyncio.sleep(0.25)  # poll interval, like support.wait_until
-        w = bob.welcome
-        assert w["recovered"] is False, "messages beyond retention were never pruned"
+            return bob.welcome if not bob.welcome["recovered"] else {}
+
+        # a deadline below the 5 s default: only the configured interval can meet it
+        w = await async_wait_until(gap_reported_as_lost, timeout=4, interval=0.1,
+                                   what="messages beyond retention to be pruned")
+        assert w["recovered"] is False
         assert [m["seq"] for m in w["history"]] == list(range(w["last_seq"] - 49,
                                                              w["last_seq"] + 1))
         await alice.close()
