@@ -457,8 +457,10 @@ async def test_raw_event_to_a_room_not_joined_is_not_delivered(node1, connect):
     assert [m["text"] for m in [await bob.next("message"), *bob.pending("message")]] == ["mine"]
 
 
-async def assert_others_unharmed(node, room, bystander, connect) -> None:
-    """The node is alive, the bystander still connected, and a new client still works."""
+async def assert_others_unharmed(node, room, bystander, connect,
+                                 history: tuple[str, ...] = ()) -> None:
+    """The node is alive, the bystander still connected, and a new client still works;
+    ``history``: the texts legitimately sent in the room before (nothing hostile got in)."""
     assert node.proc.poll() is None, "the node process died:\n" + node.log()
     status, _ = await asyncio.to_thread(node.healthz)
     assert status == 200
@@ -467,7 +469,7 @@ async def assert_others_unharmed(node, room, bystander, connect) -> None:
     msg = await bystander.next("message")
     assert msg["text"] == "still fine" and msg["seq"] == ack["seq"]
     assert all(m["text"] != "sneaky" for m in bystander.pending("message"))
-    assert [m["text"] for m in newcomer.welcome["history"]] == []
+    assert [m["text"] for m in newcomer.welcome["history"]] == list(history)
     assert bystander.connected
 
 
