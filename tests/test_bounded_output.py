@@ -23,7 +23,14 @@ import pytest
 
 from bench.wsclient import SioClient
 from tests.conftest import EVENT_TIMEOUT, RoomClient, acreate_room
-from tests.support import SECRET, NodeProcess, http_json, running_nodes, wait_until
+from tests.support import (
+    SECRET,
+    NodeProcess,
+    async_wait_until,
+    http_json,
+    in_thread,
+    running_nodes,
+)
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -262,8 +269,8 @@ async def test_reader_that_pauses_and_catches_up_is_not_cut_off(grace_node, conn
         sent = await send_until_backlogged(node, sender)
         before = await afanout(node)
         paused.transport.resume_reading()
-        await asyncio.to_thread(
-            wait_until, lambda: metrics(node)["fanout"]["caught_up"] > before["caught_up"],
+        await async_wait_until(
+            in_thread(lambda: metrics(node)["fanout"]["caught_up"] > before["caught_up"]),
             EVENT_TIMEOUT * 2, what="the paused reader's clock to run out")
         await sender.send_ok("after the grace")
         await inbox.wait_for(sent + 1)
@@ -429,9 +436,9 @@ async def test_history_flood_over_websocket_without_reading_is_bounded(flood_nod
             flooder.emit("history", {"limit": 100}, ack=True)
         flooder._acks.clear()  # never read: nothing is to wait for them
         answered = before["direct"] + before["queued"] + requests
-        await asyncio.to_thread(
-            wait_until, lambda: sum(metrics(node)["fanout"][k] for k in ("direct", "queued"))
-            >= answered, EVENT_TIMEOUT * 2, what="every history request answered")
+        await async_wait_until(
+            in_thread(lambda: sum(metrics(node)["fanout"][k] for k in ("direct", "queued"))
+                      >= answered), EVENT_TIMEOUT * 2, what="every history request answered")
         growth = proc.memory_info().rss - baseline
         assert growth < RSS_GROWTH_LIMIT, f"RSS grew {growth >> 20} MB"
         after = await afanout(node)

@@ -20,7 +20,7 @@ import pytest
 from bench.wsclient import SioClient
 from bench.wsclient import connect as raw_connect
 from tests.conftest import EVENT_TIMEOUT, acreate_room, open_client
-from tests.support import running_nodes, wait_until
+from tests.support import async_wait_until, running_nodes
 
 RAW_CLIENTS = 24
 SENDERS = 4
@@ -28,17 +28,27 @@ PER_SENDER = 12
 
 
 class Inbox:
-    """The ``message`` payloads one raw client received, in arrival order."""
+    """The ``message`` payloads one raw client received, in arrival order.
+
+    The client calls it from its protocol callback, where a failed assertion would only
+    break that connection (and the test would time out instead of saying why), so it only
+    records; anything that is not a ``message`` event lands in ``unexpected``, which the
+    test asserts on."""
 
     def __init__(self) -> None:
         self.messages: list[dict[str, Any]] = []
+        self.unexpected: list[bytes] = []
         self.changed = asyncio.Event()
 
     def __call__(self, client: SioClient, payload: bytes) -> None:
-        body = payload[payload.index(b"["):]
-        event, msg = json.loads(body)
-        assert event == "message"
-        self.messages.append(msg)
+        try:
+            event, msg = json.loads(payload[payload.index(b"["):])
+        except ValueError:
+            event, msg = None, None
+        if event == "message":
+            self.messages.append(msg)
+        else:
+            self.unexpected.append(bytes(payload))
         self.changed.set()
 
     async def wait_for(self, count: int, timeout: float = EVENT_TIMEOUT * 2) -> None:
@@ -87,6 +97,7 @@ async def test_every_member_gets_every_message_in_order(tmp_path, offer_deflate,
             for _, inbox in raws:
                 await inbox.wait_for(total)
                 assert [m["seq"] for m in inbox.messages] == expected
+                assert inbox.unexpected == []
             for member in (poller, official):
                 got = [(await member.next("message"))["seq"] for _ in range(total)]
                 assert got == expected
@@ -143,8 +154,10 @@ async def test_slow_reader_is_disconnected_and_others_keep_receiving(tmp_path):
             await alice.send_ok("after the cut-off")
             await carol_inbox.wait_for(sent + 1)
             assert [m["seq"] for m in carol_inbox.messages] == list(range(1, sent + 2))
-            wait_until(lambda: "slow reader" in node.log_path.read_text(errors="replace"),
-                       timeout=EVENT_TIMEOUT, what="the slow-reader log line")
+            assert carol_inbox.unexpected == []
+            await async_wait_until(
+                lambda: "slow reader" in node.log_path.read_text(errors="replace"),
+                timeout=EVENT_TIMEOUT, what="the slow-reader log line")
         finally:
             stalled.close()
             carol.close()

@@ -16,11 +16,12 @@ from tests.support import (
     SECRET,
     TEST_RATE_LIMITS,
     NodeProcess,
+    async_wait_until,
     free_port,
     http_json,
+    in_thread,
     running_nodes,
     start_nodes,
-    wait_until,
     write_config,
 )
 
@@ -153,8 +154,8 @@ async def test_every_node_draining_gives_no_capacity(tmp_path):
             for node in nodes:
                 node.proc.send_signal(signal.SIGTERM)
             for node in nodes:
-                await asyncio.to_thread(wait_until, lambda n=node: n.healthz()[0] == 503, 10,
-                                        what=f"node {node.number} draining")
+                await async_wait_until(in_thread(lambda n=node: n.healthz()[0] == 503), 10,
+                                       what=f"node {node.number} draining")
             async with aiohttp.ClientSession() as s:
                 for i in range(4):  # whichever node the router picks
                     status, body = await _create(s, base, f"late {i}")

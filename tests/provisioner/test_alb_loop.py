@@ -18,7 +18,16 @@ from shardchat import urls
 from shardchat.cluster.alb_rules import load_rules_from_alb
 from shardchat.cluster.router import Router, serve
 from shardchat.config import load
-from tests.support import SECRET, NodeProcess, free_port, http_json, wait_until, write_config
+from tests.support import (
+    SECRET,
+    NodeProcess,
+    async_wait_until,
+    free_port,
+    http_json,
+    in_thread,
+    wait_until,
+    write_config,
+)
 
 from .conftest import REGION, build_network, provision
 
@@ -129,7 +138,7 @@ async def test_rules_applied_to_the_alb_route_socketio_to_the_right_node(moto_se
                     raise RuntimeError(f"router exited: {cli_router.stderr.read()}")
                 status, body = http_json("GET", cli_base + urls.healthz_path(node.number))
                 return status == 200 and body["instance"] == node.number
-            await asyncio.to_thread(wait_until, reached, 20, 0.1, "router CLI routes /i<N>/")
+            await async_wait_until(in_thread(reached), 20, 0.1, "router CLI routes /i<N>/")
             room = await create_room(node, f"second room on {node.number}")
             hello, ack = await join_and_send(cli_base, room)
             assert hello["room"]["id"] == room["id"] and ack["seq"] == 1
