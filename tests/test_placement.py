@@ -17,6 +17,7 @@ from tests.support import (
     TEST_RATE_LIMITS,
     NodeProcess,
     async_wait_until,
+    bound_port,
     free_port,
     http_json,
     in_thread,
@@ -95,9 +96,8 @@ def test_reservations_expire_and_settle_when_stats_catch_up():
 async def _router_for(nodes) -> tuple[Router, object, str]:
     router = Router(build_rules([n.number for n in nodes]),
                     {n.number: ("127.0.0.1", n.port) for n in nodes})
-    port = free_port()
-    runner = await serve(router, "127.0.0.1", port)
-    return router, runner, f"http://127.0.0.1:{port}"
+    runner = await serve(router, "127.0.0.1", 0)
+    return router, runner, f"http://127.0.0.1:{bound_port(runner)}"
 
 
 async def _create(session: aiohttp.ClientSession, base: str, name: str) -> tuple[int, dict]:

@@ -33,7 +33,7 @@ from tests.conftest import (
     assert_refusal_shape,
     first_of,
 )
-from tests.support import SECRET, NodeProcess, free_port, http_json, running_nodes
+from tests.support import SECRET, NodeProcess, bound_port, http_json, running_nodes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -374,9 +374,8 @@ async def test_room_creation_believes_only_trusted_forwarded_for(proxied):
 
 async def test_through_the_local_router_each_client_has_its_own_address(limited):
     router = Router(build_rules([limited.number]), {limited.number: ("127.0.0.1", limited.port)})
-    port = free_port()
-    runner = await serve(router, "127.0.0.1", port)
-    base = f"http://127.0.0.1:{port}"
+    runner = await serve(router, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{bound_port(runner)}"
     try:
         near, far = fresh_source(), fresh_source()
         for _ in range(LIMITS["rate_limit_rooms"]):

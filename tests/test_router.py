@@ -26,7 +26,18 @@ from shardchat.cluster.router import HealthSettings, Router, RouterLimits, serve
 from shardchat.cluster.rules import Rule, RuleSet, build_rules
 from shardchat.listener import ListenerTimeouts
 from tests.conftest import create_room
-from tests.support import ROOT, free_port, http_json, running_nodes, wait_until
+from tests.support import (
+    ADDRESS_IN_USE,
+    PORT_ATTEMPTS,
+    ROOT,
+    GiveUp,
+    async_wait_until,
+    bound_port,
+    free_port,
+    http_json,
+    refusing_port,
+    running_nodes,
+)
 from tests.test_listener import trickle_headers
 
 
@@ -35,7 +46,7 @@ class EchoTarget:
 
     def __init__(self, number: int):
         self.number = number
-        self.port = free_port()
+        self.port = 0  # bound on the first start; a restart takes the same port again
         self.healthy = True
         self.release = asyncio.Event()
         self.bodies: list[int] = []  # length of every request body read in full
@@ -47,6 +58,7 @@ class EchoTarget:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self.port = bound_port(self._runner)
         return self
 
     async def stop(self) -> None:
@@ -98,11 +110,11 @@ BIG = RouterLimits(max_body_bytes=64 * 1024 * 1024, max_frame_bytes=64 * 1024 * 
 
 async def start_router(rules: RuleSet, targets: dict[int, tuple[str, int]],
                        limits: RouterLimits = BIG, **kwargs):
-    """A router on a free port; by default with room for the streaming tests' big bodies."""
+    """A router on a port of its own (bound to port 0, so nothing can take it first); by
+    default with room for the streaming tests' big bodies."""
     router = Router(rules, targets, limits=limits, **kwargs)
-    port = free_port()
-    runner = await serve(router, "127.0.0.1", port)
-    return router, runner, f"http://127.0.0.1:{port}"
+    runner = await serve(router, "127.0.0.1", 0)
+    return router, runner, f"http://127.0.0.1:{bound_port(runner)}"
 
 
 @pytest.fixture
@@ -182,10 +194,10 @@ async def test_unknown_instance_prefix_takes_the_default_action(echo_cluster):
 async def test_default_action_skips_an_unhealthy_target(echo_cluster):
     router, base, targets = echo_cluster
     targets[1].healthy = False
-    deadline = asyncio.get_running_loop().time() + 10
-    while 2 in router.healthy():
-        assert asyncio.get_running_loop().time() < deadline, "target 2 never went unhealthy"
-        await asyncio.sleep(0.1)
+    # as many failed rounds as take a target out (the background rounds only add failures)
+    for _ in range(router.health_settings.unhealthy_threshold):
+        await router.check_health()
+    assert 2 not in router.healthy(), router.health[2]
     async with aiohttp.ClientSession() as s:
         for _ in range(6):
             async with s.get(f"{base}/") as r:
@@ -196,7 +208,8 @@ async def test_default_action_skips_an_unhealthy_target(echo_cluster):
 
 async def test_dead_target_gives_502_and_unregistered_target_503():
     live = await EchoTarget(1).start()
-    dead_port = free_port()
+    dead = contextlib.ExitStack()
+    dead_port = dead.enter_context(refusing_port())
     rules = RuleSet(rules=(Rule(1, "/i1/*", 1), Rule(2, "/i2/*", 2), Rule(3, "/i3/*", 3)),
                     default_instances=(1, 2))
     _router, runner, base = await start_router(
@@ -212,6 +225,7 @@ async def test_dead_target_gives_502_and_unregistered_target_503():
     finally:
         await runner.cleanup()
         await live.stop()
+        dead.close()
 
 
 async def test_websocket_frames_and_close_code_pass_both_ways(echo_cluster):
@@ -413,21 +427,40 @@ def _rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
-@contextlib.contextmanager
-def router_process(config_path, port: int, log_path):
-    """``shardchat router`` as its own process (its memory is its own); yields its URL."""
-    base = f"http://127.0.0.1:{port}"
+def _spawn_router(config_path, port: int, log_path) -> subprocess.Popen:
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "shardchat", "router", "--config", str(config_path),
              "--port", str(port)], cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT)
+
+
+@contextlib.asynccontextmanager
+async def router_process(config_path, log_path):
+    """``shardchat router`` as its own process (its memory is its own); yields it and its
+    URL once it answers. Its port is picked before it starts, so a port another process
+    took meanwhile (it exits saying the address is in use) is retried with a fresh one."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        start = log_path.stat().st_size if log_path.exists() else 0
+        proc = _spawn_router(config_path, port, log_path)
+
+        async def answering(proc=proc, base=base, start=start) -> bool:
+            if proc.poll() is not None:
+                raise GiveUp(log_path.read_bytes()[start:].decode(errors="replace"))
+            return (await asyncio.to_thread(http_json, "GET", f"{base}/healthz", None, None,
+                                            1))[0] == 200
+        try:
+            await async_wait_until(answering, 60, what="router answering")
+            break
+        except GiveUp as exc:
+            if ADDRESS_IN_USE not in str(exc) or attempt == PORT_ATTEMPTS:
+                raise AssertionError(f"shardchat router exited:\n{exc}") from None
     try:
-        wait_until(lambda: http_json("GET", f"{base}/healthz", timeout=1)[0] == 200,
-                   20, what="router answering")
         yield proc, base
     finally:
         proc.terminate()
-        proc.wait(timeout=15)
+        await asyncio.to_thread(proc.wait, 15)
 
 
 async def test_huge_websocket_frame_is_refused_without_buffering_it(tmp_path):
@@ -436,22 +469,22 @@ async def test_huge_websocket_frame_is_refused_without_buffering_it(tmp_path):
     log_path = tmp_path / "router.log"
     huge = "4" + "x" * (40 * 1024 * 1024)  # an Engine.IO message packet of 40 MB
     # default pings (20 s): this raw client answers none, and must not be dropped for that
-    with running_nodes(tmp_path, 1) as nodes, \
-            router_process(nodes[0].config_path, free_port(), log_path) as (router, base):
-        room = create_room(nodes[0])
-        await _welcome(base, room, "websocket")  # warm up every code path once
-        before = _rss(router.pid)
-        ws_url = f"{base}{room['socketio_path']}/?EIO=4&transport=websocket"
-        async with aiohttp.ClientSession() as s, s.ws_connect(ws_url) as ws:
-            assert (await ws.receive(timeout=5)).data.startswith("0{")  # Engine.IO open
-            sending = asyncio.create_task(ws.send_str(huge))
-            msg = await ws.receive(timeout=20)
-            sending.cancel()
-            await asyncio.gather(sending, return_exceptions=True)
-        assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1009, msg
-        grown = _rss(router.pid) - before
-        print(f"router RSS growth over a refused 40 MB frame: {grown / 2**20:.1f} MiB")
-        assert grown < 16 * 1024 * 1024, f"router RSS grew by {grown / 2**20:.1f} MiB"
-        data = await _welcome(base, room, "websocket")  # chat through the router still works
-        assert data["room"]["id"] == room["id"]
+    with running_nodes(tmp_path, 1) as nodes:
+        async with router_process(nodes[0].config_path, log_path) as (router, base):
+            room = create_room(nodes[0])
+            await _welcome(base, room, "websocket")  # warm up every code path once
+            before = _rss(router.pid)
+            ws_url = f"{base}{room['socketio_path']}/?EIO=4&transport=websocket"
+            async with aiohttp.ClientSession() as s, s.ws_connect(ws_url) as ws:
+                assert (await ws.receive(timeout=5)).data.startswith("0{")  # Engine.IO open
+                sending = asyncio.create_task(ws.send_str(huge))
+                msg = await ws.receive(timeout=20)
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+            assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1009, msg
+            grown = _rss(router.pid) - before
+            print(f"router RSS growth over a refused 40 MB frame: {grown / 2**20:.1f} MiB")
+            assert grown < 16 * 1024 * 1024, f"router RSS grew by {grown / 2**20:.1f} MiB"
+            data = await _welcome(base, room, "websocket")  # chat through the router still works
+            assert data["room"]["id"] == room["id"]
     assert "1009" in log_path.read_text()  # the refusal is logged

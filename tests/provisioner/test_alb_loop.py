@@ -22,6 +22,7 @@ from tests.support import (
     SECRET,
     NodeProcess,
     async_wait_until,
+    bound_port,
     free_port,
     http_json,
     in_thread,
@@ -111,9 +112,8 @@ async def test_rules_applied_to_the_alb_route_socketio_to_the_right_node(moto_se
         assert ruleset.default_instances == (1, 2)
         assert endpoints == {i["number"]: (i["host"], i["port"]) for i in instances}
 
-        port = free_port()
-        runner = await serve(Router(ruleset, endpoints), "127.0.0.1", port)
-        base = f"http://127.0.0.1:{port}"
+        runner = await serve(Router(ruleset, endpoints), "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{bound_port(runner)}"
         for node in nodes:
             status, body = await asyncio.to_thread(
                 http_json, "GET", base + urls.healthz_path(node.number))
