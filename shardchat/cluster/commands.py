@@ -24,12 +24,16 @@ from shardchat.cli_common import EXIT_CONFIG, EXIT_FAILED, load_config, setup_lo
               help="Port of the local router (the URL to open).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the router listens on (nodes stay on 127.0.0.1).")
-def up(nodes: int, port: int, host: str) -> None:
+@click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Once serving, write JSON here (url, pid, each node's pid and ports); "
+                   "removed on stop.")
+def up(nodes: int, port: int, host: str, ready_file: Path | None) -> None:
     """Run a whole cluster here: N nodes plus the router; data under ./.shardchat/."""
     from shardchat.cluster.up import UpOptions, run_up
 
     setup_logging("router")
-    sys.exit(run_up(UpOptions(nodes=nodes, port=port, host=host, base=Path(".shardchat"))))
+    sys.exit(run_up(UpOptions(nodes=nodes, port=port, host=host, base=Path(".shardchat"),
+                              ready_file=ready_file)))
 
 
 def _rules_and_targets(cfg: config_mod.Config, alb_name: str | None, region: str | None,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -73,6 +74,7 @@ class UpOptions:
     port: int = 8080
     host: str = "127.0.0.1"
     base: Path = field(default_factory=lambda: Path(".shardchat"))
+    ready_file: Path | None = None  # where to write ``ready_info`` once serving
 
     @property
     def config_path(self) -> Path:
@@ -303,7 +305,9 @@ class Up:
                 raise
             if started:
                 self._announce()
+                self._write_ready()
                 await self.stop_requested.wait()
+                self._remove_ready()
             return await self._stop()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -348,6 +352,32 @@ class Up:
         self.say(f"  data   {self.opts.base}/ (config {self.opts.config_path}, logs "
                  f"{self.opts.base / 'logs'}/)")
         self.say("Ctrl-C to stop.")
+
+    def ready_info(self) -> dict[str, Any]:
+        """What ``--ready-file`` holds, for scripts and tests: the URL, this process's pid,
+        each node's instance number, pid and ports. Lines printed for people may change
+        wording; this is the stable way to know the cluster serves."""
+        return {"url": self.opts.public_url, "pid": os.getpid(),
+                "config": str(self.opts.config_path),
+                "nodes": [{"instance": n.number, "pid": n.proc.pid if n.proc else None,
+                           "host": n.instance.host, "port": n.instance.port,
+                           "internal_port": n.instance.internal_port, "log": str(n.log_path)}
+                          for n in self.nodes]}
+
+    def _write_ready(self) -> None:
+        """Write ``ready_info`` aside, then rename: a reader never sees half a file."""
+        path = self.opts.ready_file
+        if path is None:
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.ready_info()) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _remove_ready(self) -> None:
+        """Stopping: the file no longer describes a cluster that serves."""
+        if self.opts.ready_file is not None:
+            with contextlib.suppress(OSError):
+                self.opts.ready_file.unlink()
 
     async def _watch(self, node: NodeRunner) -> None:
         assert node.proc is not None
