@@ -6,6 +6,10 @@ context (own cookies and localStorage). Tests wait on what a person would see (a
 the list, a status pill) with a deadline; nothing sleeps.
 
 Set SHARDCHAT_UPDATE_SCREENSHOTS=1 to refresh docs/screenshot-room*.png from the screenshot test.
+
+Without Chromium (or playwright) the module is skipped on a laptop, but under ``CI=true`` it
+fails instead, saying what to install: in CI a silent skip would pass a run that never
+opened a page.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import importlib.util
+import json
 import os
 import re
 import signal
@@ -25,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import ROOT, free_port, http_json, running_nodes, wait_until
+from tests.support import ROOT, GiveUp, free_port, http_json, running_nodes, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -35,16 +41,33 @@ DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 375, "height": 740}
 PRIVATE_TEXT = "This room is private — ask a member for the invite link"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)"),
-]
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
-playwright_sync = pytest.importorskip("playwright.sync_api")
-expect = playwright_sync.expect
-expect.set_options(timeout=UI_TIMEOUT)
+
+def missing_browser() -> str | None:
+    """What these tests need and this machine lacks, or None."""
+    if not Path(CHROMIUM).exists():
+        return (f"needs Debian's chromium at {CHROMIUM}: install it with "
+                "`apt-get install chromium` (or run `make test`, which does)")
+    if importlib.util.find_spec("playwright") is None:
+        return "needs the Python package playwright: pip install -e '.[dev]'"
+    return None
+
+
+MISSING = missing_browser()
+if MISSING is None:
+    from playwright import sync_api as playwright_sync
+
+    expect = playwright_sync.expect
+    expect.set_options(timeout=UI_TIMEOUT)
+elif os.environ.get("CI", "").lower() == "true":
+    @pytest.fixture(scope="module", autouse=True)
+    def browser_required() -> None:
+        """Runs before the module's other fixtures: every test here errors with this."""
+        pytest.fail(f"CI=true: the browser tests must run here, but this machine {MISSING}",
+                    pytrace=False)
+else:
+    pytest.skip(MISSING, allow_module_level=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,30 +94,30 @@ def up_available() -> bool:
 
 @contextlib.contextmanager
 def running_up(tmp: Path, nodes: int = 2) -> Iterator[str]:
-    """``shardchat up --nodes N --port P`` in ``tmp``; yields its URL once every node answers
-    through the router, and stops it with SIGINT (SIGKILL if it does not exit in time)."""
+    """``shardchat up --nodes N --port P`` in ``tmp``; yields its URL once its ready file
+    says it serves, and stops it with SIGINT (SIGKILL if it does not exit in time)."""
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
     log_path = tmp / "up.log"
+    ready_path = tmp / "up-ready.json"
     # cwd is the cluster's own directory, so this tree goes on the path explicitly: the
     # router and its nodes must run the code under test, not whichever copy is installed.
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shardchat", "up", "--nodes", str(nodes), "--port", str(port)],
+            [sys.executable, "-m", "shardchat", "up", "--nodes", str(nodes), "--port", str(port),
+             "--ready-file", str(ready_path)],
             cwd=str(tmp), stdout=log, stderr=subprocess.STDOUT, env=env)
 
-    def ready() -> bool:
+    def ready() -> str | None:
         if proc.poll() is not None:
-            raise RuntimeError(f"shardchat up exited with {proc.returncode}:\n"
-                               + log_path.read_text(errors="replace")[-4000:])
-        return all(http_json("GET", f"{base}/i{n}/healthz", timeout=2)[0] == 200
-                   for n in range(1, nodes + 1))
+            raise GiveUp(f"shardchat up exited with {proc.returncode}:\n"
+                         + log_path.read_text(errors="replace")[-4000:])
+        info = json.loads(ready_path.read_text())  # absent until written whole
+        return info["url"] if info["pid"] == proc.pid else None
 
     try:
-        wait_until(ready, timeout=60, interval=0.2, what="shardchat up to serve every node")
-        yield base
+        yield wait_until(ready, timeout=90, interval=0.1, what="shardchat up's ready file")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)

@@ -1,61 +1,78 @@
-"""`shardchat up` end to end: start, chat, Ctrl-C, start again, the history is still there."""
+"""`shardchat up` end to end: start, chat, Ctrl-C, start again, the history is still there.
+
+Readiness is the JSON of ``--ready-file`` (the URL, the supervisor's pid, each node's pid and
+ports), never the lines printed for people. The output is still collected, to show when a
+run fails.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import queue
-import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import psutil
 import socketio
 
-from tests.support import ROOT, free_port, http_json
+from tests.support import ADDRESS_IN_USE, PORT_ATTEMPTS, ROOT, GiveUp, free_port, http_json
 
-URL_LINE = re.compile(r"open\s+(http://\S+?)/?$")
+START_TIMEOUT = 90.0  # seconds for every node and the router: the machine may be loaded
+PORT_TAKEN = "is in use"  # how `shardchat up` reports a port it cannot have
 
 
 class UpProcess:
-    """A `shardchat up` subprocess whose output lines are read as they come."""
+    """A `shardchat up` subprocess in ``cwd``, with ``--ready-file`` in that directory."""
 
     def __init__(self, cwd: Path, nodes: int, port: int):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+        self.cwd = cwd
+        self.port = port
+        self.ready_path = cwd / "up-ready.json"
+        self.ready_path.unlink(missing_ok=True)
+        # cwd is the cluster's own directory, so this tree goes first on the path: the
+        # supervisor and its nodes must run the code under test, not another copy.
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shardchat", "up", "--nodes", str(nodes), "--port", str(port)],
+            [sys.executable, "-m", "shardchat", "up", "--nodes", str(nodes), "--port", str(port),
+             "--ready-file", str(self.ready_path)],
             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
+            self.lines.append(line.rstrip("\n"))
 
-    def wait_for(self, pattern: re.Pattern[str], timeout: float = 60.0) -> re.Match[str]:
-        """The first output line (from here on) matching ``pattern``."""
+    def output(self) -> str:
+        self._reader.join(timeout=5 if self.proc.poll() is not None else 0)
+        return "\n".join(self.lines)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        """The ready file's JSON once this process wrote it; raises GiveUp if it exits."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise GiveUp(f"`shardchat up` exited with {self.proc.returncode} before it "
+                             f"was ready:\n{self.output()}")
             try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            self.seen.append(line)
-            m = pattern.search(line)
-            if m:
-                return m
-        raise AssertionError(f"`shardchat up` printed no {pattern.pattern!r} within "
-                             f"{timeout}s:\n" + "\n".join(self.seen))
-
-    def wait_for_url(self) -> str:
-        url = self.wait_for(URL_LINE).group(1)
-        self.wait_for(re.compile("Ctrl-C to stop"), timeout=5)
-        return url
+                info = json.loads(self.ready_path.read_text())
+            except (OSError, ValueError):  # not written yet (it appears whole when it is)
+                info = None
+            if info and info["pid"] == self.proc.pid:
+                return info
+            time.sleep(0.1)
+        raise AssertionError(f"`shardchat up` wrote no {self.ready_path.name} within "
+                             f"{timeout}s:\n{self.output()}")
 
     def interrupt(self, timeout: float = 30.0) -> int:
         self.proc.send_signal(signal.SIGINT)
@@ -65,6 +82,25 @@ class UpProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+def start_up(cwd: Path, nodes: int) -> tuple[UpProcess, dict[str, Any]]:
+    """A first `shardchat up` in ``cwd``, ready. Its ports are picked before it starts; when
+    another process took one meanwhile, it starts over in a clean directory with new ones."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        up = UpProcess(cwd, nodes, free_port())
+        try:
+            return up, up.wait_ready()
+        except GiveUp as exc:
+            up.kill()
+            lost_a_port = PORT_TAKEN in str(exc) or ADDRESS_IN_USE in str(exc)
+            if not lost_a_port or attempt == PORT_ATTEMPTS:
+                raise AssertionError(str(exc)) from None
+            shutil.rmtree(cwd / ".shardchat", ignore_errors=True)
+        except BaseException:
+            up.kill()
+            raise
+    raise AssertionError("unreachable")
 
 
 async def _join(base: str, room: dict, *, send: str | None = None) -> tuple[dict, dict | None]:
@@ -86,30 +122,44 @@ async def _join(base: str, room: dict, *, send: str | None = None) -> tuple[dict
         await sio.disconnect()
 
 
+def assert_describes_the_cluster(info: dict[str, Any], up: UpProcess, nodes: int) -> None:
+    """The ready file names the URL and every node, each a live child on its own ports."""
+    assert info["url"] == f"http://127.0.0.1:{up.port}"
+    assert [n["instance"] for n in info["nodes"]] == list(range(1, nodes + 1))
+    children = {p.pid for p in psutil.Process(up.proc.pid).children()}
+    for node in info["nodes"]:
+        assert node["pid"] in children, (node, children)
+        status, body = http_json("GET", f"http://127.0.0.1:{node['port']}/i{node['instance']}"
+                                 "/healthz")
+        assert status == 200 and body["instance"] == node["instance"], body
+
+
 async def test_up_runs_a_cluster_stops_cleanly_and_keeps_history(tmp_path):
-    port = free_port()
-    up = UpProcess(tmp_path, 2, port)
+    up, info = await asyncio.to_thread(start_up, tmp_path, 2)
     try:
-        base = up.wait_for_url()
-        assert base == f"http://127.0.0.1:{port}"
-        status, room = http_json("POST", f"{base}/api/rooms", {"name": "kept"})
+        await asyncio.to_thread(assert_describes_the_cluster, info, up, 2)
+        base = info["url"]
+        status, room = await asyncio.to_thread(http_json, "POST", f"{base}/api/rooms",
+                                               {"name": "kept"})
         assert status == 201, room
         assert room["url"].startswith(base + room["path"])
         _, ack = await _join(base, room, send="remember me")
         assert ack["ok"] is True
         seq = ack["seq"]
-        assert up.interrupt() == 0
+        assert await asyncio.to_thread(up.interrupt) == 0, up.output()
+        assert not up.ready_path.exists(), "the ready file outlived the cluster"
     finally:
         up.kill()
 
     config_text = (tmp_path / ".shardchat" / "shardchat.toml").read_text()
-    up = UpProcess(tmp_path, 2, port)
+    up = UpProcess(tmp_path, 2, up.port)  # the same ports again: no fresh pick here
     try:
-        base = up.wait_for_url()
+        info = await asyncio.to_thread(up.wait_ready)
+        await asyncio.to_thread(assert_describes_the_cluster, info, up, 2)
         assert (tmp_path / ".shardchat" / "shardchat.toml").read_text() == config_text
-        welcome, _ = await _join(base, room)
+        welcome, _ = await _join(info["url"], room)
         texts = [(m["seq"], m["text"]) for m in welcome["history"]]
         assert (seq, "remember me") in texts
-        assert up.interrupt() == 0
+        assert await asyncio.to_thread(up.interrupt) == 0, up.output()
     finally:
         up.kill()
