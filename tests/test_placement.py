@@ -21,6 +21,7 @@ from tests.support import (
     free_port,
     http_json,
     in_thread,
+    make_cluster_config,
     running_nodes,
     start_nodes,
     write_config,
@@ -106,6 +107,53 @@ async def _create(session: aiohttp.ClientSession, base: str, name: str) -> tuple
         return r.status, await r.json(content_type=None)
 
 
+def burst_bound(rooms: int, k: int) -> int:
+    """The most rooms one of ``k`` nodes can end up with when the router deals ``rooms``
+    creations round-robin (n = rooms / k to each node) and all of them arrive at once.
+
+    Each node places with its own count live but counts every room it placed on a peer k
+    times until that peer's stats show it (placement.py), because while it placed one there
+    the other k - 1 nodes are assumed to have placed one each. That assumption holds when
+    the nodes run side by side; on a loaded machine they do not: one node gets the CPU and
+    handles a streak of its requests while the others wait, and in that streak it keeps about
+    k rooms for itself for every one it gives each peer. (So the spread depends on how the
+    CPU is shared, which is why an even 45..55 band of 200 failed under load, with one node
+    at 62 and another at 31.) What the reservation logic does guarantee, however the nodes
+    are scheduled and with no stats poll landing in the burst (the worst case, and the one
+    CPU starvation makes likely; a poll in between only replaces an estimate by the true
+    count):
+
+    * a node keeps a room for itself only while its live count is at most k times what it
+      placed on its least-filled peer, so of its n it keeps s <= ceil((k*n + k - 1) / (2k - 1));
+    * it always gives a peer room to the peer it gave the fewest, so each peer gets at most
+      ceil(n / (k - 1)) from it.
+
+    One node thus holds at most s + (k - 1) * ceil(n / (k - 1)): 29 + 3 * 17 = 80 of 200
+    (40 %) for 4 nodes, against all 200 if a burst piled onto one node.
+    """
+    n = rooms // k
+    kept = -(-(k * n + k - 1) // (2 * k - 1))
+    return kept + (k - 1) * -(-n // (k - 1))
+
+
+def test_burst_bound_is_what_the_reservations_allow():
+    """The bound above, checked against ``rank`` itself: nodes placing one after another
+    (the most uneven schedule) with stats that never refresh during the burst."""
+    k, n = 4, 50
+    placed: collections.Counter[int] = collections.Counter()
+    for me in range(1, k + 1):
+        mine: collections.Counter[int] = collections.Counter()
+        for _ in range(n):
+            loads = [Load(i, rooms=placed[i] if i == me else 0) for i in range(1, k + 1)]
+            target = rank(loads, {i: c for i, c in mine.items() if i != me}, prefer=me)[0]
+            mine[target] += 1
+            placed[target] += 1
+        assert mine[me] <= -(-(k * n + k - 1) // (2 * k - 1))
+        assert max(c for i, c in mine.items() if i != me) <= -(-n // (k - 1))
+    assert placed[1] > 55, placed  # the first node keeps a big share of its streak...
+    assert max(placed.values()) <= burst_bound(k * n, k) == 80  # ...within the bound
+
+
 async def test_concurrent_burst_spreads_and_a_killed_node_is_skipped(tmp_path):
     with running_nodes(tmp_path, 4) as nodes:
         router, runner, base = await _router_for(nodes)
@@ -117,8 +165,10 @@ async def test_concurrent_burst_spreads_and_a_killed_node_is_skipped(tmp_path):
                 assert all(status == 201 for status, _ in results), results[:3]
                 per_node = collections.Counter(body["instance"] for _, body in results)
                 print(f"placement of 200 rooms over 4 nodes: {dict(sorted(per_node.items()))}")
+                # every node places its first room on itself (an idle cluster ties, and ties
+                # go to the placing node), so each one gets rooms; none gets a pile
                 assert set(per_node) == {1, 2, 3, 4}
-                assert all(45 <= c <= 55 for c in per_node.values()), per_node
+                assert max(per_node.values()) <= burst_bound(200, 4), per_node
                 room = results[0][1]
                 assert room["url"].endswith(room["path"])
                 assert room["socketio_path"].endswith("/socket.io")
@@ -145,6 +195,36 @@ async def test_concurrent_burst_spreads_and_a_killed_node_is_skipped(tmp_path):
                 assert dead.number not in router.healthy()
         finally:
             await runner.cleanup()
+
+
+async def test_a_burst_on_one_node_is_spread_by_its_reservations(tmp_path):
+    """100 creations at once on one node (a client that talks to it directly). Its stats
+    of the peers do not refresh during the burst (a long stats_interval, as when polls are
+    starved), so only its reservations keep the rooms from piling onto the peer that looked
+    emptiest: it gives each peer room to the peer it gave the fewest (they end within one
+    of each other) and keeps at most k of every 2k - 1 for itself (see ``burst_bound``)."""
+    k, burst = 4, 100
+    node = {"stats_interval": 600.0, "placement_reservation_seconds": 600.0,
+            "peer_timeout": 10.0}  # nothing expires, refreshes or times out mid-burst
+    cfg_path, instances = make_cluster_config(tmp_path, k, node=node)
+    nodes = [NodeProcess(cfg_path, inst, tmp_path) for inst in instances]
+    placer, peers = nodes[0], nodes[1:]
+    try:
+        # the peers first: the placer's first stats poll, before it serves, sees them all
+        await asyncio.to_thread(start_nodes, peers)
+        await asyncio.to_thread(start_nodes, [placer])
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+            results = await asyncio.gather(*(_create(s, placer.base_url, f"room {i}")
+                                             for i in range(burst)))
+        assert all(status == 201 for status, _ in results), results[:3]
+        per_node = collections.Counter(body["instance"] for _, body in results)
+        print(f"100 rooms placed by node 1 alone: {dict(sorted(per_node.items()))}")
+        on_peers = [per_node[p.number] for p in peers]
+        assert max(on_peers) - min(on_peers) <= 1, per_node
+        assert per_node[placer.number] <= -(-(k * burst + k - 1) // (2 * k - 1)), per_node
+    finally:
+        for n in nodes:
+            n.stop()
 
 
 async def test_every_node_draining_gives_no_capacity(tmp_path):
