@@ -48,7 +48,7 @@ SECRET = "test-secret-please-change"
 TEST_DRAIN_GRACE = 1.0
 HEALTHY_TIMEOUT = 60.0  # seconds a node may take to start: generous for a loaded 2-core box
 PORT_ATTEMPTS = 5       # starts with fresh ports before a port clash fails the test
-ADDRESS_IN_USE = "address already in use"  # how the node's bind error (EADDRINUSE) reads
+ADDRESS_IN_USE = "address already in use"  # a bind error (EADDRINUSE), lower-cased
 
 
 # Every test client comes from 127.0.0.1, so under the default per-address limits a whole
@@ -250,7 +250,7 @@ class NodeProcess:
         def ok():
             if self.proc is not None and self.proc.poll() is not None:
                 run_log = self.run_log()
-                kind = PortInUse if ADDRESS_IN_USE in run_log else NodeExited
+                kind = PortInUse if ADDRESS_IN_USE in run_log.lower() else NodeExited
                 raise kind(f"node {self.number} exited with {self.proc.returncode}:\n"
                            + run_log[-4000:])
             return self.healthz()[0] == 200

@@ -454,7 +454,7 @@ async def router_process(config_path, log_path):
             await async_wait_until(answering, 60, what="router answering")
             break
         except GiveUp as exc:
-            if ADDRESS_IN_USE not in str(exc) or attempt == PORT_ATTEMPTS:
+            if ADDRESS_IN_USE not in str(exc).lower() or attempt == PORT_ATTEMPTS:
                 raise AssertionError(f"shardchat router exited:\n{exc}") from None
     try:
         yield proc, base

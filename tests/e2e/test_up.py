@@ -93,7 +93,7 @@ def start_up(cwd: Path, nodes: int) -> tuple[UpProcess, dict[str, Any]]:
             return up, up.wait_ready()
         except GiveUp as exc:
             up.kill()
-            lost_a_port = PORT_TAKEN in str(exc) or ADDRESS_IN_USE in str(exc)
+            lost_a_port = PORT_TAKEN in str(exc) or ADDRESS_IN_USE in str(exc).lower()
             if not lost_a_port or attempt == PORT_ATTEMPTS:
                 raise AssertionError(str(exc)) from None
             shutil.rmtree(cwd / ".shardchat", ignore_errors=True)
