@@ -353,6 +353,7 @@ async def raw_socket(session: aiohttp.ClientSession, node) -> RawSocket:
 
 
 DROPPED, JOINED = "dropped", "joined"
+REFUSED_BAD_REQUEST = "refused: bad_request"
 
 
 def garbage(ns: str) -> dict[str, list[tuple[str | bytes, str]]]:
@@ -360,11 +361,12 @@ def garbage(ns: str) -> dict[str, list[tuple[str | bytes, str]]]:
     the node does with the socket: a text frame that is not an Engine.IO packet at all (no
     packet-type digit) ends the connection (DROPPED); anything that is one, however
     malformed, is ignored, so the namespace CONNECT sent next on that socket is accepted
-    (JOINED)."""
+    (JOINED); a CONNECT whose auth is not JSON is itself answered with a bad_request
+    refusal."""
     return {
         "not_engineio": [("hello", DROPPED), ("", DROPPED), ("9", JOINED), ("{}", DROPPED)],
-        "invalid_json": [("4" + "2" + "[\"message\",{", JOINED), (f"40{ns},{{not json", JOINED),
-                         ("42[oops", JOINED)],
+        "invalid_json": [("4" + "2" + "[\"message\",{", JOINED),
+                         (f"40{ns},{{not json", REFUSED_BAD_REQUEST), ("42[oops", JOINED)],
         "wrong_shapes": [(f, JOINED) for f in (
             f"42{ns},{{}}", f"42{ns},\"message\"", f"42{ns},[]", f"42{ns},[5]",
             f"42{ns},[\"message\"]", f"42{ns},1[\"message\",{{\"text\":[]}}]",
@@ -387,6 +389,8 @@ def outcome(answer: str | None, ns: str) -> str:
         return DROPPED
     if answer.startswith(f"40{ns},"):
         return JOINED
+    if answer.startswith(f"44{ns},"):
+        return f"refused: {json.loads(answer[len(ns) + 3:])['data']['code']}"
     return answer
 
 
