@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -38,6 +39,8 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from shardchat.cluster.up import free_port
 from shardchat.config import dump_toml
 
@@ -49,6 +52,36 @@ TEST_DRAIN_GRACE = 1.0
 HEALTHY_TIMEOUT = 60.0  # seconds a node may take to start: generous for a loaded 2-core box
 PORT_ATTEMPTS = 5       # starts with fresh ports before a port clash fails the test
 ADDRESS_IN_USE = "address already in use"  # a bind error (EADDRINUSE), lower-cased
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package: what the browser tests drive
+
+
+def missing_browser() -> str | None:
+    """What the browser tests need and this machine lacks, or None when they can run."""
+    if not Path(CHROMIUM).exists():
+        return (f"needs Debian's chromium at {CHROMIUM}: install it with "
+                "`apt-get install chromium` (or run `make test`, which does)")
+    if importlib.util.find_spec("playwright") is None:
+        return "needs the Python package playwright: pip install -e '.[dev]'"
+    return None
+
+
+def in_ci() -> bool:
+    """CI=true: a test that cannot run must fail there, a silent skip would pass the run."""
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def require_browser() -> None:
+    """In a browser test: go on, or skip on a laptop / fail under CI=true, saying what to
+    install."""
+    missing = missing_browser()
+    if missing is None:
+        return
+    if in_ci():
+        pytest.fail(f"CI=true: the browser tests must run here, but this machine {missing}",
+                    pytrace=False)
+    pytest.skip(missing)
 
 
 # Every test client comes from 127.0.0.1, so under the default per-address limits a whole

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import NodeProcess, http_json, running_nodes
+from tests.support import CHROMIUM, NodeProcess, http_json, require_browser, running_nodes
 
 pytestmark = pytest.mark.timeout(120)
-
-CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +108,10 @@ def test_the_pages_need_nothing_inline():
         assert not any(f" on{ev}=" in html for ev in ("click", "load", "error", "submit")), page
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Chromium at {CHROMIUM}")
 def test_the_browser_runs_the_pages_without_a_policy_violation(node):
     """Landing page -> create a room -> join it over WebSocket -> send: no violation."""
-    sync_api = pytest.importorskip("playwright.sync_api")
+    require_browser()
+    from playwright import sync_api
     violations: list[str] = []
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,

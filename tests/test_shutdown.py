@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -37,14 +36,14 @@ from shardchat import urls
 from shardchat.cluster.up import port_free
 from shardchat.node import shutdown
 from tests.conftest import acreate_room, open_client
-from tests.e2e.test_up import UpProcess
+from tests.e2e.test_up import start_up
 from tests.support import (
     ROOT,
     NodeProcess,
-    free_port,
+    async_wait_until,
     http_json,
+    in_thread,
     make_cluster_config,
-    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -280,8 +279,8 @@ async def test_a_second_sigterm_cuts_the_grace_period_short(tmp_path):
     await asyncio.to_thread(node.start)
     try:
         node.proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(wait_until, lambda: node.healthz()[0] == 503, 10, 0.05,
-                                "healthz to say draining")
+        await async_wait_until(in_thread(lambda: node.healthz()[0] == 503), 10,
+                               what="healthz to say draining")
         assert node.proc.poll() is None, "the first SIGTERM starts the 60 s grace period"
         code, took = await asyncio.to_thread(sigterm_and_wait, node, STOP_BOUND)
         assert code == 0, f"still running {took:.1f}s after the second SIGTERM\n{node.log()}"
@@ -329,9 +328,9 @@ def test_the_final_bound_ends_a_stuck_process_and_says_what_was_open():
 
 async def restart_on_same_ports(node: NodeProcess) -> None:
     """Start the node again; its ports may take a moment to be free to bind."""
-    await asyncio.to_thread(wait_until, lambda: port_free("127.0.0.1", node.port)
-                            and port_free("127.0.0.1", node.internal_port), 10, 0.05,
-                            "the node's ports to be free")
+    await async_wait_until(lambda: port_free("127.0.0.1", node.port)
+                           and port_free("127.0.0.1", node.internal_port), 10,
+                           what="the node's ports to be free")
     await asyncio.to_thread(node.start)
 
 
@@ -499,17 +498,17 @@ def test_a_node_whose_supervisor_is_already_gone_stops_by_itself(tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 async def test_up_killed_takes_its_nodes_with_it(tmp_path):
-    up = UpProcess(tmp_path, 2, free_port())
+    up, info = await asyncio.to_thread(start_up, tmp_path, 2)
     pids: list[int] = []
     try:
-        base = await asyncio.to_thread(up.wait_for_url)
-        pids = node_pids(up.proc.pid)
-        assert len(pids) == 2, pids
+        base = info["url"]
+        pids = [n["pid"] for n in info["nodes"]]
+        assert sorted(pids) == sorted(node_pids(up.proc.pid)), pids
         await open_silent_sessions(base, 2)
         up.proc.send_signal(signal.SIGKILL)
         up.proc.wait(timeout=10)
-        await asyncio.to_thread(wait_until, lambda: not any(alive(p) for p in pids), 20, 0.1,
-                                "the nodes of the killed `shardchat up` to exit")
+        await async_wait_until(lambda: not any(alive(p) for p in pids), 20, 0.1,
+                               "the nodes of the killed `shardchat up` to exit")
         ports = up_node_ports(tmp_path)
         assert all(port_free("127.0.0.1", p) for p in ports), ports
         logs = [(tmp_path / ".shardchat" / "logs" / f"node-{n}.log").read_text()
@@ -523,9 +522,9 @@ async def test_up_killed_takes_its_nodes_with_it(tmp_path):
 
 
 async def test_up_interrupted_stops_within_its_bound(tmp_path):
-    up = UpProcess(tmp_path, 2, free_port())
+    up, info = await asyncio.to_thread(start_up, tmp_path, 2)
     try:
-        base = await asyncio.to_thread(up.wait_for_url)
+        base = info["url"]
         status, room = await asyncio.to_thread(http_json, "POST", f"{base}/api/rooms",
                                                {"name": "open"})
         assert status == 201, room
@@ -533,8 +532,8 @@ async def test_up_interrupted_stops_within_its_bound(tmp_path):
         started = time.monotonic()
         code = await asyncio.to_thread(up.interrupt, 15)
         took = time.monotonic() - started
-        assert code == 0, "\n".join(up.seen)
+        assert code == 0, up.output()
         assert took < 15
-        await asyncio.to_thread(up.wait_for, re.compile(r"^stopped\.$"), 5)
+        assert "stopped." in up.output().splitlines(), up.output()
     finally:
         up.kill()

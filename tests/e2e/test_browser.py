@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -31,9 +30,19 @@ from typing import Any
 
 import pytest
 
-from tests.support import ROOT, GiveUp, free_port, http_json, running_nodes, wait_until
+from tests.support import (
+    CHROMIUM,
+    ROOT,
+    GiveUp,
+    free_port,
+    http_json,
+    in_ci,
+    missing_browser,
+    require_browser,
+    running_nodes,
+    wait_until,
+)
 
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
 UI_TIMEOUT = 15_000          # ms: generous for a 2-core machine shared with other work
@@ -44,28 +53,17 @@ PRIVATE_TEXT = "This room is private — ask a member for the invite link"
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
 
-def missing_browser() -> str | None:
-    """What these tests need and this machine lacks, or None."""
-    if not Path(CHROMIUM).exists():
-        return (f"needs Debian's chromium at {CHROMIUM}: install it with "
-                "`apt-get install chromium` (or run `make test`, which does)")
-    if importlib.util.find_spec("playwright") is None:
-        return "needs the Python package playwright: pip install -e '.[dev]'"
-    return None
-
-
 MISSING = missing_browser()
 if MISSING is None:
     from playwright import sync_api as playwright_sync
 
     expect = playwright_sync.expect
     expect.set_options(timeout=UI_TIMEOUT)
-elif os.environ.get("CI", "").lower() == "true":
+elif in_ci():
     @pytest.fixture(scope="module", autouse=True)
     def browser_required() -> None:
         """Runs before the module's other fixtures: every test here errors with this."""
-        pytest.fail(f"CI=true: the browser tests must run here, but this machine {MISSING}",
-                    pytrace=False)
+        require_browser()
 else:
     pytest.skip(MISSING, allow_module_level=True)
 
