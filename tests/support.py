@@ -102,14 +102,26 @@ def write_config(path: Path, *, instances: list[dict[str, Any]], cluster: dict |
     return path
 
 
+def distinct_free_ports(count: int) -> list[int]:
+    """``count`` different free ports: the OS may hand the same just-released port to two
+    ``free_port()`` calls in a row, and a node whose two listeners share one is refused."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def make_cluster_config(tmp: Path, n: int = 1, *, node: dict | None = None,
                         aws: dict | None = None, public_url: str | None = None,
                         name: str = "test") -> tuple[Path, list[dict[str, Any]]]:
     """A config for ``n`` loopback nodes with fresh ports; returns (path, instances).
     ``node`` settings override ``TEST_RATE_LIMITS``."""
     node = {**TEST_RATE_LIMITS, **(node or {})}
-    instances = [{"number": i, "host": "127.0.0.1", "port": free_port(),
-                  "internal_port": free_port()} for i in range(1, n + 1)]
+    ports = iter(distinct_free_ports(2 * n))
+    instances = [{"number": i, "host": "127.0.0.1", "port": next(ports),
+                  "internal_port": next(ports)} for i in range(1, n + 1)]
     cluster = {"name": name, "public_url": public_url or "http://127.0.0.1:8080",
                "secret": SECRET, "data_dir": str(tmp / "data")}
     path = write_config(tmp / "shardchat.toml", instances=instances, cluster=cluster,
@@ -350,7 +362,7 @@ def repick_ports(nodes: Iterable[NodeProcess]) -> None:
     """Fresh ports for ``nodes``, written to their instance dicts and their config file."""
     by_config: dict[Path, list[NodeProcess]] = {}
     for node in nodes:
-        node.instance["port"], node.instance["internal_port"] = free_port(), free_port()
+        node.instance["port"], node.instance["internal_port"] = distinct_free_ports(2)
         by_config.setdefault(node.config_path, []).append(node)
     for path, group in by_config.items():
         data = tomllib.loads(path.read_text())

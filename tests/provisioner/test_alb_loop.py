@@ -23,6 +23,7 @@ from tests.support import (
     NodeProcess,
     async_wait_until,
     bound_port,
+    distinct_free_ports,
     free_port,
     http_json,
     in_thread,
@@ -39,7 +40,8 @@ HOSTS = {1: "127.0.0.2", 2: "127.0.0.3"}
 
 
 def write_cluster(tmp_path, aws: dict) -> tuple:
-    instances = [{"number": n, "host": host, "port": free_port(), "internal_port": free_port()}
+    ports = iter(distinct_free_ports(2 * len(HOSTS)))
+    instances = [{"number": n, "host": host, "port": next(ports), "internal_port": next(ports)}
                  for n, host in HOSTS.items()]
     cluster = {"name": "loop", "public_url": "http://127.0.0.1:8080", "secret": SECRET,
                "data_dir": str(tmp_path / "data")}
