@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import engineio
 import pytest
 import socketio
 
+from bench.wsclient import SioClient
 from shardchat import urls
 from tests.support import SECRET, NodeProcess, http_json, running_nodes
 
@@ -300,3 +302,21 @@ def assert_failed_ack(ack: Any, code: str) -> None:
     assert ack.get("ok") is False, ack
     assert ack.get("error") == code, f"expected error {code!r}, got {ack!r}"
     assert isinstance(ack.get("message"), str) and ack["message"].strip(), ack
+
+
+async def paused_member(node: NodeProcess, room: dict[str, Any], name: str,
+                        on_message: Callable[[SioClient, bytes], None] | None = None
+                        ) -> SioClient:
+    """A raw websocket member with a tiny receive buffer whose reading is paused once joined,
+    so the node's backlog to it grows (``transport.resume_reading()`` lets it catch up)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", node.port))
+    _, client = await loop.create_connection(
+        lambda: SioClient("127.0.0.1", node.port, room["socketio_path"], room["namespace"],
+                          {"name": name}, on_message=on_message), sock=sock)
+    await asyncio.wait_for(asyncio.shield(client.connected), EVENT_TIMEOUT)
+    client.transport.pause_reading()
+    return client

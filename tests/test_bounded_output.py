@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +21,7 @@ import psutil
 import pytest
 
 from bench.wsclient import SioClient
-from tests.conftest import EVENT_TIMEOUT, RoomClient, acreate_room
+from tests.conftest import EVENT_TIMEOUT, RoomClient, acreate_room, paused_member
 from tests.support import (
     SECRET,
     NodeProcess,
@@ -212,23 +211,6 @@ class Inbox:
                 self.changed.clear()
                 await self.changed.wait()
         await asyncio.wait_for(until(), timeout)
-
-
-async def paused_member(node: NodeProcess, room: dict, name: str, inbox: Inbox | None = None
-                        ) -> SioClient:
-    """A raw websocket member with a tiny receive buffer whose reading is paused once joined
-    (``transport.resume_reading()`` lets it catch up)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, ("127.0.0.1", node.port))
-    _, client = await loop.create_connection(
-        lambda: SioClient("127.0.0.1", node.port, room["socketio_path"], room["namespace"],
-                          {"name": name}, on_message=inbox), sock=sock)
-    await asyncio.wait_for(asyncio.shield(client.connected), EVENT_TIMEOUT)
-    client.transport.pause_reading()
-    return client
 
 
 async def send_until_backlogged(node: NodeProcess, sender: RoomClient) -> int:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from typing import Any
 
 import pytest
 
 from bench.wsclient import SioClient
 from bench.wsclient import connect as raw_connect
-from tests.conftest import EVENT_TIMEOUT, acreate_room, open_client
+from tests.conftest import EVENT_TIMEOUT, acreate_room, open_client, paused_member
 from tests.support import async_wait_until, running_nodes
 
 RAW_CLIENTS = 24
@@ -111,21 +110,6 @@ async def test_every_member_gets_every_message_in_order(tmp_path, offer_deflate,
             await official.close()
 
 
-async def stalled_member(node: Any, room: dict) -> SioClient:
-    """A raw websocket member with a tiny receive buffer that stops reading once joined."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, ("127.0.0.1", node.port))
-    _, client = await loop.create_connection(
-        lambda: SioClient("127.0.0.1", node.port, room["socketio_path"], room["namespace"],
-                          {"name": "stalled"}), sock=sock)
-    await asyncio.wait_for(asyncio.shield(client.connected), EVENT_TIMEOUT)
-    client.transport.pause_reading()
-    return client
-
-
 async def test_slow_reader_is_disconnected_and_others_keep_receiving(tmp_path):
     cap = 32 * 1024
     settings = {"write_buffer_cap": cap, "max_page_bytes": 28 * 1024,
@@ -134,7 +118,7 @@ async def test_slow_reader_is_disconnected_and_others_keep_receiving(tmp_path):
         room = await acreate_room(node)
         alice = await open_client(node, room, name="alice")
         carol, carol_inbox = await raw_member(node, room, "carol", deflate=False)
-        stalled = await stalled_member(node, room)
+        stalled = await paused_member(node, room, "stalled")
         try:
             text = "y" * 4000
             sent = 0
