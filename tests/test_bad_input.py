@@ -32,7 +32,7 @@ from tests.support import (
     SECRET,
     TEST_RATE_LIMITS,
     NodeProcess,
-    free_port,
+    distinct_free_ports,
     http_json,
     write_config,
 )
@@ -123,8 +123,9 @@ def test_deeply_nested_json_body_is_a_json_400(node1, watch, where):
 def two_node_cluster(tmp: Path, node2_settings: dict | None = None) -> list[NodeProcess]:
     """Nodes 1 and 2; node 2 may read its own config copy with other ``[node]`` settings
     (a node that disagrees with its peers, as during a rolling config change)."""
-    instances = [{"number": n, "host": "127.0.0.1", "port": free_port(),
-                  "internal_port": free_port()} for n in (1, 2)]
+    ports = iter(distinct_free_ports(4))
+    instances = [{"number": n, "host": "127.0.0.1", "port": next(ports),
+                  "internal_port": next(ports)} for n in (1, 2)]
     cluster = {"name": "test", "secret": SECRET, "data_dir": str(tmp / "data")}
     shared = write_config(tmp / "shardchat.toml", instances=instances, cluster=cluster,
                           node=TEST_RATE_LIMITS)
@@ -166,15 +167,21 @@ async def wait_both_placeable(nodes: list[NodeProcess]) -> None:
     raise AssertionError("node 1 never placed a room on node 2")
 
 
+async def start_placeable(nodes: list[NodeProcess]) -> None:
+    """Start both nodes (two config files, so not ``start_nodes``, which rewrites one) and
+    wait until each sees the other as a placement candidate."""
+    for node in nodes:
+        node.start(wait=False)
+    for node in nodes:
+        await asyncio.to_thread(node.wait_healthy)
+    await wait_both_placeable(nodes)
+
+
 async def test_bad_room_names_do_not_mark_peers_failed(tmp_path):
     """20 bad names (each followed by a good one) leave placement spreading over both."""
     nodes = two_node_cluster(tmp_path)
     try:
-        for node in nodes:
-            node.start(wait=False)
-        for node in nodes:
-            await asyncio.to_thread(node.wait_healthy)
-        await wait_both_placeable(nodes)
+        await start_placeable(nodes)
         bad, placed = await create_interleaved(nodes[0], {"name": "evil \ud800"}, 20)
         assert all(status == 400 and body["error"] == "bad_request" for status, body in bad)
         assert placed[1] >= 5 and placed[2] >= 5, placed
@@ -190,11 +197,7 @@ async def test_a_peer_refusing_with_4xx_is_not_a_failed_peer(tmp_path):
     all end up on node 1, and node 2 stays a candidate, taking its share of the rest."""
     nodes = two_node_cluster(tmp_path, node2_settings={"max_body_bytes": 64})
     try:
-        for node in nodes:
-            node.start(wait=False)
-        for node in nodes:
-            await asyncio.to_thread(node.wait_healthy)
-        await wait_both_placeable(nodes)
+        await start_placeable(nodes)
         long_named, placed = await create_interleaved(nodes[0], {"name": "L" * 90}, 20)
         assert all(status == 201 and body["instance"] == 1 for status, body in long_named)
         # a peer marked failed after each 413 would take none of the short-named rooms
