@@ -15,14 +15,21 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import socketio
 
-from tests.support import ADDRESS_IN_USE, PORT_ATTEMPTS, ROOT, GiveUp, free_port, http_json
+from tests.support import (
+    ADDRESS_IN_USE,
+    PORT_ATTEMPTS,
+    ROOT,
+    GiveUp,
+    free_port,
+    http_json,
+    wait_until,
+)
 
 START_TIMEOUT = 90.0  # seconds for every node and the router: the machine may be loaded
 PORT_TAKEN = "is in use"  # how `shardchat up` reports a port it cannot have
@@ -59,20 +66,17 @@ class UpProcess:
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
         """The ready file's JSON once this process wrote it; raises GiveUp if it exits."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> dict[str, Any] | None:
             if self.proc.poll() is not None:
                 raise GiveUp(f"`shardchat up` exited with {self.proc.returncode} before it "
                              f"was ready:\n{self.output()}")
-            try:
-                info = json.loads(self.ready_path.read_text())
-            except (OSError, ValueError):  # not written yet (it appears whole when it is)
-                info = None
-            if info and info["pid"] == self.proc.pid:
-                return info
-            time.sleep(0.1)
-        raise AssertionError(f"`shardchat up` wrote no {self.ready_path.name} within "
-                             f"{timeout}s:\n{self.output()}")
+            info = json.loads(self.ready_path.read_text())  # absent until written whole
+            return info if info["pid"] == self.proc.pid else None
+        try:
+            return wait_until(ready, timeout, interval=0.1, what="shardchat up's ready file")
+        except TimeoutError:
+            raise AssertionError(f"`shardchat up` wrote no {self.ready_path.name} within "
+                                 f"{timeout}s:\n{self.output()}") from None
 
     def interrupt(self, timeout: float = 30.0) -> int:
         self.proc.send_signal(signal.SIGINT)
