@@ -33,12 +33,13 @@ async def until(ws, prefix: str) -> str:
     raise AssertionError(f"no frame starting with {prefix!r}")
 
 
-@pytest.mark.parametrize("event", ["disconnect", "connect"])
+@pytest.mark.parametrize("event", ["disconnect", "connect", "*"])
 async def test_a_client_event_named_like_a_lifecycle_handler_is_refused(node1, connect,
                                                                          event):
     """python-socketio would run the node's own connect/disconnect handler for such an
-    event: the room would announce a leave while the member stays connected. The event is
-    refused (bad_request) and nothing changes for anyone."""
+    event (the room would announce a leave while the member stays connected), and match
+    ``*`` to the catch-all handler with its arguments shifted. The event is refused
+    (bad_request) and nothing changes for anyone."""
     room = await acreate_room(node1)
     ns = room["namespace"]
     bystander = await connect(node1, room, name="bystander")

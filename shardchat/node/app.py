@@ -110,11 +110,15 @@ class NodeSocketServer(socketio.AsyncServer):
         if self.direct_send is None or not await self.direct_send(eio_sid, pkt):
             await super()._send_packet(eio_sid, pkt)
 
+    # Event names a client may not send. ``connect``/``disconnect``: python-socketio would
+    # run the node's own lifecycle handler for them, so one client could make its room
+    # announce a leave (and drop it from the member list) while it stays connected. ``*``:
+    # it would match the catch-all handler by name, which then gets its arguments shifted.
+    refused_events = frozenset({"connect", "disconnect", "*"})
+
     async def _handle_event(self, eio_sid, namespace, id, data):
-        """Refuse client events named ``connect`` or ``disconnect``: python-socketio would
-        run the node's own lifecycle handler for them, so one client could make its room
-        announce a leave (and drop it from the member list) while it stays connected."""
-        if data and data[0] in self.reserved_events:
+        """Refuse the ``refused_events`` with a ``bad_request`` ack; hand the rest on."""
+        if data and data[0] in self.refused_events:
             ns = namespace or "/"
             sid = self.manager.sid_from_eio_sid(eio_sid, ns)
             if id is not None and sid is not None and self.manager.is_connected(sid, ns):
@@ -299,12 +303,7 @@ class Node:
 
         @sio.on("*", namespace="*")
         @answers_errors
-        async def unknown(*args):
-            # (event, namespace, sid, *data); an event literally named "*" matches this
-            # handler by name instead and comes as (namespace, sid, *data). Namespaces start
-            # with "/", sids never do.
-            named = len(args) >= 2 and isinstance(args[1], str) and args[1].startswith("/")
-            event, namespace = (args[0], args[1]) if named else ("*", args[0] if args else "?")
+        async def unknown(event, namespace, sid, *args):
             log.debug("ignored unknown event %r on %s", event, namespace)
             return {"ok": False, "error": "bad_request",
                     "message": f"Unknown event {event!r}: use message, typing or history."}

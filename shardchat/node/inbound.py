@@ -158,8 +158,8 @@ class Inbound:
             return False
         namespace, ack_id, args = parsed
         event = args[0]
-        if event in self.sio.reserved_events:
-            return False  # "connect" & co. as events: python-socketio's business
+        if event in self.sio.refused_events:
+            return False  # refused by NodeSocketServer._handle_event on the normal path
         manager = self.manager
         sid = manager.sid_from_eio_sid(eio_sid, namespace)
         if sid is None or not manager.is_connected(sid, namespace):
