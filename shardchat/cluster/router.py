@@ -52,6 +52,7 @@ from yarl import URL
 from shardchat import urls
 from shardchat.cluster.rules import RuleSet
 from shardchat.config import Config
+from shardchat.http_errors import json_error
 from shardchat.listener import ListenerTimeouts, start_site
 
 log = logging.getLogger(__name__)
@@ -167,10 +168,6 @@ class _Body:
                 self.too_large = True
                 raise BodyTooLarge()
             yield chunk
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
 
 
 def _forward_headers(request: web.Request, drop: frozenset[str] = frozenset()
@@ -343,7 +340,7 @@ class Router:
         try:
             order = self.candidates(raw.split("?", 1)[0])
         except NoTarget as exc:
-            return _error(503, "no_target", f"No server can take this request: {exc}.")
+            return json_error(503, "no_target", f"No server can take this request: {exc}.")
         if (request.content_length or 0) > self.limits.max_body_bytes:
             return _too_large(self.limits.max_body_bytes)
         for attempt, n in enumerate(order):
@@ -380,7 +377,7 @@ class Router:
         except BodyTooLarge:
             return _too_large(self.limits.max_body_bytes, close=True)
         except aiohttp.ServerTimeoutError:
-            return _error(504, "gateway_timeout", f"Instance {n} did not answer in time.")
+            return json_error(504, "gateway_timeout", f"Instance {n} did not answer in time.")
         except aiohttp.ClientError as exc:
             if body is not None and body.too_large:
                 return _too_large(self.limits.max_body_bytes, close=True)
@@ -416,10 +413,10 @@ class Router:
             raise Unreachable(n, exc) from None
         except aiohttp.WSServerHandshakeError as exc:
             status = exc.status if exc.status >= 400 else 502
-            return _error(status, "upgrade_refused", f"Instance {n} refused the WebSocket "
+            return json_error(status, "upgrade_refused", f"Instance {n} refused the WebSocket "
                           f"upgrade ({exc.status}).")
         except aiohttp.ServerTimeoutError:
-            return _error(504, "gateway_timeout", f"Instance {n} did not answer in time.")
+            return json_error(504, "gateway_timeout", f"Instance {n} did not answer in time.")
         except aiohttp.ClientError as exc:
             return _unreachable(n, exc)
         # A client frame over the cap is refused from its header (1009), never buffered.
@@ -441,13 +438,13 @@ class Router:
 
 
 def _unreachable(n: int, exc: Exception) -> web.Response:
-    return _error(502, "bad_gateway", f"Instance {n} could not be reached "
+    return json_error(502, "bad_gateway", f"Instance {n} could not be reached "
                   f"({exc.__class__.__name__}); it may be down or restarting.")
 
 
 def _too_large(limit: int, close: bool = False) -> web.Response:
     """413 for a body over the cap; ``close``: the unread rest of it is not waited for."""
-    resp = _error(413, "too_large", f"The request body is larger than {limit} bytes, more "
+    resp = json_error(413, "too_large", f"The request body is larger than {limit} bytes, more "
                   "than any chat server accepts.")
     if close:
         resp.force_close()

@@ -28,6 +28,7 @@ from socketio.exceptions import ConnectionRefusedError as SioRefused
 from shardchat import listener, urls
 from shardchat.cluster.placement import NoCapacity, Placer, Refused
 from shardchat.config import Config
+from shardchat.http_errors import json_error
 from shardchat.node import gctune, idempotency, internal, ratelimit, shutdown, transport
 from shardchat.node.clientaddr import ClientAddresses
 from shardchat.node.fanout import Fanout
@@ -76,11 +77,6 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
         headers["Content-Security-Policy"] = PAGE_POLICY.format(sockets=sockets)
     else:
         headers["Content-Security-Policy"] = OTHER_POLICY
-
-
-def json_error(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    body = {"error": code, "message": message, **extra}
-    return web.json_response(body, status=status)
 
 
 def find_client_js() -> Path | None:

@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from shardchat.config import Config
+from shardchat.http_errors import json_error
 
 log = logging.getLogger("shardchat.internal")
 
@@ -40,18 +41,16 @@ def build_app(cfg: Config, node: Any) -> web.Application:
         if not hmac.compare_digest(given, expected):
             log.warning("internal request %s %s from %s refused: wrong or missing secret",
                         request.method, request.path, request.remote)
-            return web.json_response({"error": "unauthorized", "message": "Internal calls "
-                                      "need the cluster secret (Authorization: Bearer ...)."},
-                                     status=401)
+            return json_error(401, "unauthorized", "Internal calls need the cluster secret "
+                              "(Authorization: Bearer ...).")
         try:
             return await handler(request)
         except web.HTTPException:
             raise
         except Exception:
             log.exception("internal request %s %s failed", request.method, request.path)
-            return web.json_response({"error": "internal_error", "message": "This node "
-                                      "failed to answer; its log has the details."},
-                                     status=500)
+            return json_error(500, "internal_error", "This node failed to answer; its log "
+                              "has the details.")
 
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(node.stats())
@@ -63,7 +62,7 @@ def build_app(cfg: Config, node: Any) -> web.Application:
 
     async def create_room(request: web.Request) -> web.Response:
         """Create a room here; with an Idempotency-Key, the room already made under it."""
-        from shardchat.node.app import json_error, read_creation_key, read_room_request
+        from shardchat.node.app import read_creation_key, read_room_request
         from shardchat.node.idempotency import IdempotencyConflict
 
         if node.draining:
@@ -84,8 +83,7 @@ def build_app(cfg: Config, node: Any) -> web.Application:
         """``{"room", "fingerprint"}`` of the room created here under the key, or 404."""
         found = await node.find_keyed_room(request.match_info["key"])
         if found is None:
-            return web.json_response({"error": "not_found", "message": "No room was created "
-                                      "here under that key."}, status=404)
+            return json_error(404, "not_found", "No room was created here under that key.")
         return web.json_response(found)
 
     app = web.Application(middlewares=[check_secret], client_max_size=cfg.node.max_body_bytes)
