@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from shardchat.node.store import KEY_TTL_MS, CreationKey, RoomRecord, Store
+from shardchat.node.store import KEY_TTL_MS, CreationKey, KeyedRoom, RoomRecord, Store
 from tests.conftest import open_client
 from tests.support import SECRET, http_json, running_nodes
 
@@ -135,7 +135,7 @@ async def test_keys_expire_after_a_day(tmp_path: Path):
         assert store.find_key("k" * 16) is None  # past its lifetime: forgotten
         fresh = RoomRecord("new-room", "New", False, now)
         await store.create_room(fresh, CreationKey("n" * 16, "f2"))
-        assert store.find_key("n" * 16) == ("new-room", "f2")
+        assert store.find_key("n" * 16) == KeyedRoom(fresh, "f2")
         assert store.get_room("old-room") is not None  # the room itself stays
     finally:
         await store.close()

@@ -4,6 +4,7 @@ display name a client claims. Real nodes, real Socket.IO clients, both transport
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shardchat.node.members import MemberTokens
-from shardchat.node.store import RoomRecord, Store
+from shardchat.node.store import MessageRecord, RoomRecord, Store
 from tests.conftest import acreate_room, assert_refusal_shape, refusal
 from tests.support import SECRET, NodeProcess, make_cluster_config, running_nodes
 
@@ -224,18 +225,20 @@ async def test_store_keeps_same_name_same_client_id_from_two_members(tmp_path: P
     try:
         await store.create_room(RoomRecord("r", "room", False, 1))
 
-        async def send(member: str, text: str) -> tuple[dict, bool]:
+        async def send(member: str, text: str) -> tuple[MessageRecord, bool]:
             return await store.append_message("r", sender_sid=f"sid-{member}",
                                               sender_name="alice", sender_member=member,
                                               text=text, client_id="c-1", ts=1)
 
         results = await asyncio.gather(send("m-victim", "real"), send("m-impostor", "fake"),
                                        send("m-victim", "real retry"))
-        assert [(m["seq"], dup) for m, dup in results] == [(1, False), (2, False), (1, True)]
-        assert texts(await store.history("r")) == ["real", "fake"]
-        plan = store._reader.execute(
-            "EXPLAIN QUERY PLAN SELECT seq FROM messages WHERE room_id = ? AND "
-            "sender_member = ? AND client_id = ? AND seq <= ?", ("r", "m", "c", 9)).fetchall()
+        assert [(m.seq, dup) for m, dup in results] == [(1, False), (2, False), (1, True)]
+        assert [m.text for m in await store.history("r")] == ["real", "fake"]
+        with contextlib.closing(sqlite3.connect(store.path)) as db:
+            plan = db.execute(
+                "EXPLAIN QUERY PLAN SELECT seq FROM messages WHERE room_id = ? AND "
+                "sender_member = ? AND client_id = ? AND seq <= ?", ("r", "m", "c", 9)
+            ).fetchall()
         assert "messages_member_dedup" in str(plan), plan
     finally:
         await store.close()
@@ -272,14 +275,14 @@ async def test_a_store_of_name_keyed_dedup_is_migrated_and_keeps_every_message(
         await store.open()
         try:
             old = await store.history("r")
-            assert [(m["seq"], m["text"], m["from"]) for m in old[:2]] == [
-                (1, "old one", {"sid": "s1", "name": "alice", "member": None}),
-                (2, "old two", {"sid": "s1", "name": "alice", "member": None})]
+            assert [(m.seq, m.text, m.sender_sid, m.sender_name, m.sender_member)
+                    for m in old[:2]] == [(1, "old one", "s1", "alice", None),
+                                          (2, "old two", "s1", "alice", None)]
             # nobody can claim the old name-keyed row: the same name and client_id is new
             msg, dup = await store.append_message(
                 "r", sender_sid="s2", sender_name="alice", sender_member=f"m-{len(old)}",
                 text="new", client_id="c-1", ts=12)
-            assert not dup and msg["seq"] == len(old) + 1
+            assert not dup and msg.seq == len(old) + 1
             again, dup = await store.append_message(
                 "r", sender_sid="s3", sender_name="alice", sender_member=f"m-{len(old)}",
                 text="new", client_id="c-1", ts=13)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from shardchat.node import store as store_mod
-from shardchat.node.store import RoomRecord, Store, StoreError
+from shardchat.node.store import MessageRecord, RoomRecord, Store, StoreError
 from tests.support import ROOT
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,7 +31,7 @@ def room(rid: str = "room-1", *, private: bool = False) -> RoomRecord:
 
 
 async def send(store: Store, rid: str, text: str, *, name: str = "ann",
-               client_id: str | None = None) -> tuple[dict, bool]:
+               client_id: str | None = None) -> tuple[MessageRecord, bool]:
     """One message from the member called ``name`` (one member per name here)."""
     return await store.append_message(rid, sender_sid=f"sid-{name}", sender_name=name,
                                       sender_member=f"member-{name}", text=text,
@@ -52,8 +52,8 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await s.close()
 
 
-def seqs(messages: list[dict]) -> list[int]:
-    return [m["seq"] for m in messages]
+def seqs(messages: list[MessageRecord]) -> list[int]:
+    return [m.seq for m in messages]
 
 
 # -- seq and group commit ---------------------------------------------------------------
@@ -70,7 +70,7 @@ async def test_concurrent_appends_get_gapless_seqs_in_call_order(tmp_path: Path)
         mine = [msg for (r, _), (msg, dup) in zip(calls, results, strict=True) if r == rid]
         assert seqs(mine) == list(range(1, len(mine) + 1))  # call order, no gap
         stored = await s.history(rid, limit=1000)
-        assert [(m["seq"], m["text"]) for m in stored] == [(m["seq"], m["text"]) for m in mine]
+        assert [(m.seq, m.text) for m in stored] == [(m.seq, m.text) for m in mine]
         assert s.last_seq(rid) == len(mine)
     await s.close()
 
@@ -100,7 +100,6 @@ async def test_rooms_survive_reopen_and_duplicates_are_refused(tmp_path: Path) -
         await s.create_room(room("keep"))
     assert s.get_room("keep") == r
     assert s.get_room("nope") is None
-    assert r.to_public() == {"id": "keep", "name": "Room keep", "private": True}
     await s.close()
 
     s2 = await opened(tmp_path)
@@ -130,7 +129,7 @@ async def test_history_pages_backwards_in_ascending_order(store: Store) -> None:
     assert seqs(latest) == list(range(71, 121))
     page = await store.history("room-1", before=71, limit=30)
     assert seqs(page) == list(range(41, 71))
-    assert [m["text"] for m in page] == [f"t{i}" for i in range(41, 71)]
+    assert [m.text for m in page] == [f"t{i}" for i in range(41, 71)]
     assert seqs(await store.history("room-1", before=5, limit=100)) == [1, 2, 3, 4]
     assert await store.history("room-1", before=1) == []
     assert seqs(await store.history("room-1", before=10_000, limit=2)) == [119, 120]
@@ -143,9 +142,8 @@ async def test_message_shape_and_text_stored_as_given(store: Store) -> None:
                                           sender_member="m1", text=text, client_id="c-1",
                                           ts=1234)
     assert not dup
-    assert msg == {"seq": 1, "room": "room-1",
-                   "from": {"sid": "s1", "name": "Zoë", "member": "m1"},
-                   "text": text, "ts": 1234, "client_id": "c-1"}
+    assert msg == MessageRecord(room_id="room-1", seq=1, sender_sid="s1", sender_name="Zoë",
+                                text=text, ts=1234, client_id="c-1", sender_member="m1")
     assert await store.history("room-1") == [msg]
 
 
@@ -155,7 +153,7 @@ async def test_text_sqlite_cannot_store_is_refused_without_hurting_others(store:
     results = await asyncio.gather(*good[:2], send(store, "room-1", "bad \ud800"), *good[2:],
                                    return_exceptions=True)
     assert isinstance(results[2], ValueError)
-    assert [r[0]["seq"] for i, r in enumerate(results) if i != 2] == [1, 2, 3, 4, 5]
+    assert [r[0].seq for i, r in enumerate(results) if i != 2] == [1, 2, 3, 4, 5]
 
 
 # -- since (reconnect recovery) ---------------------------------------------------------
@@ -170,7 +168,7 @@ async def test_since_returns_the_gap_or_none(tmp_path: Path) -> None:
     assert await s.since("a", 30) == []  # up to date
     got = await s.since("a", 25)
     assert seqs(got) == [26, 27, 28, 29, 30]
-    assert [m["text"] for m in got] == ["t26", "t27", "t28", "t29", "t30"]
+    assert [m.text for m in got] == ["t26", "t27", "t28", "t29", "t30"]
     assert seqs(await s.since("a", 10)) == list(range(11, 31))  # exactly max_recovery
     assert await s.since("a", 9) is None  # longer than max_recovery
     assert await s.since("a", 31) is None  # a client from the future
@@ -189,8 +187,8 @@ async def test_since_reads_a_long_gap_completely(tmp_path: Path) -> None:
     await s.close()
 
 
-def text_bytes(message: dict) -> int:
-    return len(message["text"])
+def text_bytes(message: MessageRecord) -> int:
+    return len(message.text)
 
 
 async def test_newest_stops_at_the_byte_bound_and_says_so(tmp_path: Path) -> None:
@@ -258,7 +256,7 @@ async def test_retention_prunes_and_since_reports_the_pruned_gap(tmp_path: Path)
     s2 = await opened(tmp_path, retention=10)
     assert s2.last_seq("a") == 30  # pruning never loses the counter
     msg, _ = await send(s2, "a", "after")
-    assert msg["seq"] == 31
+    assert msg.seq == 31
     await s2.close()
 
 
@@ -298,7 +296,7 @@ async def test_dedup_survives_reopen(tmp_path: Path) -> None:
     again, dup = await send(s2, "a", "twice", client_id="c-9")
     assert dup and again == first
     elsewhere, dup_b = await send(s2, "b", "once", client_id="c-9")  # other room: new
-    assert not dup_b and elsewhere["seq"] == 1
+    assert not dup_b and elsewhere.seq == 1
     assert s2.last_seq("a") == 1
     await s2.close()
 
@@ -345,7 +343,7 @@ async def test_failed_commit_fails_its_batch_and_leaves_no_gap(tmp_path: Path) -
         # a retry of a message whose commit failed is new, not a duplicate
         failed_cid = next(cid for r, _, cid in calls[kept:] if r == rid)
         msg, dup = await send(s, rid, "retry", client_id=failed_cid)
-        assert not dup and msg["seq"] == expected[rid] + 1
+        assert not dup and msg.seq == expected[rid] + 1
         stored = await s.history(rid, limit=100)
         assert seqs(stored) == list(range(1, expected[rid] + 2))
     await s.close()
@@ -364,10 +362,10 @@ async def test_failed_commit_of_every_room_then_recovery(tmp_path: Path) -> None
     assert s.last_seq("a") == 1
     drop_failing_trigger(s.path)
     msg, _ = await send(s, "a", "two again")
-    assert msg["seq"] == 2
+    assert msg.seq == 2
     await s.close()
     s2 = await opened(tmp_path)
-    assert [m["text"] for m in await s2.history("a")] == ["one", "two again"]
+    assert [m.text for m in await s2.history("a")] == ["one", "two again"]
     await s2.close()
 
 
@@ -418,7 +416,7 @@ async def writer(store, w):
         msg, _ = await store.append_message("r", sender_sid=f"s{w}", sender_name=f"w{w}",
                                             sender_member=f"m{w}", text=f"w{w}-{i}",
                                             client_id=None, ts=i)
-        print(msg["seq"], msg["text"], flush=True)
+        print(msg.seq, msg.text, flush=True)
 
 async def main():
     store = Store(Path(sys.argv[1]), fsync=sys.argv[2] == "1")
@@ -453,10 +451,10 @@ async def test_acked_messages_survive_kill_9(tmp_path: Path, fsync: bool) -> Non
     s = await opened(tmp_path)
     top = s.last_seq("r")
     assert top >= max(acked)
-    stored = {m["seq"]: m["text"] for m in await s.history("r", limit=top)}
+    stored = {m.seq: m.text for m in await s.history("r", limit=top)}
     assert sorted(stored) == list(range(1, top + 1))
     for seq, text in acked.items():
         assert stored[seq] == text
     msg, _ = await send(s, "r", "after the crash")
-    assert msg["seq"] == top + 1
+    assert msg.seq == top + 1
     await s.close()

@@ -87,10 +87,7 @@ class KeyedCreations:
         hit = self._store.find_key(key)
         if hit is None:
             return None
-        record = self._store.get_room(hit[0])
-        if record is None:
-            return None
-        return {"room": self._rooms.describe(record), "fingerprint": hit[1]}
+        return {"room": self._rooms.describe(hit.room), "fingerprint": hit.fingerprint}
 
     async def create(self, key: str, name: str, private: bool) -> dict[str, Any]:
         """The room under ``key`` on this node: the existing one, or a new one."""

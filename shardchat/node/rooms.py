@@ -25,13 +25,13 @@ from socketio.exceptions import ConnectionRefusedError as SioRefused
 
 from shardchat import urls
 from shardchat.config import Config
-from shardchat.node import limits, ratelimit
+from shardchat.node import limits, payloads, ratelimit
 from shardchat.node.fanout import Fanout, json_size
 from shardchat.node.invites import Invites
 from shardchat.node.limits import Refusal
 from shardchat.node.members import MemberTokens
 from shardchat.node.ratelimit import RateLimiter, limit_identity
-from shardchat.node.store import CreationKey, RoomRecord, Store, StoreError
+from shardchat.node.store import CreationKey, MessageRecord, RoomRecord, Store, StoreError
 
 log = logging.getLogger("shardchat.rooms")
 
@@ -39,11 +39,6 @@ WELCOME_HISTORY = 50  # SPEC: the welcome holds the latest 50 messages
 TYPING_REPEAT_SECONDS = 2.0
 UNREADABLE_ROOM = Refusal("unavailable", "This room's history cannot be read on this server "
                           "right now (its log says why); try again later.")
-
-
-def _listed_size(message: dict) -> int:
-    """Bytes one message adds to a JSON list: its encoding and a separator."""
-    return json_size(message) + 1
 
 
 @dataclass
@@ -118,17 +113,10 @@ class RoomService:
         return self.describe(record)
 
     def describe(self, record: RoomRecord) -> dict[str, Any]:
-        path = urls.room_path(self.number, record.id)
-        out: dict[str, Any] = {
-            "id": record.id, "name": record.name, "private": record.private,
-            "instance": self.number, "path": path,
-            "url": urls.join_url(self.cfg.cluster.public_url, path),
-            "namespace": urls.room_namespace(self.number, record.id),
-            "socketio_path": urls.socketio_path(self.number),
-        }
-        if record.private:
-            out["invite"] = self.invites.issue(record.id)
-        return out
+        """The creation answer of a room of this node, with a fresh invite if private."""
+        return payloads.placed_room(
+            record, instance=self.number, public_url=self.cfg.cluster.public_url,
+            invite=self.invites.issue(record.id) if record.private else None)
 
     def _room(self, room_id: str) -> Room | None:
         room = self.rooms.get(room_id)
@@ -253,7 +241,7 @@ class RoomService:
         if recovered:
             top = max(top, last_seq)
         welcome = {
-            "room": room.record.to_public(),
+            "room": payloads.room(room.record),
             "you": member.public(),
             "members": [m.public() for m in room.members.values()],
             "last_seq": top,
@@ -315,8 +303,8 @@ class RoomService:
             if not self.in_flight:
                 self._idle.set()
         if not duplicate:
-            await self._broadcast(room, "message", msg)
-        return {"ok": True, "seq": msg["seq"], "ts": msg["ts"]}
+            await self._broadcast(room, "message", payloads.message(msg))
+        return {"ok": True, "seq": msg.seq, "ts": msg.ts}
 
     async def typing(self, namespace: str, sid: str, data: Any) -> None:
         room, member = self._member(namespace, sid)
@@ -362,10 +350,18 @@ class RoomService:
         """The newest messages of a range whose JSON list fits in ``node.max_page_bytes``
         (each message counts its encoding and a comma), and whether older ones of the range
         were left out. The bound is below ``write_buffer_cap``, so no page can make its
-        reader look slow."""
-        return await self.store.newest(room_id, after=after, before=before, limit=limit,
-                                       max_bytes=self.settings.max_page_bytes - 1,
-                                       size=_listed_size)
+        reader look slow. Each payload is built once: measured, then sent."""
+        built: dict[int, dict[str, Any]] = {}
+
+        def listed_size(record: MessageRecord) -> int:
+            """Bytes one message adds to a JSON list: its encoding and a separator."""
+            payload = built[record.seq] = payloads.message(record)
+            return json_size(payload) + 1
+
+        records, more = await self.store.newest(
+            room_id, after=after, before=before, limit=limit,
+            max_bytes=self.settings.max_page_bytes - 1, size=listed_size)
+        return [built[r.seq] for r in records], more
 
     # -- delivery -----------------------------------------------------------------------
 

@@ -1,0 +1,67 @@
+"""What the store holds and hands out: rooms, creation keys, messages, as typed records.
+
+The store speaks in these records and never in the JSON shapes of the protocol; the room
+service turns them into payloads in one place (``shardchat/node/payloads.py``). They are
+frozen, so a record shared between the writer thread, every waiter of a duplicate and (later)
+a replication stream can be changed by none of them, and slotted, so each costs one small
+object: messages are created once per append and once per row read.
+
+``MessageRecord``'s fields are the columns of the ``messages`` table in table order, so a row
+read from SQLite (``schema.MESSAGE_COLUMNS``, after the room id) is its arguments as they
+come, and a record is the row that is written. No thread of its own: plain data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RoomRecord:
+    """A room as stored: what the node needs to serve it after a restart."""
+
+    id: str
+    name: str
+    private: bool
+    created_at: int  # epoch ms
+
+
+@dataclass(frozen=True, slots=True)
+class CreationKey:
+    """The Idempotency-Key a room was created under, and a digest of what was asked."""
+
+    key: str
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedRoom:
+    """The committed room an Idempotency-Key created, and that creation's fingerprint."""
+
+    room: RoomRecord
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    """One stored message of one room, in the ``messages`` table's column order.
+
+    ``sender_member`` is the member identity the node issued (``members.py``); it is None
+    only for messages stored before member identities existed."""
+
+    room_id: str
+    seq: int
+    sender_sid: str
+    sender_name: str
+    text: str
+    ts: int  # epoch ms
+    client_id: str | None
+    sender_member: str | None
+
+    @property
+    def dedup_key(self) -> tuple[str, str | None, str] | None:
+        """(room, sender member, client_id): a second message with this key is a retry of
+        this one; None when the sender gave no ``client_id``."""
+        if self.client_id is None:
+            return None
+        return self.room_id, self.sender_member, self.client_id

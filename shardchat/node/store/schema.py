@@ -1,0 +1,163 @@
+"""The store's tables: how they are created and migrated, and the rows that go into them.
+
+One database per node (``<data_dir>/store.sqlite3``) in WAL mode: rooms never share a node's
+file with another node, so SQLite is all the database a node needs. Every statement that
+names a table or a column is here, so the writer thread, the reader and the opening share one
+definition, and so will a follower that applies the batches of another node.
+
+No thread of its own: the functions run on whichever thread owns the connection they get
+(the opening's worker thread creates and migrates, the writer thread inserts).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from shardchat.node.store.records import CreationKey, MessageRecord, RoomRecord
+
+DB_NAME = "store.sqlite3"
+SCHEMA_VERSION = 2  # 2: dedup keyed by sender_member instead of sender_name
+# An Idempotency-Key is remembered this long (docs/protocol.md); older ones are pruned
+# whenever a keyed room is written, in the same transaction.
+KEY_TTL_MS = 24 * 3600 * 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rooms (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    private     INTEGER NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    room_id     TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    sender_sid  TEXT NOT NULL,
+    sender_name TEXT NOT NULL,
+    text        TEXT NOT NULL,
+    ts          INTEGER NOT NULL,
+    client_id   TEXT,
+    sender_member TEXT,
+    PRIMARY KEY (room_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS creation_keys (
+    key         TEXT PRIMARY KEY,
+    room_id     TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS creation_keys_age ON creation_keys (created_at);
+"""
+
+# The dedup index, created by ``migrate_dedup`` once the column exists. Rows with no member
+# (written before member identities existed) are outside it: nobody can claim them.
+_DEDUP_INDEX = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS messages_member_dedup"
+    " ON messages (room_id, sender_member, client_id)"
+    " WHERE client_id IS NOT NULL AND sender_member IS NOT NULL"
+)
+_OLD_DEDUP_INDEX = "messages_dedup"  # (room_id, sender_name, client_id), schema 1
+
+_INSERT_ROOM = "INSERT INTO rooms (id, name, private, created_at) VALUES (?, ?, ?, ?)"
+# The columns in MessageRecord's field order: a record is a row, and a row (with its room
+# id first) is a record's arguments.
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (room_id, seq, sender_sid, sender_name, text, ts, client_id,"
+    " sender_member) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+MESSAGE_COLUMNS = "seq, sender_sid, sender_name, text, ts, client_id, sender_member"
+_INSERT_KEY = ("INSERT OR REPLACE INTO creation_keys (key, room_id, fingerprint, created_at)"
+               " VALUES (?, ?, ?, ?)")
+
+
+def connect(path: Path, *, query_only: bool = False) -> sqlite3.Connection:
+    """A connection in autocommit mode: transactions are always explicit here.
+
+    A query-only connection may serve the event loop, so its busy timeout is short; in WAL
+    mode a reader only waits in rare recovery cases anyway.
+    """
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {100 if query_only else 5000}")
+    if query_only:
+        conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+def create(conn: sqlite3.Connection) -> None:
+    """WAL mode, the tables, every migration, the schema version: idempotent."""
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(_SCHEMA)
+    migrate_dedup(conn)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def migrate_dedup(conn: sqlite3.Connection) -> None:
+    """Move dedup from (room, sender_name, client_id) to (room, sender_member, client_id).
+
+    Stores of schema 1 have no ``sender_member`` column and a unique index on the display
+    name. The column is added (an O(1) change in SQLite; building the new index reads the
+    table once, at the first start after the upgrade) and the old index is dropped: it
+    must go, since two members of the same name may now both use one ``client_id``, and
+    the old index would fail their commit. Old rows keep ``sender_member`` NULL, which the
+    new index and every dedup lookup leave out: their dedup key was a name anyone could
+    claim, and the only retries that could match them come from connections made before the
+    upgrade, which hold no member token. Every stored message stays; only the convenience
+    of deduplicating a retry across the upgrade is given up. One transaction, so a crash
+    mid-way leaves the old schema, and running it again is a no-op.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+        if "sender_member" not in columns:
+            conn.execute("ALTER TABLE messages ADD COLUMN sender_member TEXT")
+        conn.execute(f"DROP INDEX IF EXISTS {_OLD_DEDUP_INDEX}")
+        conn.execute(_DEDUP_INDEX)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def load(conn: sqlite3.Connection) -> tuple[dict[str, RoomRecord], dict[str, int]]:
+    """Every room, and each room's highest stored seq (0 when it has no message)."""
+    rooms = {rid: RoomRecord(rid, name, bool(private), created_at)
+             for rid, name, private, created_at in conn.execute(
+                 "SELECT id, name, private, created_at FROM rooms")}
+    tops = {}
+    for rid in rooms:
+        # One primary-key probe per room; a GROUP BY would scan every message.
+        (top,) = conn.execute("SELECT MAX(seq) FROM messages WHERE room_id = ?",
+                              (rid,)).fetchone()
+        tops[rid] = top or 0
+    return rooms, tops
+
+
+def insert_rooms(conn: sqlite3.Connection,
+                 rooms: Iterable[tuple[RoomRecord, CreationKey | None]]) -> None:
+    """Inside the caller's transaction: new rooms, each with the creation key it was made
+    under if any; expired keys go out whenever a key comes in (a key is only written after
+    a lookup found none alive, so REPLACE only ever replaces an expired one)."""
+    rooms = list(rooms)
+    conn.executemany(_INSERT_ROOM, [(r.id, r.name, int(r.private), r.created_at)
+                                    for r, _ in rooms])
+    keyed = [(k.key, r.id, k.fingerprint, r.created_at) for r, k in rooms if k is not None]
+    if keyed:
+        cutoff = int(time.time() * 1000) - KEY_TTL_MS
+        conn.execute("DELETE FROM creation_keys WHERE created_at < ?", (cutoff,))
+        conn.executemany(_INSERT_KEY, keyed)
+
+
+def insert_messages(conn: sqlite3.Connection, messages: Iterable[MessageRecord]) -> None:
+    """Inside the caller's transaction: new messages, one row each."""
+    conn.executemany(_INSERT_MESSAGE, [
+        (m.room_id, m.seq, m.sender_sid, m.sender_name, m.text, m.ts, m.client_id,
+         m.sender_member) for m in messages])
+
+
+def delete_through(conn: sqlite3.Connection, room_id: str, seq: int) -> int:
+    """Inside the caller's transaction: a room's messages up to ``seq``; how many went."""
+    cur = conn.execute("DELETE FROM messages WHERE room_id = ? AND seq <= ?", (room_id, seq))
+    return max(cur.rowcount, 0)
