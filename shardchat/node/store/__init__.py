@@ -78,10 +78,8 @@ class Store:
             raise ValueError("max_recovery must be 0 or more.")
         self.directory = Path(directory)
         self.path = self.directory / DB_NAME
-        self.retention = retention
         self.fsync = fsync
-        self.max_recovery = max_recovery
-        self.prune_interval = prune_interval
+        self.max_recovery = max_recovery  # read at every call: may be changed while open
         self._rooms: dict[str, RoomRecord] = {}
         self._pending_rooms: set[str] = set()
         self._assigned: dict[str, int] = {}  # last seq handed out, committed or in flight
@@ -97,6 +95,15 @@ class Store:
                                          on_refused=self._on_refused,
                                          housekeeping=self._pruner.after_commit)
         self._checkpointer = Checkpointer(self.path, fsync=fsync)
+
+    @property
+    def retention(self) -> int:
+        """Messages kept per room (pruning, ``retention.py``)."""
+        return self._pruner.retention
+
+    @property
+    def prune_interval(self) -> float:
+        return self._pruner.interval
 
     # -- lifecycle -----------------------------------------------------------------------
 

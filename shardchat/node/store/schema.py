@@ -140,10 +140,10 @@ def insert_rooms(conn: sqlite3.Connection,
     """Inside the caller's transaction: new rooms, each with the creation key it was made
     under if any; expired keys go out whenever a key comes in (a key is only written after
     a lookup found none alive, so REPLACE only ever replaces an expired one)."""
-    rooms = list(rooms)
+    written = list(rooms)
     conn.executemany(_INSERT_ROOM, [(r.id, r.name, int(r.private), r.created_at)
-                                    for r, _ in rooms])
-    keyed = [(k.key, r.id, k.fingerprint, r.created_at) for r, k in rooms if k is not None]
+                                    for r, _ in written])
+    keyed = [(k.key, r.id, k.fingerprint, r.created_at) for r, k in written if k is not None]
     if keyed:
         cutoff = int(time.time() * 1000) - KEY_TTL_MS
         conn.execute("DELETE FROM creation_keys WHERE created_at < ?", (cutoff,))
