@@ -99,6 +99,8 @@ class Batch:
 
 @dataclass(slots=True)
 class WriterStats:
+    """Counters for the node's metrics; written by the writer thread, read by the loop."""
+
     commits: int = 0
     messages: int = 0
     rooms: int = 0
