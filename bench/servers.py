@@ -28,7 +28,7 @@ from typing import Any
 from shardchat import urls
 from shardchat.cluster.up import free_port
 from shardchat.config import dump_toml
-from shardchat.node.internal import METRICS_PATH, ROOMS_PATH, auth_header
+from shardchat.internal_api import METRICS_PATH, ROOMS_PATH, auth_header
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-" + secrets.token_hex(8)

@@ -31,7 +31,7 @@ def main() -> None:
 @click.option("--instance", "number", required=True, type=int, help="Instance number N to run.")
 def node(config_path: str, number: int) -> None:
     """Run chat node N (public listener + internal peer listener)."""
-    from shardchat.node.app import run_node
+    from shardchat.node.main import run_node
 
     cfg = load_node_config(config_path)
     with config_errors_exit():

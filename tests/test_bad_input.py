@@ -21,7 +21,9 @@ import pytest
 from aiohttp import web
 
 from shardchat import config, urls
-from shardchat.node.app import Node, answers_errors, security_headers
+from shardchat.node.app import security_headers
+from shardchat.node.main import Node
+from shardchat.node.sockets import answers_errors
 from tests.conftest import (
     acreate_room,
     assert_failed_ack,
@@ -485,7 +487,7 @@ async def test_a_failing_http_handler_answers_json_500(tmp_path, caplog):
     async def broken(request: web.Request) -> web.Response:
         raise KeyError("a bug")
 
-    app = web.Application(middlewares=[node._guard])
+    app = web.Application(middlewares=[node.public_app._guard])
     app.on_response_prepare.append(security_headers)
     app.router.add_get("/api/broken", broken)
     runner = web.AppRunner(app, access_log=None)

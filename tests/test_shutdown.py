@@ -32,7 +32,7 @@ import aiohttp
 import pytest
 import socketio
 
-from shardchat import urls
+from shardchat import lifecycle, urls
 from shardchat.cluster.up import port_free
 from shardchat.node import shutdown
 from tests.conftest import acreate_room, open_client
@@ -308,7 +308,7 @@ async def test_a_step_that_ignores_cancellation_is_left_behind_at_its_bound():
 def test_the_final_bound_ends_a_stuck_process_and_says_what_was_open():
     script = textwrap.dedent("""
         import logging, time
-        from shardchat.node.shutdown import Watchdog
+        from shardchat.lifecycle import Watchdog
         logging.basicConfig(level="INFO")
         Watchdog(0.5, lambda: "2 Engine.IO sessions", lambda: 0).arm()
         time.sleep(60)  # a stop stuck for good
@@ -486,7 +486,7 @@ def test_a_node_whose_supervisor_is_already_gone_stops_by_itself(tmp_path):
     # the node's parent is this process; any other pid is a supervisor it no longer has
     gone = os.getppid()
     node = NodeProcess(cfg_path, instances[0], tmp_path,
-                       env={shutdown.PARENT_PID_ENV: str(gone)})
+                       env={lifecycle.PARENT_PID_ENV: str(gone)})
     node.start(wait=False)
     try:
         assert node.proc.wait(timeout=30) == 0, node.log()

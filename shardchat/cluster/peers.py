@@ -30,9 +30,14 @@ from typing import Any
 import aiohttp
 
 from shardchat.config import Config, Instance
-from shardchat.node.idempotency import HEADER as KEY_HEADER
-from shardchat.node.idempotency import IdempotencyConflict
-from shardchat.node.internal import KEYS_PATH, ROOMS_PATH, STATS_PATH, auth_header
+from shardchat.internal_api import (
+    KEY_HEADER,
+    KEYS_PATH,
+    ROOMS_PATH,
+    STATS_PATH,
+    IdempotencyConflict,
+    auth_header,
+)
 
 log = logging.getLogger(__name__)
 

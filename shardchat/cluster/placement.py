@@ -55,32 +55,11 @@ from typing import Any, Protocol
 
 from shardchat.cluster.peers import PeerError, PeerPool
 from shardchat.config import Config
-from shardchat.node.idempotency import IdempotencyConflict, replay
+from shardchat.internal_api import IdempotencyConflict, NoCapacity, Refused, replay
 
 log = logging.getLogger(__name__)
 
 PLACEMENT_BUDGET = 2.0  # seconds one creation may spend trying peers before giving up
-
-
-class NoCapacity(Exception):
-    """No healthy, non-draining instance could take the room."""
-
-    code = "no_capacity"
-
-    def __init__(self, message: str = "No instance can take a new room right now (all are "
-                 "down or draining); try again in a few seconds."):
-        super().__init__(message)
-        self.message = message
-
-
-class Refused(Exception):
-    """Peers refused the request itself (400/413) and none took it: answer the same."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 REQUEST_ERRORS = (400, 413)  # the request's own fault, worth passing on to the caller

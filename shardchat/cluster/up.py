@@ -19,7 +19,7 @@ is restarted behind the user's back: a node that dies is reported, the others ke
 
 Nodes die with the supervisor, also when it is SIGKILLed and cannot stop them. Each node is
 started with ``SHARDCHAT_PARENT_PID`` set to this process's pid, and the node itself (see
-``shardchat.node.shutdown.watch_parent``) asks the kernel for SIGHUP when its parent dies
+``shardchat.lifecycle.watch_parent``) asks the kernel for SIGHUP when its parent dies
 (Linux ``PR_SET_PDEATHSIG``) and also checks ``getppid()`` every second: an orphan is
 re-parented, so the value changes. The check covers what the signal cannot: a supervisor
 that died before the node set it, and platforms without prctl. Both live in the node rather
@@ -50,7 +50,7 @@ from shardchat import config as config_mod
 from shardchat import urls
 from shardchat.cluster.router import HealthSettings, Router, RouterLimits, serve
 from shardchat.cluster.rules import build_rules
-from shardchat.node.shutdown import PARENT_PID_ENV, SHUTDOWN_LIMIT, Watchdog
+from shardchat.lifecycle import PARENT_PID_ENV, SHUTDOWN_LIMIT, Watchdog
 
 log = logging.getLogger(__name__)
 

@@ -17,56 +17,19 @@ not tell whether the room was made. It sends the same request again with the sam
 The key stands for the room, invite included, so it must be unguessable: 16..128 letters,
 digits, ``-`` or ``_`` (a UUID, or 128 random bits in base64url, as the landing page sends).
 The same key with a different body (name or privacy) is refused (422
-``idempotency_conflict``), never answered with the first room.
+``idempotency_conflict``), never answered with the first room. What both the owner and the
+answering node must agree on (the header, the key's form, the fingerprint, ``replay`` and
+``IdempotencyConflict``) is the peer contract, ``shardchat/internal_api.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
-import re
 from typing import Any
 
-from shardchat.node.limits import Refusal
+from shardchat.internal_api import fingerprint, replay
 from shardchat.node.store import CreationKey, Store
-
-HEADER = "Idempotency-Key"
-KEY_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
-
-
-class IdempotencyConflict(Exception):
-    """The key was used before for a room with another name or privacy."""
-
-    code = "idempotency_conflict"
-
-    def __init__(self) -> None:
-        super().__init__("This Idempotency-Key was already used to create a room with another "
-                         "name or privacy setting; send a new key for a new room.")
-
-
-def check_key(value: str | None) -> Refusal | None:
-    """None when ``value`` (the header, or None when absent) is a usable key."""
-    if value is None or KEY_RE.fullmatch(value):
-        return None
-    what = (f"this one is {len(value)} characters long" if not 16 <= len(value) <= 128
-            else "this one holds other characters")
-    return Refusal("bad_request", f"The {HEADER} header must be 16 to 128 letters, digits, "
-                   f"'-' or '_' (for example a random UUID); {what}.")
-
-
-def fingerprint(name: str, private: bool) -> str:
-    """A digest of what was asked, so a key reused for another room is recognised."""
-    canon = json.dumps({"name": name.strip(), "private": bool(private)}, sort_keys=True)
-    return hashlib.sha256(canon.encode()).hexdigest()
-
-
-def replay(found: dict[str, Any], name: str, private: bool) -> dict[str, Any]:
-    """The room of an earlier creation with this key, if it asked for the same thing."""
-    if found.get("fingerprint") != fingerprint(name, private):
-        raise IdempotencyConflict()
-    return found["room"]
 
 
 class KeyedCreations:

@@ -4,41 +4,59 @@ It listens on ``internal_port``, which no load balancer ever targets, and every 
 carry ``Authorization: Bearer <cluster secret>`` (compared in constant time, as the bytes
 that arrived: a header that is not UTF-8 is just a wrong secret). A wrong or missing secret
 is answered 401 and logged with the caller's address. Every answer is JSON, an unexpected
-error in a handler included (500 ``internal_error``).
+error in a handler included (500 ``internal_error``). The paths, the secret check and the
+room request are the peer contract (``shardchat/internal_api.py``), which the callers
+(``cluster/peers.py``) import as well.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from shardchat.config import Config
 from shardchat.http_errors import json_error
+from shardchat.internal_api import (
+    AUTH_HEADER,
+    KEYS_PATH,
+    METRICS_PATH,
+    ROOMS_PATH,
+    STATS_PATH,
+    CreationFailed,
+    authorized,
+    read_creation_key,
+    read_room_request,
+)
 
 log = logging.getLogger("shardchat.internal")
 
-STATS_PATH = "/internal/stats"
-ROOMS_PATH = "/internal/rooms"
-METRICS_PATH = "/internal/metrics"
-KEYS_PATH = "/internal/creation-keys/"  # + an Idempotency-Key: the room created under it
+
+class PeerFacing(Protocol):
+    """What the internal listener asks of its node (``node/main.py``'s ``Node``)."""
+
+    number: int
+
+    @property
+    def draining(self) -> bool: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def metrics(self) -> dict[str, Any]: ...
+
+    async def create_room(self, name: str, private: bool,
+                          key: str | None = None) -> dict[str, Any]: ...
+
+    async def find_keyed_room(self, key: str) -> dict[str, Any] | None: ...
 
 
-def auth_header(secret: str) -> dict[str, str]:
-    """The header a peer sends; used by placement and tests alike."""
-    return {"Authorization": f"Bearer {secret}"}
-
-
-def build_app(cfg: Config, node: Any) -> web.Application:
-    expected = f"Bearer {cfg.cluster.secret}".encode()
+def build_app(cfg: Config, node: PeerFacing) -> web.Application:
+    secret = cfg.cluster.secret
 
     @web.middleware
     async def check_secret(request: web.Request, handler):
-        # aiohttp hands non-UTF-8 header bytes over as surrogate escapes: encode them back
-        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, expected):
+        if not authorized(request.headers.get(AUTH_HEADER), secret):
             log.warning("internal request %s %s from %s refused: wrong or missing secret",
                         request.method, request.path, request.remote)
             return json_error(401, "unauthorized", "Internal calls need the cluster secret "
@@ -62,9 +80,6 @@ def build_app(cfg: Config, node: Any) -> web.Application:
 
     async def create_room(request: web.Request) -> web.Response:
         """Create a room here; with an Idempotency-Key, the room already made under it."""
-        from shardchat.node.app import read_creation_key, read_room_request
-        from shardchat.node.idempotency import IdempotencyConflict
-
         if node.draining:
             return json_error(503, "draining", f"Instance {node.number} is draining.")
         key, refusal = read_creation_key(request)
@@ -75,8 +90,8 @@ def build_app(cfg: Config, node: Any) -> web.Application:
             return refusal
         try:
             room = await node.create_room(body["name"], body["private"], key)
-        except IdempotencyConflict as exc:
-            return json_error(422, exc.code, str(exc))
+        except CreationFailed as exc:  # the key made another room here: 422
+            return exc.response()
         return web.json_response(room, status=201)
 
     async def keyed_room(request: web.Request) -> web.Response:

@@ -1,58 +1,22 @@
-"""Input rules, and the refusal every check returns (rate limits: ``ratelimit.py``).
+"""Input rules of the events a member sends (rate limits: ``ratelimit.py``).
 
-Each check returns None when the input is acceptable, or an ``Refusal`` carrying the SPEC
-error code and a sentence a person can act on. Nothing here raises on hostile input: a
-payload of the wrong type is just another refusal.
+Each check returns None when the input is acceptable, or a ``Refusal`` carrying the SPEC
+error code and a sentence a person can act on (``shardchat/refusal.py``, with the text rule
+every check shares). Nothing here raises on hostile input: a payload of the wrong type is
+just another refusal. The room name belongs to the room request, which the public API and
+the internal create call read alike: it is checked in ``shardchat/internal_api.py``.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Any
 
 from shardchat.config import NodeSettings
+from shardchat.refusal import Refusal, check_text
 
-MAX_ROOM_NAME_CHARS = 100
 MAX_CLIENT_ID_CHARS = 64
 MAX_HISTORY_LIMIT = 100
 DEFAULT_HISTORY_LIMIT = 50
-
-# What SPEC section 4 refuses in text: control characters (Unicode category Cc: C0, DEL and
-# C1) and lone surrogates, which JSON's \uD800 escapes can smuggle in but no UTF-8 encoder,
-# browser or database takes. Format characters (the zero-width joiner of emoji sequences)
-# are fine. One regex pass: ~1 us for a chat line, ~30 us for 4000 characters.
-_BAD_IN_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")  # \t, \n allowed
-_BAD_IN_LINE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-
-
-@dataclass(frozen=True)
-class Refusal:
-    code: str
-    message: str
-
-    def ack(self) -> dict[str, Any]:
-        return {"ok": False, "error": self.code, "message": self.message}
-
-    def connect_error(self) -> dict[str, Any]:
-        return {"message": self.message, "data": {"code": self.code}}
-
-
-def check_text(value: str, what: str, *, multiline: bool = False) -> Refusal | None:
-    """``bad_request`` when ``value`` is not valid Unicode or holds a control character.
-
-    ``what`` names the field in the sentence ("The message"). ``multiline`` text (messages)
-    may hold newlines and tabs; names and ids are one line and may not."""
-    found = (_BAD_IN_TEXT if multiline else _BAD_IN_LINE).search(value)
-    if found is None:
-        return None
-    code_point = ord(found.group())
-    if 0xD800 <= code_point <= 0xDFFF:
-        return Refusal("bad_request", f"{what} is not valid Unicode text: it holds a lone "
-                       f"surrogate (U+{code_point:04X}); send whole characters.")
-    allowed = " (newlines and tabs are fine)" if multiline else ""
-    return Refusal("bad_request", f"{what} holds the control character U+{code_point:04X}; "
-                   f"remove it{allowed}.")
 
 
 def check_display_name(name: Any, settings: NodeSettings) -> Refusal | None:
@@ -67,16 +31,6 @@ def check_display_name(name: Any, settings: NodeSettings) -> Refusal | None:
         return Refusal("bad_request", f"Your display name has {len(stripped)} characters; "
                        f"use at most {settings.max_name_chars}.")
     return check_text(stripped, "Your display name")
-
-
-def check_room_name(name: Any) -> Refusal | None:
-    if not isinstance(name, str) or not name.strip():
-        return Refusal("bad_request", "Give the room a name (1 to "
-                       f"{MAX_ROOM_NAME_CHARS} characters).")
-    if len(name.strip()) > MAX_ROOM_NAME_CHARS:
-        return Refusal("bad_request", f"The room name has {len(name.strip())} characters; "
-                       f"use at most {MAX_ROOM_NAME_CHARS}.")
-    return check_text(name.strip(), "The room name")
 
 
 def check_message(data: Any, settings: NodeSettings) -> Refusal | None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardchat.config import NodeSettings
-from shardchat.node.limits import Refusal
+from shardchat.refusal import Refusal
 
 IDENTITY, ADDRESS, TABLE = "identity", "address", "table"
 SWEEPS_PER_WINDOW = 8  # an idle bucket lingers about 1/8 window past its expiry

@@ -28,10 +28,10 @@ from shardchat.config import Config
 from shardchat.node import limits, payloads, ratelimit
 from shardchat.node.fanout import Fanout, json_size
 from shardchat.node.invites import Invites
-from shardchat.node.limits import Refusal
 from shardchat.node.members import MemberTokens
 from shardchat.node.ratelimit import RateLimiter, limit_identity
 from shardchat.node.store import CreationKey, MessageRecord, RoomRecord, Store, StoreError
+from shardchat.refusal import Refusal
 
 log = logging.getLogger("shardchat.rooms")
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ast
 import re
 
 import boto3
@@ -38,25 +37,6 @@ def test_no_module_but_the_factory_makes_a_boto3_client():
                  for p in sorted((ROOT / d).rglob("*.py"))
                  if makes.search(p.read_text()) and p != ROOT / "shardchat/aws/clients.py"]
     assert offenders == []
-
-
-def imported_modules(path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    return names | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
-                    for a in n.names}
-
-
-@pytest.mark.parametrize(("package", "forbidden"), [
-    ("shardchat/aws", ("shardchat.node", "provisioner")),
-    ("provisioner", ("shardchat.node",)),
-])
-def test_layers_import_only_downwards(package, forbidden):
-    """The AWS layer sits below the node and the provisioner; the provisioner never needs
-    the node (it uses cluster/rules.py and aws/)."""
-    wrong = {f"{p.relative_to(ROOT)}: {m}" for p in (ROOT / package).rglob("*.py")
-             for m in imported_modules(p) if m.startswith(forbidden)}
-    assert wrong == set()
 
 
 def forward(arn: str, spelling: str = "plain") -> list[dict]:

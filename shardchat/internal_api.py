@@ -1,0 +1,192 @@
+"""The peer contract: what nodes say to each other, and what a room creation is anywhere.
+
+Peers talk over the internal listener: ``node/internal.py`` serves it, ``cluster/peers.py``
+calls it, and ``cluster/placement.py`` decides whom to call. Everything both ends must agree
+on lives here, so that neither end imports the other (the node is below the cluster, and the
+cluster never imports the node):
+
+* the paths, and the cluster secret every internal request carries
+  (``Authorization: Bearer <secret>``, compared in constant time);
+* the room request: ``POST /api/rooms`` and ``POST /internal/rooms`` take the same body,
+  read and checked by the same code (``read_room_request``), so a request the receiving node
+  accepted is one its peers accept too, and both answer the same faults in the same words;
+* the ``Idempotency-Key``: the header, the form of a key, the fingerprint of what was asked,
+  and ``replay`` (the room of an earlier creation, or ``IdempotencyConflict`` when the key
+  asked for another room). The owner's side, storing a key with its room, is
+  ``node/idempotency.py``;
+* how a creation ends when it does not end in a room (``CreationFailed``): each kind carries
+  the HTTP answer it becomes, whichever listener gives it.
+
+It imports neither ``shardchat.node`` nor ``shardchat.cluster`` (``tests/test_layering.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from typing import Any
+
+from aiohttp import web
+
+from shardchat.http_errors import json_error
+from shardchat.refusal import Refusal, check_text
+
+# -- paths and the secret ------------------------------------------------------------------
+
+STATS_PATH = "/internal/stats"
+ROOMS_PATH = "/internal/rooms"
+METRICS_PATH = "/internal/metrics"
+KEYS_PATH = "/internal/creation-keys/"  # + an Idempotency-Key: the room created under it
+
+AUTH_HEADER = "Authorization"
+
+
+def auth_header(secret: str) -> dict[str, str]:
+    """The header a peer sends; used by placement, the benchmark and tests alike."""
+    return {AUTH_HEADER: f"Bearer {secret}"}
+
+
+def authorized(given: str | None, secret: str) -> bool:
+    """Whether the ``Authorization`` value ``given`` carries ``secret``: compared in constant
+    time, as the bytes that arrived. aiohttp hands header bytes that are not UTF-8 over as
+    surrogate escapes; they are encoded back, so such a header is just a wrong secret."""
+    expected = auth_header(secret)[AUTH_HEADER].encode()
+    return hmac.compare_digest((given or "").encode("utf-8", "surrogateescape"), expected)
+
+
+# -- the room request ----------------------------------------------------------------------
+
+MAX_ROOM_NAME_CHARS = 100
+
+
+def check_room_name(name: Any) -> Refusal | None:
+    """None for a usable room name: 1 to ``MAX_ROOM_NAME_CHARS`` visible characters."""
+    if not isinstance(name, str) or not name.strip():
+        return Refusal("bad_request", "Give the room a name (1 to "
+                       f"{MAX_ROOM_NAME_CHARS} characters).")
+    if len(name.strip()) > MAX_ROOM_NAME_CHARS:
+        return Refusal("bad_request", f"The room name has {len(name.strip())} characters; "
+                       f"use at most {MAX_ROOM_NAME_CHARS}.")
+    return check_text(name.strip(), "The room name")
+
+
+async def read_room_request(request: web.Request, max_bytes: int
+                            ) -> tuple[dict | None, web.Response | None]:
+    """Read and validate a create-room body (public API and internal call alike)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raw = None
+    if raw is None or len(raw) > max_bytes:
+        return None, json_error(413, "too_large", f"The request body is larger than "
+                                f"{max_bytes} bytes (node.max_body_bytes).")
+    return parse_room_request(raw)
+
+
+def parse_room_request(raw: bytes) -> tuple[dict | None, web.Response | None]:
+    """Validate a POST /api/rooms body; returns (body, None) or (None, error response)."""
+    try:
+        body = json.loads(raw or b"null")
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json goes
+        return None, json_error(400, "bad_request", 'The body must be JSON, e.g. '
+                                '{"name": "Team chat", "private": false}.')
+    if not isinstance(body, dict):
+        return None, json_error(400, "bad_request", 'The body must be a JSON object with '
+                                '"name" and optionally "private".')
+    bad = check_room_name(body.get("name"))
+    if bad:
+        return None, json_error(400, bad.code, bad.message)
+    private = body.get("private", False)
+    if not isinstance(private, bool):
+        return None, json_error(400, "bad_request", '"private" must be true or false.')
+    return {"name": body["name"], "private": private}, None
+
+
+# -- the Idempotency-Key -------------------------------------------------------------------
+
+KEY_HEADER = "Idempotency-Key"
+KEY_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
+
+
+def check_key(value: str | None) -> Refusal | None:
+    """None when ``value`` (the header, or None when absent) is a usable key."""
+    if value is None or KEY_RE.fullmatch(value):
+        return None
+    what = (f"this one is {len(value)} characters long" if not 16 <= len(value) <= 128
+            else "this one holds other characters")
+    return Refusal("bad_request", f"The {KEY_HEADER} header must be 16 to 128 letters, "
+                   f"digits, '-' or '_' (for example a random UUID); {what}.")
+
+
+def read_creation_key(request: web.Request) -> tuple[str | None, web.Response | None]:
+    """The request's Idempotency-Key (None when it has none), or a 400 for a bad one."""
+    key = request.headers.get(KEY_HEADER)
+    bad = check_key(key)
+    return (None, json_error(400, bad.code, bad.message)) if bad else (key, None)
+
+
+def fingerprint(name: str, private: bool) -> str:
+    """A digest of what was asked, so a key reused for another room is recognised."""
+    canon = json.dumps({"name": name.strip(), "private": bool(private)}, sort_keys=True)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def replay(found: dict[str, Any], name: str, private: bool) -> dict[str, Any]:
+    """The room of an earlier creation with this key, if it asked for the same thing.
+
+    ``found`` is ``{"room", "fingerprint"}``, as ``GET /internal/creation-keys/<key>``
+    answers it (and the owner's ``KeyedCreations.find`` returns it)."""
+    if found.get("fingerprint") != fingerprint(name, private):
+        raise IdempotencyConflict()
+    return found["room"]
+
+
+# -- how a creation fails ------------------------------------------------------------------
+
+class CreationFailed(Exception):
+    """A room creation that ends in an answer other than a room: ``status`` (HTTP),
+    ``code`` (SPEC error code) and ``message`` are that answer, on any listener."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def response(self) -> web.Response:
+        return json_error(self.status, self.code, self.message)
+
+
+class IdempotencyConflict(CreationFailed):
+    """The key was used before for a room with another name or privacy (422). A peer says
+    so with this code, and placement passes it on rather than trying another peer."""
+
+    status = 422
+    code = "idempotency_conflict"
+
+    def __init__(self) -> None:
+        super().__init__("This Idempotency-Key was already used to create a room with another "
+                         "name or privacy setting; send a new key for a new room.")
+
+
+class NoCapacity(CreationFailed):
+    """No healthy, non-draining instance could take the room (503)."""
+
+    status = 503
+    code = "no_capacity"
+
+    def __init__(self, message: str = "No instance can take a new room right now (all are "
+                 "down or draining); try again in a few seconds."):
+        super().__init__(message)
+
+
+class Refused(CreationFailed):
+    """Peers refused the request itself (400/413) and none took it: answer the same."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code

@@ -1,0 +1,246 @@
+"""Instance N, wired: the one module that builds a node and runs it.
+
+``Node`` builds the parts (the store, the Socket.IO server with its fast paths, the room
+service, the limits, the placer, the public and internal listeners) and hands each the
+others it needs; ``serve`` runs it until SIGTERM/SIGINT (or its supervisor is gone), drains
+it and returns the exit code. This is the only module of ``node/`` that imports the cluster:
+the placer (``cluster/placement.py``) is built here, with this node as its ``LocalNode``
+(its own stats and room creation), and handed to the public routes, which know it only as a
+``RoomPlacer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from shardchat import lifecycle, listener, urls
+from shardchat.cluster.placement import Placer
+from shardchat.config import Config
+from shardchat.node import gctune, idempotency, internal, shutdown, transport
+from shardchat.node.app import PublicApp
+from shardchat.node.clientaddr import ClientAddresses
+from shardchat.node.fanout import Fanout
+from shardchat.node.inbound import BoundedJson, Inbound
+from shardchat.node.rooms import RoomService
+from shardchat.node.sockets import NodeSocketServer, register_events
+from shardchat.node.store import Store, StoreError
+
+log = logging.getLogger("shardchat.node")
+
+
+class Node:
+    """Everything of instance N inside one process."""
+
+    def __init__(self, cfg: Config, number: int):
+        self.cfg = cfg
+        self.number = number
+        self.settings = cfg.node
+        self.instance = cfg.instance(number)
+        self.store = Store(cfg.instance_data_dir(number), retention=cfg.node.history_retention,
+                           fsync=cfg.node.fsync, max_recovery=cfg.node.max_recovery,
+                           prune_interval=cfg.node.prune_interval)
+        self.sio = NodeSocketServer(
+            async_mode="aiohttp", namespaces="*",
+            ping_interval=cfg.node.ping_interval, ping_timeout=cfg.node.ping_timeout,
+            max_http_buffer_size=cfg.node.max_packet_bytes, json=BoundedJson,
+            cors_allowed_origins=None, logger=False, engineio_logger=False)
+        self.fanout = Fanout(self.sio, cfg.node)
+        self.inbound = Inbound(self.sio, self.fanout)
+        transport.install(self.sio, cfg.node.websocket_compression, self.fanout, self.inbound)
+        self.sio.direct_send = self.fanout.send_packet
+        self.rooms = RoomService(cfg, number, self.store, self.fanout)
+        self.addresses = ClientAddresses(cfg.node.trusted_proxies)
+        self.keyed = idempotency.KeyedCreations(self.store, self.rooms)
+        self.placer = Placer(cfg, self)  # the cluster's part: this node is its LocalNode
+        self.public_app = PublicApp(cfg.node, number, self.sio, self.store, self.rooms,
+                                    self.addresses, self.placer)
+        self.runners: list[web.AppRunner] = []  # public, internal
+        self.step = "serving"  # the shutdown step under way, for the watchdog's log
+        self.store_closed = False
+        register_events(self.sio, self.rooms, self.addresses)
+
+    # -- LocalNode protocol (used by placement) ------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {"instance": self.number, "connections": self.rooms.connection_count(),
+                "rooms": self.store.room_count(), "draining": self.rooms.draining}
+
+    async def create_room(self, name: str, private: bool,
+                          key: str | None = None) -> dict[str, Any]:
+        if key is None:
+            return await self.rooms.create_room(name, private)
+        return await self.keyed.create(key, name, private)
+
+    async def find_keyed_room(self, key: str) -> dict[str, Any] | None:
+        """This node's room created under Idempotency-Key ``key``, with its fingerprint."""
+        return await self.keyed.find(key)
+
+    def metrics(self) -> dict[str, Any]:
+        """Internal counters (``GET /internal/metrics``): where the work goes."""
+        return {"instance": self.number, "store": self.store.stats(),
+                "fanout": self.fanout.stats(), "inbound": self.inbound.stats(),
+                "rate_limits": self.rooms.limiter.stats(),
+                "gc": gctune.WATCH.stats()}
+
+    @property
+    def draining(self) -> bool:
+        return self.rooms.draining
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store, start placement and both listeners."""
+        await self.store.open()
+        await self.placer.start()
+        inst = self.instance
+        self.runners = [
+            web.AppRunner(self.public_app.build_app(), access_log=None, handle_signals=False,
+                          shutdown_timeout=shutdown.HTTP_TIMEOUT),
+            web.AppRunner(internal.build_app(self.cfg, self), access_log=None,
+                          handle_signals=False, shutdown_timeout=shutdown.HTTP_TIMEOUT)]
+        for runner in self.runners:
+            await runner.setup()
+        public, private = self.runners
+        timeouts = listener.ListenerTimeouts.from_config(self.cfg)  # header and idle bounds
+        await listener.start_site(private, inst.host, inst.internal_port, timeouts)
+        await listener.start_site(public, inst.host, inst.port, timeouts)
+
+    async def drain(self, hurry: asyncio.Event | None = None) -> int:
+        """Stop taking rooms and connections, let in-flight messages commit, close every
+        session so that its client reconnects, stop the listeners, flush the store.
+
+        Each step has its own bound (``shutdown.run_step``), and the whole stop after the
+        grace period has ``SHUTDOWN_LIMIT`` (``lifecycle.Watchdog``). Returns the exit code:
+        0 once the store is flushed and closed, whatever else overran."""
+        self.rooms.draining = True
+        grace = self.settings.drain_grace_seconds
+        log.info("instance %d draining: health answers 503 for %g s, then clients are "
+                 "closed", self.number, grace)
+        await self._grace(grace, hurry)
+        watchdog = lifecycle.Watchdog(lifecycle.SHUTDOWN_LIMIT, self.open_state,
+                                      lambda: 0 if self.store_closed else 1)
+        watchdog.arm()
+        public, private = self.runners
+        steps = [
+            ("in-flight messages", lambda: self.rooms.wait_idle(timeout=shutdown.IDLE_TIMEOUT),
+             shutdown.IDLE_TIMEOUT + 1),
+            ("closing sessions", self._close_sessions, shutdown.CLOSE_TIMEOUT + 1),
+            ("public listener", public.cleanup, shutdown.LISTENER_TIMEOUT),
+            ("internal listener", private.cleanup, shutdown.LISTENER_TIMEOUT),
+            ("placement", self.placer.close, shutdown.PEERS_TIMEOUT),
+            ("engine", self.sio.shutdown, shutdown.ENGINE_TIMEOUT),
+            ("flushing the store", self.store.close, shutdown.STORE_TIMEOUT),
+        ]
+        finished = False
+        for name, work, timeout in steps:
+            self.step = name
+            finished = await shutdown.run_step(name, work(), timeout)
+        self.store_closed = finished  # the store is the last step
+        self.step = "exiting"
+        return 0 if self.store_closed else 1
+
+    async def _close_sessions(self) -> None:
+        """Refuse new Engine.IO sessions, then end every open one so its client reconnects
+        (to this node once it is back, or wherever the load balancer sends it)."""
+        self.public_app.closing = True
+        counts = await transport.close_sessions(self.sio.eio, self.fanout,
+                                                shutdown.CLOSE_TIMEOUT)
+        log.info("instance %d closed its sessions: %s", self.number, counts)
+
+    async def _grace(self, seconds: float, hurry: asyncio.Event | None) -> None:
+        """Answer 503 on health for ``seconds`` so the load balancer stops sending new
+        connections here, while the members go on chatting; a second signal ends it early."""
+        if hurry is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), seconds)
+
+    def open_state(self) -> str:
+        """What a stop is still waiting on, for the watchdog's log line (read-only: it runs
+        on the watchdog's thread)."""
+        sessions = [s for s in list(self.sio.eio.sockets.values()) if not s.closed]
+        websockets = len(self.fanout._ws)
+        connections = sum(len(r.server.connections) for r in self.runners
+                          if r.server is not None)
+        return (f"step {self.step!r}; {len(sessions)} Engine.IO sessions ({websockets} on "
+                f"websocket), {connections} HTTP connections, store "
+                f"{'closed' if self.store_closed else 'not closed'}")
+
+
+class StopRequest:
+    """Why and how urgently the node stops: the first SIGTERM/SIGINT begins the drain, a
+    second one cuts the grace period short. SIGHUP (the parent-death signal, or a closed
+    terminal) and a parent found gone begin it too, but never hurry it: the kernel may send
+    the parent-death signal more than once."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.hurry = asyncio.Event()
+
+    def __call__(self, why: str, can_hurry: bool = True) -> None:
+        if not self.requested.is_set():
+            log.info("stopping: %s", why)
+            self.requested.set()
+        elif can_hurry and not self.hurry.is_set():
+            log.info("%s again: skipping the rest of the grace period", why)
+            self.hurry.set()
+
+
+async def serve(cfg: Config, number: int) -> int:
+    """Run node N until SIGTERM/SIGINT (or its supervisor is gone); drain and return the
+    exit code (0 after a clean drain). A store that cannot be opened (damaged, or in use by
+    another process) is one logged line and exit code 1."""
+    node = Node(cfg, number)
+    try:
+        await node.start()  # opens the store before anything listens
+    except StoreError as exc:  # damaged, locked by another process, or unwritable
+        log.error("instance %d cannot start: %s", number, exc)
+        return 1
+    tuned = os.environ.get("SHARDCHAT_GC_TUNE", "1") != "0"
+    gctune.install(tune=tuned)
+    sweeper = asyncio.create_task(gctune.sweep_old(), name="gc-sweep") if tuned else None
+    inst = node.instance
+    log.info("instance %d serving http://%s:%d%s/ (internal port %d)", number, inst.host,
+             inst.port, urls.prefix(number), inst.internal_port)
+    stop = StopRequest()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, signal.Signals(sig).name)
+    loop.add_signal_handler(signal.SIGHUP, stop, "SIGHUP", False)
+    parent = lifecycle.expected_parent()
+    watcher = None
+    if parent is not None:
+        watcher = asyncio.create_task(
+            lifecycle.watch_parent(parent, lambda why: stop(why, False)), name="parent")
+    await stop.requested.wait()
+    for task in (watcher, sweeper):
+        if task is not None:
+            task.cancel()
+    code = await node.drain(stop.hurry)
+    if code == 0:
+        log.info("instance %d stopped cleanly", number)
+    else:
+        log.error("instance %d stopped, but its store could not be closed in time", number)
+    return code
+
+
+def run_node(cfg: Config, number: int) -> int:
+    """``shardchat node``: log set-up, the event loop (uvloop where it is installed), then
+    ``serve``; returns the process exit code."""
+    logging.basicConfig(level=cfg.node.log_level.upper(),
+                        format=f"%(asctime)s i{number} %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    return runner(serve(cfg, number))
