@@ -33,6 +33,7 @@ from bench.servers import (
     StockServer,
     affinity,
 )
+from shardchat.cluster.nodeproc import ChildError
 from shardchat.node import gctune
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -114,7 +115,7 @@ async def run_one(key: str, sc: scenarios.Scenario, cores: set[int] | None,
     try:
         server.start()
         row = await scenarios.run(server, sc, log=print)
-    except (ServerError, OSError, TimeoutError) as exc:
+    except (ServerError, ChildError, OSError, TimeoutError) as exc:
         row = {"scenario": sc.name, "server": server.label,
                "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     finally:

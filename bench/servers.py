@@ -13,19 +13,16 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardchat import urls
+from shardchat.cluster.nodeproc import ChildProcess, NodeProcess
 from shardchat.cluster.up import free_port
 from shardchat.config import dump_toml
 from shardchat.internal_api import METRICS_PATH, ROOMS_PATH, auth_header
@@ -36,6 +33,17 @@ SECRET = "bench-" + secrets.token_hex(8)
 
 class ServerError(RuntimeError):
     """A server under test failed to start or answer."""
+
+
+START_TIMEOUT = 30.0  # seconds a server process may take to answer its health check
+PORT_TIMEOUT = 15.0   # seconds redis-server may take to listen
+
+
+def port_open(port: int) -> bool:
+    """Something accepts connections on 127.0.0.1:``port``."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -73,63 +81,6 @@ def _http(method: str, url: str, body: Any = None, headers: dict | None = None,
         return status, raw.decode("utf-8", "replace")
 
 
-class Proc:
-    """One pinned server process with its log file."""
-
-    def __init__(self, name: str, argv: list[str], log_dir: Path, cores: set[int] | None,
-                 env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-
-        def pin() -> None:
-            if cores:
-                os.sched_setaffinity(0, cores)
-
-        self.popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                      cwd=str(ROOT), preexec_fn=pin)
-        log.close()
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def check(self) -> None:
-        if self.popen.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise ServerError(f"{self.name} exited with {self.popen.returncode}:\n{tail}")
-
-    def wait_http(self, url: str, timeout: float = 30.0) -> None:
-        """Wait (bounded) until ``url`` answers 200."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check()
-            with contextlib.suppress(OSError):
-                if _http("GET", url, timeout=1.0)[0] == 200:
-                    return
-            time.sleep(0.05)
-        raise ServerError(f"{self.name} did not answer {url} within {timeout:g} s")
-
-    def wait_port(self, port: int, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check()
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                return
-            time.sleep(0.05)
-        raise ServerError(f"{self.name} did not listen on {port} within {timeout:g} s")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-
-
 class Server:
     """Base of every server kind; subclasses fill ``start`` and the addressing."""
 
@@ -138,19 +89,30 @@ class Server:
 
     def __init__(self, cores: set[int] | None) -> None:
         self.cores = cores
-        self.procs: list[Proc] = []
+        self.procs: list[ChildProcess] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        return [p.pid for p in self.procs if p.pid is not None]
 
-    def _spawn(self, name: str, argv: list[str], index: int, **kw: Any) -> Proc:
+    def _cores(self, index: int) -> set[int] | None:
+        """The cores of process ``index``: the processes of one design are spread over the
+        server cores, one core each."""
         cores = self.cores
-        if cores and len(cores) > 1:  # spread the processes of one design over its cores
+        if cores and len(cores) > 1:
             ordered = sorted(cores)
             cores = {ordered[index % len(ordered)]}
-        proc = Proc(name, argv, self.tmp, cores, **kw)
+        return cores
+
+    def _spawn(self, name: str, argv: list[str], index: int,
+               ready_url: str | None = None) -> ChildProcess:
+        proc = ChildProcess(name, argv, self.tmp / f"{name}.log", cwd=ROOT,
+                            ready_url=ready_url, cores=self._cores(index))
+        return self._started(proc)
+
+    def _started(self, proc: ChildProcess) -> ChildProcess:
+        proc.spawn()
         self.procs.append(proc)
         return proc
 
@@ -169,6 +131,7 @@ class Server:
         return []
 
     def check(self) -> None:
+        """Raise ``nodeproc.Exited`` (a ``ChildError``) if a server process has exited."""
         for p in self.procs:
             p.check()
 
@@ -189,8 +152,9 @@ class StockServer(Server):
     def start(self) -> None:
         self.port = free_port()
         p = self._spawn("stock", [sys.executable, "-m", "bench.peers.stock_sio",
-                                  "--port", str(self.port)], 0)
-        p.wait_http(f"http://127.0.0.1:{self.port}/healthz")
+                                  "--port", str(self.port)], 0,
+                        ready_url=f"http://127.0.0.1:{self.port}/healthz")
+        p.wait_ready(START_TIMEOUT)
 
     def endpoint(self, room: Any, member: int) -> Endpoint:
         return Endpoint("127.0.0.1", self.port, "/socket.io", f"/room/{room}")
@@ -208,8 +172,9 @@ class NodeJsServer(Server):
     def start(self) -> None:
         self.port = free_port()
         p = self._spawn("node", [shutil.which("node") or "node",
-                                 str(ROOT / "bench" / "peers" / "node_sio.js"), str(self.port)], 0)
-        p.wait_http(f"http://127.0.0.1:{self.port}/healthz")
+                                 str(ROOT / "bench" / "peers" / "node_sio.js"), str(self.port)], 0,
+                        ready_url=f"http://127.0.0.1:{self.port}/healthz")
+        p.wait_ready(START_TIMEOUT)
 
     def endpoint(self, room: Any, member: int) -> Endpoint:
         return Endpoint("127.0.0.1", self.port, "/socket.io", f"/room/{room}")
@@ -232,14 +197,15 @@ class RedisServer(Server):
         redis = self._spawn("redis", [shutil.which("redis-server") or "redis-server",
                                       "--port", str(rport), "--bind", "127.0.0.1",
                                       "--save", "", "--appendonly", "no"], 2)
-        redis.wait_port(rport)
+        redis.wait_ready(PORT_TIMEOUT, probe=lambda: port_open(rport))
         url = f"redis://127.0.0.1:{rport}/0"
         self.ports = [free_port(), free_port()]
         nodes = [self._spawn(f"redis-node{i + 1}", [sys.executable, "-m", "bench.peers.redis_sio",
-                                                    "--port", str(port), "--redis", url], i)
+                                                    "--port", str(port), "--redis", url], i,
+                             ready_url=f"http://127.0.0.1:{port}/healthz")
                  for i, port in enumerate(self.ports)]
-        for node, port in zip(nodes, self.ports, strict=True):
-            node.wait_http(f"http://127.0.0.1:{port}/healthz")
+        for node in nodes:
+            node.wait_ready(START_TIMEOUT)
 
     def endpoint(self, room: Any, member: int) -> Endpoint:
         return Endpoint("127.0.0.1", self.ports[member % 2], "/socket.io", f"/room/{room}")
@@ -285,13 +251,13 @@ class ShardchatServer(Server):
 
     def start(self) -> None:
         cfg = self._write_config()
-        procs = [self._spawn(f"shardchat-i{inst['number']}",
-                             [sys.executable, *self._profiler(inst["number"]), "-m", "shardchat",
-                              "node", "--config", str(cfg), "--instance", str(inst["number"])],
-                             idx)
+        procs = [self._started(NodeProcess(
+                     cfg, inst["number"], host="127.0.0.1", port=inst["port"],
+                     log_path=self.tmp / f"shardchat-i{inst['number']}.log", cwd=ROOT,
+                     cores=self._cores(idx), python_args=self._profiler(inst["number"])))
                  for idx, inst in enumerate(self.instances)]
-        for proc, inst in zip(procs, self.instances, strict=True):
-            proc.wait_http(f"http://127.0.0.1:{inst['port']}{urls.healthz_path(inst['number'])}")
+        for proc in procs:
+            proc.wait_ready(START_TIMEOUT)
 
     def _profiler(self, number: int) -> list[str]:
         """cProfile arguments when profiling (``--profile DIR``): the profile of node N is

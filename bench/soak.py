@@ -488,7 +488,7 @@ class Soak:
     def audit_store(self) -> dict[str, Any]:
         """Stop the node and read its store: every acked message once, seqs gap-free."""
         proc = self.server.procs[0]
-        proc.stop(timeout=30)
+        proc.stop(grace=30)
         db = self.server.tmp / "data" / "i1" / "store.sqlite3"
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:

@@ -11,13 +11,13 @@ Ports. A node's ports must be in its config file before it starts, so they are p
 own bind, another process (the other xdist worker, another test run on this machine) may take
 the port. Rather than hand bound sockets to a node (the product has no way to inherit one),
 starting is retried: when a node exits during start-up because its address is in use
-(``PortInUse``, read from its log), ``start_nodes`` stops every node it started, gives all of
-them fresh ports, rewrites the config file and starts them again, up to ``PORT_ATTEMPTS``
-times. All nodes of one config start together through ``start_nodes`` (``running_nodes``
-does), so no node keeps a stale view of a peer's ports. A restart of a node that ran before
-keeps its ports, since its peers know them. Servers a test runs in its own process bind port
-0 and read the port back (nothing to race), and a port that must refuse connections is held
-bound without listening (``refusing_port``).
+(``nodeproc.Exited.address_in_use``, read from its log), ``start_nodes`` stops every node it
+started, gives all of them fresh ports, rewrites the config file and starts them again, up
+to ``PORT_ATTEMPTS`` times. All nodes of one config start together through ``start_nodes``
+(``running_nodes`` does), so no node keeps a stale view of a peer's ports. A restart of a
+node that ran before keeps its ports, since its peers know them. Servers a test runs in its
+own process bind port 0 and read the port back (nothing to race), and a port that must
+refuse connections is held bound without listening (``refusing_port``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ import contextlib
 import importlib.util
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 import tomllib
 import urllib.error
@@ -41,6 +38,7 @@ from typing import Any
 
 import pytest
 
+from shardchat.cluster import nodeproc
 from shardchat.cluster.up import free_port
 from shardchat.config import dump_toml
 
@@ -51,7 +49,6 @@ SECRET = "test-secret-please-change"
 TEST_DRAIN_GRACE = 1.0
 HEALTHY_TIMEOUT = 60.0  # seconds a node may take to start: generous for a loaded 2-core box
 PORT_ATTEMPTS = 5       # starts with fresh ports before a port clash fails the test
-ADDRESS_IN_USE = "address already in use"  # a bind error (EADDRINUSE), lower-cased
 
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package: what the browser tests drive
@@ -223,27 +220,17 @@ def bound_port(runner: Any) -> int:
     return runner.addresses[0][1]
 
 
-class NodeExited(GiveUp):
-    """A node process exited before it answered its health check."""
-
-
-class PortInUse(NodeExited):
-    """A node exited at start-up because one of its ports was taken meanwhile."""
-
-
-class NodeProcess:
-    """A real ``shardchat node`` subprocess. ``port``/``internal_port`` are read from the
-    ``instance`` dict, which ``start_nodes`` updates when it had to pick fresh ports."""
+class NodeProcess(nodeproc.NodeProcess):
+    """A real ``shardchat node`` subprocess (``shardchat/cluster/nodeproc.py``) with what
+    tests add: its ports are read from the ``instance`` dict, which ``start_nodes`` updates
+    when it had to pick fresh ports, and a first start retries a port clash."""
 
     def __init__(self, config_path: Path, instance: dict[str, Any], log_dir: Path,
                  env: dict[str, str] | None = None):
-        self.config_path = config_path
+        super().__init__(config_path, instance["number"], host="127.0.0.1",
+                         port=instance["port"],
+                         log_path=log_dir / f"node-{instance['number']}.log", env=env, cwd=ROOT)
         self.instance = instance
-        self.number = instance["number"]
-        self.log_path = log_dir / f"node-{self.number}.log"
-        self.env = env
-        self.proc: subprocess.Popen | None = None
-        self._log_from = 0  # where this run's output starts in the (appended) log
 
     @property
     def port(self) -> int:
@@ -267,75 +254,20 @@ class NodeProcess:
         if wait and self.proc is None:
             start_nodes([self])
             return self
-        self.launch()
+        self.spawn()
         if wait:
-            self.wait_healthy()
+            self.wait_ready(HEALTHY_TIMEOUT)
         return self
-
-    def launch(self) -> None:
-        """Start the process without waiting for it."""
-        env = dict(os.environ)
-        env.update(self.env or {})
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        with contextlib.suppress(OSError):
-            self._log_from = self.log_path.stat().st_size
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process lifetime
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shardchat", "node", "--config", str(self.config_path),
-             "--instance", str(self.number)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-        log.close()
 
     def healthz(self) -> tuple[int, Any]:
         return http_json("GET", f"{self.base_url}/i{self.number}/healthz", timeout=2)
 
-    def wait_healthy(self, timeout: float = HEALTHY_TIMEOUT) -> None:
-        """Wait for a 200 from healthz; a node that exits first fails at once with its log
-        (``PortInUse`` when it could not bind)."""
-        def ok():
-            if self.proc is not None and self.proc.poll() is not None:
-                run_log = self.run_log()
-                kind = PortInUse if ADDRESS_IN_USE in run_log.lower() else NodeExited
-                raise kind(f"node {self.number} exited with {self.proc.returncode}:\n"
-                           + run_log[-4000:])
-            return self.healthz()[0] == 200
-        try:
-            wait_until(ok, timeout, what=f"node {self.number} healthy")
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}; its log:\n{self.log()}") from None
-
-    def run_log(self) -> str:
-        """This run's output (the log file holds every run of the node)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._log_from)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
     def log(self) -> str:
+        """The end of the log file (every run of the node)."""
         try:
             return self.log_path.read_text(errors="replace")[-4000:]
         except OSError:
             return ""
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to flush anything."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def terminate(self, timeout: float = 15.0) -> int:
-        """SIGTERM and wait for the graceful exit; returns the exit code."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            return self.proc.wait(timeout=timeout)
-        return self.proc.returncode if self.proc else 0
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.terminate(timeout=10)
-        self.kill()
 
 
 def start_nodes(nodes: Iterable[NodeProcess], timeout: float = HEALTHY_TIMEOUT) -> None:
@@ -345,12 +277,14 @@ def start_nodes(nodes: Iterable[NodeProcess], timeout: float = HEALTHY_TIMEOUT) 
     nodes = list(nodes)
     for attempt in range(1, PORT_ATTEMPTS + 1):
         for node in nodes:
-            node.launch()
+            node.spawn()
         try:
             for node in nodes:
-                node.wait_healthy(timeout)
+                node.wait_ready(timeout)
             return
-        except PortInUse:
+        except nodeproc.Exited as exc:
+            if not exc.address_in_use:
+                raise
             for node in nodes:
                 node.stop()
             if attempt == PORT_ATTEMPTS:

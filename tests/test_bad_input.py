@@ -31,6 +31,7 @@ from tests.conftest import (
     refusal,
 )
 from tests.support import (
+    HEALTHY_TIMEOUT,
     SECRET,
     TEST_RATE_LIMITS,
     NodeProcess,
@@ -175,7 +176,7 @@ async def start_placeable(nodes: list[NodeProcess]) -> None:
     for node in nodes:
         node.start(wait=False)
     for node in nodes:
-        await asyncio.to_thread(node.wait_healthy)
+        await asyncio.to_thread(node.wait_ready, HEALTHY_TIMEOUT)
     await wait_both_placeable(nodes)
 
 

@@ -22,12 +22,12 @@ import socketio
 from aiohttp import web
 
 from shardchat import urls
+from shardchat.cluster.nodeproc import ADDRESS_IN_USE
 from shardchat.cluster.router import HealthSettings, Router, RouterLimits, serve
 from shardchat.cluster.rules import Rule, RuleSet, build_rules
 from shardchat.listener import ListenerTimeouts
 from tests.conftest import create_room
 from tests.support import (
-    ADDRESS_IN_USE,
     PORT_ATTEMPTS,
     ROOT,
     GiveUp,

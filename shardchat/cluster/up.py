@@ -10,21 +10,22 @@ Everything lives under ``./.shardchat/`` of the working directory:
   ``[node]`` table, say) is kept.
 * ``data/``: node N's store (``data/i<N>/``); ``logs/node-<N>.log``: node N's output.
 
-Nodes are real ``shardchat node`` processes in their own process group, so Ctrl-C reaches
-only this supervisor, which then stops them in order: SIGTERM to every node (each drains,
-flushes its store and exits), wait for all of them, stop the router, exit 0. Every wait is
-bounded: a node that has not exited ``STOP_EXTRA`` seconds past its own shutdown limit is
-killed, and the supervisor itself exits by ``stop_limit`` whatever it is waiting on. Nothing
-is restarted behind the user's back: a node that dies is reported, the others keep going.
+Nodes are real ``shardchat node`` processes (``nodeproc.NodeProcess``) in their own process
+group, so Ctrl-C reaches only this supervisor, which then stops them in order: SIGTERM to
+every node (each drains, flushes its store and exits), wait for all of them, stop the
+router, exit 0. Every wait is bounded: a node that has not exited ``STOP_EXTRA`` seconds
+past its own shutdown limit is killed, and the supervisor itself exits by ``stop_limit``
+whatever it is waiting on. Nothing is restarted behind the user's back: a node that dies is
+reported, the others keep going.
 
 Nodes die with the supervisor, also when it is SIGKILLed and cannot stop them. Each node is
-started with ``SHARDCHAT_PARENT_PID`` set to this process's pid, and the node itself (see
-``shardchat.lifecycle.watch_parent``) asks the kernel for SIGHUP when its parent dies
-(Linux ``PR_SET_PDEATHSIG``) and also checks ``getppid()`` every second: an orphan is
-re-parented, so the value changes. The check covers what the signal cannot: a supervisor
-that died before the node set it, and platforms without prctl. Both live in the node rather
-than in a ``preexec_fn`` here, because code between fork and exec is unsafe once the
-supervisor runs threads. On parent loss the node drains as on SIGTERM and exits.
+started with ``SHARDCHAT_PARENT_PID`` set to this process's pid (``supervised=True``), and
+the node itself (see ``shardchat.lifecycle.watch_parent``) asks the kernel for SIGHUP when
+its parent dies (Linux ``PR_SET_PDEATHSIG``) and also checks ``getppid()`` every second: an
+orphan is re-parented, so the value changes. The check covers what the signal cannot: a
+supervisor that died before the node set it, and platforms without prctl. Both live in the
+node rather than in a ``preexec_fn`` here, because code between fork and exec is unsafe once
+the supervisor runs threads. On parent loss the node drains as on SIGTERM and exits.
 """
 
 from __future__ import annotations
@@ -38,19 +39,16 @@ import secrets
 import signal
 import socket
 import sys
-import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from shardchat import config as config_mod
-from shardchat import urls
+from shardchat.cluster.nodeproc import Exited, NodeProcess, NotReady
 from shardchat.cluster.router import HealthSettings, Router, RouterLimits, serve
 from shardchat.cluster.rules import build_rules
-from shardchat.lifecycle import PARENT_PID_ENV, SHUTDOWN_LIMIT, Watchdog
+from shardchat.lifecycle import SHUTDOWN_LIMIT, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -187,72 +185,6 @@ def check_ports(cfg: config_mod.Config, opts: UpOptions) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# node processes
-
-
-class NodeRunner:
-    """One ``shardchat node`` child process and its log file."""
-
-    def __init__(self, cfg: config_mod.Config, number: int, config_path: Path, log_dir: Path):
-        self.cfg = cfg
-        self.number = number
-        self.instance = cfg.instance(number)
-        self.config_path = config_path
-        self.log_path = log_dir / f"node-{number}.log"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.stopping = False
-
-    def _open_log(self):
-        """Append to the node's log, marking where this run begins."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
-        logf.write(f"--- started {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
-        logf.flush()
-        return logf
-
-    async def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
-        with self._open_log() as logf:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "shardchat", "node", "--config", str(self.config_path),
-                "--instance", str(self.number), stdin=asyncio.subprocess.DEVNULL,
-                stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env, process_group=0)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    async def wait_healthy(self, session: aiohttp.ClientSession, timeout: float) -> None:
-        url = (f"http://{self.instance.host}:{self.instance.port}"
-               f"{urls.healthz_path(self.number)}")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.running:
-                raise UpError(f"node {self.number} exited during start-up (code "
-                              f"{self.proc.returncode if self.proc else '?'}); last lines of "
-                              f"{self.log_path}:\n{self.log_tail()}")
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as r:
-                    if r.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-        raise UpError(f"node {self.number} did not answer {url} within {timeout:g} s; see "
-                      f"{self.log_path}")
-
-    def signal(self, sig: int) -> None:
-        if self.running and self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-
-
-# ---------------------------------------------------------------------------------------
 # the supervisor
 
 
@@ -263,8 +195,11 @@ class Up:
         self.opts = opts
         self.cfg = cfg
         self.out = out or sys.stdout
-        self.nodes = [NodeRunner(cfg, i.number, opts.config_path, opts.base / "logs")
+        self.nodes = [NodeProcess(opts.config_path, i.number, host=i.host, port=i.port,
+                                  log_path=opts.base / "logs" / f"node-{i.number}.log",
+                                  own_group=True, supervised=True)
                       for i in cfg.instances]
+        self.stopping = False  # the nodes are being stopped: their exits are expected
         self.stop_requested = asyncio.Event()
         self.force = False
         self._runner = None
@@ -289,7 +224,7 @@ class Up:
                 self.force = True
                 self.say("second interrupt: killing the nodes now")
                 for node in self.nodes:
-                    node.signal(signal.SIGKILL)
+                    node.send_signal(signal.SIGKILL)
             return
         self.stop_requested.set()
 
@@ -315,23 +250,21 @@ class Up:
 
     async def _start(self) -> bool:
         for node in self.nodes:
-            await node.start()
-        async with aiohttp.ClientSession() as session:
-            waits = {asyncio.create_task(n.wait_healthy(session, START_TIMEOUT))
-                     for n in self.nodes}
-            stop = asyncio.create_task(self.stop_requested.wait())
-            pending: set[asyncio.Task[Any]] = {*waits, stop}
-            failure: BaseException | None = None
-            while waits & pending and failure is None and not stop.done():
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                failure = next((t.exception() for t in done & waits if t.exception()), None)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            if failure is not None:
-                raise failure
-            if self.stop_requested.is_set():
-                return False
+            node.spawn()
+        waits = {asyncio.create_task(self._wait_ready(n)) for n in self.nodes}
+        stop = asyncio.create_task(self.stop_requested.wait())
+        pending: set[asyncio.Task[Any]] = {*waits, stop}
+        failure: BaseException | None = None
+        while waits & pending and failure is None and not stop.done():
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            failure = next((t.exception() for t in done & waits if t.exception()), None)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if failure is not None:
+            raise failure
+        if self.stop_requested.is_set():
+            return False
         numbers = [n.number for n in self.nodes]
         router = Router(build_rules(numbers, self.cfg.aws.rule_priority_offset),
                         {i.number: (i.host, i.port) for i in self.cfg.instances},
@@ -344,6 +277,18 @@ class Up:
                           f"({exc.strerror}); pass --port with a free port") from None
         self._watchers = [asyncio.create_task(self._watch(n)) for n in self.nodes]
         return True
+
+    @staticmethod
+    async def _wait_ready(node: NodeProcess) -> None:
+        """Wait for a node's health check; a node that exits or hangs is an ``UpError``."""
+        try:
+            await node.wait_ready_async(START_TIMEOUT)
+        except Exited as exc:
+            raise UpError(f"node {node.number} exited during start-up (code {exc.code}); "
+                          f"last lines of {node.log_path}:\n{exc.tail(15)}") from None
+        except NotReady:
+            raise UpError(f"node {node.number} did not answer {node.ready_url} within "
+                          f"{START_TIMEOUT:g} s; see {node.log_path}") from None
 
     def _announce(self) -> None:
         n = len(self.nodes)
@@ -359,9 +304,9 @@ class Up:
         wording; this is the stable way to know the cluster serves."""
         return {"url": self.opts.public_url, "pid": os.getpid(),
                 "config": str(self.opts.config_path),
-                "nodes": [{"instance": n.number, "pid": n.proc.pid if n.proc else None,
-                           "host": n.instance.host, "port": n.instance.port,
-                           "internal_port": n.instance.internal_port, "log": str(n.log_path)}
+                "nodes": [{"instance": n.number, "pid": n.pid, "host": n.host, "port": n.port,
+                           "internal_port": self.cfg.instance(n.number).internal_port,
+                           "log": str(n.log_path)}
                           for n in self.nodes]}
 
     def _write_ready(self) -> None:
@@ -379,10 +324,9 @@ class Up:
             with contextlib.suppress(OSError):
                 self.opts.ready_file.unlink()
 
-    async def _watch(self, node: NodeRunner) -> None:
-        assert node.proc is not None
-        code = await node.proc.wait()
-        if not node.stopping:
+    async def _watch(self, node: NodeProcess) -> None:
+        code = await node.wait_async()
+        if not self.stopping:
             self.say(f"node {node.number} exited unexpectedly (code {code}); its rooms are "
                      f"unavailable, the other nodes keep running. Not restarted: see "
                      f"{node.log_path}, then run `shardchat up` again.")
@@ -394,10 +338,9 @@ class Up:
         # nodes failing their health checks while they drain is expected, not news
         logging.getLogger("shardchat.cluster.router").setLevel(logging.WARNING)
         live = [n for n in self.nodes if n.running]
-        for node in self.nodes:
-            node.stopping = True
+        self.stopping = True
         for node in live:
-            node.signal(signal.SIGTERM)
+            node.send_signal(signal.SIGTERM)
         codes = await asyncio.gather(*(self._wait_stopped(n) for n in live))
         ok = all(code == 0 for code in codes)
         for t in self._watchers:
@@ -411,19 +354,16 @@ class Up:
         self.say("stopped." if ok and not self.force else "stopped, not cleanly.")
         return 0 if ok and not self.force else 1
 
-    async def _wait_stopped(self, node: NodeRunner) -> int | None:
+    async def _wait_stopped(self, node: NodeProcess) -> int | None:
         """Wait for a SIGTERMed node to exit; kill it past ``node_stop_limit``."""
-        assert node.proc is not None
         limit = self.node_stop_limit
-        try:
-            code = await asyncio.wait_for(node.proc.wait(), timeout=limit)
-        except TimeoutError:
+        code = await node.wait_async(limit)
+        if code is None:
             self.say(f"node {node.number} did not stop within {limit:g} s; killing it")
-            node.signal(signal.SIGKILL)
-            try:
-                code = await asyncio.wait_for(node.proc.wait(), timeout=KILL_WAIT)
-            except TimeoutError:
-                self.say(f"node {node.number} (pid {node.proc.pid}) survived SIGKILL")
+            node.send_signal(signal.SIGKILL)
+            code = await node.wait_async(KILL_WAIT)
+            if code is None:
+                self.say(f"node {node.number} (pid {node.pid}) survived SIGKILL")
                 return None
         if code != 0:
             self.say(f"node {node.number} stopped with code {code}; see {node.log_path}")
@@ -431,8 +371,7 @@ class Up:
 
     def _still_running(self) -> str:
         """For the watchdog's log line: the nodes that have not exited."""
-        left = [f"node {n.number} (pid {n.proc.pid})" for n in self.nodes if n.running
-                and n.proc is not None]
+        left = [f"node {n.number} (pid {n.pid})" for n in self.nodes if n.running]
         return ", ".join(left) or "no node; the router or the event loop"
 
 

@@ -21,8 +21,8 @@ from typing import Any
 import psutil
 import socketio
 
+from shardchat.cluster.nodeproc import ADDRESS_IN_USE
 from tests.support import (
-    ADDRESS_IN_USE,
     PORT_ATTEMPTS,
     ROOT,
     GiveUp,
