@@ -171,6 +171,27 @@ async def test_asyncio_callers_wait_without_blocking_the_loop(tmp_path):
         node.kill()
 
 
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "no-pidfd"])
+async def test_an_awaited_exit_comes_with_its_code_with_or_without_pidfd(
+        tmp_path, monkeypatch, pidfd):
+    """Linux wakes the loop through a pidfd; elsewhere the exit is looked for."""
+    if not pidfd:
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    elif not hasattr(os, "pidfd_open"):
+        pytest.skip("this platform has no pidfd")
+    child = python_child(tmp_path, "import sys; sys.stdin.read(); sys.exit(3)")
+    child.spawn()  # stdin is closed: the child reads EOF at once and exits 3
+    assert await child.wait_async(30) == 3
+    sleeper = python_child(tmp_path, "import time; time.sleep(120)")
+    sleeper.spawn()
+    try:
+        assert await sleeper.wait_async(0.2) is None
+        sleeper.send_signal(signal.SIGKILL)
+        assert await sleeper.wait_async(10) == -9
+    finally:
+        sleeper.kill()
+
+
 def test_spawning_a_running_child_twice_is_refused(tmp_path):
     child = python_child(tmp_path, "import time; time.sleep(120)")
     child.spawn()

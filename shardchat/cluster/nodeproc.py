@@ -21,8 +21,8 @@ What they share is written once, here:
   and exec (which is unsafe once the parent runs threads, as ``shardchat up`` does).
 
 Blocking callers use ``wait``/``wait_ready``; asyncio callers ``wait_async``/
-``wait_ready_async``, which keep the event loop running (a process exit is polled, each
-readiness probe runs on a thread for at most ``PROBE_TIMEOUT`` seconds).
+``wait_ready_async``, which keep the event loop running (an exit wakes the loop through a
+pidfd on Linux; each readiness probe runs on a thread for at most ``PROBE_TIMEOUT`` seconds).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from shardchat import urls
 from shardchat.lifecycle import PARENT_PID_ENV
 
 READY_POLL = 0.05     # seconds between two readiness probes
-EXIT_POLL = 0.05      # seconds between two looks at whether an awaited child has exited
+EXIT_POLL = 0.1       # seconds between two looks for an exit, where there is no pidfd
 PROBE_TIMEOUT = 1.0   # seconds one readiness probe may take
 STOP_GRACE = 15.0     # seconds ``stop`` waits after SIGTERM before it sends SIGKILL
 KILL_WAIT = 5.0       # seconds a SIGKILLed child may take to be reaped
@@ -219,9 +219,27 @@ class ChildProcess:
             return None
 
     async def wait_async(self, timeout: float | None = None) -> int | None:
-        """``wait`` for asyncio callers."""
-        if self.proc is None:
-            return None
+        """``wait`` for asyncio callers. On Linux the exit wakes the loop (a pidfd turns
+        readable when the child exits); elsewhere it is looked for every ``EXIT_POLL``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.returncode
+        try:
+            pidfd = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):  # not Linux (5.3 or later)
+            return await self._poll_exit(timeout)
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exited, timeout)
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        return self.proc.poll()  # reaps the child once it has exited
+
+    async def _poll_exit(self, timeout: float | None) -> int | None:
+        assert self.proc is not None
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while (code := self.proc.poll()) is None:
