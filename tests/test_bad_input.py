@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from shardchat import config, urls
-from shardchat.node.app import security_headers
+from shardchat.node.http import security_headers
 from shardchat.node.main import Node
 from shardchat.node.sockets import answers_errors
 from tests.conftest import (

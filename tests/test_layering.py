@@ -24,7 +24,7 @@ PACKAGES = ("shardchat", "provisioner")
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
-    """``shardchat/node/app.py`` -> ``shardchat.node.app``; a package is its ``__init__``."""
+    """``shardchat/node/http.py`` -> ``shardchat.node.http``; a package is its ``__init__``."""
     parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
@@ -137,11 +137,11 @@ def test_the_check_sees_imports_inside_functions_and_relative_ones(tmp_path):
     function; a relative import must not slip past either."""
     fake = tmp_path / "shardchat" / "cluster" / "peers.py"
     fake.parent.mkdir(parents=True)
-    fake.write_text("def create():\n    from shardchat.node.app import read_room_request\n"
+    fake.write_text("def create():\n    from shardchat.node.http import PublicApp\n"
                     "    from ..node import internal\n")
     found = imported_modules(fake, root=tmp_path)
-    assert {"shardchat.node.app", "shardchat.node.internal"} <= found
-    assert under("shardchat.node.app", ("shardchat.node",))
+    assert {"shardchat.node.http", "shardchat.node.internal"} <= found
+    assert under("shardchat.node.http", ("shardchat.node",))
     assert not under("shardchat.nodes", ("shardchat.node",))
 
 

@@ -24,9 +24,9 @@ from shardchat import lifecycle, listener, urls
 from shardchat.cluster.placement import Placer
 from shardchat.config import Config
 from shardchat.node import gctune, idempotency, internal, shutdown, transport
-from shardchat.node.app import PublicApp
 from shardchat.node.clientaddr import ClientAddresses
 from shardchat.node.fanout import Fanout
+from shardchat.node.http import PublicApp
 from shardchat.node.inbound import BoundedJson, Inbound
 from shardchat.node.rooms import RoomService
 from shardchat.node.sockets import NodeSocketServer, register_events
