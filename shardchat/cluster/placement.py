@@ -1,11 +1,19 @@
 """Where a new room goes: the least-loaded healthy, non-draining instance.
 
-Load of instance N (connections and rooms weigh the same, so the numbers stay explainable):
+Load of instance N, in the one measure the rebalancer uses too (``load.py``):
 
-    load(N) = connections(N) + rooms(N) + k * reserved(N)
+    load(N) = measured(N) + k * RESERVED_ROOM_WEIGHT * reserved(N) + pending(N)
 
-* ``connections`` and ``rooms`` come from the node's own stats (read live for this node,
-  from the last ``GET /internal/stats`` poll for peers, see ``peers.py``);
+* ``measured`` is the ``load`` of the node's stats (its rooms' weights: connections, recent
+  messages, a small weight for idle rooms), read live for this node and from the last
+  ``GET /internal/stats`` poll for peers (``peers.py``). A node that does not report
+  ``load`` (an older version) is measured as ``connections + rooms``, and as long as one
+  candidate is, every candidate is (``rank``): the two scales cannot be compared, and
+  mixing them would send every room to whichever side looks smaller;
+* ``pending`` is what a rebalance or drain in progress will add or take away
+  (``rebalance.Plan.pending``), and instances it is emptying (``Plan.closed``) are not
+  candidates: so placement does not fill the rebalancer's targets behind its back, and the
+  next rebalance does not have to move those rooms again;
 * ``reserved`` counts the rooms this node placed on N that N's stats cannot show yet: a
   placement in flight, or one finished after the last stats poll of N began. A reservation
   expires after ``node.placement_reservation_seconds`` at the latest. Without it, every
@@ -49,10 +57,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from shardchat.cluster.load import RESERVED_ROOM_WEIGHT, stats_load
 from shardchat.cluster.peers import PeerError, PeerPool
 from shardchat.config import Config
 from shardchat.internal_api import IdempotencyConflict, NoCapacity, Refused, replay
@@ -80,20 +89,33 @@ class LocalNode(Protocol):
 
 @dataclass(frozen=True)
 class Load:
-    """One instance as placement sees it."""
+    """One instance as placement sees it. ``load``: the measure of ``load.py`` from its
+    stats, None when its stats do not report one."""
 
     instance: int
     connections: int = 0
     rooms: int = 0
     healthy: bool = True
     draining: bool = False
+    load: float | None = None
 
     @property
     def available(self) -> bool:
         return self.healthy and not self.draining
 
+    @classmethod
+    def from_stats(cls, instance: int, stats: Mapping[str, Any], healthy: bool = True) -> Load:
+        """An instance's ``Load`` from its stats answer (or a peer's last known state)."""
+        return cls(instance, int(stats.get("connections", 0)), int(stats.get("rooms", 0)),
+                   healthy, bool(stats.get("draining")), stats_load(stats))
 
-def load_score(load: Load, reserved: int = 0, weight: int = 1) -> int:
+
+def load_score(load: Load, reserved: int = 0, weight: int = 1, measured: bool = False,
+               pending: float = 0.0) -> float:
+    """``load`` plus reservations and a plan's pending change, in the measure of ``load.py``
+    when ``measured`` (every candidate reports it), else as ``connections + rooms``."""
+    if measured and load.load is not None:
+        return load.load + weight * reserved * RESERVED_ROOM_WEIGHT + pending
     return load.connections + load.rooms + weight * reserved
 
 
@@ -107,24 +129,34 @@ def _tie_order(numbers: Iterable[int], prefer: int | None) -> dict[int, int]:
 
 
 def rank(loads: Iterable[Load], reservations: Mapping[int, int] | None = None,
-         prefer: int | None = None, weight: int | None = None) -> list[int]:
+         prefer: int | None = None, weight: int | None = None,
+         pending: Mapping[int, float] | None = None,
+         closed: Collection[int] = ()) -> list[int]:
     """Available instances, best first: lowest load, ties in cyclic order from ``prefer``.
 
     ``weight``: what one reservation counts for; default k, the number of candidates.
+    ``pending``/``closed``: a rebalance or drain in progress (``rebalance.Plan.pending``,
+    ``Plan.closed``); pending changes are in the measure of ``load.py`` and count only when
+    every candidate reports it.
     """
     reservations = reservations or {}
-    candidates = [ld for ld in loads if ld.available]
+    pending = pending or {}
+    candidates = [ld for ld in loads if ld.available and ld.instance not in closed]
     k = len(candidates) if weight is None else weight
+    measured = all(ld.load is not None for ld in candidates)
     ties = _tie_order((ld.instance for ld in candidates), prefer)
-    candidates.sort(key=lambda ld: (load_score(ld, reservations.get(ld.instance, 0), k),
+    candidates.sort(key=lambda ld: (load_score(ld, reservations.get(ld.instance, 0), k,
+                                               measured, pending.get(ld.instance, 0.0)),
                                     ties[ld.instance]))
     return [ld.instance for ld in candidates]
 
 
 def choose(loads: Iterable[Load], reservations: Mapping[int, int] | None = None,
-           prefer: int | None = None, weight: int | None = None) -> int | None:
+           prefer: int | None = None, weight: int | None = None,
+           pending: Mapping[int, float] | None = None,
+           closed: Collection[int] = ()) -> int | None:
     """The instance a new room should go to, or None when none is available."""
-    best = rank(loads, reservations, prefer, weight)
+    best = rank(loads, reservations, prefer, weight, pending, closed)
     return best[0] if best else None
 
 
@@ -194,11 +226,10 @@ class Placer:
         """Every instance's load now, and when each one's stats were taken."""
         stats = self._local.stats()
         now = time.monotonic()
-        loads = [Load(self._local.number, int(stats.get("connections", 0)),
-                      int(stats.get("rooms", 0)), True, bool(stats.get("draining")))]
+        loads = [Load.from_stats(self._local.number, stats)]
         seen = {self._local.number: now}
         for p in self._peers.snapshot():
-            loads.append(Load(p.number, p.connections, p.rooms, p.healthy, p.draining))
+            loads.append(Load.from_stats(p.number, vars(p), p.healthy))
             seen[p.number] = p.fetched_at
         return loads, seen
 
