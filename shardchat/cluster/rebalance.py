@@ -237,16 +237,22 @@ def _next_step(cluster: _Cluster, eligible: Sequence[int], ratio: float, slack: 
     A function of the state alone, so the state a plan ends in is one where a new plan
     starts and stops at once. The most loaded instance gives to the least loaded; an
     instance with nothing that helps is passed over (noted in ``stuck`` with the least
-    load it faced) and the next most loaded gives instead, until the instances still in
-    play are even."""
+    load it faced) and the next most loaded gives instead, as long as the instances still
+    in play are not even among themselves, or one more move would make them all even."""
     if _even(cluster, eligible, ratio, slack):
         return None
     active = list(eligible)
-    while len(active) >= 2 and not _even(cluster, active, ratio, slack):
+    while len(active) >= 2:
         source = min(active, key=lambda n: (-cluster.total[n], n))
         target = min(active, key=lambda n: (cluster.total[n], n))
         gap = cluster.total[source] - cluster.total[target]
         item = cluster.pick(source, gap)
+        if len(active) < len(eligible) and _even(cluster, active, ratio, slack):
+            # the rest is even: go on only if this one move makes everything even
+            if item is not None and _even_after(cluster, eligible, item, source, target,
+                                                ratio, slack):
+                return [(item, source, target)]
+            return None
         if item is not None:
             return [(item, source, target)]
         pair = cluster.exchange(source, target, gap)
@@ -256,6 +262,14 @@ def _next_step(cluster: _Cluster, eligible: Sequence[int], ratio: float, slack: 
             stuck[source] = cluster.total[target]
         active.remove(source)
     return None
+
+
+def _even_after(cluster: _Cluster, members: Iterable[int], item: tuple[int, str],
+                source: int, target: int, ratio: float, slack: float) -> bool:
+    """Whether ``members`` would be even once ``item`` went from ``source`` to ``target``."""
+    shift = {source: -item[0], target: item[0]}
+    return is_even((cluster.total[n] + shift.get(n, 0) for n in members), ratio,
+                   slack * UNITS)
 
 
 def plan_rebalance(loads: Mapping[int, Sequence[RoomStats]], ratio: float = RATIO,
