@@ -9,7 +9,9 @@ import time
 
 import aiohttp
 
+from shardchat.cluster.load import RoomLoad, instance_load
 from shardchat.cluster.placement import Load, Reservations, choose, rank
+from shardchat.cluster.rebalance import plan_drain, plan_rebalance
 from shardchat.cluster.router import Router, serve
 from shardchat.cluster.rules import build_rules
 from tests.support import (
@@ -89,6 +91,94 @@ def test_reservations_expire_and_settle_when_stats_catch_up():
     res.add(3)
     now[0] = 106.5
     assert res.counts() == {}                    # expired
+
+
+# -- the load measure shared with the rebalancer -------------------------------------------
+
+
+def test_placement_ranks_by_the_load_measure_when_every_instance_reports_it():
+    """Instance 1 keeps 9,000 rooms nobody uses; instance 2 holds 10 rooms in use with 30
+    people in them. Counting rooms would call 2 the lighter one; the measure says 1."""
+    loads = [Load(1, connections=0, rooms=9000, load=0.9),
+             Load(2, connections=30, rooms=10, load=45.0),
+             Load(3, connections=5, rooms=500, load=12.5)]
+    assert rank(loads) == [1, 3, 2]
+    assert rank([Load(n, rooms=r) for n, r in ((1, 9000), (2, 10), (3, 500))]) == [2, 3, 1]
+
+
+def test_a_cluster_mid_upgrade_is_ranked_the_old_way_for_every_instance():
+    """Instance 2 runs an older version without ``load`` in its stats: comparing its
+    connections + rooms with the others' measured load would mix two scales."""
+    loads = [Load(1, connections=0, rooms=9000, load=0.9), Load(2, connections=30, rooms=10)]
+    assert choose(loads) == 2
+    assert choose([Load(1, connections=0, rooms=9000, load=0.9)]) == 1
+
+
+def test_a_load_comes_from_the_stats_answer_or_falls_back():
+    stats = {"instance": 3, "connections": 4, "rooms": 70, "draining": False, "load": 9.5}
+    assert Load.from_stats(3, stats) == Load(3, 4, 70, True, False, 9.5)
+    old = {"instance": 3, "connections": 4, "rooms": 70, "draining": True}
+    assert Load.from_stats(3, old, healthy=False) == Load(3, 4, 70, False, True, None)
+    assert Load.from_stats(3, {**stats, "load": "lots"}).load is None
+
+
+def test_a_burst_on_a_measured_idle_cluster_still_spreads_evenly():
+    loads = [Load(n, load=0.0) for n in (1, 2, 3, 4)]
+    reserved: collections.Counter[int] = collections.Counter()
+    for _ in range(40):
+        reserved[choose(loads, reserved, prefer=3)] += 1
+    assert sorted(reserved.values()) == [10, 10, 10, 10]
+
+
+def _cluster_with_a_newcomer() -> dict[int, list[RoomLoad]]:
+    busy = [RoomLoad(f"b{i}", connections=6, activity=3.0, idle_seconds=60) for i in range(30)]
+    idle = [RoomLoad(f"i{i}") for i in range(3000)]
+    return {1: busy[:10] + idle[:1000], 2: busy[10:20] + idle[1000:2000],
+            3: busy[20:] + idle[2000:], 4: []}
+
+
+def _placement_view(rooms: dict[int, list[RoomLoad]]) -> list[Load]:
+    """What placement reads from each instance's stats: the same measure's total."""
+    return [Load(n, sum(r.connections for r in rs), len(rs), load=instance_load(rs))
+            for n, rs in rooms.items()]
+
+
+def test_placement_and_rebalance_agree_on_the_least_loaded_instance():
+    """A 4th empty instance joins. The rebalancer's first target is the one placement
+    picks; while the plan runs (its moves counted as done), placement picks the instance
+    the plan leaves least loaded, which is also where the plan puts the next room when a
+    new room arrives; and once the moves are done the two still agree."""
+    rooms = _cluster_with_a_newcomer()
+    plan = plan_rebalance(rooms)
+    assert plan.count > 0 and plan.reached
+    view = _placement_view(rooms)
+    assert choose(view) == plan.moves[0].target == 4
+    lightest_after = min(plan.after, key=lambda n: (plan.after[n], n))
+    assert choose(view, pending=plan.pending()) == lightest_after
+    moved = {m.room_id: m.target for m in plan.moves}
+    after: dict[int, list[RoomLoad]] = {n: [] for n in rooms}
+    for n, rs in rooms.items():
+        for r in rs:
+            after[moved.get(r.room_id, n)].append(r)
+    assert choose(_placement_view(after)) == lightest_after
+    # a new room there does not undo the plan: a second plan finds nothing to move
+    fresh = RoomLoad("new-room", connections=1, idle_seconds=0)
+    after[lightest_after].append(fresh)
+    assert plan_rebalance(after).moves == ()
+
+
+def test_placement_never_sends_a_room_to_an_instance_being_drained():
+    """While instance 2 is drained its pending change makes it look empty; it is closed
+    to new rooms all the same, and the rooms go where the drain spreads the load."""
+    rooms = _cluster_with_a_newcomer()
+    rooms[4] = [RoomLoad(f"n{i}", connections=6, activity=3.0, idle_seconds=60)
+                for i in range(10)]
+    plan = plan_drain(2, rooms)
+    view = _placement_view(rooms)
+    picks = rank(view, pending=plan.pending(), closed=plan.closed)
+    assert 2 not in picks and len(picks) == 3
+    assert picks[0] == min((n for n in plan.after if n != 2),
+                           key=lambda n: (plan.after[n], n))
 
 
 # -- real nodes behind the router ----------------------------------------------------------
