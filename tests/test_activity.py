@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from shardchat.cluster import load
 from shardchat.cluster.load import RoomLoad, instance_load
 from shardchat.node.activity import (
     ACTIVITY_TIME_CONSTANT,
@@ -68,6 +69,11 @@ def test_a_room_without_an_entry_is_quiet_and_idle_for_long():
     tracker = ActivityTracker()
     assert tracker.rate("nobody", now=5.0) == 0.0
     assert tracker.idle_seconds("nobody", now=5.0) == UNKNOWN_IDLE_SECONDS
+
+
+def test_the_tracker_and_the_measure_agree_on_an_unknown_rooms_idle_time():
+    assert UNKNOWN_IDLE_SECONDS == load.UNKNOWN_IDLE_SECONDS
+    assert RoomLoad("r").idle_seconds == ActivityTracker().idle_seconds("r")
 
 
 def test_readings_out_of_order_never_inflate_the_rate():

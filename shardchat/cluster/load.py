@@ -59,16 +59,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-# the idle time of a room nobody used since its node started: its room term is the floor
-# (the node does not know better, and guessing "busy" would make every restarted node full)
-from shardchat.node.activity import UNKNOWN_IDLE_SECONDS
-
 CONNECTION_WEIGHT = 1.0
 MESSAGE_WEIGHT = 1.0
 LIVE_ROOM_WEIGHT = 1.0
 IDLE_TIME_CONSTANT = 3600.0
 IDLE_FLOOR = 0.0001
 RESERVED_ROOM_WEIGHT = LIVE_ROOM_WEIGHT
+# the idle time of a room nobody used since its node started: its room term is the floor
+# (the node does not know better, and guessing "busy" would make every restarted node look
+# full). node/activity.py reports the same value (the cluster does not import the node, so
+# each spells it; tests/test_activity.py holds them equal).
+UNKNOWN_IDLE_SECONDS = 7 * 24 * 3600.0
 
 
 class RoomStats(Protocol):

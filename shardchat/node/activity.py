@@ -39,7 +39,7 @@ from typing import NamedTuple
 ACTIVITY_TIME_CONSTANT = 600.0  # seconds; see the module docstring
 PRUNE_AFTER = 24 * 3600.0  # an entry idle this long weighs the floor: drop it
 # idle time reported for a room this node has not seen used since it started
-UNKNOWN_IDLE_SECONDS = 7 * 24 * 3600.0
+UNKNOWN_IDLE_SECONDS = 7 * 24 * 3600.0  # as cluster/load.py has it (tests hold them equal)
 
 # one entry per room: [decayed count, time the count was taken at, last use]
 _COUNT, _COUNTED_AT, _LAST_USED = 0, 1, 2
