@@ -288,9 +288,9 @@ def check_internals(internals: tuple[Internal, ...] = INTERNALS) -> list[str]:
         raise EngineIncompatible(
             "node.engine = \"fast\" cannot run on the installed libraries: "
             + "; ".join(missing)
-            + (f". shardchat is tested with {', '.join(pinned)}" if pinned else "")
-            + ". Install the pinned versions (pip install -e .), or set [node] engine = "
-            "\"stock\" to run plain python-socketio without the fast path.")
+            + (f". shardchat pins {', '.join(pinned)}" if pinned else "")
+            + ". Install the versions shardchat pins, or set [node] engine = \"stock\" to "
+            "run plain python-socketio without the fast path.")
     return optional
 
 
@@ -338,10 +338,13 @@ def build(settings: NodeSettings) -> Engine:
     anything is patched), so an incompatible library is an EngineIncompatible here, at
     start-up, and nothing else."""
     if settings.engine == "stock":
+        log.info("engine stock: plain python-socketio, no fast path")
         return StockEngine(settings)
     for line in check_internals():
         log.warning("engine self-check: %s; that saving is skipped", line)
     try:
-        return install(NodeSocketServer(settings), settings)
+        fast = install(NodeSocketServer(settings), settings)
     except RuntimeError as exc:  # install's own checks (closing.answer_polls_on_close)
         raise EngineIncompatible(f"node.engine = \"fast\": {exc}") from None
+    log.info("engine fast: %d library internals checked", len(INTERNALS))
+    return fast

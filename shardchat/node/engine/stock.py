@@ -129,7 +129,7 @@ class StockRoutes(socketio.AsyncNamespace):
         server: StockServer = self.server
         if event in REFUSED_EVENTS:
             if event == "connect" and not server.manager.is_connected(sid, namespace):
-                return await self._connect(*args)
+                return await self._admit(*args)
             if event == "disconnect" and not server.manager.is_connected(sid, namespace):
                 handler = self.handlers.get("disconnect")
                 return await handler(*args) if handler else None
@@ -144,7 +144,7 @@ class StockRoutes(socketio.AsyncNamespace):
             return await catch_all(event, *args)
         return server.not_handled
 
-    async def _connect(self, namespace: str, sid: str, environ: Any, auth: Any = None,
+    async def _admit(self, namespace: str, sid: str, environ: Any, auth: Any = None,
                        *rest: Any) -> Any:
         if auth is UNREADABLE_AUTH:
             raise SioRefused(UNREADABLE_CONNECT.message,
@@ -152,12 +152,12 @@ class StockRoutes(socketio.AsyncNamespace):
         handler = self.handlers.get("connect")
         result = await handler(namespace, sid, environ, auth, *rest) if handler else None
         if result is not False:
-            task = self.server.start_background_task(self._connected, namespace, sid)
+            task = self.server.start_background_task(self._welcome, namespace, sid)
             self._welcomes.add(task)
             task.add_done_callback(self._welcomes.discard)
         return result
 
-    async def _connected(self, namespace: str, sid: str) -> None:
+    async def _welcome(self, namespace: str, sid: str) -> None:
         """Once python-socketio has sent the CONNECT (it does so right after the connect
         handler returns, then marks the member connected): the ``on_connected`` hook."""
         server: StockServer = self.server
