@@ -70,3 +70,16 @@ def test_the_stock_classes_override_and_read_nothing_private_of_their_libraries(
         own |= {name for name in vars(cls) if name.startswith("_") and not name.startswith("__")}
     assert own, "the scan found the stock engine's own private names"
     assert {name for name in own if any(hasattr(obj, name) for obj in library)} == set()
+
+
+def test_the_engine_sits_below_the_rest_of_the_node():
+    """It may import ``config`` and ``refusal`` and itself: nothing of the node around it
+    (rooms, store, listeners) or above it, so those can change without it."""
+    from tests.test_layering import imported_modules, under
+
+    allowed = ("shardchat.config", "shardchat.refusal", "shardchat.node.engine")
+    wrong = sorted(f"{path.name}: {name}" for path in ENGINE.glob("*.py")
+                   for name in imported_modules(path)
+                   if under(name, ("shardchat", "provisioner"))
+                   and not under(name, allowed))
+    assert wrong == []

@@ -123,8 +123,8 @@ class Internal:
         return f"{self.owner}.{self.name}"
 
 
-def _engineio_server(cls: Any) -> Any:
-    return cls(async_mode="aiohttp")
+def _server(cls: Any) -> Any:
+    return cls(async_mode="aiohttp")  # an Engine.IO or a Socket.IO server
 
 
 def _engineio_socket(cls: Any) -> Any:
@@ -152,50 +152,50 @@ _SOCKET = "engineio.async_socket.AsyncSocket"
 # waiting for the next library release instead of a clear refusal at start-up.
 INTERNALS: tuple[Internal, ...] = (
     # python-socketio: the server subclass (server.py) and the fast paths around it
-    Internal(_SERVER, "_send_packet", _SIO, "overridden: packets through the direct path",
+    Internal(_SERVER, "_send_packet", _SIO, "server.py overrides it: packets take the direct path",
              params=("eio_sid", "pkt")),
-    Internal(_SERVER, "_handle_event", _SIO, "overridden: refused event names",
+    Internal(_SERVER, "_handle_event", _SIO, "server.py overrides it: refused event names",
              params=("eio_sid", "namespace", "id", "data")),
-    Internal(_SERVER, "_handle_connect", _SIO, "overridden: the welcome after CONNECT",
+    Internal(_SERVER, "_handle_connect", _SIO, "server.py overrides it: the welcome after CONNECT",
              params=("eio_sid", "namespace", "data")),
-    Internal(_SERVER, "_handle_eio_message", _SIO, "overridden: unreadable packets answered",
+    Internal(_SERVER, "_handle_eio_message", _SIO,
+             "server.py overrides it: unreadable packets answered",
              params=("eio_sid", "data")),
-    Internal(_SERVER, "_get_event_handler", _SIO, "inbound.py: the handler of an event",
+    Internal(_SERVER, "_get_event_handler", _SIO, "inbound.py calls it: the handler of an event",
              params=("event", "namespace", "args")),
-    Internal(_SERVER, "_send_eio_packet", _SIO, "delivery.py: a broadcast's queued path",
+    Internal(_SERVER, "_send_eio_packet", _SIO, "delivery.py calls it: a broadcast's queued path",
              params=("eio_sid", "eio_pkt")),
-    Internal(_SERVER, "environ", _SIO, "session.py: environs trimmed after the handshake",
-             probe=lambda cls: cls(async_mode="aiohttp"), optional=True),
+    Internal(_SERVER, "environ", _SIO, "session.py trims it after the handshake",
+             probe=_server, optional=True),
     # python-engineio: the websocket driver, the queue, the pings
     Internal("engineio.async_server.AsyncServer", "_async", _EIO,
-             "session.py: the websocket driver is replaced", probe=_engineio_server),
+             "session.py replaces the websocket driver in it", probe=_server),
     Internal("engineio.async_server.AsyncServer", "handlers", _EIO,
-             "closing.py: python-socketio's disconnect handler is wrapped",
-             probe=_engineio_server),
-    Internal(_SOCKET, "_websocket_handler", _EIO, "session.py: engineio's session taken over",
+             "closing.py wraps python-socketio's disconnect handler in it", probe=_server),
+    Internal(_SOCKET, "_websocket_handler", _EIO, "session.py takes over the sessions it runs",
              params=("ws",)),
-    Internal(_SOCKET, "_send_ping", _EIO, "liveness.py: the ping task becomes a timer"),
-    *(Internal(_SOCKET, name, _EIO, "session.py, delivery.py: connection state read and set",
+    Internal(_SOCKET, "_send_ping", _EIO, "liveness.py turns the ping task into a timer"),
+    *(Internal(_SOCKET, name, _EIO, "session.py and delivery.py read and set it",
                probe=_engineio_socket)
       for name in ("queue", "connected", "upgrading", "upgraded", "closing", "closed",
                    "last_ping")),
     # aiohttp: the direct writes and the shed HTTP state
     Internal("aiohttp.web_ws.WebSocketResponse", "_writer", _AIOHTTP,
-             "delivery.py: a client's frames written to its transport"),
+             "delivery.py writes a client's frames to its transport"),
     Internal("aiohttp.web_ws.WebSocketResponse", "__init__", _AIOHTTP,
-             "session.py: compression and bytes-only reads chosen per socket",
+             "session.py chooses compression and bytes-only reads",
              params=("max_msg_size", "compress", "decode_text")),
     *(Internal("aiohttp.http_websocket.WebSocketWriter", name, _AIOHTTP,
-               "delivery.py: no direct write while the writer closes or sends",
+               "delivery.py writes directly only while the writer is idle",
                probe=_ws_writer) for name in ("_closing", "_send_lock")),
     Internal("aiohttp.web_request.BaseRequest", "_protocol", _AIOHTTP,
-             "session.py: the HTTP state shed after the handshake", probe=_request,
+             "session.py sheds the HTTP state after the handshake", probe=_request,
              optional=True),
     *(Internal("aiohttp.web_protocol.RequestHandler", name, _AIOHTTP,
-               "session.py: the HTTP state shed after the handshake", optional=True)
+               "session.py sheds the HTTP state after the handshake", optional=True)
       for name in ("_payload_parser", "_upgraded", "_parser", "_messages")),
     # asyncio: a queue that is not our SessionQueue (someone replaced create_queue)
-    *(Internal("asyncio.Queue", name, _PY, "delivery.py: is the writer parked on it",
+    *(Internal("asyncio.Queue", name, _PY, "delivery.py: is a writer parked on it",
                probe=lambda cls: cls()) for name in ("_getters", "_queue")),
 )
 
@@ -276,7 +276,7 @@ def check_internals(internals: tuple[Internal, ...] = INTERNALS) -> list[str]:
         problem = _problem(item)
         if problem is None:
             continue
-        line = f"{problem} in {_version(item.dist)} (used by {item.why})"
+        line = f"{problem} in {_version(item.dist)} ({item.why})"
         if item.optional:
             optional.append(line)
         else:
