@@ -37,7 +37,8 @@ from shardchat.cluster.nodeproc import ChildError
 from shardchat.node import gctune
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SERVER_KEYS = ("shardchat", "shardchat-nofsync", "shardchat-2", "stock", "node", "redis-2")
+SERVER_KEYS = ("shardchat", "shardchat-nofsync", "shardchat-2", "shardchat-stock", "stock",
+               "node", "redis-2")
 
 
 def make_server(key: str, cores: set[int] | None, profile: Path | None) -> Server | None:
@@ -48,6 +49,8 @@ def make_server(key: str, cores: set[int] | None, profile: Path | None) -> Serve
         return ShardchatServer(cores, 1, {"fsync": False}, profile_dir=profile)
     if key == "shardchat-2":
         return ShardchatServer(cores, 2, profile_dir=profile)
+    if key == "shardchat-stock":  # node.engine = "stock": what the fast paths are worth
+        return ShardchatServer(cores, 1, {"engine": "stock"}, profile_dir=profile)
     if key == "stock":
         return StockServer(cores)
     if key == "node":
@@ -91,7 +94,7 @@ async def run_all(plan: list[scenarios.Scenario], servers: set[str] | None,
     rows: list[dict[str, Any]] = []
     for sc in plan:
         print(f"== {sc.name}: {sc.title} ({sc.clients:,} clients)", flush=True)
-        keys = [k for k in sc.servers if not servers or k in servers]
+        keys = scenarios.servers_of(sc, servers or set())
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
         n = rounds if sc.kind == "throughput" else 1
         for r in range(n):

@@ -37,6 +37,20 @@ class Scenario:
         return self.rooms * self.room_size
 
 
+# Servers that run only when named with --server, in every scenario shardchat runs in:
+# shardchat with node.engine = "stock", to see what the fast engine is worth.
+OPT_IN = ("shardchat-stock",)
+
+
+def servers_of(sc: Scenario, named: set[str]) -> list[str]:
+    """The server keys ``sc`` runs: its own (those ``named``, when any are), plus the
+    ``OPT_IN`` ones that are named, where shardchat itself runs."""
+    keys = [k for k in sc.servers if not named or k in named]
+    if "shardchat" in sc.servers:
+        keys += [k for k in OPT_IN if k in named]
+    return keys
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("large", "throughput", rooms=1, room_size=500, messages=400, window=8,
              servers=("shardchat", "shardchat-nofsync", "stock", "node"),

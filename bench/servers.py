@@ -233,6 +233,8 @@ class ShardchatServer(Server):
         self.label = "shardchat" if nodes == 1 else f"shardchat, {nodes} nodes"
         if not self.node_settings_fsync(node_settings):
             self.label += " (fsync off)"
+        if (node_settings or {}).get("engine", "fast") != "fast":
+            self.label += f" ({node_settings['engine']} engine)"
         self.node_settings = {**UNLIMITED, "drain_grace_seconds": 0.5, **(node_settings or {})}
 
     @staticmethod

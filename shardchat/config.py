@@ -22,6 +22,7 @@ IDLE_MARGIN = 15.0  # default keep-alive beyond the ALB's idle timeout (node.idl
 PLACEHOLDER_SECRET = "change-me"  # the example config's value: never accepted by a node
 MIN_SECRET_CHARS = 16
 HTTPS_PORT = 443  # the HTTPS listener's port when aws.certificate_arn is set
+ENGINES = ("fast", "stock")  # node.engine: shardchat/node/engine/
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,9 @@ class Instance:
 class NodeSettings:
     """Limits and transport settings of every node (the ``[node]`` table)."""
 
+    # "fast": python-socketio with the node's fast paths (engine/); "stock": plain
+    # python-socketio, the fallback when a library upgrade fails the fast one's self-check
+    engine: str = "fast"
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     websocket_compression: bool = False
@@ -305,6 +309,9 @@ def validate(cfg: Config) -> Config:
                                   f"{endpoints[ep]}")
             endpoints[ep] = f"{key}.{which}"
     n = cfg.node
+    if n.engine not in ENGINES:
+        raise ConfigError("node.engine", f"must be \"fast\" (the default) or \"stock\" "
+                          f"(plain python-socketio, no fast path), got {n.engine!r}")
     for name in ("ping_interval", "ping_timeout", "max_message_chars", "max_packet_bytes",
                  "max_body_bytes", "max_name_chars", "rate_limit_messages", "rate_limit_window",
                  "rate_limit_typing", "rate_limit_history", "rate_limit_joins", "rate_limit_rooms",

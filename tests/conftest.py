@@ -23,6 +23,7 @@ from shardchat import urls
 from tests.support import SECRET, NodeProcess, http_json, running_nodes
 
 TRANSPORTS = [["websocket"], ["polling"]]
+ENGINES = ["fast", "stock"]  # node.engine; a module setting ``ENGINES = ENGINES`` runs on both
 EVENT_TIMEOUT = 5.0
 
 # Marker for "take the invite from the room JSON" (None means: send no invite at all).
@@ -35,15 +36,34 @@ def transport(request) -> list[str]:
     return request.param
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run a test once per engine when its module says ``ENGINES = [...]`` (or the test is
+    marked ``@pytest.mark.engines(...)``) and it uses the ``engine`` fixture, directly or
+    through ``node1``. Module scope: each engine's ``node1`` is started once."""
+    if "engine" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("engines")
+    engines = list(marker.args) if marker else getattr(metafunc.module, "ENGINES", None)
+    if engines:
+        metafunc.parametrize("engine", engines, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def node1(tmp_path_factory) -> Iterator[NodeProcess]:
-    """One node shared by a test module; tests stay independent by using fresh rooms.
+def engine(request) -> str:
+    """The ``node.engine`` of the nodes a test starts: "fast" unless parametrized."""
+    return getattr(request, "param", "fast")
+
+
+@pytest.fixture(scope="module")
+def node1(tmp_path_factory, engine) -> Iterator[NodeProcess]:
+    """One node shared by a test module (per engine); tests stay independent by using
+    fresh rooms.
 
     The rate limit is raised so that tests which need many messages are not throttled;
     the rate-limit test runs its own node with a tiny limit.
     """
     tmp = tmp_path_factory.mktemp("node1")
-    with running_nodes(tmp, 1, node={"rate_limit_messages": 100_000}) as nodes:
+    with running_nodes(tmp, 1, engine=engine, node={"rate_limit_messages": 100_000}) as nodes:
         yield nodes[0]
 
 

@@ -112,10 +112,13 @@ def distinct_free_ports(count: int) -> list[int]:
 
 def make_cluster_config(tmp: Path, n: int = 1, *, node: dict | None = None,
                         aws: dict | None = None, public_url: str | None = None,
-                        name: str = "test") -> tuple[Path, list[dict[str, Any]]]:
+                        name: str = "test", engine: str | None = None
+                        ) -> tuple[Path, list[dict[str, Any]]]:
     """A config for ``n`` loopback nodes with fresh ports; returns (path, instances).
-    ``node`` settings override ``TEST_RATE_LIMITS``."""
+    ``node`` settings override ``TEST_RATE_LIMITS``; ``engine`` sets ``node.engine``."""
     node = {**TEST_RATE_LIMITS, **(node or {})}
+    if engine is not None:
+        node["engine"] = engine
     ports = iter(distinct_free_ports(2 * n))
     instances = [{"number": i, "host": "127.0.0.1", "port": next(ports),
                   "internal_port": next(ports)} for i in range(1, n + 1)]

@@ -103,6 +103,8 @@ def mutate(path: str, value):
     ("node.max_message_chars", -1, "node.max_message_chars"),
     ("node.rate_limit_messages", True, "node.rate_limit_messages"),
     ("node.fsync", "yes", "node.fsync"),
+    ("node.engine", "turbo", "node.engine"),
+    ("node.engine", True, "node.engine"),
     ("node.max_recovery", 10, "node.max_recovery"),
     ("node.prune_interval", -1, "node.prune_interval"),
     ("node.prune_interval", "5", "node.prune_interval"),
@@ -207,3 +209,11 @@ def test_prune_interval_defaults_to_five_seconds_and_may_be_zero():
     assert config.parse(data, env={}).node.prune_interval == 0.0
     example = config.load(ROOT / "config.example.toml", env={})
     assert example.node.prune_interval == 5.0  # the example documents the default
+
+
+def test_engine_is_fast_unless_stock_is_asked_for():
+    assert config.parse(base(), env={}).node.engine == "fast"
+    assert config.parse(base(node={"engine": "stock"}), env={}).node.engine == "stock"
+    with pytest.raises(ConfigError, match=r'"fast".*"stock"'):
+        config.parse(base(node={"engine": "Fast"}), env={})
+    assert config.load(ROOT / "config.example.toml", env={}).node.engine == "fast"

@@ -1,4 +1,4 @@
-"""The node's fast inbound path (shardchat/node/inbound.py, transport.py) as clients see it:
+"""The node's fast inbound path (shardchat/node/engine/inbound.py, session.py) as clients see it:
 pipelined messages ack in order, every member sees every message in seq order, ack ids of
 any length come back, and odd EVENT frames go the normal way or are dropped without
 touching anyone else."""

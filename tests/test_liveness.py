@@ -1,4 +1,4 @@
-"""Engine.IO liveness on the websocket transport (shardchat/node/transport.py): the node
+"""Engine.IO liveness on the websocket transport (shardchat/node/engine/liveness.py): the node
 pings every ``ping_interval`` from shared coarse timers, a client that answers stays in its
 room for as long as it likes, and one that stops answering is cut off after
 ``ping_timeout``, so its room sees it leave."""

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
-from tests.conftest import acreate_room, open_client
+from tests.conftest import ENGINES, acreate_room, open_client
 from tests.support import NodeProcess, make_cluster_config, running_nodes
 
 pytestmark = pytest.mark.timeout(120)
+ENGINES = ENGINES  # every test here runs on the fast and the stock engine
 
 
 async def restart(node: NodeProcess) -> None:
@@ -35,8 +36,10 @@ async def all_history(client) -> list[dict]:
     return out
 
 
-async def test_acked_messages_survive_kill_9_with_the_same_seq(tmp_path, connect, transport):
-    with running_nodes(tmp_path, 1, node={"rate_limit_messages": 100_000}) as (node,):
+async def test_acked_messages_survive_kill_9_with_the_same_seq(tmp_path, connect, transport,
+                                                              engine):
+    with running_nodes(tmp_path, 1, engine=engine,
+                       node={"rate_limit_messages": 100_000}) as (node,):
         room = await acreate_room(node, "Durable")
         private = await acreate_room(node, "Durable private", private=True)
         alice = await connect(node, room, name="alice", transport=transport)
@@ -70,10 +73,11 @@ async def test_acked_messages_survive_kill_9_with_the_same_seq(tmp_path, connect
             await c.close()
 
 
-async def test_every_acked_message_survives_kill_9_mid_burst(tmp_path, connect):
+async def test_every_acked_message_survives_kill_9_mid_burst(tmp_path, connect, engine):
     """Several senders fire without waiting; the node is killed while writes are in flight.
     Whatever was acked is stored with its seq, and the stored seqs have no gap."""
-    with running_nodes(tmp_path, 1, node={"rate_limit_messages": 100_000}) as (node,):
+    with running_nodes(tmp_path, 1, engine=engine,
+                       node={"rate_limit_messages": 100_000}) as (node,):
         room = await acreate_room(node)
         senders = [await connect(node, room, name=f"s{i}") for i in range(3)]
         acked: dict[int, str] = {}
@@ -109,8 +113,8 @@ async def test_every_acked_message_survives_kill_9_mid_burst(tmp_path, connect):
         await reader.close()
 
 
-async def test_rooms_survive_kill_9(tmp_path):
-    with running_nodes(tmp_path, 1) as (node,):
+async def test_rooms_survive_kill_9(tmp_path, engine):
+    with running_nodes(tmp_path, 1, engine=engine) as (node,):
         rooms = [await acreate_room(node, f"room {i}", private=i % 2 == 1) for i in range(5)]
         node.kill()
         await restart(node)
@@ -121,8 +125,8 @@ async def test_rooms_survive_kill_9(tmp_path):
             await client.close()
 
 
-async def test_sigterm_exits_zero_and_keeps_acked_messages(tmp_path, transport):
-    cfg_path, instances = make_cluster_config(tmp_path, 1)
+async def test_sigterm_exits_zero_and_keeps_acked_messages(tmp_path, transport, engine):
+    cfg_path, instances = make_cluster_config(tmp_path, 1, engine=engine)
     node = NodeProcess(cfg_path, instances[0], tmp_path)
     await asyncio.to_thread(node.start)
     try:
@@ -146,8 +150,8 @@ async def test_sigterm_exits_zero_and_keeps_acked_messages(tmp_path, transport):
         node.stop()
 
 
-async def test_clients_are_disconnected_when_the_node_drains(tmp_path, transport):
-    with running_nodes(tmp_path, 1) as (node,):
+async def test_clients_are_disconnected_when_the_node_drains(tmp_path, transport, engine):
+    with running_nodes(tmp_path, 1, engine=engine) as (node,):
         room = await acreate_room(node)
         alice = await open_client(node, room, name="alice", transport=transport)
         code = await asyncio.to_thread(node.terminate, 60)

@@ -35,6 +35,7 @@ async def test_metrics_count_stored_messages_and_deliveries(node1, connect, tran
     fanout_before = before["fanout"]["fast"] + before["fanout"]["slow"]
     # 3 messages to 2 members each, plus welcome/presence packets
     assert after["fanout"]["fast"] + after["fanout"]["slow"] - fanout_before >= 6
+    assert after["engine"] == "fast"  # the default node.engine
     # the node runs with its collector tuned: start-up objects frozen, raised thresholds
     assert after["gc"]["thresholds"] == list(gctune.THRESHOLDS)
     assert after["gc"]["frozen"] > 0

@@ -8,10 +8,11 @@ import time
 import pytest
 
 from shardchat import urls
-from tests.conftest import acreate_room, assert_refusal_shape, refusal
+from tests.conftest import ENGINES, acreate_room, assert_refusal_shape, refusal
 from tests.support import async_wait_until, running_nodes
 
 pytestmark = pytest.mark.timeout(90)
+ENGINES = ENGINES  # every test here runs on the fast and the stock engine
 
 MESSAGE_KEYS = {"seq", "room", "from", "text", "ts", "client_id"}
 
@@ -238,9 +239,9 @@ async def test_reconnect_recovers_more_than_50_missed_messages(node1, connect, t
 
 
 async def test_recovery_gap_longer_than_max_recovery_gives_latest_50(tmp_path, connect,
-                                                                     transport):
-    with running_nodes(tmp_path, 1, node={"max_recovery": 50,
-                                          "rate_limit_messages": 100_000}) as (node,):
+                                                                     transport, engine):
+    with running_nodes(tmp_path, 1, engine=engine,
+                       node={"max_recovery": 50, "rate_limit_messages": 100_000}) as (node,):
         room = await acreate_room(node)
         alice = await connect(node, room, name="alice", transport=transport)
         for i in range(1, 121):
@@ -257,12 +258,13 @@ async def test_recovery_gap_longer_than_max_recovery_gives_latest_50(tmp_path, c
 
 
 async def test_recovery_of_a_pruned_gap_gives_latest_50_not_recovered(tmp_path, connect,
-                                                                      transport):
+                                                                      transport, engine):
     """The node keeps at least history_retention messages and prunes older ones lazily
     (after a write, at most every node.prune_interval seconds per room); once the gap after
     last_seq is pruned, a reconnect cannot be complete and says so."""
-    with running_nodes(tmp_path, 1, node={"history_retention": 50, "prune_interval": 0.1,
-                                          "rate_limit_messages": 100_000}) as (node,):
+    with running_nodes(tmp_path, 1, engine=engine,
+                       node={"history_retention": 50, "prune_interval": 0.1,
+                             "rate_limit_messages": 100_000}) as (node,):
         room = await acreate_room(node)
         alice = await connect(node, room, name="alice", transport=transport)
         for i in range(1, 121):

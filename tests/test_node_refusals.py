@@ -15,6 +15,7 @@ from aiohttp import WSCloseCode
 from shardchat import urls
 from shardchat.node.invites import Invites
 from tests.conftest import (
+    ENGINES,
     acreate_room,
     assert_failed_ack,
     assert_refusal_shape,
@@ -24,6 +25,7 @@ from tests.conftest import (
 from tests.support import SECRET, async_wait_until, running_nodes
 
 pytestmark = pytest.mark.timeout(90)
+ENGINES = ENGINES  # every test here runs on the fast and the stock engine
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,8 +110,8 @@ async def test_name_of_40_characters_is_accepted(node1, connect, transport):
     assert alice.welcome["you"]["name"] == name
 
 
-async def test_full_room_refuses_until_someone_leaves(tmp_path, connect, transport):
-    with running_nodes(tmp_path, 1, node={"room_capacity": 2}) as (node,):
+async def test_full_room_refuses_until_someone_leaves(tmp_path, connect, transport, engine):
+    with running_nodes(tmp_path, 1, engine=engine, node={"room_capacity": 2}) as (node,):
         room = await acreate_room(node)
         alice = await connect(node, room, name="alice", transport=transport)
         bob = await connect(node, room, name="bob", transport=transport)
@@ -142,8 +144,8 @@ async def sigterm_and_wait_draining(node) -> None:
     assert body == {"instance": 1, "status": "draining"}
 
 
-async def test_draining_node_refuses_new_connections(tmp_path, transport):
-    with running_nodes(tmp_path, 1, node={"drain_grace_seconds": 30}) as (node,):
+async def test_draining_node_refuses_new_connections(tmp_path, transport, engine):
+    with running_nodes(tmp_path, 1, engine=engine, node={"drain_grace_seconds": 30}) as (node,):
         room = await acreate_room(node)
         await sigterm_and_wait_draining(node)
         refused = await refusal(node, room, transport=transport)
@@ -152,8 +154,8 @@ async def test_draining_node_refuses_new_connections(tmp_path, transport):
         node.kill()
 
 
-async def test_draining_node_refuses_joins_on_an_open_socket(tmp_path):
-    with running_nodes(tmp_path, 1, node={"drain_grace_seconds": 30}) as (node,):
+async def test_draining_node_refuses_joins_on_an_open_socket(tmp_path, engine):
+    with running_nodes(tmp_path, 1, engine=engine, node={"drain_grace_seconds": 30}) as (node,):
         room = await acreate_room(node)
         ns = room["namespace"]
         async with aiohttp.ClientSession() as session:
@@ -194,9 +196,10 @@ async def test_message_over_max_length_is_refused_too_long(node1, connect, trans
     await assert_still_works(alice)
 
 
-async def test_rate_limited_sender_is_told_and_stays_connected(tmp_path, connect, transport):
-    with running_nodes(tmp_path, 1, node={"rate_limit_messages": 3,
-                                          "rate_limit_window": 60}) as (node,):
+async def test_rate_limited_sender_is_told_and_stays_connected(tmp_path, connect, transport,
+                                                              engine):
+    with running_nodes(tmp_path, 1, engine=engine, node={"rate_limit_messages": 3,
+                                                         "rate_limit_window": 60}) as (node,):
         room = await acreate_room(node)
         alice = await connect(node, room, transport=transport)
         for i in range(3):

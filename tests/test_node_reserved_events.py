@@ -8,9 +8,10 @@ import aiohttp
 import pytest
 
 from shardchat import urls
-from tests.conftest import acreate_room, assert_failed_ack
+from tests.conftest import ENGINES, acreate_room, assert_failed_ack
 
 pytestmark = pytest.mark.timeout(60)
+ENGINES = ENGINES  # refused on the fast and the stock engine alike
 
 
 async def raw_member(session: aiohttp.ClientSession, node, ns: str, name: str):

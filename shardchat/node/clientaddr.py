@@ -82,7 +82,7 @@ class ClientAddresses:
 
         engineio's environ holds a placeholder ``REMOTE_ADDR``; the real peer is the
         aiohttp request's (while the environ still holds it) or the ``REMOTE_ADDR`` the
-        transport put there when it trimmed the environ of an open websocket."""
+        fast engine put there when it trimmed the environ of an open websocket."""
         request = environ.get("aiohttp.request")
         peer = request.remote if request is not None else environ.get("REMOTE_ADDR")
         return self.resolve(peer, environ.get("HTTP_X_FORWARDED_FOR"))

@@ -1,6 +1,6 @@
 """Instance N, wired: the one module that builds a node and runs it.
 
-``Node`` builds the parts (the store, the Socket.IO server with its fast paths, the room
+``Node`` builds the parts (the store, the Socket.IO engine ``node.engine`` names, the room
 service, the limits, the placer, the public and internal listeners) and hands each the
 others it needs; ``serve`` runs it until SIGTERM/SIGINT (or its supervisor is gone), drains
 it and returns the exit code. This is the only module of ``node/`` that imports the cluster:
@@ -23,13 +23,11 @@ from aiohttp import web
 from shardchat import lifecycle, listener, urls
 from shardchat.cluster.placement import Placer
 from shardchat.config import Config
-from shardchat.node import gctune, idempotency, internal, shutdown, transport
+from shardchat.node import engine, gctune, idempotency, internal, shutdown
 from shardchat.node.clientaddr import ClientAddresses
-from shardchat.node.fanout import Fanout
 from shardchat.node.http import PublicApp
-from shardchat.node.inbound import BoundedJson, Inbound
 from shardchat.node.rooms import RoomService
-from shardchat.node.sockets import NodeSocketServer, register_events
+from shardchat.node.sockets import register_events
 from shardchat.node.store import Store, StoreError
 
 log = logging.getLogger("shardchat.node")
@@ -46,16 +44,9 @@ class Node:
         self.store = Store(cfg.instance_data_dir(number), retention=cfg.node.history_retention,
                            fsync=cfg.node.fsync, max_recovery=cfg.node.max_recovery,
                            prune_interval=cfg.node.prune_interval)
-        self.sio = NodeSocketServer(
-            async_mode="aiohttp", namespaces="*",
-            ping_interval=cfg.node.ping_interval, ping_timeout=cfg.node.ping_timeout,
-            max_http_buffer_size=cfg.node.max_packet_bytes, json=BoundedJson,
-            cors_allowed_origins=None, logger=False, engineio_logger=False)
-        self.fanout = Fanout(self.sio, cfg.node)
-        self.inbound = Inbound(self.sio, self.fanout)
-        transport.install(self.sio, cfg.node.websocket_compression, self.fanout, self.inbound)
-        self.sio.direct_send = self.fanout.send_packet
-        self.rooms = RoomService(cfg, number, self.store, self.fanout)
+        self.engine = engine.build(cfg.node)  # EngineIncompatible: the self-check failed
+        self.sio = self.engine.sio
+        self.rooms = RoomService(cfg, number, self.store, self.engine.delivery)
         self.addresses = ClientAddresses(cfg.node.trusted_proxies)
         self.keyed = idempotency.KeyedCreations(self.store, self.rooms)
         self.placer = Placer(cfg, self)  # the cluster's part: this node is its LocalNode
@@ -84,8 +75,7 @@ class Node:
 
     def metrics(self) -> dict[str, Any]:
         """Internal counters (``GET /internal/metrics``): where the work goes."""
-        return {"instance": self.number, "store": self.store.stats(),
-                "fanout": self.fanout.stats(), "inbound": self.inbound.stats(),
+        return {"instance": self.number, "store": self.store.stats(), **self.engine.stats(),
                 "rate_limits": self.rooms.limiter.stats(),
                 "gc": gctune.WATCH.stats()}
 
@@ -150,8 +140,7 @@ class Node:
         """Refuse new Engine.IO sessions, then end every open one so its client reconnects
         (to this node once it is back, or wherever the load balancer sends it)."""
         self.public_app.closing = True
-        counts = await transport.close_sessions(self.sio.eio, self.fanout,
-                                                shutdown.CLOSE_TIMEOUT)
+        counts = await self.engine.close_sessions(shutdown.CLOSE_TIMEOUT)
         log.info("instance %d closed its sessions: %s", self.number, counts)
 
     async def _grace(self, seconds: float, hurry: asyncio.Event | None) -> None:
@@ -167,7 +156,7 @@ class Node:
         """What a stop is still waiting on, for the watchdog's log line (read-only: it runs
         on the watchdog's thread)."""
         sessions = [s for s in list(self.sio.eio.sockets.values()) if not s.closed]
-        websockets = len(self.fanout._ws)
+        websockets = self.engine.websocket_count()
         connections = sum(len(r.server.connections) for r in self.runners
                           if r.server is not None)
         return (f"step {self.step!r}; {len(sessions)} Engine.IO sessions ({websockets} on "
@@ -197,8 +186,13 @@ class StopRequest:
 async def serve(cfg: Config, number: int) -> int:
     """Run node N until SIGTERM/SIGINT (or its supervisor is gone); drain and return the
     exit code (0 after a clean drain). A store that cannot be opened (damaged, or in use by
-    another process) is one logged line and exit code 1."""
-    node = Node(cfg, number)
+    another process), or installed libraries the fast engine cannot run on, is one logged
+    line and exit code 1."""
+    try:
+        node = Node(cfg, number)
+    except engine.EngineIncompatible as exc:  # the fast engine's self-check, before serving
+        log.error("instance %d cannot start: %s", number, exc)
+        return 1
     try:
         await node.start()  # opens the store before anything listens
     except StoreError as exc:  # damaged, locked by another process, or unwritable

@@ -26,7 +26,7 @@ from socketio.exceptions import ConnectionRefusedError as SioRefused
 from shardchat import urls
 from shardchat.config import Config
 from shardchat.node import limits, payloads, ratelimit
-from shardchat.node.fanout import Fanout, json_size
+from shardchat.node.engine import Delivery, json_size
 from shardchat.node.invites import Invites
 from shardchat.node.members import MemberTokens
 from shardchat.node.ratelimit import RateLimiter, limit_identity
@@ -84,12 +84,12 @@ class Room:
 
 
 class RoomService:
-    def __init__(self, cfg: Config, number: int, store: Store, fanout: Fanout):
+    def __init__(self, cfg: Config, number: int, store: Store, delivery: Delivery):
         self.cfg = cfg
         self.number = number
         self.settings = cfg.node
         self.store = store
-        self.fanout = fanout
+        self.delivery = delivery  # the engine, as the room service may use it
         self.invites = Invites(cfg.cluster.secret, cfg.node.invite_ttl_days * 86400)
         self.member_tokens = MemberTokens(cfg.cluster.secret)
         self.rooms: dict[str, Room] = {}
@@ -202,7 +202,7 @@ class RoomService:
         if joining is None or room is None:
             return
         member = Member(sid, joining.name, joining.limit_key, joining.address,
-                        self.fanout.sio.manager.eio_sid_from_sid(sid, namespace),
+                        self.delivery.transport_id(namespace, sid),
                         identity=joining.identity)
         room.members[sid] = member  # not ready: broadcasts are buffered for it
         try:
@@ -211,17 +211,17 @@ class RoomService:
             log.error("room %s cannot be joined, its history is unreadable: %s",
                       room.record.id, exc)
             room.members.pop(sid, None)
-            await self.fanout.sio.refuse_connected(sid, namespace, UNREADABLE_ROOM)
+            await self.delivery.disconnect(namespace, sid, UNREADABLE_ROOM)
             return
         # The token goes to this member only: it is in no public() and never broadcast.
         welcome["you"] = {**welcome["you"], "token": joining.token}
         me = [(sid, member.eio_sid)]
-        await self.fanout.emit(namespace, "welcome", welcome, me)
+        await self.delivery.emit(namespace, "welcome", welcome, me)
         member.floor = welcome["last_seq"]
         member.ready = True
         for event, data in member.buffered:
             if event != "message" or data["seq"] > member.floor:
-                await self.fanout.emit(namespace, event, data, me)
+                await self.delivery.emit(namespace, event, data, me)
         member.buffered.clear()
         await self._broadcast(room, "presence", {"event": "join", "member": member.public(),
                                                  "count": len(room.members)}, skip=sid)
@@ -326,7 +326,7 @@ class RoomService:
         bad = limits.check_history(data)
         if bad:
             return bad.ack()
-        if self.fanout.backlogged(member.eio_sid):
+        if self.delivery.backlogged(member.eio_sid):
             return Refusal("rate_limited", "Earlier replies have not reached you yet; read "
                            "them, then ask for more history.").ack()
         limited = self.limiter.take("history", identity=member.limit_key,
@@ -377,4 +377,4 @@ class RoomService:
                 m.buffered.append((event, data))
             elif seq is None or seq > m.floor:  # the welcome may already hold this one
                 ready.append((sid, m.eio_sid))
-        await self.fanout.emit(room.namespace, event, data, ready)
+        await self.delivery.emit(room.namespace, event, data, ready)

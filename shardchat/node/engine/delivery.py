@@ -1,4 +1,4 @@
-"""Broadcast of one event to the members of a room: the hot path.
+"""The fast engine's delivery: one event to many members, the hot path.
 
 python-socketio delivers a broadcast by creating one asyncio task per recipient, each of
 which puts the packet on that client's Engine.IO queue and wakes the client's writer task,
@@ -14,6 +14,13 @@ upgrade, clients with queued packets) takes python-socketio's normal path, so ev
 still sees its packets in the order they were produced. An uncompressed frame is valid on
 a connection that negotiated permessage-deflate (RSV1 clear), so the same bytes serve
 browser clients too.
+
+What this bypasses, and reads of the libraries' internals to do it (each is in the
+engine's self-check list, ``engine/__init__.py``): the client's aiohttp writer
+(``WebSocketResponse._writer``, its ``_closing`` flag and ``_send_lock``) to know a frame
+can go straight to its transport, python-socketio's ``_send_eio_packet`` for the queued
+path of a broadcast (one encode for all slow recipients), and ``asyncio.Queue._getters`` /
+``_queue`` for a queue that is not our ``SessionQueue``.
 
 Back-pressure: a client is cut off only for a backlog it fails to drain, never for the size
 of one packet. Its backlog is what it has not taken yet: its transport's write buffer
@@ -31,68 +38,29 @@ the client's queued packets are freed at once.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
-import struct
 from itertools import islice
 from typing import Any
 
-import orjson
 import socketio
 from engineio import packet as eio_packet
 from socketio import packet as sio_packet
 
 from shardchat.config import NodeSettings
+from shardchat.node.engine.wire import sio_payload, text_frame
+from shardchat.refusal import Refusal
 
 log = logging.getLogger("shardchat.fanout")
-
-
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, unfragmented, uncompressed WebSocket text frame (server to client)."""
-    n = len(payload)
-    if n < 126:
-        return struct.pack("!BB", 0x81, n) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
-
-
-def sio_payload(kind: int, namespace: str, data: Any, ack_id: int | None = None
-                ) -> bytes | None:
-    """The Engine.IO MESSAGE payload ``4<type>[<namespace>,][<ack id>]<json>`` as bytes.
-
-    orjson encodes in one C call what python-socketio's Packet class does with a recursive
-    binary scan plus the stdlib encoder. Returns None when orjson cannot represent ``data``
-    exactly as the stdlib would (bytes, i.e. binary attachments; dict keys that are not
-    strings; integers beyond 64 bits): the caller then uses the Packet class. The JSON
-    differs only in form (UTF-8 instead of ``\\u`` escapes), never in value."""
-    try:
-        body = orjson.dumps(data)
-    except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return None
-    head = "4" + str(kind)
-    if namespace != "/":
-        head += namespace + ","
-    if ack_id is not None:
-        head += str(ack_id)
-    return head.encode() + body
-
-
-def json_size(value: Any) -> int:
-    """Bytes of ``value`` as JSON on the wire: orjson's form, which every path of this node
-    uses; the stdlib's (what python-socketio falls back to when orjson cannot encode it)
-    otherwise. Page bounds are measured with this."""
-    try:
-        return len(orjson.dumps(value))
-    except TypeError:
-        return len(json.dumps(value, separators=(",", ":")))
 
 
 _JSON_KINDS = (sio_packet.EVENT, sio_packet.ACK)
 
 
-class Fanout:
-    """Delivers events to room members; the room service calls ``emit`` for every one."""
+class FastDelivery:
+    """The fast engine's ``Delivery``: events to room members, the room service calls
+    ``emit`` for every one. It also knows each client's websocket (the session loop
+    registers it), which the direct writes, the pings and the shutdown use."""
 
     def __init__(self, sio: socketio.AsyncServer, settings: NodeSettings) -> None:
         self.sio = sio
@@ -121,6 +89,14 @@ class Fanout:
 
     def unregister(self, eio_sid: str) -> None:
         self._ws.pop(eio_sid, None)
+
+    def websocket(self, eio_sid: str) -> Any:
+        """The client's aiohttp WebSocketResponse while it is on the websocket transport."""
+        return self._ws.get(eio_sid)
+
+    def websocket_sids(self) -> list[str]:
+        """Engine.IO sids of every client on the websocket transport, now."""
+        return list(self._ws)
 
     def _direct_transport(self, eio_sid: str, sock: Any) -> Any:
         """The transport to write to directly, or None when the normal path must be used.
@@ -165,6 +141,25 @@ class Fanout:
             transport.write(entry[1] if len(entry) == 2 else b"".join(islice(entry, 1, None)))
             if transport.get_write_buffer_size() > cap:
                 self._judge(entry[0])
+
+    # -- the room service's view (the Delivery protocol) ---------------------------------
+
+    def transport_id(self, namespace: str, sid: str) -> str | None:
+        """The Engine.IO session of a connected member (fixed for the connection's life)."""
+        return self.sio.manager.eio_sid_from_sid(sid, namespace)
+
+    async def disconnect(self, namespace: str, sid: str, refusal: Refusal) -> None:
+        """Refuse a join after its CONNECT went out (the welcome could not be built):
+        CONNECT_ERROR with the refusal's code, then the namespace is closed. Both official
+        clients treat a CONNECT_ERROR as the end of that namespace whenever it comes."""
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
+        if eio_sid is not None:
+            with contextlib.suppress(Exception):
+                await self.send_packet(eio_sid, self.sio.packet_class(
+                    sio_packet.CONNECT_ERROR, namespace=namespace,
+                    data=refusal.connect_error()))
+        with contextlib.suppress(Exception):
+            await self.sio.disconnect(sid, namespace=namespace)
 
     # -- broadcast -----------------------------------------------------------------------
 
@@ -249,7 +244,8 @@ class Fanout:
         await self.sio.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, encoded))
         self._judge(eio_sid)
 
-    def _transport_of(self, eio_sid: str) -> Any:
+    def transport_of(self, eio_sid: str) -> Any:
+        """The asyncio transport under the client's websocket (None: not on websocket)."""
         ws = self._ws.get(eio_sid)
         writer = getattr(ws, "_writer", None) if ws is not None else None
         return writer.transport if writer is not None else None
@@ -276,7 +272,7 @@ class Fanout:
             if sock is None:
                 return 0
         total = getattr(sock.queue, "nbytes", 0)
-        transport = self._transport_of(eio_sid)
+        transport = self.transport_of(eio_sid)
         if transport is not None:
             total += transport.get_write_buffer_size()
             entry = self._pending.get(transport)
@@ -329,7 +325,7 @@ class Fanout:
         normal disconnect path (leave, presence) follows from the closed connection."""
         self.dropped += 1
         self._over.discard(eio_sid)
-        transport = self._transport_of(eio_sid)
+        transport = self.transport_of(eio_sid)
         log.warning("disconnecting slow reader %s (%s): %d bytes unsent, %s (%d)", eio_sid,
                     "websocket" if transport is not None else "long-polling", unsent, why,
                     self.cap)

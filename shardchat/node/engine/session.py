@@ -1,4 +1,4 @@
-"""The WebSocket transport under Engine.IO: our own session loop, pings on timers.
+"""The fast engine's WebSocket transport under Engine.IO: our own session loop.
 
 python-engineio's aiohttp driver hands each WebSocket to the Engine.IO socket's
 ``_websocket_handler``, which reads every frame through a fresh task wrapped in
@@ -13,15 +13,18 @@ per connection sleeps until the next ping. Here the driver runs the same session
   a text EVENT goes to ``Inbound.dispatch``, everything else to the Engine.IO socket's own
   ``receive`` (CONNECT, DISCONNECT, ACK, binary, PONG, CLOSE ...), so python-socketio keeps
   full ownership of connection state;
-* liveness needs no read timeout: each socket's ping is a ``loop.call_later`` timer (the
-  Engine.IO socket asks for a ``_send_ping`` task, which ``install`` turns into a timer),
-  and a PING that gets no PONG within ``ping_timeout`` aborts the connection;
+* liveness needs no read timeout: each socket's ping is a timer (``liveness.py``), and a
+  PING that gets no PONG within ``ping_timeout`` aborts the connection;
+* the writer runs only while the socket's ``SessionQueue`` (``sessionqueue.py``) holds
+  something, so an idle connection keeps no task;
 * compression is off unless ``node.websocket_compression`` asks for it (aiohttp's default
   of accepting permessage-deflate would compress every frame for every recipient);
-* a long-polling session that closes has its waiting GET answered at once (engineio leaves
-  it to its poll timeout, ping_interval + ping_timeout, which holds the client's request and
-  the server's shutdown that long), and ``close_sessions`` ends every session on shutdown
-  the way a lost connection ends, so that clients reconnect by themselves.
+* once the handshake is done, the HTTP state aiohttp keeps for the request is shed and the
+  WSGI-style environ trimmed (``shed_http_state``, ``trim_environ``).
+
+The driver replaces engineio's (``AsyncServer._async["websocket"]``), and it recognises
+engineio's own handler (``AsyncSocket._websocket_handler``) to take over its session; both
+names are in the engine's self-check list. How sessions end is ``closing.py``.
 """
 
 from __future__ import annotations
@@ -29,9 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import logging
-import math
-import time
 from collections import deque
 from typing import Any
 
@@ -41,14 +41,11 @@ from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
 from engineio.async_socket import AsyncSocket
 
-from shardchat.node import sessionqueue
-from shardchat.node.fanout import Fanout
-from shardchat.node.inbound import Inbound
-
-log = logging.getLogger("shardchat.transport")
+from shardchat.node.engine import sessionqueue
+from shardchat.node.engine.delivery import FastDelivery
+from shardchat.node.engine.inbound import Inbound
 
 _TEXT, _BINARY = WSMsgType.TEXT, WSMsgType.BINARY
-_PING_FRAME = b"2"
 GOING_AWAY_REASON = b"server shutting down"
 
 
@@ -61,7 +58,7 @@ class SessionLoop:
 
     __slots__ = ("fanout", "inbound", "sock", "writer", "ws")
 
-    def __init__(self, sock: Any, ws: WebSocketResponse, fanout: Fanout,
+    def __init__(self, sock: Any, ws: WebSocketResponse, fanout: FastDelivery,
                  inbound: Inbound) -> None:
         self.sock = sock
         self.ws = ws
@@ -207,7 +204,7 @@ class SessionLoop:
         return True
 
 
-def websocket_class(compress: bool, fanout: Fanout, inbound: Inbound,
+def websocket_class(compress: bool, fanout: FastDelivery, inbound: Inbound,
                     sio_environ: dict | None = None) -> type:
     """An engineio-compatible aiohttp WebSocket driver class that runs ``SessionLoop``.
 
@@ -305,204 +302,3 @@ def shed_http_state(request: Any) -> None:
     messages = getattr(protocol, "_messages", None)
     if isinstance(messages, deque) and not messages:
         protocol._messages = _NO_MESSAGES
-
-
-class CoarseTimers:
-    """Many one-shot timers that share one event-loop timer per ``RESOLUTION`` slot.
-
-    A ``loop.call_later`` handle per connection costs ~530 B (uvloop's handle and timer,
-    the bound method, the argument tuple); here a pending call is one small tuple in the
-    list of its slot. Calls fire at most ``RESOLUTION`` late, never early, in the order they
-    were scheduled within a slot; nothing is ever cancelled (callers check at fire time)."""
-
-    RESOLUTION = 0.05  # seconds
-
-    def __init__(self) -> None:
-        self._slots: dict[int, list[tuple[Any, Any, Any]]] = {}
-
-    def call_later(self, delay: float, fn: Any, sock: Any, arg: Any = None) -> None:
-        loop = asyncio.get_running_loop()
-        slot = math.ceil((loop.time() + delay) / self.RESOLUTION)
-        calls = self._slots.get(slot)
-        if calls is None:
-            calls = self._slots[slot] = []
-            loop.call_at(slot * self.RESOLUTION, self._fire, slot)
-        calls.append((fn, sock, arg))
-
-    def _fire(self, slot: int) -> None:
-        for fn, sock, arg in self._slots.pop(slot, ()):
-            try:
-                fn(sock, arg)
-            except Exception:
-                log.exception("ping timer of %s failed", getattr(sock, "sid", sock))
-
-
-class PingTimers:
-    """Engine.IO pings as coarse timers instead of one sleeping task per socket.
-
-    ``AsyncSocket.schedule_ping`` asks the server to start ``_send_ping`` (sleep
-    ``ping_interval``, stamp ``last_ping``, send PING) whenever the client answered the
-    previous PING; the server's ``start_background_task`` is wrapped to schedule a timer
-    that does the same. A websocket client whose PONG does not come within ``ping_timeout``
-    is cut off (engineio's read timeout did that); long-polling clients keep engineio's own
-    checks (the poll timeout and the service task)."""
-
-    def __init__(self, eio: Any, fanout: Fanout) -> None:
-        self.eio = eio
-        self.fanout = fanout
-        self.timers = CoarseTimers()
-        self._start = eio.start_background_task
-        eio.start_background_task = self.start_background_task
-
-    def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(target, "__func__", None) is AsyncSocket._send_ping:
-            self.timers.call_later(self.eio.ping_interval, self._ping, target.__self__)
-            return None  # schedule_ping ignores what it gets back
-        return self._start(target, *args, **kwargs)
-
-    def _ping(self, sock: Any, _: Any = None) -> None:
-        if sock.closing or sock.closed:
-            return
-        sent = sock.last_ping = time.time()
-        if not self.fanout.write_now(sock.sid, sock, _PING_FRAME):
-            sock.queue.put_nowait(eio_packet.Packet(eio_packet.PING))
-        self.timers.call_later(self.eio.ping_timeout, self._overdue, sock, sent)
-
-    def _overdue(self, sock: Any, sent: float) -> None:
-        """No PONG for the PING sent at ``sent``: the client is gone."""
-        if sock.last_ping != sent:
-            return
-        transport = self.fanout._transport_of(sock.sid)
-        if transport is None:
-            return  # long-polling: engineio's checks close it
-        log.info("%s: no PONG within %ss, closing", sock.sid, self.eio.ping_timeout)
-        if not sock.closing:
-            task = asyncio.ensure_future(sock.close(
-                wait=False, abort=True, reason=self.eio.reason.PING_TIMEOUT))
-            task.add_done_callback(_ignore_result)
-        transport.abort()
-
-
-def _ignore_result(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-# -- closing -----------------------------------------------------------------------------
-
-
-def answer_polls_on_close(eio: Any) -> None:
-    """When a long-polling session closes, answer its waiting GET now.
-
-    A client that leaves sends CLOSE in a POST while its next GET is already waiting (the
-    official client polls again before it handles the packet that made it leave); engineio
-    closes the session without waking that GET, which then waits for engineio's poll timeout
-    (ping_interval + ping_timeout, 40 s by default) before it is answered. Until then the
-    client's request stays open (a Node.js script does not exit) and so does the server's
-    handler, which a shutdown has to wait for. The GET gets a NOOP instead: a client that
-    left ignores it, one that did not sees its next request fail and reconnects. Sessions
-    that close with a CLOSE packet queued (ping timeout) are left as they are."""
-    handler = eio.handlers.get("disconnect")
-    if handler is None or not inspect.iscoroutinefunction(handler):
-        raise RuntimeError("python-socketio registered no async Engine.IO disconnect handler; "
-                           "this python-socketio version is not supported")
-
-    async def on_disconnect(eio_sid: str, reason: Any = None) -> Any:
-        sock = eio.sockets.get(eio_sid)
-        try:
-            return await handler(eio_sid, reason)
-        finally:
-            if sock is not None and not sock.upgraded:
-                # after close() has queued its CLOSE packet, if it queues one
-                asyncio.get_running_loop().call_soon(_answer_poll, sock)
-
-    eio.handlers["disconnect"] = on_disconnect
-
-
-def _answer_poll(sock: Any) -> None:
-    if sock.queue.empty():
-        sock.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
-
-
-async def close_sessions(eio: Any, fanout: Fanout, timeout: float) -> dict[str, int]:
-    """End every Engine.IO session so that its client reconnects by itself (shutdown).
-
-    Not with a Socket.IO DISCONNECT: the official client takes that as final ("io server
-    disconnect", no reconnection), and python-socketio's client takes an Engine.IO CLOSE
-    packet the same way. Both reconnect, with backoff, when the transport is lost:
-
-    * websocket: the WebSocket is closed (close code 1001, going away); the client sees
-      "transport close";
-    * long-polling: the session ends and its waiting GET is answered (``answer_polls_on_
-      close``); the client's next request fails (400 for the ended session, or connection
-      refused once the listener is down) and it sees "transport error".
-
-    Waits up to ``timeout`` seconds for the WebSocket close handshakes, then aborts the
-    connections still open. Returns how many sessions ended each way."""
-    counts = {"websocket": 0, "polling": 0, "aborted": 0}
-    closes: list[asyncio.Future] = []
-    for eio_sid, sock in list(eio.sockets.items()):
-        if sock.closed or sock.closing:
-            continue
-        ws = fanout._ws.get(eio_sid)
-        if ws is not None:
-            closes.append(asyncio.ensure_future(
-                ws.close(code=WSCloseCode.GOING_AWAY, message=GOING_AWAY_REASON)))
-            counts["websocket"] += 1
-            continue
-        counts["polling"] += 1
-        with contextlib.suppress(Exception):
-            # a websocket that is not ours (someone wrapped engineio's handler) only closes
-            # through engineio's writer, which the CLOSE packet stops
-            await sock.close(wait=False, abort=not sock.upgraded,
-                             reason=eio.reason.SERVER_DISCONNECT)
-    if closes:
-        _, pending = await asyncio.wait(closes, timeout=timeout)
-        for task in pending:
-            task.cancel()
-        for task in closes:
-            task.add_done_callback(_ignore_result)
-    for eio_sid in list(fanout._ws):
-        transport = fanout._transport_of(eio_sid)
-        if transport is not None and not transport.is_closing():
-            transport.abort()
-            counts["aborted"] += 1
-    return counts
-
-
-CLOSE_FLUSH_SECONDS = 2.0  # how long a server-side close waits for its CLOSE to go out
-
-
-def bound_disconnect(eio: Any) -> None:
-    """Let a server-side Engine.IO disconnect wait at most ``CLOSE_FLUSH_SECONDS``.
-
-    engineio's ``disconnect`` queues a CLOSE packet, marks the socket closed and then waits
-    until the queue is drained. A long-polling socket drains only into a GET that is already
-    pending: every later GET is refused because the socket is closed, so without a pending
-    GET the wait never ends. One POST carrying a packet the server refuses (an Engine.IO
-    OPEN, say) made engineio disconnect that way and held the request, its socket and its
-    queue forever. After the bound, the CLOSE is given up (the client learns from the 400s
-    its next requests get) and the session is forgotten."""
-    original = eio.disconnect
-
-    async def disconnect(sid: str | None = None) -> None:
-        try:
-            await asyncio.wait_for(original(sid), CLOSE_FLUSH_SECONDS)
-        except TimeoutError:
-            for key in [sid] if sid is not None else list(eio.sockets):
-                sock = eio.sockets.get(key)
-                if sock is not None and sock.closed:
-                    eio.sockets.pop(key, None)
-
-    eio.disconnect = disconnect
-
-
-def install(sio: Any, compress: bool, fanout: Fanout, inbound: Inbound) -> None:
-    """Replace the Engine.IO server's websocket driver, ping tasks and queues with ours,
-    and bound its disconnects."""
-    sio.eio._async = dict(sio.eio._async, websocket=websocket_class(
-        compress, fanout, inbound, getattr(sio, "environ", None)))
-    PingTimers(sio.eio, fanout)
-    sessionqueue.install(sio.eio)
-    answer_polls_on_close(sio.eio)
-    bound_disconnect(sio.eio)
