@@ -71,6 +71,7 @@ class NodeSettings:
     rate_limit_history: int = 20
     rate_limit_joins: int = 10
     rate_limit_rooms: int = 10
+    rate_limit_lookups: int = 60  # per address: each may ask every peer (cluster/directory.py)
     rate_limit_address_multiple: int = 10
     rate_limit_max_keys: int = 100_000
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
@@ -315,8 +316,8 @@ def validate(cfg: Config) -> Config:
     for name in ("ping_interval", "ping_timeout", "max_message_chars", "max_packet_bytes",
                  "max_body_bytes", "max_name_chars", "rate_limit_messages", "rate_limit_window",
                  "rate_limit_typing", "rate_limit_history", "rate_limit_joins", "rate_limit_rooms",
-                 "rate_limit_address_multiple", "rate_limit_max_keys", "room_capacity",
-                 "history_retention", "invite_ttl_days", "write_buffer_cap",
+                 "rate_limit_lookups", "rate_limit_address_multiple", "rate_limit_max_keys",
+                 "room_capacity", "history_retention", "invite_ttl_days", "write_buffer_cap",
                  "write_buffer_grace", "max_page_bytes", "peer_timeout", "stats_interval",
                  "header_timeout"):
         _positive(f"node.{name}", getattr(n, name))

@@ -39,6 +39,12 @@ STATS_PATH = "/internal/stats"
 ROOMS_PATH = "/internal/rooms"
 METRICS_PATH = "/internal/metrics"
 KEYS_PATH = "/internal/creation-keys/"  # + an Idempotency-Key: the room created under it
+# GET: what the node is to one room (owner, forwarded, incoming: ``whereabouts.RoomState``)
+ROOM_STATE_PATH = "/internal/rooms/{room_id}"
+
+
+def room_state_path(room_id: str) -> str:
+    return ROOM_STATE_PATH.format(room_id=room_id)
 
 AUTH_HEADER = "Authorization"
 

@@ -85,7 +85,7 @@ def require_browser() -> None:
 # test module would be throttled as one client. Tests of the limits set their own.
 TEST_RATE_LIMITS = {"rate_limit_messages": 100_000, "rate_limit_typing": 100_000,
                     "rate_limit_history": 100_000, "rate_limit_joins": 100_000,
-                    "rate_limit_rooms": 100_000}
+                    "rate_limit_rooms": 100_000, "rate_limit_lookups": 100_000}
 
 
 def write_config(path: Path, *, instances: list[dict[str, Any]], cluster: dict | None = None,

@@ -37,6 +37,7 @@ from shardchat.internal_api import (
     STATS_PATH,
     IdempotencyConflict,
     auth_header,
+    room_state_path,
 )
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,10 @@ class PeerPool:
     def get(self, number: int) -> PeerState | None:
         return self._peers.get(number)
 
+    def numbers(self) -> list[int]:
+        """The instance numbers of every peer (this node not included), in order."""
+        return sorted(self._peers)
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -269,6 +274,25 @@ class PeerPool:
         room = body["room"]
         if not isinstance(room, dict) or room.get("instance") != number:
             raise PeerError(number, "creation-key answer is not a room of this instance")
+        return body
+
+    # -- where rooms live -----------------------------------------------------------------
+
+    async def room_state(self, number: int, room_id: str, timeout: float) -> Any:
+        """Peer ``number``'s answer about ``room_id`` (``GET /internal/rooms/<room_id>``):
+        the JSON body, or None when it knows nothing of the room (404). Raises PeerError
+        when it cannot say (unknown peer, unreachable, too slow, another status). Asked of
+        peers believed down as well: a refused connection costs a millisecond."""
+        peer = self._peers.get(number)
+        if peer is None:
+            raise PeerError(number, "not an instance of this cluster")
+        body = await self._request(peer, "GET", room_state_path(room_id), None, timeout,
+                                   expect=(200, 404))
+        if isinstance(body, dict) and body.get("error") == "not_found":
+            return None
+        if not isinstance(body, dict) or "state" not in body:
+            # a 404 of no route (a node of an older release) says nothing about the room
+            raise PeerError(number, "does not answer where rooms live")
         return body
 
     async def _request(self, peer: PeerState, method: str, path: str, payload: Any,

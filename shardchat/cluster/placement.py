@@ -216,6 +216,11 @@ class Placer:
         self._reservations = Reservations(cfg.node.placement_reservation_seconds)
         self._keyed: dict[str, asyncio.Future[None]] = {}  # keyed creations answered here
 
+    @property
+    def peers(self) -> PeerPool:
+        """The peer pool placement polls; the directory asks the same peers."""
+        return self._peers
+
     async def start(self) -> None:
         await self._peers.start()
 

@@ -3,29 +3,35 @@
 Everything the load balancer sends to a node arrives here: the landing page and the room
 pages, ``/api/rooms`` (validated here, then handed to the placer, which puts the room on the
 least-loaded instance), the health checks, the static assets, and Engine.IO's
-``/i<N>/socket.io/`` (attached to the Socket.IO server). One middleware (``_guard``) refuses
-what must not reach a handler and answers every HTTP error in JSON. The node is wired in
-``node/main.py``; this module never imports the cluster: the placer is handed in.
+``/i<N>/socket.io/`` (attached to the Socket.IO server), and where rooms live now (the
+lookup ``GET /api/rooms/<id>`` and the redirects of pages of rooms that moved or whose
+instance is gone, ``node/lookup.py``). One middleware (``_guard``) refuses what must not
+reach a handler and answers every HTTP error in JSON. The node is wired in
+``node/main.py``; this module never imports the cluster: the placer and the directory are
+handed in.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import socketio
 from aiohttp import web
 
-from shardchat import urls
+from shardchat import urls, whereabouts
 from shardchat.config import NodeSettings
 from shardchat.http_errors import json_error
 from shardchat.internal_api import CreationFailed, read_creation_key, read_room_request
 from shardchat.node import ratelimit
 from shardchat.node.clientaddr import ClientAddresses
+from shardchat.node.lookup import LookupRoutes, RoomFinder, not_here
 from shardchat.node.rooms import RoomService
 from shardchat.node.store import Store
 
@@ -95,7 +101,8 @@ class PublicApp:
 
     def __init__(self, settings: NodeSettings, number: int, sio: socketio.AsyncServer,
                  store: Store, rooms: RoomService, addresses: ClientAddresses,
-                 placer: RoomPlacer) -> None:
+                 placer: RoomPlacer, finder: RoomFinder,
+                 room_state: Callable[[str], dict[str, Any] | None]) -> None:
         self.settings = settings
         self.number = number
         self.sio = sio
@@ -103,6 +110,9 @@ class PublicApp:
         self.rooms = rooms
         self.addresses = addresses
         self.placer = placer
+        self.room_state = room_state  # what this node is to a room (owner, forwarded, ...)
+        self.lookups = LookupRoutes(finder, rooms.limiter, addresses, functools.partial(
+            rate_limited_response, window=settings.rate_limit_window))
         self.eio_path = urls.socketio_path(number)
         self.closing = False  # the node is closing its sessions: no new Engine.IO ones
 
@@ -120,6 +130,7 @@ class PublicApp:
         r.add_get("/healthz", self._healthz)
         r.add_get(urls.healthz_path(n), self._healthz)
         r.add_post("/api/rooms", self._api_create_room)
+        r.add_get("/api/rooms/{room_id:.*}", self.lookups.api)
         r.add_get(urls.room_path(n, "{room_id}"), self._room_page)
         for base in ("/static", urls.static_prefix(n)):
             r.add_get(base + "/vendor/socket.io.min.js", self._client_js)
@@ -132,6 +143,9 @@ class PublicApp:
 
         One middleware rather than two: every open WebSocket keeps the whole middleware
         chain suspended for its lifetime, so each extra layer costs memory per connection."""
+        room_id = self._page_of_gone_instance(request)
+        if room_id is not None:
+            return await self.lookups.page(request, room_id)
         refusal = self._refuse(request)
         if refusal is not None:
             return refusal
@@ -172,12 +186,28 @@ class PublicApp:
                                   "down; reconnect in a few seconds.")
         other = urls.instance_of_path(request.path)
         if other is not None and other != self.number:
+            if self.lookups.gone(other):
+                why = (f"instance {other} is not part of this cluster (any more); a room "
+                       "that lived there is found with GET /api/rooms/<room id>.")
+            else:
+                why = (f"the load balancer rule for {urls.path_pattern(other)} must point at "
+                       f"instance {other}.")
             return json_error(421, "wrong_instance",
                               f"{request.path} belongs to instance {other}, but this is "
-                              f"instance {self.number}: the load balancer rule for "
-                              f"{urls.path_pattern(other)} must point at instance {other}.",
+                              f"instance {self.number}: {why}",
                               instance=self.number, requested_instance=other)
         return None
+
+    def _page_of_gone_instance(self, request: web.Request) -> str | None:
+        """The room id of a page request for an instance that is not part of the cluster:
+        the load balancer's default rule sends those to any node, which redirects them to
+        where the room lives now (SPEC section 8)."""
+        if request.method not in ("GET", "HEAD"):
+            return None
+        address = urls.parse_room_namespace(request.path)
+        if address is None or address.instance == self.number:
+            return None
+        return address.room_id if self.lookups.gone(address.instance) else None
 
     def _closed_session(self, sid: str | None) -> web.Response | None:
         """A long-polling request for an Engine.IO session that has closed (the client sent
@@ -203,11 +233,14 @@ class PublicApp:
         return _html(WEB_DIR / "index.html")
 
     async def _room_page(self, request: web.Request) -> web.StreamResponse:
+        """The room's page; for a room that moved away from here, 308 to where it is now."""
         room_id = request.match_info["room_id"]
-        if not urls.valid_room_id(room_id) or self.store.get_room(room_id) is None:
-            return json_error(404, "not_found", f"There is no room {room_id!r} on instance "
-                              f"{self.number}: check the link, or create a new room at /.")
-        return _html(WEB_DIR / "room.html")
+        state = self.room_state(room_id) if urls.valid_room_id(room_id) else None
+        if state is None:  # unknown here: a mistyped link, not worth asking every peer
+            return not_here(room_id, self.number)
+        if state["state"] == whereabouts.FORWARDED:
+            return await self.lookups.page(request, room_id)
+        return _html(WEB_DIR / "room.html")  # owner, or incoming: its socket is told to wait
 
     async def _client_js(self, request: web.Request) -> web.StreamResponse:
         path = find_client_js()

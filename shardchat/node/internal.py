@@ -16,12 +16,14 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from shardchat import urls
 from shardchat.config import Config
 from shardchat.http_errors import json_error
 from shardchat.internal_api import (
     AUTH_HEADER,
     KEYS_PATH,
     METRICS_PATH,
+    ROOM_STATE_PATH,
     ROOMS_PATH,
     STATS_PATH,
     CreationFailed,
@@ -49,6 +51,9 @@ class PeerFacing(Protocol):
                           key: str | None = None) -> dict[str, Any]: ...
 
     async def find_keyed_room(self, key: str) -> dict[str, Any] | None: ...
+
+    # what this node is to a room (``whereabouts.RoomState``'s JSON), None for nothing
+    def room_state(self, room_id: str) -> dict[str, Any] | None: ...
 
 
 def build_app(cfg: Config, node: PeerFacing) -> web.Application:
@@ -101,7 +106,20 @@ def build_app(cfg: Config, node: PeerFacing) -> web.Application:
             return json_error(404, "not_found", "No room was created here under that key.")
         return web.json_response(found)
 
+    async def room_state(request: web.Request) -> web.Response:
+        """What this node is to the room (``whereabouts.RoomState``: owner, forwarded,
+        incoming), or 404 when it knows nothing of it. The directory asks this."""
+        room_id = request.match_info["room_id"]
+        if not urls.valid_room_id(room_id):
+            return json_error(400, "bad_request", f"{room_id!r} is not a room id.")
+        state = node.room_state(room_id)
+        if state is None:
+            return json_error(404, "not_found", f"Instance {node.number} knows no room "
+                              f"{room_id!r}.")
+        return web.json_response(state)
+
     app = web.Application(middlewares=[check_secret], client_max_size=cfg.node.max_body_bytes)
+    app.router.add_get(ROOM_STATE_PATH, room_state)
     app.router.add_get(STATS_PATH, stats)
     app.router.add_post(ROOMS_PATH, create_room)
     app.router.add_get(METRICS_PATH, metrics)

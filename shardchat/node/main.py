@@ -6,7 +6,8 @@ others it needs; ``serve`` runs it until SIGTERM/SIGINT (or its supervisor is go
 it and returns the exit code. This is the only module of ``node/`` that imports the cluster:
 the placer (``cluster/placement.py``) is built here, with this node as its ``LocalNode``
 (its own stats and room creation), and handed to the public routes, which know it only as a
-``RoomPlacer``.
+``RoomPlacer``; so is the directory (``cluster/directory.py``, asking the placer's peers
+where a room lives), which they know as a ``RoomFinder``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
-from shardchat import lifecycle, listener, urls
+from shardchat import lifecycle, listener, urls, whereabouts
+from shardchat.cluster.directory import Directory
 from shardchat.cluster.placement import Placer
 from shardchat.config import Config
 from shardchat.node import engine, gctune, idempotency, internal, shutdown
@@ -50,8 +52,11 @@ class Node:
         self.addresses = ClientAddresses(cfg.node.trusted_proxies)
         self.keyed = idempotency.KeyedCreations(self.store, self.rooms)
         self.placer = Placer(cfg, self)  # the cluster's part: this node is its LocalNode
+        self.directory = Directory(number, self.room_state, self.placer.peers,
+                                   cfg.node.peer_timeout)
         self.public_app = PublicApp(cfg.node, number, self.sio, self.store, self.rooms,
-                                    self.addresses, self.placer)
+                                    self.addresses, self.placer, self.directory,
+                                    self.room_state)
         self.runners: list[web.AppRunner] = []  # public, internal
         self.step = "serving"  # the shutdown step under way, for the watchdog's log
         self.store_closed = False
@@ -72,6 +77,12 @@ class Node:
     async def find_keyed_room(self, key: str) -> dict[str, Any] | None:
         """This node's room created under Idempotency-Key ``key``, with its fingerprint."""
         return await self.keyed.find(key)
+
+    def room_state(self, room_id: str) -> dict[str, Any] | None:
+        """What this node is to ``room_id`` (``GET /internal/rooms/<room_id>``, and the
+        directory's first question): its owner, or None."""
+        room = self.rooms.describe_owned(room_id)
+        return None if room is None else whereabouts.owner_answer(self.number, room)
 
     def metrics(self) -> dict[str, Any]:
         """Internal counters (``GET /internal/metrics``): where the work goes."""

@@ -28,6 +28,7 @@ from shardchat.refusal import Refusal
 IDENTITY, ADDRESS, TABLE = "identity", "address", "table"
 SWEEPS_PER_WINDOW = 8  # an idle bucket lingers about 1/8 window past its expiry
 SWEEP_BATCH = 512  # expired buckets dropped per sweep at most
+ADDRESS_ONLY = frozenset({"rooms", "lookups"})  # kinds no member spends: HTTP API calls
 
 
 def limit_identity(room_id: str, name: str, member: str, returning: bool
@@ -78,7 +79,9 @@ class RateLimiter:
         # kind -> (bucket size per member, per address); room creations have no member
         self._caps: dict[str, tuple[int, int]] = {
             kind: (cap, cap * multiple) for kind, cap in per_member.items()}
+        # kinds without a member: counted per address only
         self._caps["rooms"] = (0, settings.rate_limit_rooms)
+        self._caps["lookups"] = (0, settings.rate_limit_lookups)
         self._buckets: OrderedDict[tuple[str, str, Hashable], _Bucket] = OrderedDict()
         self.refused: Counter[str] = Counter()
         self._sweep_at = 0.0
@@ -165,9 +168,10 @@ _TOO_FAST = {"messages": "You are sending messages too fast",
              "typing": "You are sending typing updates too fast",
              "history": "You are asking for history too often",
              "joins": "You are joining too often",
-             "rooms": "You are creating rooms too fast"}
+             "rooms": "You are creating rooms too fast",
+             "lookups": "You are looking up rooms too often"}
 _NOUN = {"messages": "messages", "typing": "typing updates", "history": "history requests",
-         "joins": "joins", "rooms": "new rooms"}
+         "joins": "joins", "rooms": "new rooms", "lookups": "room lookups"}
 
 
 @dataclass(frozen=True)
@@ -192,10 +196,10 @@ def refusal(limited: Limited, window: float) -> RateRefusal:
     kind, per = limited.kind, f"{window:g} s"
     if limited.scope == TABLE:
         why = "The server is tracking too many senders right now"
-    elif limited.scope == ADDRESS and kind != "rooms":
+    elif limited.scope == ADDRESS and kind not in ADDRESS_ONLY:
         why = (f"Too many {_NOUN[kind]} come from your network address (at most "
                f"{limited.limit} per {per} for everyone sharing it)")
-    elif kind == "rooms":
+    elif kind in ADDRESS_ONLY:
         why = f"{_TOO_FAST[kind]} (at most {limited.limit} per {per} from one address)"
     else:
         why = f"{_TOO_FAST[kind]} (at most {limited.limit} per {per})"

@@ -112,11 +112,18 @@ class RoomService:
         await self.store.create_room(record, key)
         return self.describe(record)
 
-    def describe(self, record: RoomRecord) -> dict[str, Any]:
-        """The creation answer of a room of this node, with a fresh invite if private."""
+    def describe(self, record: RoomRecord, invite: bool = True) -> dict[str, Any]:
+        """The creation answer of a room of this node; ``invite``: with a fresh invite when
+        the room is private (never for a lookup: that is open to anyone with the id)."""
         return payloads.placed_room(
             record, instance=self.number, public_url=self.cfg.cluster.public_url,
-            invite=self.invites.issue(record.id) if record.private else None)
+            invite=self.invites.issue(record.id) if record.private and invite else None)
+
+    def describe_owned(self, room_id: str) -> dict[str, Any] | None:
+        """The creation answer, without invite, of a room this node serves; None when it
+        serves no room ``room_id``."""
+        record = self.store.get_room(room_id) if urls.valid_room_id(room_id) else None
+        return None if record is None else self.describe(record, invite=False)
 
     def _room(self, room_id: str) -> Room | None:
         room = self.rooms.get(room_id)
