@@ -183,10 +183,13 @@ def test_socketio_client_script_is_served(node, base):
 # misrouted requests
 
 
-@pytest.mark.parametrize("path", ["/i37/healthz", "/i37/room/abc", "/i37/static/app.css",
-                                  "/i37/socket.io/?EIO=4&transport=polling"])
-def test_request_for_another_instance_is_421_naming_both(node, path):
-    status, body = http_json("GET", node.base_url + path)
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/i37/healthz"), ("POST", "/i37/room/abc"), ("GET", "/i37/static/app.css"),
+    ("GET", "/i37/socket.io/?EIO=4&transport=polling")])
+def test_request_for_another_instance_is_421_naming_both(node, method, path):
+    """(A GET of a room page of an instance the cluster does not have is looked up and
+    redirected instead: ``test_lookup.py``.)"""
+    status, body = http_json(method, node.base_url + path, b"" if method == "POST" else None)
     assert_error(status, body, 421, "wrong_instance")
     message = body["message"]
     assert re.search(r"\b37\b", message) and re.search(r"\b1\b", message), message

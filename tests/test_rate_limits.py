@@ -40,7 +40,7 @@ pytestmark = pytest.mark.timeout(120)
 WINDOW = 600.0  # long enough that no bucket refills noticeably while a test runs
 LIMITS = {"rate_limit_window": WINDOW, "rate_limit_messages": 5, "rate_limit_typing": 5,
           "rate_limit_history": 5, "rate_limit_joins": 12, "rate_limit_rooms": 3,
-          "rate_limit_address_multiple": 2}
+          "rate_limit_lookups": 4, "rate_limit_address_multiple": 2}
 PROXY = "127.0.0.2"  # the one trusted proxy of the ``proxied`` node
 PROXIED_LIMITS = {"rate_limit_window": WINDOW, "rate_limit_joins": 2, "rate_limit_rooms": 2,
                   "rate_limit_address_multiple": 2, "trusted_proxies": [f"{PROXY}/32"]}
@@ -327,6 +327,33 @@ async def test_room_creation_flood_gets_429_with_retry_after(limited):
     assert status == 201, body
 
 
+async def get_lookup(base: str, path: str, xff: str) -> tuple[int, dict, Any]:
+    async with aiohttp.ClientSession() as s, s.get(
+            base + path, headers={"X-Forwarded-For": xff}, allow_redirects=False) as r:
+        body = await r.json() if r.content_type == "application/json" else {}
+        return r.status, body, r.headers
+
+
+async def test_lookups_and_redirects_of_gone_instances_share_one_limit_per_address(limited):
+    """Each may cost a request to every node, so neither is free to repeat."""
+    room = await acreate_room(limited)
+    address = fresh_address()
+    for n in range(LIMITS["rate_limit_lookups"]):
+        path = f"/api/rooms/{room['id']}" if n % 2 else f"/i9/room/{room['id']}"
+        status, _body, _h = await get_lookup(limited.base_url, path, address)
+        assert status in (200, 308), (path, status)
+    for path in (f"/api/rooms/{room['id']}", f"/i9/room/{room['id']}"):
+        status, body, headers = await get_lookup(limited.base_url, path, address)
+        assert_429(status, body, headers)
+        assert "looking up rooms too often" in body["message"], body
+    status, _body, _h = await get_lookup(limited.base_url, f"/api/rooms/{room['id']}",
+                                         fresh_address())
+    assert status == 200
+    # the room's own page on its own instance asks nobody, so it spends nothing
+    status, _body, _h = await get_lookup(limited.base_url, room["path"], address)
+    assert status == 200
+
+
 async def test_internal_room_creation_is_not_limited(limited):
     for _ in range(LIMITS["rate_limit_rooms"] + 2):
         await acreate_room(limited)
@@ -488,7 +515,8 @@ def test_client_address_is_the_right_most_untrusted_hop(trusted, peer, xff, key)
 def test_rate_limit_keys_are_validated_by_name():
     base = {"cluster": {"secret": "s"}, "instances": [{"number": 1}]}
     for key, value in (("rate_limit_typing", 0), ("rate_limit_joins", -1),
-                       ("rate_limit_rooms", 0), ("rate_limit_address_multiple", 0),
+                       ("rate_limit_rooms", 0), ("rate_limit_lookups", 0),
+                       ("rate_limit_address_multiple", 0),
                        ("rate_limit_max_keys", 1), ("trusted_proxies", ["10.0.0.1/16"]),
                        ("trusted_proxies", ["router"]), ("trusted_proxies", "127.0.0.1")):
         with pytest.raises(ConfigError) as info:
