@@ -14,7 +14,7 @@ import pytest
 
 from shardchat import urls
 from tests.conftest import acreate_room
-from tests.support import ROOT
+from tests.support import ROOT, JsClient
 
 pytestmark = [pytest.mark.node_js, pytest.mark.timeout(60)]
 
@@ -25,44 +25,6 @@ CLIENT_PACKAGE = ROOT / "node_modules" / "socket.io-client" / "package.json"
 if shutil.which("node") is None or not CLIENT_PACKAGE.exists():
     pytest.skip("needs node and node_modules/socket.io-client (npm ci)",
                 allow_module_level=True)
-
-
-class JsClient:
-    """One run of the JS client script; its JSON-line events in order."""
-
-    def __init__(self, proc: asyncio.subprocess.Process):
-        self.proc = proc
-        self.events: list[dict[str, Any]] = []
-
-    async def next(self, kind: str, timeout: float = 15.0) -> dict[str, Any]:
-        """Read lines until an event of ``kind`` arrives (all lines are kept)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        for _ in range(1000):
-            line = await asyncio.wait_for(self.proc.stdout.readline(),
-                                          max(deadline - loop.time(), 0.01))
-            if not line:
-                stderr = (await self.proc.stderr.read()).decode(errors="replace")
-                raise AssertionError(f"JS client ended before {kind!r}: {self.events}\n"
-                                     f"{stderr}")
-            event = json.loads(line)
-            self.events.append(event)
-            if event["event"] == kind:
-                return event
-        raise AssertionError(f"too many lines before {kind!r}")
-
-    def all(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == kind]
-
-    async def stop(self) -> None:
-        """End the script once its outcome is read.
-
-        Over polling the script would otherwise live on: the Engine.IO server answers the
-        client's last pending long-poll GET only after ping_interval + ping_timeout.
-        """
-        if self.proc.returncode is None:
-            self.proc.kill()
-        await asyncio.wait_for(self.proc.wait(), 15)
 
 
 async def start_js(node, room: dict, *, name: str = "js", transport: str = "websocket",
