@@ -1,10 +1,11 @@
 """The layers import only downwards, and no module imports itself round a circle.
 
 ``urls``, ``config`` and the small shared modules < ``node/`` < ``cluster/`` < ``cli``; the
-peer contract (``internal_api.py``) and the process end (``lifecycle.py``) sit below both the
-node and the cluster, so that each side can use them without importing the other; the node
-is wired to the cluster in exactly one place, ``node/main.py``. ``aws/`` sits below the node
-and the provisioner, and the provisioner never needs the node.
+peer contract (``internal_api.py``), the process end (``lifecycle.py``) and where rooms live
+(``whereabouts.py``) sit below both the node and the cluster, so that each side can use
+them without importing the other; the node is wired to the cluster in exactly one place,
+``node/main.py``. ``aws/`` sits below the node and the provisioner, and the provisioner
+never needs the node.
 
 Imports are read with ``ast`` from every file, anywhere in it: an import inside a function
 closes a circle just the same, only later, when the function first runs.
@@ -72,6 +73,7 @@ RULES = [
     ("shardchat/node", ("shardchat.cluster",), ("shardchat/node/main.py",)),
     ("shardchat/internal_api.py", ("shardchat.node", "shardchat.cluster"), ()),
     ("shardchat/lifecycle.py", ("shardchat.node", "shardchat.cluster"), ()),
+    ("shardchat/whereabouts.py", ("shardchat.node", "shardchat.cluster"), ()),
     ("shardchat/refusal.py", ("shardchat", "provisioner"), ()),
 ]
 
