@@ -23,10 +23,12 @@ import re
 import signal
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -694,3 +696,93 @@ def test_node_restart_keeps_the_conversation_and_delivers_queued_messages(tmp_pa
         ana.reload()
         expect_connected(ana)
         expect(messages(ana)).to_have_count(2)      # stored once, durable across the restart
+
+
+# ---------------------------------------------------------------------------------------
+# rooms that move
+
+
+def move_room(ready: dict[str, Any], secret: str, room: dict[str, Any], to: int
+              ) -> dict[str, Any]:
+    """``POST /internal/rooms/<id>/move`` on the room's owner, from ``up``'s ready file."""
+    owner = next(n for n in ready["nodes"] if n["instance"] == room["instance"])
+    status, report = http_json(
+        "POST", f"http://{owner['host']}:{owner['internal_port']}/internal/rooms/{room['id']}"
+        "/move", {"to": to}, headers={"Authorization": f"Bearer {secret}"}, timeout=60)
+    assert status == 200, f"the move failed: {status} {report}"
+    return report
+
+
+def start_sending(page: Any, count: int, every_ms: int) -> None:
+    """The person sends ``count`` messages, "m 0", "m 1", ..., one every ``every_ms``, as
+    fast as a quick typist; returns at once (``window.sending`` ends when all are sent)."""
+    page.evaluate("""([count, every]) => {
+        const input = document.getElementById("composer-input");
+        const form = document.getElementById("composer");
+        window.sending = (async () => {
+            for (let i = 0; i < count; i++) {
+                input.value = "m " + i;
+                form.requestSubmit();
+                await new Promise((resolve) => setTimeout(resolve, every));
+            }
+        })();
+    }""", [count, every_ms])
+
+
+def test_a_page_follows_its_room_to_another_instance_with_messages_in_flight(tmp_path, people):
+    """While Ana is sending, her room moves to the other instance: her page and Ben's follow
+    it, every message shows once and in order, nothing stays pending, and both address
+    bars now hold the room's new path (a reload goes straight there)."""
+    with running_up(tmp_path, nodes=2) as base:
+        ready = json.loads((tmp_path / "up-ready.json").read_text())
+        config = tmp_path / ready["config"]  # relative to up's directory
+        secret = tomllib.loads(config.read_text())["cluster"]["secret"]
+        site = Site(base, routed=True)
+        room = create_room(site, "On the move", private=True)
+        target = 3 - room["instance"]
+        new_path = f"/i{target}/room/{room['id']}"
+        ana = people.join(room_link(site, room), "Ana")
+        ben = people.join(room_link(site, room), "Ben")
+
+        count = 40
+        start_sending(ana, count, every_ms=40)
+        pump_until(ana, lambda: messages(ana).count() >= 8, "the first messages to arrive")
+        report = move_room(ready, secret, room, target)
+        assert report["to"] == target
+        ana.evaluate("window.sending")
+
+        expected = [f"m {i}" for i in range(count)]
+        for page in (ana, ben):
+            expect(page.locator("#messages .msg-text")).to_have_text(expected)
+            expect(page.locator("#messages .msg.pending")).to_have_count(0)
+            expect_connected(page)
+            assert urlsplit(page.url).path == new_path, page.url
+        send(ben, "after the move")
+        expect(message(ana, "after the move")).to_be_visible()
+
+        ana.reload()
+        expect_connected(ana)
+        expect(ana.locator("#messages .msg-text")).to_have_text([*expected, "after the move"])
+        assert urlsplit(ana.url).path == new_path
+        assert ana.errors == [] and ben.errors == []
+
+
+def test_a_page_left_open_on_an_instance_that_is_gone_finds_its_room(site, people):
+    """A page loaded at /i9/room/<id> before instance 9 was removed: its socket reaches no
+    node of 9 (the default rule sends it to a node that says 9 is gone), so the page asks
+    GET /api/rooms/<id>, joins the room where it lives and shows that address."""
+    room = create_room(site, "Found by lookup")
+    gone = f"/i9/room/{room['id']}"
+    page = people.page()
+    # What the person had loaded back then: the room page, and its assets from /i9/static.
+    page.route(re.compile(r"/i9/room/"),
+               lambda route: route.fulfill(response=route.fetch(url=site.url(room["path"]))))
+    page.route(re.compile(r"/i9/static/"), lambda route: route.continue_(
+        url=route.request.url.replace("/i9/static/", "/static/")))
+    page.goto(site.url(gone))
+    enter_name(page, "Ana")
+    expect_connected(page)
+    assert urlsplit(page.url).path == room["path"], page.url
+    send(page, "hello from the old link")
+    expect(message(page, "hello from the old link")).to_be_visible()
+    assert page.errors == []

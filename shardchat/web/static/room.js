@@ -3,6 +3,10 @@
  *
  * The namespace is the page's own path and the Engine.IO path carries the same /i<N> prefix,
  * so the load balancer's per-instance rule sends both the page and its socket to one node.
+ * When the room moves to another instance (a `moved` event, a `moved` refusal or ack), or
+ * its instance cannot be reached at all (then GET /api/rooms/<id> says where it lives), the
+ * page connects there with last_seq, resends what was not acked with the same client_id,
+ * and puts the new path in the address bar.
  * All user text goes into the DOM through textContent: nothing a person types is parsed as HTML.
  */
 (function () {
@@ -19,6 +23,8 @@
   const TYPING_STALE_MS = 6000;     // forget someone's "typing" if their stop never arrives
   const TYPING_REPEAT_MS = 3000;    // re-announce while typing continues (server drops < 2 s)
   const ACK_TIMEOUT_MS = 10000;
+  const LOOKUP_MIN_MS = 2000;       // an unreachable instance: ask where the room lives, backing off
+  const LOOKUP_MAX_MS = 30000;
   const JOIN_TIMEOUT_MS = 10000;    // a join the server never answers is dropped and retried
   const NEAR_BOTTOM_PX = 120;
   const LOAD_OLDER_PX = 80;
@@ -40,6 +46,11 @@
     draining: {
       title: "Server is restarting",
       text: "The server that hosts this room is restarting. We'll reconnect you automatically in a moment.",
+      retry: true,
+    },
+    unavailable: {
+      title: "Room is busy",
+      text: "The server can't let you into this room right now. We'll try again in a moment.",
       retry: true,
     },
     wrong_instance: {
@@ -98,11 +109,26 @@
     showRefusal({ title: "Not a room address", text: "Room links look like /i1/room/abc. Check the link you followed." });
     return;
   }
-  const instance = match[1];
   const roomId = match[2];
-  const prefix = "/i" + instance;
-  const namespace = prefix + "/room/" + roomId;
-  const storeKey = (what) => "shardchat." + what + "." + instance + "." + roomId;
+  // Where the room lives now: the page's own address at first, wherever it moves later.
+  let here = placeOf(match[1]);
+  // Per room, not per instance: an invite (like the member token) is valid wherever the
+  // room lives. Invites kept by older pages under their instance are still read.
+  const inviteKey = "shardchat.invite." + roomId;
+  const oldInviteKey = "shardchat.invite." + match[1] + "." + roomId;
+
+  function placeOf(instance) {
+    const prefix = "/i" + instance;
+    return { instance: instance, namespace: prefix + "/room/" + roomId, path: prefix + "/socket.io" };
+  }
+
+  /** The place a `moved` payload or a lookup names, if it is this room's and well formed. */
+  function placeFrom(fields) {
+    const m = fields && typeof fields.namespace === "string" && ROOM_PATH_RE.exec(fields.namespace);
+    if (!m || m[2] !== roomId) return null;
+    const place = placeOf(m[1]);
+    return fields.socketio_path === place.path ? place : null;
+  }
 
   function storageGet(key) {
     try { return window.localStorage.getItem(key); } catch (e) { return null; }
@@ -116,13 +142,13 @@
     const params = new URLSearchParams(window.location.search);
     const fromUrl = params.get("invite");
     if (fromUrl) {
-      storageSet(storeKey("invite"), fromUrl);
+      storageSet(inviteKey, fromUrl);
       params.delete("invite");
       const rest = params.toString();
       window.history.replaceState(null, "", window.location.pathname + (rest ? "?" + rest : "") + window.location.hash);
       return fromUrl;
     }
-    return storageGet(storeKey("invite"));
+    return storageGet(inviteKey) || storageGet(oldInviteKey);
   }
 
   function randomId(bytes) {
@@ -162,6 +188,9 @@
     everConnected: false,
     retryTimer: null,
     retryDelay: 2000,
+    lookupDelay: LOOKUP_MIN_MS,
+    lookupAt: 0,
+    lookingUp: false,
     joinTimer: null,
     typingSent: false,
     typingSentAt: 0,
@@ -292,8 +321,11 @@
 
   function connect() {
     setStatus("connecting");
-    const socket = window.io(window.location.origin + namespace, {
-      path: prefix + "/socket.io",
+    const socket = window.io(window.location.origin + here.namespace, {
+      path: here.path,
+      // socket.io-client shares one connection per host between namespaces, whatever their
+      // path: after a move that would ask the old instance for the new namespace.
+      forceNew: true,
       // A function runs before every (re)connect, so last_seq is always the newest we hold.
       auth: (cb) => cb(authPayload()),
       reconnectionDelay: 500,
@@ -309,6 +341,7 @@
     socket.on("message", onMessage);
     socket.on("presence", onPresence);
     socket.on("typing", onTyping);
+    socket.on("moved", follow);
     socket.on("connect_error", onConnectError);
     socket.on("disconnect", onDisconnect);
     socket.io.on("reconnect_attempt", () => setStatus("reconnecting"));
@@ -362,14 +395,80 @@
     return delay;
   }
 
+  /** The room lives elsewhere now: leave this socket, connect there, recover from last_seq.
+   *  Messages not acked yet are sent again after the welcome, with their client_id. */
+  function follow(fields) {
+    const next = placeFrom(fields);
+    if (!next || next.namespace === here.namespace) return false;
+    here = next;
+    const old = state.socket;
+    state.socket = null;
+    if (old) {
+      old.off();
+      old.io.off();
+      old.disconnect();
+    }
+    window.clearTimeout(state.joinTimer);
+    clearRetry();
+    state.joined = false;
+    stopOwnTyping(false);
+    clearTypingAll();
+    markPendingWaiting();
+    window.history.replaceState(null, "", here.namespace + window.location.search + window.location.hash);
+    el.shareLink.value = shareUrl();
+    connect();
+    setStatus("reconnecting", "The room moved — reconnecting…");
+    return true;
+  }
+
+  /** Ask any server where the room lives now. Resolves "moved" (and follows it), "here" (the
+   *  current place is right), "gone" (no instance has the room) or "unknown" (no answer). */
+  async function lookUp() {
+    if (state.lookingUp) return "unknown";
+    state.lookingUp = true;
+    state.lookupAt = Date.now();
+    try {
+      const res = await window.fetch("/api/rooms/" + encodeURIComponent(roomId), { cache: "no-store" });
+      if (res.status === 404) return "gone";
+      if (!res.ok) return "unknown";
+      return follow(await res.json()) ? "moved" : "here";
+    } catch (e) {
+      return "unknown";
+    } finally {
+      state.lookingUp = false;
+    }
+  }
+
+  /** After a failed connection attempt: look the room up, at most every lookupDelay. */
+  function lookUpNowAndThen() {
+    if (Date.now() - state.lookupAt < state.lookupDelay) return;
+    state.lookupDelay = Math.min(state.lookupDelay * 2, LOOKUP_MAX_MS);
+    lookUp();
+  }
+
   function onConnectError(err) {
     const code = err && err.data && err.data.code;
     if (!code) {
-      // Transport trouble: the client retries by itself.
+      // Transport trouble: the client retries by itself; meanwhile ask whether the room
+      // still lives there (its instance may be gone).
       setStatus(state.everConnected ? "reconnecting" : "connecting",
         state.everConnected ? "Reconnecting…" : "Can't reach the server — retrying…");
+      lookUpNowAndThen();
       return;
     }
+    if (code === "moved") {
+      follow(err.data);
+      return;
+    }
+    if (code === "not_found") {
+      // Not on this instance: it may live on another one now (adopted after a loss).
+      lookUp().then((where) => { if (where !== "moved") refuse(err, code); });
+      return;
+    }
+    refuse(err, code);
+  }
+
+  function refuse(err, code) {
     if (code === "bad_request") {
       setStatus("idle");
       askName((err.message && err.message !== "bad_request") ? err.message
@@ -381,9 +480,10 @@
       text: (err.message || "The server refused the connection.") + " Try again in a moment.",
       retry: true,
     });
-    if (code === "draining") {
+    if (code === "draining" || code === "unavailable") {
       const seconds = Math.round(retryLater() / 1000);
-      setStatus("reconnecting", "Server restarting — retrying in " + seconds + " s");
+      setStatus("reconnecting", (code === "draining" ? "Server restarting" : "Room busy")
+        + " — retrying in " + seconds + " s");
       if (!state.everConnected) showRefusal(info, reconnectNow);
       return;
     }
@@ -408,6 +508,7 @@
     window.clearTimeout(state.joinTimer);
     state.everConnected = true;
     state.retryDelay = 2000;
+    state.lookupDelay = LOOKUP_MIN_MS;
     hideRefusal();
     state.room = w.room;
     takeIdentity(w.you);
@@ -491,7 +592,7 @@
   }
 
   function shareUrl() {
-    const base = window.location.origin + namespace;
+    const base = window.location.origin + here.namespace;
     if (state.room && state.room.private && state.invite) {
       return base + "?invite=" + encodeURIComponent(state.invite);
     }
@@ -551,9 +652,17 @@
     if (!p || !state.joined) return;
     p.status = "sending";
     p.error = "";
-    state.socket.timeout(ACK_TIMEOUT_MS).emit("message", { text: p.text, client_id: clientId }, (err, ack) => {
+    const sentOn = state.socket;
+    sentOn.timeout(ACK_TIMEOUT_MS).emit("message", { text: p.text, client_id: clientId }, (err, ack) => {
       const still = state.pending.get(clientId);
-      if (!still) return;
+      if (!still || sentOn !== state.socket) return;   // left behind by a move: sent again there
+      if (ack && ack.error === "moved") {
+        // The old instance did not store it: it goes out again where the room is now.
+        still.status = "waiting";
+        follow(ack);
+        render({});
+        return;
+      }
       if (err) {
         // No answer in time: keep it; the next connection re-sends it (the server dedupes).
         still.status = "waiting";
