@@ -31,7 +31,7 @@ from shardchat.http_errors import json_error
 from shardchat.internal_api import CreationFailed, read_creation_key, read_room_request
 from shardchat.node import ratelimit
 from shardchat.node.clientaddr import ClientAddresses
-from shardchat.node.lookup import LookupRoutes, RoomFinder, not_here
+from shardchat.node.lookup import LookupRoutes, RoomFinder, not_here, redirect
 from shardchat.node.rooms import RoomService
 from shardchat.node.store import Store
 
@@ -233,13 +233,14 @@ class PublicApp:
         return _html(WEB_DIR / "index.html")
 
     async def _room_page(self, request: web.Request) -> web.StreamResponse:
-        """The room's page; for a room that moved away from here, 308 to where it is now."""
+        """The room's page; for a room that moved away from here, 308 to where it went
+        (should it have moved on from there, that node redirects again, and so on)."""
         room_id = request.match_info["room_id"]
         state = self.room_state(room_id) if urls.valid_room_id(room_id) else None
         if state is None:  # unknown here: a mistyped link, not worth asking every peer
             return not_here(room_id, self.number)
         if state["state"] == whereabouts.FORWARDED:
-            return await self.lookups.page(request, room_id)
+            return redirect(request, urls.room_path(state["to"], room_id))
         return _html(WEB_DIR / "room.html")  # owner, or incoming: its socket is told to wait
 
     async def _client_js(self, request: web.Request) -> web.StreamResponse:

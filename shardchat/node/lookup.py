@@ -3,10 +3,11 @@
 * ``GET /api/rooms/<room_id>`` (default-routed, any node): the room's creation answer minus
   its invite, wherever it lives now (200), 404 ``not_found``, 503 ``unavailable``; 400 for
   something that is not a room id.
-* ``GET /i<N>/room/<room_id>`` of a room that is not here, either because it moved away
-  (this node forwards it) or because instance N is gone and the load balancer's default rule
-  brought the request here: 308 to the room's page where it lives now, query string kept
-  (an invite link stays an invite link), or the usual 404 when nobody has the room.
+* ``GET /i<N>/room/<room_id>`` of an instance N that is gone (the load balancer's default
+  rule brought the request here): 308 to the room's page where it lives now, query string
+  kept (an invite link stays an invite link), or the usual 404 when nobody has the room. (A
+  room that moved away from this node is redirected by the page route itself, straight to
+  its forward: no lookup needed.)
 
 The finding itself is the cluster's (``cluster/directory.py``); this module only knows it as
 a ``RoomFinder``. Every call that may ask the peers spends one of the client address's
@@ -79,11 +80,7 @@ class LookupRoutes:
             if found.status == 404:
                 return not_here(room_id, None)
             return json_error(found.status, found.code, found.message)
-        target = found.room["path"]
-        if request.query_string:
-            target += "?" + request.query_string
-        return web.Response(status=308, headers={"Location": target,
-                                                 "Cache-Control": "no-store"})
+        return redirect(request, found.room["path"])
 
     async def _find(self, request: web.Request, room_id: str) -> Lookup | web.Response:
         limited = self._limiter.take("lookups", address=self._addresses.of_request(request))
@@ -98,3 +95,9 @@ def not_here(room_id: str, instance: int | None) -> web.Response:
     return json_error(404, "not_found", f"There is no room {room_id[:80]!r}{where}: check the "
                       "link, or create a new room at /.")
 
+
+def redirect(request: web.Request, path: str) -> web.Response:
+    """308 to ``path`` with the request's query string (an invite link stays one). Not to
+    be cached: the room may move again."""
+    target = path + (f"?{request.query_string}" if request.query_string else "")
+    return web.Response(status=308, headers={"Location": target, "Cache-Control": "no-store"})
