@@ -148,11 +148,22 @@ def test_other_paths_of_a_gone_instance_stay_421_and_say_it_is_gone(nodes):
     assert "/api/rooms/" in body["message"]
 
 
-def test_a_page_of_another_live_instance_is_still_a_routing_mistake(nodes):
-    room = create_room(nodes[1], "Misrouted")
-    status, body = http_json("GET", nodes[0].base_url + room["path"])
+@pytest.mark.parametrize("room_id", [None, "nobodyHasIt"], ids=["lives-there", "nowhere"])
+def test_a_page_of_another_live_instance_is_still_a_routing_mistake(nodes, room_id):
+    """The room lives on instance 2 (or nowhere), and instance 2 exists: its page reaching
+    node 1 means a load balancer rule points wrong, and is said as such."""
+    room_id = room_id or create_room(nodes[1], "Misrouted")["id"]
+    status, body = http_json("GET", nodes[0].base_url + urls.room_path(2, room_id))
     assert status == 421 and body["error"] == "wrong_instance"
     assert "load balancer rule" in body["message"]
+
+
+def test_a_page_under_a_live_instance_for_a_room_that_lives_elsewhere_redirects(nodes):
+    """A link names instance 2 but the room lives on 3 (it moved), and the request came to
+    node 1 (the rules were changed under way): node 1 sends it to where the room is."""
+    room = create_room(nodes[2], "Elsewhere")
+    status, headers, _ = get_raw(nodes[0].base_url + urls.room_path(2, room["id"]) + "?a=b")
+    assert status == 308 and headers["location"] == room["path"] + "?a=b"
 
 
 async def test_through_the_router_a_gone_instance_takes_the_default_rule_and_redirects(nodes):

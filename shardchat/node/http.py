@@ -143,9 +143,10 @@ class PublicApp:
 
         One middleware rather than two: every open WebSocket keeps the whole middleware
         chain suspended for its lifetime, so each extra layer costs memory per connection."""
-        room_id = self._page_of_gone_instance(request)
-        if room_id is not None:
-            return await self.lookups.page(request, room_id)
+        elsewhere = self._page_of_another_instance(request)
+        if elsewhere is not None:
+            return await self.lookups.page(request, elsewhere,
+                                           lambda: self._misrouted(request, elsewhere.instance))
         refusal = self._refuse(request)
         if refusal is not None:
             return refusal
@@ -186,28 +187,29 @@ class PublicApp:
                                   "down; reconnect in a few seconds.")
         other = urls.instance_of_path(request.path)
         if other is not None and other != self.number:
-            if self.lookups.gone(other):
-                why = (f"instance {other} is not part of this cluster (any more); a room "
-                       "that lived there is found with GET /api/rooms/<room id>.")
-            else:
-                why = (f"the load balancer rule for {urls.path_pattern(other)} must point at "
-                       f"instance {other}.")
-            return json_error(421, "wrong_instance",
-                              f"{request.path} belongs to instance {other}, but this is "
-                              f"instance {self.number}: {why}",
-                              instance=self.number, requested_instance=other)
+            return self._misrouted(request, other)
         return None
 
-    def _page_of_gone_instance(self, request: web.Request) -> str | None:
-        """The room id of a page request for an instance that is not part of the cluster:
-        the load balancer's default rule sends those to any node, which redirects them to
-        where the room lives now (SPEC section 8)."""
+    def _misrouted(self, request: web.Request, other: int) -> web.Response:
+        """421: a request for instance ``other``'s prefix reached this node."""
+        if self.lookups.gone(other):
+            why = (f"instance {other} is not part of this cluster (any more); a room that "
+                   "lived there is found with GET /api/rooms/<room id>.")
+        else:
+            why = (f"the load balancer rule for {urls.path_pattern(other)} must point at "
+                   f"instance {other}.")
+        return json_error(421, "wrong_instance", f"{request.path} belongs to instance "
+                          f"{other}, but this is instance {self.number}: {why}",
+                          instance=self.number, requested_instance=other)
+
+    def _page_of_another_instance(self, request: web.Request) -> urls.RoomAddress | None:
+        """A GET of a room page under another instance's prefix: the load balancer's
+        default rule sends those here when that instance is gone, and the node redirects
+        them to where the room lives now (SPEC section 8); see ``LookupRoutes.page``."""
         if request.method not in ("GET", "HEAD"):
             return None
         address = urls.parse_room_namespace(request.path)
-        if address is None or address.instance == self.number:
-            return None
-        return address.room_id if self.lookups.gone(address.instance) else None
+        return None if address is None or address.instance == self.number else address
 
     def _closed_session(self, sid: str | None) -> web.Response | None:
         """A long-polling request for an Engine.IO session that has closed (the client sent

@@ -3,11 +3,12 @@
 * ``GET /api/rooms/<room_id>`` (default-routed, any node): the room's creation answer minus
   its invite, wherever it lives now (200), 404 ``not_found``, 503 ``unavailable``; 400 for
   something that is not a room id.
-* ``GET /i<N>/room/<room_id>`` of an instance N that is gone (the load balancer's default
-  rule brought the request here): 308 to the room's page where it lives now, query string
-  kept (an invite link stays an invite link), or the usual 404 when nobody has the room. (A
-  room that moved away from this node is redirected by the page route itself, straight to
-  its forward: no lookup needed.)
+* ``GET /i<N>/room/<room_id>`` of another instance N (the load balancer's default rule
+  brought it here because N is gone, or its rules are behind a change): 308 to the room's
+  page where it lives now, query string kept (an invite link stays an invite link); the
+  usual 404 when nobody has the room and N is gone; the 421 of a routing mistake when the
+  room does live on N. (A room that moved away from this node is redirected by the page
+  route itself, straight to its forward: no lookup needed.)
 
 The finding itself is the cluster's (``cluster/directory.py``); this module only knows it as
 a ``RoomFinder``. Every call that may ask the peers spends one of the client address's
@@ -69,18 +70,24 @@ class LookupRoutes:
             return web.json_response(found.room, headers={"Cache-Control": "no-store"})
         return json_error(found.status, found.code, found.message)
 
-    async def page(self, request: web.Request, room_id: str) -> web.Response:
-        """The page of a room that is not served here: 308 to where it lives, or 404."""
-        if not urls.valid_room_id(room_id):
-            return not_here(room_id, None)
-        found = await self._find(request, room_id)
+    async def page(self, request: web.Request, address: urls.RoomAddress,
+                   misrouted: Callable[[], web.Response]) -> web.Response:
+        """The page of a room under another instance's prefix. The load balancer sends such
+        a request here only by its default rule (the instance is gone, or the rules have not
+        caught up with a change), or by mistake. 308 to where the room lives now when that
+        is another instance; ``misrouted()`` (the 421) when it lives on the instance of the
+        prefix, or nobody has it and that instance exists: then a rule points wrong; the
+        usual 404 when nobody has it and the instance is gone."""
+        found = await self._find(request, address.room_id)
         if isinstance(found, web.Response):
             return found
-        if found.room is None:
-            if found.status == 404:
-                return not_here(room_id, None)
+        if found.room is not None:
+            if found.room["instance"] == address.instance:
+                return misrouted()
+            return redirect(request, found.room["path"])
+        if found.status != 404:
             return json_error(found.status, found.code, found.message)
-        return redirect(request, found.room["path"])
+        return not_here(address.room_id, None) if self.gone(address.instance) else misrouted()
 
     async def _find(self, request: web.Request, room_id: str) -> Lookup | web.Response:
         limited = self._limiter.take("lookups", address=self._addresses.of_request(request))
