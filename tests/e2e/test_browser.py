@@ -733,6 +733,9 @@ def test_a_page_follows_its_room_to_another_instance_with_messages_in_flight(tmp
     """While Ana is sending, her room moves to the other instance: her page and Ben's follow
     it, every message shows once and in order, nothing stays pending, and both address
     bars now hold the room's new path (a reload goes straight there)."""
+    # A quick typist: more than the default 20 messages per 10 s would be refused.
+    (tmp_path / ".shardchat").mkdir()
+    (tmp_path / ".shardchat" / "shardchat.toml").write_text("[node]\nrate_limit_messages = 1000\n")
     with running_up(tmp_path, nodes=2) as base:
         ready = json.loads((tmp_path / "up-ready.json").read_text())
         config = tmp_path / ready["config"]  # relative to up's directory
