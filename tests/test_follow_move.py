@@ -1,7 +1,7 @@
 """Clients that follow a room when it moves (SPEC section 8), with the official clients.
 
-The client code is the two snippets of docs/protocol.md ("Following a move with
-socket.io-client" and "... with python-socketio"), read out of the doc and run exactly as
+The client code is the two snippets of docs/protocol.md ("Following a room that moves":
+"With socket.io-client" and "With python-socketio"), read out of the doc and run exactly as
 they stand: the JavaScript one under Node (``tests/js/follow_move.mjs`` drives it), the
 Python one in this process. A doc that drifts from working code fails here.
 

@@ -1,5 +1,5 @@
-// Drives the "Following a move with socket.io-client" snippet of docs/protocol.md, which the
-// Python test copies out of the doc, as it stands, into a module file of its own.
+// Drives the socket.io-client snippet of docs/protocol.md ("Following a room that moves"),
+// which the Python test copies out of the doc, as it stands, into a module file of its own.
 //
 // Usage: node follow_move.mjs '<json spec>'
 //   spec: {snippet,              path of that module (it exports joinRoom)
