@@ -14,6 +14,9 @@ cluster never imports the node):
   and ``replay`` (the room of an earlier creation, or ``IdempotencyConflict`` when the key
   asked for another room). The owner's side, storing a key with its room, is
   ``node/idempotency.py``;
+* the paths of moves (``MOVE_PATH``, ``HANDOFF_*``; ``ROOM_STATE_PATH`` says where a room
+  is during and after one); what they carry is
+  ``node/handoff/api.py``'s;
 * how a creation ends when it does not end in a room (``CreationFailed``): each kind carries
   the HTTP answer it becomes, whichever listener gives it.
 
@@ -45,6 +48,21 @@ ROOM_STATE_PATH = "/internal/rooms/{room_id}"
 
 def room_state_path(room_id: str) -> str:
     return ROOM_STATE_PATH.format(room_id=room_id)
+
+
+# Rooms that move (SPEC section 8; ``node/handoff/``). On the owner, a move: POST {"to": N}
+# -> the move's report. Node to node, the steps of one move (the source calls the target).
+MOVE_PATH = "/internal/rooms/{room_id}/move"
+HANDOFF_BEGIN_PATH = "/internal/handoff/begin"
+HANDOFF_COPY_PATH = "/internal/handoff/copy"
+HANDOFF_ACTIVATE_PATH = "/internal/handoff/activate"
+HANDOFF_ABORT_PATH = "/internal/handoff/abort"
+
+
+def move_path(room_id: str) -> str:
+    """``POST {"to": N}`` to this on the room's owner: move it, live, to instance N."""
+    return MOVE_PATH.format(room_id=room_id)
+
 
 AUTH_HEADER = "Authorization"
 

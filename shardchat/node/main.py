@@ -21,12 +21,14 @@ from typing import Any
 
 from aiohttp import web
 
-from shardchat import lifecycle, listener, urls, whereabouts
+from shardchat import lifecycle, listener, urls
 from shardchat.cluster.directory import Directory
 from shardchat.cluster.placement import Placer
 from shardchat.config import Config
-from shardchat.node import engine, gctune, idempotency, internal, shutdown
+from shardchat.node import engine, faults, gctune, idempotency, internal, shutdown
 from shardchat.node.clientaddr import ClientAddresses
+from shardchat.node.handoff import Handoff
+from shardchat.node.handoff.routes import add_routes as add_move_routes
 from shardchat.node.http import PublicApp
 from shardchat.node.rooms import RoomService
 from shardchat.node.sockets import register_events
@@ -49,6 +51,9 @@ class Node:
         self.engine = engine.build(cfg.node)  # EngineIncompatible: the self-check failed
         self.sio = self.engine.sio
         self.rooms = RoomService(cfg, number, self.store, self.engine.delivery)
+        self.handoff = Handoff(cfg, number, self.store, self.store.moves, self.rooms,
+                               locate=self._peer_url, draining=lambda: self.rooms.draining)
+        self.rooms.moves = self.handoff  # moved, arriving and frozen rooms
         self.addresses = ClientAddresses(cfg.node.trusted_proxies)
         self.keyed = idempotency.KeyedCreations(self.store, self.rooms)
         self.placer = Placer(cfg, self)  # the cluster's part: this node is its LocalNode
@@ -78,11 +83,17 @@ class Node:
         """This node's room created under Idempotency-Key ``key``, with its fingerprint."""
         return await self.keyed.find(key)
 
+    def _peer_url(self, number: int) -> str | None:
+        """Where instance ``number``'s internal listener is, as placement knows its peers
+        (the config's instances, or discovery's)."""
+        peer = self.placer.peers.get(number)
+        return peer.base_url if peer is not None else None
+
     def room_state(self, room_id: str) -> dict[str, Any] | None:
         """What this node is to ``room_id`` (``GET /internal/rooms/<room_id>``, and the
-        directory's first question): its owner, or None."""
-        room = self.rooms.describe_owned(room_id)
-        return None if room is None else whereabouts.owner_answer(self.number, room)
+        directory's first question): owner, forwarded or incoming (``Handoff.state``), or
+        None."""
+        return self.handoff.state(room_id)
 
     def metrics(self) -> dict[str, Any]:
         """Internal counters (``GET /internal/metrics``): where the work goes."""
@@ -97,15 +108,19 @@ class Node:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the store, start placement and both listeners."""
+        """Open the store, finish interrupted moves, start placement and both listeners."""
+        faults.check()
         await self.store.open()
+        await self.handoff.start()
         await self.placer.start()
         inst = self.instance
+        peer_app = internal.build_app(self.cfg, self)
+        add_move_routes(peer_app, self.handoff)
         self.runners = [
             web.AppRunner(self.public_app.build_app(), access_log=None, handle_signals=False,
                           shutdown_timeout=shutdown.HTTP_TIMEOUT),
-            web.AppRunner(internal.build_app(self.cfg, self), access_log=None,
-                          handle_signals=False, shutdown_timeout=shutdown.HTTP_TIMEOUT)]
+            web.AppRunner(peer_app, access_log=None, handle_signals=False,
+                          shutdown_timeout=shutdown.HTTP_TIMEOUT)]
         for runner in self.runners:
             await runner.setup()
         public, private = self.runners
@@ -135,6 +150,7 @@ class Node:
             ("closing sessions", self._close_sessions, shutdown.CLOSE_TIMEOUT + 1),
             ("public listener", public.cleanup, shutdown.LISTENER_TIMEOUT),
             ("internal listener", private.cleanup, shutdown.LISTENER_TIMEOUT),
+            ("moves", self.handoff.close, shutdown.PEERS_TIMEOUT),
             ("placement", self.placer.close, shutdown.PEERS_TIMEOUT),
             ("engine", self.sio.shutdown, shutdown.ENGINE_TIMEOUT),
             ("flushing the store", self.store.close, shutdown.STORE_TIMEOUT),

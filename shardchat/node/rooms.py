@@ -27,6 +27,13 @@ from shardchat import urls
 from shardchat.config import Config
 from shardchat.node import limits, payloads, ratelimit
 from shardchat.node.engine import Delivery, json_size
+from shardchat.node.handoff.records import (
+    FROZEN_TIMEOUT,
+    INCOMING_REFUSAL,
+    NO_MOVES,
+    MovedTo,
+    MoveView,
+)
 from shardchat.node.invites import Invites
 from shardchat.node.members import MemberTokens
 from shardchat.node.ratelimit import RateLimiter, limit_identity
@@ -37,6 +44,7 @@ log = logging.getLogger("shardchat.rooms")
 
 WELCOME_HISTORY = 50  # SPEC: the welcome holds the latest 50 messages
 TYPING_REPEAT_SECONDS = 2.0
+FROZEN_WAIT = 15.0  # seconds a message of a moving room waits for the move's outcome, at most
 UNREADABLE_ROOM = Refusal("unavailable", "This room's history cannot be read on this server "
                           "right now (its log says why); try again later.")
 
@@ -97,6 +105,7 @@ class RoomService:
         self.joining: dict[tuple[str, str], Joining] = {}
         self.limiter = RateLimiter(cfg.node)  # outlives connections, so reconnects count
         self.draining = False
+        self.moves: MoveView = NO_MOVES  # rooms that left, arrive, or are frozen (handoff/)
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -163,6 +172,9 @@ class RoomService:
             return Refusal("wrong_instance", f"Room namespace {namespace} belongs to instance "
                            f"{addr.instance}, but this is instance {self.number}: connect with "
                            f"path {urls.socketio_path(addr.instance)}."), None
+        moved = self.moves.moved_to(addr.room_id)
+        if moved is not None:  # before draining: a drained node's rooms have all moved
+            return moved.refusal(), None
         if self.draining:
             return Refusal("draining", "This server is restarting; reconnect in a few "
                            "seconds."), None
@@ -188,6 +200,8 @@ class RoomService:
         if limited:
             return ratelimit.refusal(limited, self.settings.rate_limit_window), None
         room = self._room(addr.room_id)
+        if room is None and self.moves.incoming(addr.room_id):
+            return INCOMING_REFUSAL, None
         if room is None:
             return Refusal("not_found", f"There is no room {addr.room_id!r} on instance "
                            f"{self.number}: check the link, or create a new room."), None
@@ -207,6 +221,9 @@ class RoomService:
         joining = self.joining.pop((namespace, sid), None)
         room = self.rooms.get(joining.room_id) if joining else None
         if joining is None or room is None:
+            moved = self.moves.moved_to(joining.room_id) if joining else None
+            if moved is not None:  # the room left between the connect and now
+                await self.delivery.disconnect(namespace, sid, moved.refusal())
             return
         member = Member(sid, joining.name, joining.limit_key, joining.address,
                         self.delivery.transport_id(namespace, sid),
@@ -283,9 +300,17 @@ class RoomService:
         room = self.by_namespace.get(namespace)
         return room, (room.members.get(sid) if room else None)
 
+    def _moved(self, namespace: str) -> MovedTo | None:
+        """Where the room of ``namespace`` went, when it left this node."""
+        addr = urls.parse_room_namespace(namespace)
+        return self.moves.moved_to(addr.room_id) if addr is not None else None
+
     async def message(self, namespace: str, sid: str, data: Any) -> dict[str, Any]:
         room, member = self._member(namespace, sid)
         if member is None:
+            moved = self._moved(namespace)
+            if moved is not None:
+                return moved.ack()
             return Refusal("bad_request", "You are not in this room; reconnect.").ack()
         bad = limits.check_message(data, self.settings)
         if bad:
@@ -294,6 +319,19 @@ class RoomService:
                                     address=member.address)
         if limited:
             return ratelimit.refusal(limited, self.settings.rate_limit_window).ack()
+        # A moving room is frozen while its last messages are copied: a message waits for
+        # the outcome, and is stored here only if the room stays. Nothing may be awaited
+        # between the last look at the gate and append_message, which hands out the seq.
+        while (gate := self.moves.gate(room.record.id)) is not None:
+            try:
+                moved = await gate.wait(FROZEN_WAIT)
+            except TimeoutError:
+                return FROZEN_TIMEOUT.ack()
+            if moved is not None:
+                return moved.ack()
+        moved = self.moves.moved_to(room.record.id)
+        if moved is not None:
+            return moved.ack()
         self.in_flight += 1
         self._idle.clear()
         try:
@@ -328,6 +366,9 @@ class RoomService:
 
     async def history(self, namespace: str, sid: str, data: Any) -> dict[str, Any]:
         room, member = self._member(namespace, sid)
+        moved = self._moved(namespace)  # also while the members are being told
+        if moved is not None:
+            return moved.ack()
         if member is None:
             return Refusal("bad_request", "You are not in this room; reconnect.").ack()
         bad = limits.check_history(data)
@@ -369,6 +410,24 @@ class RoomService:
             room_id, after=after, before=before, limit=limit,
             max_bytes=self.settings.max_page_bytes - 1, size=listed_size)
         return [built[r.seq] for r in records], more
+
+    # -- moves --------------------------------------------------------------------------
+
+    async def announce_moved(self, room_id: str, moved: MovedTo) -> int:
+        """The room now lives elsewhere: tell every member where (``moved``), then end
+        their connection to this namespace (the DISCONNECT follows the event on the same
+        path, so it cannot overtake it). Returns how many members were told."""
+        room = self.rooms.pop(room_id, None)
+        if room is None:
+            return 0
+        self.by_namespace.pop(room.namespace, None)
+        members = list(room.members.values())
+        room.members.clear()  # their leaves are not announced: nobody stays to hear them
+        await self.delivery.emit(room.namespace, "moved", moved.event(),
+                               [(m.sid, m.eio_sid) for m in members])
+        for m in members:
+            await self.delivery.leave(room.namespace, m.sid)
+        return len(members)
 
     # -- delivery -----------------------------------------------------------------------
 

@@ -72,6 +72,10 @@ class Delivery(Protocol):
         """Refuse a member whose CONNECT already went out: CONNECT_ERROR with the
         refusal's code, then its namespace is closed."""
 
+    async def leave(self, namespace: str, sid: str) -> None:
+        """Close a member's namespace (DISCONNECT), after everything emitted to it before;
+        the connection of its other namespaces stays. Never raises."""
+
     def stats(self) -> dict[str, int]:
         """Counters of the paths deliveries took (``GET /internal/metrics``)."""
 

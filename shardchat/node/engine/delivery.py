@@ -161,6 +161,12 @@ class FastDelivery:
         with contextlib.suppress(Exception):
             await self.sio.disconnect(sid, namespace=namespace)
 
+    async def leave(self, namespace: str, sid: str) -> None:
+        """Close a member's namespace: the DISCONNECT takes ``send_packet``, the path of
+        every single packet, so it follows what was emitted to the member before."""
+        with contextlib.suppress(Exception):
+            await self.sio.disconnect(sid, namespace=namespace)
+
     # -- broadcast -----------------------------------------------------------------------
 
     async def emit(self, namespace: str, event: str, data: Any,

@@ -241,6 +241,10 @@ class StockDelivery:
     async def disconnect(self, namespace: str, sid: str, refusal: Refusal) -> None:
         await self.sio.refuse_connected(sid, namespace, refusal)
 
+    async def leave(self, namespace: str, sid: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.sio.disconnect(sid, namespace=namespace)
+
     def stats(self) -> dict[str, int]:
         """The fast engine's counters, with every delivery on the normal path."""
         return {"fast": 0, "slow": self.sent, "direct": 0, "queued": 0,

@@ -13,6 +13,8 @@ thread of its own:
   thread after a commit;
 * ``checkpoint.py``: WAL checkpoints, in their own thread;
 * ``reader.py``: reads, in the loop or in the reader thread by size;
+* ``moves.py``: rooms that move (``Store.moves``): copies arriving, forwards of rooms that
+  left, each write a job of the writer thread;
 * ``schema.py``: tables, migrations, rows; ``integrity.py``: the check at open;
   ``lock.py``: one process per data directory; ``threads.py``: OS thread names.
 
@@ -41,19 +43,28 @@ from pathlib import Path
 
 from shardchat.node.store import integrity, schema
 from shardchat.node.store.checkpoint import Checkpointer
-from shardchat.node.store.errors import StoreError
+from shardchat.node.store.errors import MoveConflict, StoreError
 from shardchat.node.store.integrity import MARKER_NAME, RESTORE_DOC, StoreDamaged
 from shardchat.node.store.lock import LOCK_NAME, DirectoryLock
+from shardchat.node.store.moves import Moves
 from shardchat.node.store.reader import LOOP_READ_ROWS, Reader
-from shardchat.node.store.records import CreationKey, KeyedRoom, MessageRecord, RoomRecord
+from shardchat.node.store.records import (
+    CreationKey,
+    Forward,
+    Incoming,
+    KeyedRoom,
+    KeyRow,
+    MessageRecord,
+    RoomRecord,
+)
 from shardchat.node.store.retention import Pruner
 from shardchat.node.store.schema import DB_NAME, KEY_TTL_MS
 from shardchat.node.store.writer import Batch, GroupCommitWriter
 
 __all__ = [
     "DB_NAME", "KEY_TTL_MS", "LOCK_NAME", "LOOP_READ_ROWS", "MARKER_NAME", "RESTORE_DOC",
-    "CreationKey", "KeyedRoom", "MessageRecord", "RoomRecord", "Store", "StoreDamaged",
-    "StoreError",
+    "CreationKey", "Forward", "Incoming", "KeyRow", "KeyedRoom", "MessageRecord",
+    "MoveConflict", "Moves", "RoomRecord", "Store", "StoreDamaged", "StoreError",
 ]
 
 
@@ -95,6 +106,8 @@ class Store:
                                          on_refused=self._on_refused,
                                          housekeeping=self._pruner.after_commit)
         self._checkpointer = Checkpointer(self.path, fsync=fsync)
+        self.moves = Moves(self._writer, self._reader, owns=self._owns, adopt=self._adopt,
+                           give_up=self._give_up)
 
     @property
     def retention(self) -> int:
@@ -172,6 +185,7 @@ class Store:
                     integrity.check(conn, self.path)
                 schema.create(conn)
                 self._rooms, tops = schema.load(conn)
+                self.moves.loaded(*schema.load_moves(conn))
             finally:
                 conn.close()
         except sqlite3.DatabaseError as exc:  # "malformed", "not a database", ...
@@ -359,6 +373,23 @@ class Store:
                 del self._inflight[key]
         for r in batch.rooms:
             self._pending_rooms.discard(r.room.id)
+
+    # -- rooms arriving and leaving by a move (``moves.py``, when the write is durable) ---
+
+    def _owns(self, room_id: str) -> bool:
+        return room_id in self._rooms or room_id in self._pending_rooms
+
+    def _adopt(self, room: RoomRecord, last_seq: int) -> None:
+        """An activated room is a room of this node, its seq going on from ``last_seq``."""
+        self._rooms[room.id] = room
+        self._assigned[room.id] = self._committed[room.id] = last_seq
+
+    def _give_up(self, room_id: str) -> None:
+        """A forwarded room is not one of this node's any more (nothing of it is in flight:
+        the move froze and flushed it first)."""
+        self._rooms.pop(room_id, None)
+        self._assigned.pop(room_id, None)
+        self._committed.pop(room_id, None)
 
     def _require_open(self) -> None:
         if self._state != "open":

@@ -26,7 +26,7 @@ from typing import Any
 
 from shardchat.node.store import schema
 from shardchat.node.store.errors import StoreError
-from shardchat.node.store.records import MessageRecord
+from shardchat.node.store.records import KeyRow, MessageRecord
 from shardchat.node.store.threads import name_os_thread
 
 LOOP_READ_ROWS = 200  # longer reads go to the reader thread
@@ -77,6 +77,12 @@ class Reader:
             (room_id, member, client_id, top))
         return MessageRecord(room_id, *rows[0]) if rows else None
 
+    def creation_keys_of(self, room_id: str) -> list[KeyRow]:
+        """Every creation key of a room (they move with it)."""
+        return [KeyRow(*r) for r in self._rows(
+            "SELECT key, fingerprint, created_at FROM creation_keys WHERE room_id = ?",
+            (room_id,))]
+
     def oldest_seq(self, room_id: str) -> int | None:
         """The lowest stored seq of a room, None when it stores none."""
         return self._rows("SELECT min(seq) FROM messages WHERE room_id = ?", (room_id,))[0][0]
@@ -99,6 +105,14 @@ class Reader:
             rows = self._rows(sql, params)
         else:
             rows = await self._in_thread(_fetch_all, sql, params)
+        return [MessageRecord(room_id, *r) for r in rows]
+
+    async def page(self, room_id: str, after: int, limit: int) -> list[MessageRecord]:
+        """At most ``limit`` stored messages with seq > ``after``, oldest first, in the
+        reader thread (a move copies a room with these)."""
+        rows = await self._in_thread(
+            _fetch_all, f"SELECT {_COLUMNS} FROM messages WHERE room_id = ? AND seq > ?"
+            " ORDER BY seq LIMIT ?", (room_id, after, limit))
         return [MessageRecord(room_id, *r) for r in rows]
 
     async def newest(self, room_id: str, after: int, top: int, limit: int, max_bytes: int,

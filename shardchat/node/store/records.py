@@ -67,3 +67,42 @@ class MessageRecord:
         if self.client_id is None:
             return None
         return self.room_id, self.sender_member, self.client_id
+
+
+# -- rooms that move (``moves.py``) ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Room ``room_id`` left this node for ``instance`` under ``move_id``; ``last_seq`` is
+    the last message it held here. ``activated``: the target confirmed it serves it."""
+
+    room_id: str
+    instance: int
+    move_id: str
+    last_seq: int
+    moved_at: int  # epoch ms
+    activated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A copy of room ``room`` arriving from instance ``source`` under ``move_id``; not
+    served until it is activated."""
+
+    room: RoomRecord
+    source: int
+    move_id: str
+
+    @property
+    def room_id(self) -> str:
+        return self.room.id
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    """An Idempotency-Key a room was created under, carried with the room when it moves."""
+
+    key: str
+    fingerprint: str
+    created_at: int  # epoch ms

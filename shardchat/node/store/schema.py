@@ -2,8 +2,9 @@
 
 One database per node (``<data_dir>/store.sqlite3``) in WAL mode: rooms never share a node's
 file with another node, so SQLite is all the database a node needs. Every statement that
-names a table or a column is here, so the writer thread, the reader and the opening share one
-definition, and so will a follower that applies the batches of another node.
+names a table or a column is here (those of rooms that move in ``moves.py``, beside the
+writes they make), so the writer thread, the reader and the opening share one definition,
+and so will a follower that applies the batches of another node.
 
 No thread of its own: the functions run on whichever thread owns the connection they get
 (the opening's worker thread creates and migrates, the writer thread inserts).
@@ -16,10 +17,13 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from shardchat.node.store.records import CreationKey, MessageRecord, RoomRecord
+from shardchat.node.store.records import CreationKey, Forward, Incoming, MessageRecord, RoomRecord
 
 DB_NAME = "store.sqlite3"
-SCHEMA_VERSION = 2  # 2: dedup keyed by sender_member instead of sender_name
+# 2: dedup keyed by sender_member instead of sender_name; 3: rooms that move (the room's
+# state, source and move, and the forwards table)
+SCHEMA_VERSION = 3
+ACTIVE, INCOMING = "active", "incoming"  # rooms.state: served here / arriving by a move
 # An Idempotency-Key is remembered this long (docs/protocol.md); older ones are pruned
 # whenever a keyed room is written, in the same transaction.
 KEY_TTL_MS = 24 * 3600 * 1000
@@ -49,7 +53,18 @@ CREATE TABLE IF NOT EXISTS creation_keys (
     created_at  INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS creation_keys_age ON creation_keys (created_at);
+CREATE TABLE IF NOT EXISTS forwards (
+    room_id     TEXT PRIMARY KEY,
+    instance    INTEGER NOT NULL,
+    move_id     TEXT NOT NULL,
+    last_seq    INTEGER NOT NULL,
+    moved_at    INTEGER NOT NULL,
+    activated   INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 """
+# Added to ``rooms`` by ``migrate_moves`` (a room of schema 2 is an active room).
+_ROOM_MOVE_COLUMNS = (("state", f"TEXT NOT NULL DEFAULT '{ACTIVE}'"), ("source", "INTEGER"),
+                      ("move_id", "TEXT"))
 
 # The dedup index, created by ``migrate_dedup`` once the column exists. Rows with no member
 # (written before member identities existed) are outside it: nobody can claim them.
@@ -90,6 +105,7 @@ def create(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.executescript(_SCHEMA)
     migrate_dedup(conn)
+    migrate_moves(conn)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -121,11 +137,30 @@ def migrate_dedup(conn: sqlite3.Connection) -> None:
         raise
 
 
+def migrate_moves(conn: sqlite3.Connection) -> None:
+    """Schema 2 -> 3: ``rooms`` gets ``state`` (every existing room is ``active``),
+    ``source`` and ``move_id``, each an O(1) change in SQLite; the ``forwards`` table is in
+    ``_SCHEMA``. One transaction; running it again changes nothing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(rooms)")}
+        for name, decl in _ROOM_MOVE_COLUMNS:
+            if name not in columns:
+                conn.execute(f"ALTER TABLE rooms ADD COLUMN {name} {decl}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def load(conn: sqlite3.Connection) -> tuple[dict[str, RoomRecord], dict[str, int]]:
-    """Every room, and each room's highest stored seq (0 when it has no message)."""
+    """Every room served here, and each one's highest stored seq (0 when it has none).
+    Rooms arriving by a move are not among them (``load_moves``)."""
     rooms = {rid: RoomRecord(rid, name, bool(private), created_at)
              for rid, name, private, created_at in conn.execute(
-                 "SELECT id, name, private, created_at FROM rooms")}
+                 "SELECT id, name, private, created_at FROM rooms WHERE state = ?",
+                 (ACTIVE,))}
     tops = {}
     for rid in rooms:
         # One primary-key probe per room; a GROUP BY would scan every message.
@@ -133,6 +168,22 @@ def load(conn: sqlite3.Connection) -> tuple[dict[str, RoomRecord], dict[str, int
                               (rid,)).fetchone()
         tops[rid] = top or 0
     return rooms, tops
+
+
+def load_moves(conn: sqlite3.Connection
+               ) -> tuple[dict[str, Incoming], dict[str, Forward]]:
+    """The rooms arriving here by a move, and the forwards of rooms that left."""
+    incoming = {
+        rid: Incoming(RoomRecord(rid, name, bool(private), created_at), source, move_id)
+        for rid, name, private, created_at, source, move_id in conn.execute(
+            "SELECT id, name, private, created_at, source, move_id FROM rooms"
+            " WHERE state = ?", (INCOMING,))}
+    forwards = {
+        rid: Forward(rid, instance, move_id, last_seq, moved_at, bool(activated))
+        for rid, instance, move_id, last_seq, moved_at, activated in conn.execute(
+            "SELECT room_id, instance, move_id, last_seq, moved_at, activated"
+            " FROM forwards")}
+    return incoming, forwards
 
 
 def insert_rooms(conn: sqlite3.Connection,

@@ -16,6 +16,12 @@ assigned ahead (seqs), knowing that nothing is in flight. ``housekeeping(conn, b
 in the writer thread after a commit, on the same connection (pruning, ``retention.py``);
 a barrier resolves only once the work queued before it is committed and housekept.
 
+A ``Job`` is a write of its own transaction (the steps of a room's move, ``moves.py``): the
+writer runs it after its batch's commit and housekeeping, between BEGIN IMMEDIATE and
+COMMIT, and a job that fails fails alone (its caller gets the error, the writer goes on).
+Its ``done`` runs on the loop just before its future resolves, so the owner's view changes
+exactly when the job is durable. Jobs in a refused batch are refused with it.
+
 The writer knows rooms and messages only as the rows of the batch it commits: counters,
 dedup and which rooms exist are the owner's (``Store``).
 """
@@ -32,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardchat.node.store import schema
-from shardchat.node.store.errors import StoreError
+from shardchat.node.store.errors import MoveConflict, StoreError
 from shardchat.node.store.records import CreationKey, MessageRecord, RoomRecord
 from shardchat.node.store.threads import name_os_thread
 
@@ -59,11 +65,22 @@ class MessageWrite:
 
 
 @dataclass(eq=False, slots=True)
+class Job:
+    """``run(conn)`` in a transaction of its own; ``done(result)`` on the loop once it is
+    committed, then the future gives the result. A ``MoveConflict`` it raises is its
+    answer (rolled back, handed to the caller as is); any other failure a StoreError."""
+
+    run: Callable[[sqlite3.Connection], object]
+    done: Callable[[object], None] | None
+    future: asyncio.Future
+
+
+@dataclass(eq=False, slots=True)
 class _Barrier:
     future: asyncio.Future[None]
 
 
-_Queued = RoomWrite | MessageWrite | _Barrier
+_Queued = RoomWrite | MessageWrite | Job | _Barrier
 
 
 @dataclass(slots=True)
@@ -73,6 +90,7 @@ class Batch:
 
     rooms: list[RoomWrite] = field(default_factory=list)
     messages: list[MessageWrite] = field(default_factory=list)
+    jobs: list[Job] = field(default_factory=list)  # after the commit, one transaction each
     barriers: list[_Barrier] = field(default_factory=list)
 
     @classmethod
@@ -83,6 +101,8 @@ class Batch:
                 batch.messages.append(item)
             elif type(item) is RoomWrite:
                 batch.rooms.append(item)
+            elif type(item) is Job:
+                batch.jobs.append(item)
             else:
                 batch.barriers.append(item)  # type: ignore[arg-type]
         return batch
@@ -90,6 +110,7 @@ class Batch:
     def extend(self, other: Batch) -> None:
         self.rooms += other.rooms
         self.messages += other.messages
+        self.jobs += other.jobs
         self.barriers += other.barriers
 
     def __len__(self) -> int:
@@ -106,6 +127,7 @@ class WriterStats:
     rooms: int = 0
     failed_commits: int = 0
     max_batch: int = 0
+    jobs: int = 0  # transactions of their own (moves)
 
 
 class GroupCommitWriter:
@@ -164,6 +186,13 @@ class GroupCommitWriter:
         self._enqueue(write)
         return write.future
 
+    def write_job(self, run: Callable[[sqlite3.Connection], object],
+                  done: Callable[[object], None] | None = None) -> asyncio.Future:
+        """Queue a job (see the module docstring); the future gives its result."""
+        job = Job(run, done, self._future())
+        self._enqueue(job)
+        return job.future
+
     def barrier(self) -> asyncio.Future[None]:
         """A future that resolves once everything queued before it is committed (or
         refused) and housekept; at once when the writer has stopped."""
@@ -220,6 +249,8 @@ class GroupCommitWriter:
             _settle(r.future, error=exc)
         for m in batch.messages:
             _settle(m.future, error=exc)
+        for j in batch.jobs:
+            _settle(j.future, error=exc)
         _release(batch.barriers)
 
     def _call_soon(self, callback: Callable[..., None], *args: object) -> None:
@@ -254,6 +285,8 @@ class GroupCommitWriter:
                         self._housekeeping(conn, batch)
                     except Exception:  # the writer must outlive its housekeeping
                         log.exception("housekeeping after a commit to %s failed", self.path)
+                for job in batch.jobs:
+                    self._run_job(conn, job)
                 if batch.barriers:
                     self._call_soon(_release, batch.barriers)
         finally:
@@ -304,6 +337,36 @@ class GroupCommitWriter:
         s.max_batch = max(s.max_batch, len(batch))
         self._call_soon(self._committed, batch)
         return True
+
+
+    def _run_job(self, conn: sqlite3.Connection, job: Job) -> None:
+        """Writer thread: one job, one transaction (see ``Job``)."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = job.run(conn)
+            conn.execute("COMMIT")
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            if not isinstance(exc, MoveConflict):
+                log.error("a write of its own transaction to %s failed: %s", self.path, exc)
+                exc = StoreError(f"writing {self.path} failed: {exc}")
+            self._call_soon(_fail, job.future, exc)
+            return
+        self.stats.jobs += 1
+        self._call_soon(_job_done, job, result)
+
+
+def _job_done(job: Job, result: object) -> None:
+    """Loop side of a job's commit: the owner's view first, then its waiter."""
+    if job.done is not None:
+        job.done(result)
+    _settle(job.future, result)
+
+
+def _fail(future: asyncio.Future, error: BaseException) -> None:
+    _settle(future, error=error)
 
 
 def _settle(future: asyncio.Future, result: object = None, *,

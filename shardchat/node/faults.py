@@ -1,0 +1,63 @@
+"""Fault injection: a node that kills itself (SIGKILL) on reaching a named point.
+
+Crash safety of a multi-step protocol (the room handoff, ``node/handoff/``) can only be shown
+by crashing at each step. Sleeps and races would make such tests flaky and slow; a named
+point is exact: ``SHARDCHAT_FAULT=handoff.after_forward`` makes the node die the moment the
+forward row is durable and nothing after it has happened. SIGKILL, not an exception: nothing
+may be flushed, answered or cleaned up, exactly as when the machine loses power.
+
+The switch is read once, when this module is imported; an unknown name is refused at node
+start (``check``), so a misspelt point in a test fails loudly instead of never firing. Unset,
+``reach`` costs one comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger(__name__)
+
+ENV = "SHARDCHAT_FAULT"
+
+# Every point a node can be told to die at. Source side of a move: after each step has done
+# its work (and, where it writes, after the write is durable). Target side: after the state
+# is written, before the answer is sent.
+SOURCE_POINTS = (
+    "handoff.after_begin",      # the target holds the room as incoming
+    "handoff.after_copy",       # the live copy is done; the room still serves
+    "handoff.after_freeze",     # new messages wait; in-flight ones are committed
+    "handoff.after_delta",      # the target holds every committed message
+    "handoff.after_forward",    # the commit point: the forward is durable here
+    "handoff.after_activate",   # the target serves; activated not yet recorded here
+)
+TARGET_POINTS = (
+    "handoff.target_after_begin",     # incoming room written, answer not sent
+    "handoff.target_after_copy",      # a copied page written, answer not sent
+    "handoff.target_after_activate",  # room active, answer not sent
+)
+POINTS = frozenset(SOURCE_POINTS + TARGET_POINTS)
+
+_armed: str | None = os.environ.get(ENV) or None
+
+
+def check() -> None:
+    """Refuse a switch that names no known point (called once at node start)."""
+    if _armed is not None and _armed not in POINTS:
+        raise ValueError(f"{ENV}={_armed!r} names no fault point; known points: "
+                         + ", ".join(sorted(POINTS)))
+    if _armed is not None:
+        log.warning("fault injection armed: this node dies (SIGKILL) at %s", _armed)
+
+
+def armed() -> str | None:
+    """The point this process will die at, or None."""
+    return _armed
+
+
+def reach(point: str) -> None:
+    """Die here, at once and without cleanup, when the switch names ``point``."""
+    if point == _armed:
+        log.warning("fault point %s reached: killing this process", point)
+        os.kill(os.getpid(), signal.SIGKILL)
