@@ -13,6 +13,7 @@ import pytest
 
 from shardchat.node.members import MemberTokens
 from shardchat.node.store import MessageRecord, RoomRecord, Store
+from shardchat.node.store.schema import SCHEMA_VERSION
 from tests.conftest import acreate_room, assert_refusal_shape, refusal
 from tests.support import SECRET, NodeProcess, make_cluster_config, running_nodes
 
@@ -295,7 +296,7 @@ async def test_a_store_of_name_keyed_dedup_is_migrated_and_keeps_every_message(
         (version,) = conn.execute("PRAGMA user_version").fetchone()
     conn.close()
     assert "messages_dedup" not in indexes and "messages_member_dedup" in indexes
-    assert version == 2
+    assert version == SCHEMA_VERSION  # and every later migration ran too
 
 
 async def test_a_node_upgraded_on_an_old_store_serves_its_messages(tmp_path, connect):

@@ -44,6 +44,10 @@ log = logging.getLogger("shardchat.rooms")
 
 WELCOME_HISTORY = 50  # SPEC: the welcome holds the latest 50 messages
 TYPING_REPEAT_SECONDS = 2.0
+# After ``moved``, members stay connected this long before they are disconnected (SPEC: within
+# a second), so that the acks of their messages in flight (``moved``, most of them waiting
+# at the gate) still reach them: a client drops an ack that follows the DISCONNECT.
+MOVED_GRACE = 0.3
 FROZEN_WAIT = 15.0  # seconds a message of a moving room waits for the move's outcome, at most
 UNREADABLE_ROOM = Refusal("unavailable", "This room's history cannot be read on this server "
                           "right now (its log says why); try again later.")
@@ -414,9 +418,10 @@ class RoomService:
     # -- moves --------------------------------------------------------------------------
 
     async def announce_moved(self, room_id: str, moved: MovedTo) -> int:
-        """The room now lives elsewhere: tell every member where (``moved``), then end
-        their connection to this namespace (the DISCONNECT follows the event on the same
-        path, so it cannot overtake it). Returns how many members were told."""
+        """The room now lives elsewhere: tell every member where (``moved``), then, after
+        ``MOVED_GRACE``, end their connection to this namespace (the DISCONNECT takes the
+        same path as the event, so it cannot overtake it). Meanwhile their messages are
+        acked ``moved``. Returns how many members were told."""
         room = self.rooms.pop(room_id, None)
         if room is None:
             return 0
@@ -425,6 +430,7 @@ class RoomService:
         room.members.clear()  # their leaves are not announced: nobody stays to hear them
         await self.delivery.emit(room.namespace, "moved", moved.event(),
                                [(m.sid, m.eio_sid) for m in members])
+        await asyncio.sleep(MOVED_GRACE)
         for m in members:
             await self.delivery.leave(room.namespace, m.sid)
         return len(members)

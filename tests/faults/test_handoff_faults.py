@@ -17,10 +17,8 @@ import pytest
 
 from shardchat.node import faults
 from tests.conftest import Refused, assert_refusal_shape, create_room, open_client
-from tests.moves import (Sender, assert_one_owner_holds, move_room, room_state, settled,
-                         stats)
-from tests.support import NodeProcess, async_wait_until, in_thread, make_cluster_config, \
-    start_nodes
+from tests.moves import Sender, assert_one_owner_holds, move_room, room_state, settled, stats
+from tests.support import NodeProcess, async_wait_until, in_thread, make_cluster_config, start_nodes
 
 HISTORY = 20  # messages in the room before the move
 SETTLE_TIMEOUT = 30.0
