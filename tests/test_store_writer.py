@@ -172,3 +172,44 @@ async def test_a_file_that_cannot_be_opened_fails_start(tmp_path: Path) -> None:
     writer = GroupCommitWriter(tmp_path / "missing" / schema.DB_NAME)
     with pytest.raises(StoreError, match=r"cannot open .* for writing"):
         await writer.start()
+
+
+async def test_a_job_is_its_own_transaction_and_fails_alone(
+        writer: GroupCommitWriter, db: Path) -> None:
+    """Jobs (the steps of a move) commit after their batch; one that fails leaves the
+    messages around it alone, and its owner hears of a success before its waiter does."""
+    published: list[object] = []
+
+    def fails(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO forwards (room_id, instance, move_id, last_seq, moved_at)"
+                     " VALUES ('room', 2, 'move-1', 1, 0)")
+        raise sqlite3.IntegrityError("the disk says no")
+
+    def counts(conn: sqlite3.Connection) -> int:
+        return conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+
+    with write_lock_held(db):
+        first = writer.write_message(message(1))
+        failing = writer.write_job(fails)
+        counted = writer.write_job(counts, published.append)
+        second = writer.write_message(message(2))
+    assert await first == message(1) and await second == message(2)
+    with pytest.raises(StoreError, match="the disk says no"):
+        await failing
+    assert await counted == published[0]  # published before the waiter woke
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM forwards").fetchone()[0] == 0
+    assert writer.stats.jobs == 1
+
+
+async def test_a_job_queued_behind_a_failed_commit_is_refused_with_it(
+        writer: GroupCommitWriter, db: Path) -> None:
+    add_failing_trigger(db, "NEW.text = 'boom'")
+    ran: list[bool] = []
+    with write_lock_held(db):
+        failing = writer.write_message(message(1, "boom"))
+        job = writer.write_job(lambda conn: ran.append(True))
+    for future in (failing, job):
+        with pytest.raises(StoreError, match="injected failure"):
+            await future
+    assert ran == []
