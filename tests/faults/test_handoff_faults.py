@@ -67,7 +67,7 @@ async def test_kill_at_every_step_leaves_one_owner_with_every_acked_message(tmp_
             assert_refusal_shape(refused.value, "unavailable")
             assert (await asyncio.to_thread(stats, target))["rooms"] == 0
 
-        victim.env = None
+        victim.env = {}  # restarted without the switch
         await asyncio.to_thread(victim.start)
         owner = await async_wait_until(in_thread(lambda: settled([source, target], room["id"])),
                                        SETTLE_TIMEOUT, what="one owner and no copy arriving")
