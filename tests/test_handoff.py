@@ -182,3 +182,21 @@ def test_a_url_of_the_old_page_keeps_its_query(pair):
     status, location = page_status(a, room["path"])
     assert status == 308 and urlsplit(location).path == f"/i{b.number}/room/{room['id']}"
     assert page_status(b, location) == (200, None)
+
+
+async def test_a_room_larger_than_one_copy_page_moves_whole(pair, connect):
+    a, b = pair
+    room = await acreate_room(a, "Long texts")
+    rid = room["id"]
+    member = await connect(a, room, name="writer")
+    for i in range(300):  # about 1.2 MB of text: several copy pages
+        await member.send_ok(f"{i:04d} " + "x" * 3995, client_id=f"long-{i}")
+    status, report = await asyncio.to_thread(move_room, a, rid, b.number)
+    assert status == 200 and report["messages"] == 300 and report["last_seq"] == 300, report
+    await member.next("moved")
+    again = await connect(b, rid, name="writer", token=member.token, last_seq=280)
+    assert [m["seq"] for m in again.welcome["history"]] == list(range(281, 301))
+    assert again.welcome["history"][0]["text"].startswith("0280 ")
+    page = await again.call("history", {"before": 3, "limit": 2})
+    assert [m["seq"] for m in page["messages"]] == [1, 2]
+    assert (await again.send("0000 " + "x" * 3995, client_id="long-0"))["seq"] == 1

@@ -175,7 +175,11 @@ class Source:
         assert move.gate is not None and move.frozen_at is not None
         frozen_ms = (time.monotonic() - move.frozen_at) * 1000
         move.gate.open(moved)
-        members = await self.host.announce_moved(move.room_id, moved)
+        try:
+            members = await self.host.announce_moved(move.room_id, moved)
+        except Exception:  # the move has happened: members find out at their next event
+            log.exception("telling the members of room %s that it moved failed", move.room_id)
+            members = 0
         if activated:
             await self._finish(move.room_id, move.move_id)
         else:
