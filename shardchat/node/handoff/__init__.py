@@ -48,6 +48,7 @@ class Handoff:
         self.peers = Peers(auth_header(cfg.cluster.secret), locate or config_locator(cfg))
         self.source = Source(number, store, moves, host, self.peers, self.where)
         self.target = Target(number, moves, self.peers, draining)
+        self._running: set[asyncio.Task[MoveReport]] = set()
 
     def where(self, room_id: str, instance: int) -> MovedTo:
         return MovedTo(room_id, instance, self.cfg.cluster.public_url)
@@ -71,6 +72,8 @@ class Handoff:
         its steps would keep the room frozen until its bounds ran out."""
         task = asyncio.get_running_loop().create_task(self.source.move(room_id, to),
                                                       name=f"move-{room_id}")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
         return await asyncio.shield(task)
 
     def state(self, room_id: str) -> dict[str, Any] | None:
@@ -108,6 +111,10 @@ class Handoff:
         self.target.start()
 
     async def close(self) -> None:
+        """Let running moves end (each is bounded; the node's drain bounds this step too),
+        then stop the retries and the look at incoming rooms: a restart resumes them."""
+        if self._running:
+            await asyncio.wait(set(self._running))
         await self.source.close()
         await self.target.close()
         await self.peers.close()
