@@ -200,3 +200,17 @@ async def test_a_room_larger_than_one_copy_page_moves_whole(pair, connect):
     page = await again.call("history", {"before": 3, "limit": 2})
     assert [m["seq"] for m in page["messages"]] == [1, 2]
     assert (await again.send("0000 " + "x" * 3995, client_id="long-0"))["seq"] == 1
+
+
+async def test_a_move_to_a_target_that_is_down_is_refused_and_the_room_serves_on(
+        tmp_path, connect):
+    with running_nodes(tmp_path, 2) as (a, b):
+        room = await acreate_room(a, "Going nowhere")
+        member = await connect(a, room, name="stays")
+        await member.send_ok("before", client_id="before")
+        await asyncio.to_thread(b.stop)
+        status, answer = await asyncio.to_thread(move_room, a, room["id"], b.number)
+        assert (status, answer["error"]) == (503, "unavailable"), answer
+        assert member.pending("moved") == []
+        assert (await member.send_ok("after", client_id="after"))["seq"] == 2
+        assert room_state(a, room["id"])[1]["state"] == "owner"
