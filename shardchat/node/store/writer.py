@@ -280,7 +280,9 @@ class GroupCommitWriter:
                 batch = self._next_batch()
                 if batch is None:
                     return
-                if self._commit(conn, batch) and self._housekeeping is not None:
+                if not self._commit(conn, batch):
+                    continue  # refused, jobs and barriers with it (``_refused``)
+                if self._housekeeping is not None:
                     try:
                         self._housekeeping(conn, batch)
                     except Exception:  # the writer must outlive its housekeeping
