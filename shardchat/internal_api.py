@@ -14,6 +14,8 @@ cluster never imports the node):
   and ``replay`` (the room of an earlier creation, or ``IdempotencyConflict`` when the key
   asked for another room). The owner's side, storing a key with its room, is
   ``node/idempotency.py``;
+* the paths of loads and drains (``ROOMS_PATH`` listing, ``ROOM_LOAD_PATH``,
+  ``DRAINED_PATH``); the listing's shape is ``node/loads.py``'s and ``cluster/moves.py``'s;
 * the paths of moves (``MOVE_PATH``, ``HANDOFF_*``; ``ROOM_STATE_PATH`` says where a room
   is during and after one); what they carry is
   ``node/handoff/api.py``'s;
@@ -48,6 +50,17 @@ ROOM_STATE_PATH = "/internal/rooms/{room_id}"
 
 def room_state_path(room_id: str) -> str:
     return ROOM_STATE_PATH.format(room_id=room_id)
+
+# Load and drains (cluster/moves.py asks, node/internal.py answers). ``GET`` of ROOMS_PATH
+# lists the owned rooms with their load (``POST`` on it creates one); ROOM_LOAD_PATH: one
+# room's load (``GET``), or a moved room's numbers handed to its new owner (``POST``);
+# DRAINED_PATH: ``POST {"drained": bool}`` takes the node out of placement or back in.
+ROOM_LOAD_PATH = "/internal/rooms/{room_id}/load"
+DRAINED_PATH = "/internal/drained"
+
+
+def room_load_path(room_id: str) -> str:
+    return ROOM_LOAD_PATH.format(room_id=room_id)
 
 
 # Rooms that move (SPEC section 8; ``node/handoff/``). On the owner, a move: POST {"to": N}

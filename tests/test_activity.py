@@ -137,6 +137,18 @@ def test_a_moved_room_takes_its_numbers_to_its_new_owner():
         new.restore("x", math.nan, 0.0)
 
 
+def test_restored_numbers_add_to_what_the_new_owner_counted_meanwhile():
+    """Members reconnect to the new owner as soon as the room moved: messages it counted
+    before the old owner's numbers arrived are kept, and the room is as recently used as
+    either says."""
+    new = ActivityTracker()
+    new.message("r", now=100.0)
+    new.message("r", now=100.0)
+    new.restore("r", 6.0, 30.0, now=100.0)
+    assert new.rate("r", now=100.0) == pytest.approx(6.0 + 2 * 60.0 / 600.0)
+    assert new.idle_seconds("r", now=100.0) == 0.0
+
+
 def test_the_default_clock_is_monotonic_time():
     tracker = ActivityTracker()
     tracker.message("r")

@@ -3,7 +3,9 @@
 Placement needs a fresh-enough picture of every peer's load without ever waiting on a peer
 while a user waits for a room. So a background task polls ``GET /internal/stats`` on every
 peer each ``node.stats_interval`` seconds, each call bounded by ``node.peer_timeout``, and
-placement only ever reads the last snapshot. A peer that refused, timed out or answered
+placement only ever reads the last snapshot, which keeps each peer's ``load`` (the
+measure of ``load.py``, None from a node too old to report it) so that placement ranks
+every instance by the measure the rebalancer uses. A peer that refused, timed out or answered
 garbage is marked unhealthy until a later poll succeeds (unhealthy peers are asked again
 every ``RETRY_INTERVAL``); a room creation that fails for the peer's sake (no connection, a
 timeout, a 5xx) marks it the same way at once, so the next placement skips it without
@@ -29,6 +31,7 @@ from typing import Any
 
 import aiohttp
 
+from shardchat.cluster.load import stats_load
 from shardchat.config import Config, Instance
 from shardchat.internal_api import (
     KEY_HEADER,
@@ -78,6 +81,7 @@ class PeerState:
     draining: bool = False
     connections: int = 0
     rooms: int = 0
+    load: float | None = None  # load.py's measure; None from a node that does not report it
     fetched_at: float = 0.0
     error: str = "not polled yet"
 
@@ -234,6 +238,7 @@ class PeerPool:
         peer.healthy, peer.error = True, ""
         peer.draining = bool(body.get("draining"))
         peer.connections, peer.rooms = body["connections"], body["rooms"]
+        peer.load = stats_load(body)
         peer.fetched_at = started
 
     def mark_failed(self, number: int, reason: str, draining: bool = False) -> None:

@@ -174,9 +174,17 @@ class ActivityTracker:
 
     def restore(self, room_id: str, rate: float, idle_seconds: float,
                 now: float | None = None) -> None:
-        """Take over a moved room's numbers (``export`` of its old owner)."""
+        """Take over a moved room's numbers (``export`` of its old owner).
+
+        Added to what this node counted already: the room's members reconnect here as soon
+        as it moves, and their first messages may be counted before the numbers arrive."""
         if not (math.isfinite(rate) and math.isfinite(idle_seconds)):
             raise ValueError("a room's activity must be finite numbers")
         t = self._clock() if now is None else now
         count = max(0.0, rate) / self._per_minute
-        self._rooms[room_id] = [count, t, t - max(0.0, idle_seconds)]
+        last_used = t - max(0.0, idle_seconds)
+        entry = self._rooms.get(room_id)
+        if entry is not None:
+            count += self._rate(entry, t) / self._per_minute
+            last_used = max(last_used, entry[_LAST_USED])
+        self._rooms[room_id] = [count, t, last_used]

@@ -11,7 +11,9 @@ room request are the peer contract (``shardchat/internal_api.py``), which the ca
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -21,8 +23,10 @@ from shardchat.config import Config
 from shardchat.http_errors import json_error
 from shardchat.internal_api import (
     AUTH_HEADER,
+    DRAINED_PATH,
     KEYS_PATH,
     METRICS_PATH,
+    ROOM_LOAD_PATH,
     ROOM_STATE_PATH,
     ROOMS_PATH,
     STATS_PATH,
@@ -31,6 +35,7 @@ from shardchat.internal_api import (
     read_creation_key,
     read_room_request,
 )
+from shardchat.node.loads import NodeLoads, chunks, row_json
 
 log = logging.getLogger("shardchat.internal")
 
@@ -39,9 +44,18 @@ class PeerFacing(Protocol):
     """What the internal listener asks of its node (``node/main.py``'s ``Node``)."""
 
     number: int
+    loads: NodeLoads
 
     @property
     def draining(self) -> bool: ...
+
+    @property
+    def drained(self) -> bool: ...
+
+    def set_drained(self, drained: bool) -> None: ...
+
+    def refuses_rooms(self) -> str | None:
+        """Why this node takes no new room now (shutting down, drained), or None."""
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -85,8 +99,9 @@ def build_app(cfg: Config, node: PeerFacing) -> web.Application:
 
     async def create_room(request: web.Request) -> web.Response:
         """Create a room here; with an Idempotency-Key, the room already made under it."""
-        if node.draining:
-            return json_error(503, "draining", f"Instance {node.number} is draining.")
+        refused = node.refuses_rooms()
+        if refused is not None:
+            return json_error(503, "draining", refused)
         key, refusal = read_creation_key(request)
         if refusal:
             return refusal
@@ -118,10 +133,79 @@ def build_app(cfg: Config, node: PeerFacing) -> web.Application:
                               f"{room_id!r}.")
         return web.json_response(state)
 
+    async def list_rooms(request: web.Request) -> web.StreamResponse:
+        """Every owned room with its load, streamed: ``{"instance", "rooms", "load",
+        "active": [RoomLoad fields...], "idle": [room id, ...]}``. ``idle`` rooms have
+        nobody connected and no numbers: each weighs the floor (``cluster/load.py``)."""
+        active, idle = node.loads.listing()
+        head = {"instance": node.number, "rooms": len(active) + len(idle),
+                "load": node.stats().get("load"), "drained": node.drained}
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(json.dumps(head)[:-1].encode() + b', "active": '
+                         + json.dumps([row_json(r) for r in active]).encode()
+                         + b', "idle": [')
+        for i, part in enumerate(chunks(idle)):
+            text = json.dumps(list(part))[1:-1]
+            await resp.write(((", " if i else "") + text).encode())
+        await resp.write(b"]}")
+        await resp.write_eof()
+        return resp
+
+    def _room_id(request: web.Request) -> str | None:
+        room_id = request.match_info["room_id"]
+        return room_id if urls.valid_room_id(room_id) else None
+
+    async def room_load(request: web.Request) -> web.Response:
+        """One owned room's load (RoomLoad fields), or 404 when it is not a room here."""
+        room_id = _room_id(request)
+        row = node.loads.room(room_id) if room_id else None
+        if row is None:
+            return json_error(404, "not_found", f"Instance {node.number} owns no room "
+                              f"{request.match_info['room_id']!r}.")
+        return web.json_response(row_json(row))
+
+    async def restore_load(request: web.Request) -> web.Response:
+        """``{"activity", "idle_seconds"}`` of a room that moved here: its old owner's
+        numbers, so the load measured here is the one a rebalance planned with."""
+        room_id = _room_id(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        values = [body.get(k) if isinstance(body, dict) else None
+                  for k in ("activity", "idle_seconds")]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool)
+                   and math.isfinite(v) and v >= 0 for v in values):
+            return json_error(400, "bad_request", 'The body must be {"activity": <messages '
+                              'per minute>, "idle_seconds": <seconds>}, numbers >= 0.')
+        if room_id is None or not node.loads.restore(room_id, *values):
+            return json_error(404, "not_found", f"Instance {node.number} owns no room "
+                              f"{request.match_info['room_id']!r}.")
+        return web.json_response({"room_id": room_id, "restored": True})
+
+    async def drained(request: web.Request) -> web.Response:
+        """``{"drained": bool}``: out of placement and of moves' targets, or back in."""
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        value = body.get("drained") if isinstance(body, dict) else None
+        if not isinstance(value, bool):
+            return json_error(400, "bad_request", 'The body must be {"drained": true} or '
+                              '{"drained": false}.')
+        node.set_drained(value)
+        return web.json_response({"instance": node.number, "drained": node.drained,
+                                  "rooms": node.stats()["rooms"]})
+
     app = web.Application(middlewares=[check_secret], client_max_size=cfg.node.max_body_bytes)
     app.router.add_get(ROOM_STATE_PATH, room_state)
     app.router.add_get(STATS_PATH, stats)
     app.router.add_post(ROOMS_PATH, create_room)
+    app.router.add_get(ROOMS_PATH, list_rooms)
+    app.router.add_get(ROOM_LOAD_PATH, room_load)
+    app.router.add_post(ROOM_LOAD_PATH, restore_load)
+    app.router.add_post(DRAINED_PATH, drained)
     app.router.add_get(METRICS_PATH, metrics)
     app.router.add_get(KEYS_PATH + "{key}", keyed_room)
     return app

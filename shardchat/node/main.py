@@ -23,6 +23,7 @@ from aiohttp import web
 
 from shardchat import lifecycle, listener, urls
 from shardchat.cluster.directory import Directory
+from shardchat.cluster.load import node_load, room_presence
 from shardchat.cluster.placement import Placer
 from shardchat.config import Config
 from shardchat.node import engine, faults, gctune, idempotency, internal, shutdown
@@ -30,6 +31,7 @@ from shardchat.node.clientaddr import ClientAddresses
 from shardchat.node.handoff import Handoff
 from shardchat.node.handoff.routes import add_routes as add_move_routes
 from shardchat.node.http import PublicApp
+from shardchat.node.loads import NodeLoads
 from shardchat.node.rooms import RoomService
 from shardchat.node.sockets import register_events
 from shardchat.node.store import Store, StoreError
@@ -51,8 +53,13 @@ class Node:
         self.engine = engine.build(cfg.node)  # EngineIncompatible: the self-check failed
         self.sio = self.engine.sio
         self.rooms = RoomService(cfg, number, self.store, self.engine.delivery)
+        # the cluster's measure over this node's rooms (the node does not import the cluster)
+        self.loads = NodeLoads(self.store, self.rooms, node_load, room_presence(0.0))
+        self._drained = False
         self.handoff = Handoff(cfg, number, self.store, self.store.moves, self.rooms,
-                               locate=self._peer_url, draining=lambda: self.rooms.draining)
+                               locate=self._peer_url,
+                               # a drained node, like a stopping one, takes no moved room
+                               draining=lambda: self.rooms.draining or self._drained)
         self.rooms.moves = self.handoff  # moved, arriving and frozen rooms
         self.addresses = ClientAddresses(cfg.node.trusted_proxies)
         self.keyed = idempotency.KeyedCreations(self.store, self.rooms)
@@ -70,8 +77,12 @@ class Node:
     # -- LocalNode protocol (used by placement) ------------------------------------------
 
     def stats(self) -> dict[str, Any]:
+        """SPEC section 5's fields, plus ``load`` (``cluster/load.py``'s measure) and
+        ``drained``. ``draining`` is true while the node shuts down and while it is drained:
+        either way it is out of placement, and peers need not tell the two apart."""
         return {"instance": self.number, "connections": self.rooms.connection_count(),
-                "rooms": self.store.room_count(), "draining": self.rooms.draining}
+                "rooms": self.store.room_count(), "draining": self.draining or self._drained,
+                "drained": self._drained, "load": round(self.loads.total(), 6)}
 
     async def create_room(self, name: str, private: bool,
                           key: str | None = None) -> dict[str, Any]:
@@ -103,7 +114,31 @@ class Node:
 
     @property
     def draining(self) -> bool:
+        """Shutting down (SIGTERM): health answers 503 and every new connect is refused."""
         return self.rooms.draining
+
+    @property
+    def drained(self) -> bool:
+        """Emptied by ``shardchat drain``: out of placement and takes no moved room, but
+        serves as before (the rooms still here, the moved rooms' redirects). Memory only:
+        a restart ends it (docs/operations.md, "Drained and draining")."""
+        return self._drained
+
+    def set_drained(self, drained: bool) -> None:
+        if drained != self._drained:
+            log.info("instance %d is %s", self.number,
+                     "drained: out of placement until undrained or restarted" if drained
+                     else "undrained: back in placement")
+        self._drained = drained
+
+    def refuses_rooms(self) -> str | None:
+        """Why this node creates no room now, or None when it does."""
+        if self.draining:
+            return f"Instance {self.number} is draining."
+        if self._drained:
+            return (f"Instance {self.number} is drained: it takes no new rooms until it is "
+                    "undrained or restarted.")
+        return None
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from socketio.exceptions import ConnectionRefusedError as SioRefused
 from shardchat import urls
 from shardchat.config import Config
 from shardchat.node import limits, payloads, ratelimit
+from shardchat.node.activity import ActivityTracker
 from shardchat.node.engine import Delivery, json_size
 from shardchat.node.handoff.records import (
     FROZEN_TIMEOUT,
@@ -109,6 +110,8 @@ class RoomService:
         self.joining: dict[tuple[str, str], Joining] = {}
         self.limiter = RateLimiter(cfg.node)  # outlives connections, so reconnects count
         self.draining = False
+        # how busy each room is (the load measure's input); one call per stored message
+        self.activity = ActivityTracker()
         self.moves: MoveView = NO_MOVES  # rooms that left, arrive, or are frozen (handoff/)
         self.in_flight = 0
         self._idle = asyncio.Event()
@@ -123,6 +126,7 @@ class RoomService:
         record = RoomRecord(id=secrets.token_urlsafe(16), name=name.strip(),
                             private=bool(private), created_at=int(time.time() * 1000))
         await self.store.create_room(record, key)
+        self.activity.touch(record.id)  # a new room counts as in use: its people are coming
         return self.describe(record)
 
     def describe(self, record: RoomRecord, invite: bool = True) -> dict[str, Any]:
@@ -151,6 +155,10 @@ class RoomService:
 
     def connection_count(self) -> int:
         return sum(len(r.members) for r in self.rooms.values()) + len(self.joining)
+
+    def connections_by_room(self) -> dict[str, int]:
+        """Members connected now per room, for the rooms that have any."""
+        return {rid: len(r.members) for rid, r in self.rooms.items() if r.members}
 
     # -- connect ------------------------------------------------------------------------
 
@@ -233,6 +241,7 @@ class RoomService:
                         self.delivery.transport_id(namespace, sid),
                         identity=joining.identity)
         room.members[sid] = member  # not ready: broadcasts are buffered for it
+        self.activity.touch(room.record.id)
         try:
             welcome = await self._welcome(room, member, joining.last_seq)
         except StoreError as exc:
@@ -352,6 +361,7 @@ class RoomService:
             if not self.in_flight:
                 self._idle.set()
         if not duplicate:
+            self.activity.message(room.record.id)
             await self._broadcast(room, "message", payloads.message(msg))
         return {"ok": True, "seq": msg.seq, "ts": msg.ts}
 

@@ -227,6 +227,10 @@ class Store:
     def room_count(self) -> int:
         return len(self._rooms)
 
+    def room_ids(self) -> list[str]:
+        """The ids of the rooms this node owns now (a copy: safe to walk across awaits)."""
+        return list(self._rooms)
+
     def last_seq(self, room_id: str) -> int:
         """The last seq handed out in this room (0 when none), committed or in flight."""
         return self._assigned.get(room_id, 0)
