@@ -1,4 +1,5 @@
-"""``shardchat node | up | router``: thin click wrappers that parse and hand over."""
+"""``shardchat node | check | up | router | move | drain | rebalance``: thin click wrappers
+that parse and hand over."""
 
 from __future__ import annotations
 
@@ -56,10 +57,11 @@ def check(config_path: str) -> None:
 
 
 def _register_cluster_commands() -> None:
-    """`up` and `router` live with the cluster code they drive."""
+    """`up`, `router`, `move`, `drain` and `rebalance` live with the cluster code they
+    drive."""
     from shardchat.cluster import commands
 
-    for name in ("up", "router"):
+    for name in ("up", "router", "move", "drain", "rebalance"):
         cmd = getattr(commands, name, None)
         if cmd is not None:
             main.add_command(cmd, name)

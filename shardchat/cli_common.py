@@ -20,6 +20,7 @@ from shardchat import config as config_mod
 EXIT_OK = 0
 EXIT_FAILED = 1  # the work itself failed (AWS refused, a port was taken, ...)
 EXIT_CONFIG = 2  # the config is wrong; the message names the key at fault
+EXIT_REFUSED = 3  # the request cannot be done as asked (nothing changed); the message says why
 
 
 @contextmanager

@@ -1,12 +1,19 @@
-"""``shardchat up`` and ``shardchat router``: thin click commands over up.py and router.py.
+"""``shardchat up``, ``router``, ``move``, ``drain`` and ``rebalance``: thin click commands
+over up.py, router.py and moves.py.
 
-``shardchat.cli`` registers both with ``main.add_command(...)``; ``python -m
-shardchat.cluster.commands up|router ...`` runs them on their own as well.
+``shardchat.cli`` registers them with ``main.add_command(...)``; ``python -m
+shardchat.cluster.commands <command> ...`` runs them on their own as well.
+
+Exit codes of ``move``, ``drain`` and ``rebalance`` (``cli_common``): 0 done (or nothing to
+do), 1 some room could not be moved (each is listed with the reason), 2 the config is
+wrong, 3 refused before anything changed (an unknown instance or room, a target that is
+down, drained or stopping: the message says what to do).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 from pathlib import Path
@@ -14,7 +21,15 @@ from pathlib import Path
 import click
 
 from shardchat import config as config_mod
-from shardchat.cli_common import EXIT_CONFIG, EXIT_FAILED, load_config, setup_logging
+from shardchat.cli_common import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    config_errors_exit,
+    load_config,
+    setup_logging,
+)
 
 
 @click.command("up")
@@ -97,13 +112,112 @@ def router(config_path: str, port: int, host: str, alb_name: str | None,
     asyncio.run(_serve_until_signal(rt, host, port))
 
 
+# -- moving rooms ---------------------------------------------------------------------------
+
+CONFIG_OPTION = click.option("--config", "config_path", required=True,
+                             type=click.Path(dir_okay=False),
+                             help="TOML config file of the cluster (its instances and secret).")
+JSON_OPTION = click.option("--json", "as_json", is_flag=True,
+                           help="Print the report as one JSON object instead of lines.")
+
+
+def _cluster_config(path: str) -> config_mod.Config:
+    """The config, with its instances found by EC2 tags when ``aws.discover`` says so."""
+    cfg = load_config(path)
+    with config_errors_exit():
+        config_mod.require_secret(cfg)
+    if cfg.aws.discover == "ec2-tags":
+        from shardchat.aws.ec2 import resolve_instances
+
+        try:
+            cfg = resolve_instances(cfg)
+        except Exception as exc:
+            click.echo(f"cannot find the instances by their EC2 tags: {exc}", err=True)
+            sys.exit(EXIT_FAILED)
+    return cfg
+
+
+def _run_moves(work, as_json: bool) -> None:
+    """Run one of moves.py's operations; print its report; exit with its code."""
+    from shardchat.cluster.moves import Refused
+
+    say = None if as_json else (lambda line: click.echo(line))
+    try:
+        report = asyncio.run(work(say))
+    except Refused as exc:
+        if as_json:
+            click.echo(json.dumps({"refused": str(exc)}))
+        click.echo(f"refused: {exc}", err=True)
+        sys.exit(EXIT_REFUSED)
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
+@click.command("move")
+@CONFIG_OPTION
+@click.argument("room_id")
+@click.option("--to", "to", required=True, type=int, help="Instance number to move the room to.")
+@JSON_OPTION
+def move(config_path: str, room_id: str, to: int, as_json: bool) -> None:
+    """Move one room, live, to instance N (its members follow; nothing acked is lost)."""
+    from shardchat.cluster import moves
+
+    cfg = _cluster_config(config_path)
+    _run_moves(lambda say: moves.move(cfg, room_id, to), as_json)
+
+
+@click.command("drain")
+@CONFIG_OPTION
+@click.option("--instance", "number", required=True, type=int, help="Instance number to empty.")
+@click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds after which no further move starts.")
+@click.option("--parallel", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Moves running at once.")
+@click.option("--undrain", is_flag=True,
+              help="Put a drained instance back into placement instead (moves nothing).")
+@JSON_OPTION
+def drain(config_path: str, number: int, timeout: float, parallel: int, undrain: bool,
+          as_json: bool) -> None:
+    """Move every room of instance N to the least loaded others; N stays drained (out of
+    placement) until `--undrain` or its restart."""
+    from shardchat.cluster import moves
+
+    cfg = _cluster_config(config_path)
+    if undrain:
+        _run_moves(lambda say: moves.undrain(cfg, number), as_json)
+    _run_moves(lambda say: moves.drain(cfg, number, deadline=timeout, concurrency=parallel,
+                                       say=say), as_json)
+
+
+@click.command("rebalance")
+@CONFIG_OPTION
+@click.option("--dry-run", is_flag=True, help="Show the plan; move nothing.")
+@click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds after which no further move starts.")
+@click.option("--parallel", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Moves running at once.")
+@JSON_OPTION
+def rebalance(config_path: str, dry_run: bool, timeout: float, parallel: int,
+              as_json: bool) -> None:
+    """Move as few rooms as even out the load (largest at most 1.25 x the smallest)."""
+    from shardchat.cluster import moves
+
+    cfg = _cluster_config(config_path)
+    _run_moves(lambda say: moves.rebalance(cfg, dry_run=dry_run, deadline=timeout,
+                                           concurrency=parallel, say=say), as_json)
+
+
 @click.group()
 def _standalone() -> None:
     """Cluster commands, runnable before they are wired into `shardchat`."""
 
 
-_standalone.add_command(up)
-_standalone.add_command(router)
+for _command in (up, router, move, drain, rebalance):
+    _standalone.add_command(_command)
 
 if __name__ == "__main__":
     _standalone()

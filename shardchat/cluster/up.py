@@ -10,6 +10,18 @@ Everything lives under ``./.shardchat/`` of the working directory:
   ``[node]`` table, say) is kept.
 * ``data/``: node N's store (``data/i<N>/``); ``logs/node-<N>.log``: node N's output.
 
+Growing and shrinking. ``--nodes`` above the instances of an existing ``.shardchat/`` adds
+instances (new ports, empty stores); their rooms come from placement from then on, and
+``shardchat rebalance`` spreads the existing ones. ``--nodes`` below them removes the
+instances numbered above it, without stranding a room: their nodes are started too, marked
+drained (out of placement), and each one's rooms are moved, live, to the kept instances
+(``moves.drain``, bounded by ``SHRINK_DEADLINE``), printing what moved; an instance that
+ends up empty is stopped and taken out of the config. One that cannot be emptied in time
+(or at all) is kept, undrained, and ``up`` says so and serves with it: the config only
+loses an instance that holds no room. The removed instance's data directory stays (it
+holds only the forwards of the rooms that left; its old URLs are redirected by the others,
+SPEC section 8). The router starts once the shrink is over, with the kept instances' rules.
+
 Nodes are real ``shardchat node`` processes (``nodeproc.NodeProcess``) in their own process
 group, so Ctrl-C reaches only this supervisor, which then stops them in order: SIGTERM to
 every node (each drains, flushes its store and exits), wait for all of them, stop the
@@ -45,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 from shardchat import config as config_mod
+from shardchat.cluster import moves
+from shardchat.cluster.control import NodeDown, Nodes
 from shardchat.cluster.nodeproc import Exited, NodeProcess, NotReady
 from shardchat.cluster.router import HealthSettings, Router, RouterLimits, serve
 from shardchat.cluster.rules import build_rules
@@ -60,6 +74,7 @@ ROUTER_STOP = 5.0      # seconds the router's listener may take to close
 # The nodes' drain grace unless the config sets one: as long as the local router takes to
 # see a draining node as unhealthy (its checks, every 1 s, two failures in a row).
 UP_DRAIN_GRACE = HealthSettings.interval * HealthSettings.unhealthy_threshold
+SHRINK_DEADLINE = 120.0  # seconds the rooms of one removed instance may take to move
 
 
 class UpError(Exception):
@@ -125,10 +140,13 @@ def _read_existing(path: Path) -> dict[str, Any]:
 
 
 def _instances(old: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    """Instances 1..count; ones that already exist keep their ports (and their data)."""
+    """Instances 1..count, and after them every existing one numbered above ``count``
+    (it is removed only once its rooms have moved: ``Up``); ones that already exist keep
+    their ports (and their data)."""
     by_number = {i.get("number"): i for i in old if isinstance(i, dict)}
+    leaving = sorted(n for n in by_number if isinstance(n, int) and n > count)
     out = []
-    for n in range(1, count + 1):
+    for n in [*range(1, count + 1), *leaving]:
         inst = dict(by_number.get(n) or {})
         inst["number"] = n
         inst.setdefault("host", "127.0.0.1")
@@ -162,13 +180,28 @@ def local_config(opts: UpOptions) -> config_mod.Config:
         raise UpError(f"{path}: {exc}. Fix that key, or delete the file to start over.") from None
     text = dump_toml(data)
     if text != before:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        _write(path, text)
     return cfg
+
+
+def _write(path: Path, text: str) -> None:
+    """Write the config aside (owner-only: it holds the secret), then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def remove_instances(opts: UpOptions, numbers: set[int]) -> config_mod.Config:
+    """Take ``numbers`` out of the config file (their rooms have moved); the new config."""
+    path = opts.config_path
+    data = _read_existing(path)
+    data["instances"] = [i for i in data.get("instances") or []
+                         if not (isinstance(i, dict) and i.get("number") in numbers)]
+    _write(path, dump_toml(data))
+    return config_mod.parse(data, source=str(path))
 
 
 def check_ports(cfg: config_mod.Config, opts: UpOptions) -> None:
@@ -191,9 +224,11 @@ def check_ports(cfg: config_mod.Config, opts: UpOptions) -> None:
 class Up:
     """Starts the nodes and the router, watches them, and stops them in order."""
 
-    def __init__(self, opts: UpOptions, cfg: config_mod.Config, out=None):
+    def __init__(self, opts: UpOptions, cfg: config_mod.Config, out=None,
+                 added: tuple[int, ...] = ()):
         self.opts = opts
         self.cfg = cfg
+        self.added = added  # instances this run added to an existing cluster
         self.out = out or sys.stdout
         self.nodes = [NodeProcess(opts.config_path, i.number, host=i.host, port=i.port,
                                   log_path=opts.base / "logs" / f"node-{i.number}.log",
@@ -265,6 +300,9 @@ class Up:
             raise failure
         if self.stop_requested.is_set():
             return False
+        leaving = [n.number for n in self.nodes if n.number > self.opts.nodes]
+        if leaving and not await self._shrink(leaving):
+            return False
         numbers = [n.number for n in self.nodes]
         router = Router(build_rules(numbers, self.cfg.aws.rule_priority_offset),
                         {i.number: (i.host, i.port) for i in self.cfg.instances},
@@ -277,6 +315,70 @@ class Up:
                           f"({exc.strerror}); pass --port with a free port") from None
         self._watchers = [asyncio.create_task(self._watch(n)) for n in self.nodes]
         return True
+
+    async def _shrink(self, leaving: list[int]) -> bool:
+        """Empty the instances above ``--nodes`` and remove them; False when a stop was
+        asked for meanwhile. Interrupted, the config keeps them all (it loses an instance
+        only once it is empty)."""
+        work = asyncio.create_task(self._move_out(leaving))
+        stop = asyncio.create_task(self.stop_requested.wait())
+        await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            self.say("interrupted while moving rooms: every instance stays in the config.")
+            return False
+        work.result()
+        return True
+
+    async def _move_out(self, leaving: list[int]) -> None:
+        kept = [n.number for n in self.nodes if n.number not in leaving]
+        self.say(f"shrinking to {len(kept)} instance{'s' if len(kept) != 1 else ''}: moving "
+                 f"the rooms of instance{'s' if len(leaving) > 1 else ''} "
+                 f"{', '.join(map(str, leaving))} to {', '.join(map(str, kept))} ...")
+        try:
+            async with Nodes(self.cfg) as nodes:  # none of them may take the others' rooms
+                for number in leaving:
+                    await nodes.set_drained(number, True)
+        except NodeDown as exc:
+            self.say(f"cannot drain {exc}; every instance stays in the cluster.")
+            return
+        removed: set[int] = set()
+        for number in leaving:
+            if await self._move_out_one(number):
+                removed.add(number)
+        if not removed:
+            return
+        for node in [n for n in self.nodes if n.number in removed]:
+            self.say(f"stopping node {node.number} ...")
+            node.send_signal(signal.SIGTERM)
+            await self._wait_stopped(node)
+        self.nodes = [n for n in self.nodes if n.number not in removed]
+        self.cfg = remove_instances(self.opts, removed)
+        self.say(f"removed instance{'s' if len(removed) > 1 else ''} "
+                 f"{', '.join(map(str, sorted(removed)))} from {self.opts.config_path} (its "
+                 f"data stays under {self.cfg.cluster.data_dir}/; it holds no room).")
+
+    async def _move_out_one(self, number: int) -> bool:
+        """Drain one leaving instance; True when it owns no room any more."""
+        try:
+            report = await moves.drain(self.cfg, number, deadline=SHRINK_DEADLINE,
+                                       say=self.say, keep_drained=False)
+        except moves.Refused as exc:
+            self.say(f"instance {number} stays: {exc}")
+            return False
+        for line in report.lines()[:1] + [ln for ln in report.lines()[1:]
+                                          if ln.startswith("load")]:
+            self.say(line)
+        if report.finished:
+            return True
+        left = "an unknown number of" if report.remaining is None else str(report.remaining)
+        self.say(f"instance {number} still owns {left} room(s) after {report.seconds:.0f} s "
+                 f"({report.note or 'see the moves above'}); it stays in the cluster, back "
+                 f"in placement. Run `shardchat up --nodes {self.opts.nodes}` again to "
+                 "retry.")
+        return False
 
     @staticmethod
     async def _wait_ready(node: NodeProcess) -> None:
@@ -293,6 +395,11 @@ class Up:
     def _announce(self) -> None:
         n = len(self.nodes)
         self.say(f"shardchat is running: {n} node{'s' if n != 1 else ''} behind the router.")
+        if self.added:
+            self.say(f"  added  instance{'s' if len(self.added) > 1 else ''} "
+                     f"{', '.join(map(str, self.added))} (empty: new rooms go there first; "
+                     f"`shardchat rebalance --config {self.opts.config_path}` spreads the "
+                     "existing ones)")
         self.say(f"  open   {self.opts.public_url}/")
         self.say(f"  data   {self.opts.base}/ (config {self.opts.config_path}, logs "
                  f"{self.opts.base / 'logs'}/)")
@@ -376,9 +483,12 @@ class Up:
 
 
 async def _main(opts: UpOptions) -> int:
+    existing = {i.get("number") for i in _read_existing(opts.config_path).get("instances")
+                or [] if isinstance(i, dict)}
     cfg = local_config(opts)
     check_ports(cfg, opts)
-    return await Up(opts, cfg).run()
+    added = tuple(i.number for i in cfg.instances if existing and i.number not in existing)
+    return await Up(opts, cfg, added=added).run()
 
 
 def run_up(opts: UpOptions) -> int:
