@@ -12,6 +12,7 @@ asked.
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,9 +107,13 @@ class Nodes:
         except TimeoutError:
             raise NodeDown(number, self.where(number),
                            f"no answer within {timeout:g} s") from None
+        except aiohttp.ClientConnectorError as exc:
+            errno = getattr(exc.os_error, "errno", None)
+            reason = os.strerror(errno) if errno else "cannot connect"
+            raise NodeDown(number, self.where(number), reason.lower()) from None
         except aiohttp.ClientError as exc:
-            reason = getattr(exc, "strerror", None) or exc.__class__.__name__
-            raise NodeDown(number, self.where(number), f"unreachable ({reason})") from None
+            raise NodeDown(number, self.where(number),
+                           f"unreachable ({exc.__class__.__name__})") from None
 
     # -- stats and drains -------------------------------------------------------------------
 
