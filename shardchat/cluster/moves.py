@@ -93,7 +93,8 @@ class MoveOutcome:
                     f"{self.target}): {self.error}")
         detail = "the move's answer was lost, its owner says it moved" \
             if self.messages is None else \
-            f"{self.messages} messages, {self.took_ms:.0f} ms, frozen {self.frozen_ms:.0f} ms"
+            f"{_plural(self.messages, 'message')}, {self.took_ms:.0f} ms, frozen " \
+            f"{self.frozen_ms:.0f} ms"
         tries = f", attempt {self.attempts}" if self.attempts > 1 else ""
         return f"  moved {self.room_id}: instance {self.source} -> {self.target} " \
                f"({detail}{tries})"
@@ -108,11 +109,12 @@ class Mover:
     """Runs moves against the nodes: retries, the deadline, a few at a time."""
 
     def __init__(self, nodes: Nodes, deadline: float, concurrency: int = CONCURRENCY,
-                 say: Say | None = None):
+                 say: Say | None = None, attempts: int = MOVE_ATTEMPTS):
         self.nodes = nodes
         self.deadline = deadline  # time.monotonic() after which no move starts
         self.concurrency = max(1, concurrency)
         self.say = say
+        self.attempts = max(1, attempts)
 
     def left(self) -> float:
         """Seconds until the deadline (no move starts after it)."""
@@ -121,13 +123,16 @@ class Mover:
     async def one(self, room_id: str, source: int, target: int) -> MoveOutcome:
         """Move one room, retrying passing failures; never raises for a failed move."""
         wait, attempt, error = RETRY_FIRST, 0, "the deadline passed before it could start"
-        while attempt < MOVE_ATTEMPTS and self.left() > 0:
+        while attempt < self.attempts and self.left() > 0:
             attempt += 1
             outcome = await self._attempt(room_id, source, target, attempt)
             if outcome.ok or outcome.permanent or outcome.retarget:
                 return outcome
             error = outcome.error or "failed"
-            if attempt < MOVE_ATTEMPTS and self.left() > wait:
+            if attempt < self.attempts and self.left() > wait:
+                if self.say is not None:
+                    self.say(f"  retrying {room_id} (instance {source} -> {target}) in "
+                             f"{wait:g} s, attempt {attempt + 1} of {self.attempts}: {error}")
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, RETRY_MAX)
             else:
@@ -214,9 +219,16 @@ class Mover:
 # -- the reports ----------------------------------------------------------------------------
 
 
+def _load(value: float | None) -> str:
+    """A load for people: one decimal, or the first digits of a load below 1 (idle rooms
+    weigh 0.0001 each, and "0.0" would hide them)."""
+    if value is None:
+        return "?"
+    return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.2g}"
+
+
 def _loads(values: Mapping[int, float | None]) -> str:
-    return "  ".join(f"i{n} {'?' if v is None else f'{v:.1f}'}"
-                     for n, v in sorted(values.items()))
+    return "  ".join(f"i{n} {_load(v)}" for n, v in sorted(values.items()))
 
 
 def _plural(count: int, word: str) -> str:

@@ -18,11 +18,15 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+from shardchat import config as config_mod
+from shardchat.cluster.control import Nodes
+from shardchat.cluster.moves import Mover
 from shardchat.cluster.router import Router, serve
 from shardchat.cluster.rules import build_rules
 from tests.conftest import acreate_room
@@ -244,3 +248,41 @@ def in_thread_rooms(nodes: list[NodeProcess], expected: int):
         return sum(s["rooms"] for s in stats) == expected
     return check
 
+
+
+async def test_a_move_that_fails_while_its_target_is_down_is_retried_until_it_is_back(
+        tmp_path):
+    """A passing failure (the target does not answer) is retried, each retry said; once
+    the target is back the move goes through. One that keeps failing is reported with its
+    reason after the last attempt, never dropped."""
+    with running_nodes(tmp_path, 2) as (one, two):
+        cfg = config_mod.load(one.config_path)
+        room = await acreate_room(one, "Patient")
+        lost = await acreate_room(one, "Unlucky")
+        await asyncio.to_thread(two.stop)
+        said: list[str] = []
+        retrying = asyncio.Event()
+
+        def say(line: str) -> None:
+            said.append(line)
+            if "retrying" in line:
+                retrying.set()
+
+        async with Nodes(cfg) as nodes:
+            gives_up = await Mover(nodes, time.monotonic() + 60, attempts=2).one(
+                lost["id"], 1, 2)
+            assert not gives_up.ok and gives_up.attempts == 2, gives_up
+            assert "gave up after 2 attempts" in gives_up.error, gives_up
+            assert "Instance 2" in gives_up.error, gives_up  # why, in the source's words
+
+            mover = Mover(nodes, time.monotonic() + 120, say=say, attempts=12)
+            task = asyncio.create_task(mover.one(room["id"], 1, 2))
+            await asyncio.wait_for(retrying.wait(), 30)  # the first attempt failed ...
+            await asyncio.to_thread(two.start)  # ... and now the target is back
+            outcome = await asyncio.wait_for(task, 120)
+        assert outcome.ok and outcome.attempts >= 2, (outcome, said)
+        assert "attempt 2 of 12" in said[0], said
+        status, state = http_json("GET", f"{two.internal_url}/internal/rooms/{room['id']}",
+                                  headers=AUTH)
+        assert status == 200 and state["state"] == "owner", state
+        print(f"\nretried move: moved on attempt {outcome.attempts}")

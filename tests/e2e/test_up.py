@@ -8,6 +8,7 @@ run fails.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ import signal
 import subprocess
 import sys
 import threading
+import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +170,86 @@ async def test_up_runs_a_cluster_stops_cleanly_and_keeps_history(tmp_path):
         assert await asyncio.to_thread(up.interrupt) == 0, up.output()
     finally:
         up.kill()
+
+
+async def test_up_shrinks_by_moving_the_rooms_off_and_grows_again(tmp_path):
+    """3 -> 2 nodes over a data directory with rooms on node 3: its rooms are moved to the
+    kept instances (nothing lost, the old links still lead there), node 3 is stopped and
+    leaves the config; then 2 -> 3 adds an instance again."""
+    up, info = await asyncio.to_thread(start_up, tmp_path, 3)
+    config_path = tmp_path / ".shardchat" / "shardchat.toml"
+    secret = tomllib.loads(config_path.read_text())["cluster"]["secret"]
+    auth = {"Authorization": f"Bearer {secret}"}
+    third = info["nodes"][2]
+    rooms, seqs = [], {}
+    try:
+        for i in range(6):
+            status, room = await asyncio.to_thread(
+                http_json, "POST", f"http://127.0.0.1:{third['internal_port']}/internal/rooms",
+                {"name": f"on three {i}", "private": False}, auth)
+            assert status == 201 and room["instance"] == 3, room
+            _, ack = await _join(info["url"], room, send=f"hello {i}")
+            assert ack["ok"] is True
+            rooms.append(room)
+            seqs[room["id"]] = ack["seq"]
+        assert await asyncio.to_thread(up.interrupt) == 0, up.output()
+    finally:
+        up.kill()
+
+    up = UpProcess(tmp_path, 2, up.port)
+    try:
+        info = await asyncio.to_thread(up.wait_ready, START_TIMEOUT * 2)
+        output = up.output()
+        assert [n["instance"] for n in info["nodes"]] == [1, 2], output
+        assert "removed instance 3" in output, output
+        moved_lines = [line for line in output.splitlines()
+                       if line.strip().startswith("moved ") and "instance 3 ->" in line]
+        assert len(moved_lines) == len(rooms), output
+        print("\n" + "\n".join(line for line in output.splitlines()
+                               if "moved" in line or "removed" in line))
+        numbers = [i["number"] for i in tomllib.loads(config_path.read_text())["instances"]]
+        assert numbers == [1, 2]
+        for room in rooms:
+            owner = None
+            for node in info["nodes"]:
+                status, state = await asyncio.to_thread(
+                    http_json, "GET",
+                    f"http://127.0.0.1:{node['internal_port']}/internal/rooms/{room['id']}",
+                    None, auth)
+                if status == 200 and state["state"] == "owner":
+                    owner = state["room"]
+            assert owner is not None, room
+            welcome, _ = await _join(info["url"], owner)
+            assert [(m["seq"], m["text"]) for m in welcome["history"]] == \
+                [(seqs[room["id"]], f"hello {rooms.index(room)}")]
+            # the old link reaches the default rule, and is sent where the room is now
+            status, location = await asyncio.to_thread(
+                page_redirect, info["url"], room["path"])
+            assert status == 308 and location == owner["path"], (status, location)
+        assert await asyncio.to_thread(up.interrupt) == 0, up.output()
+    finally:
+        up.kill()
+
+    up = UpProcess(tmp_path, 3, up.port)
+    try:
+        info = await asyncio.to_thread(up.wait_ready)
+        assert [n["instance"] for n in info["nodes"]] == [1, 2, 3]
+        assert "added  instance 3" in up.output(), up.output()
+        numbers = [i["number"] for i in tomllib.loads(config_path.read_text())["instances"]]
+        assert numbers == [1, 2, 3]
+        assert await asyncio.to_thread(up.interrupt) == 0, up.output()
+    finally:
+        up.kill()
+
+
+def page_redirect(base: str, path: str) -> tuple[int, str | None]:
+    """GET a page without following redirects: (status, Location)."""
+    parts = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, resp.getheader("Location")
+    finally:
+        conn.close()
