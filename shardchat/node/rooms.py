@@ -432,6 +432,7 @@ class RoomService:
         ``MOVED_GRACE``, end their connection to this namespace (the DISCONNECT takes the
         same path as the event, so it cannot overtake it). Meanwhile their messages are
         acked ``moved``. Returns how many members were told."""
+        self.activity.forget(room_id)  # another node's load now (its numbers go with it)
         room = self.rooms.pop(room_id, None)
         if room is None:
             return 0
