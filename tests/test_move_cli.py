@@ -123,3 +123,23 @@ def test_a_bad_config_exits_2(tmp_path):
         run = shardchat(*args)
         assert run.returncode == EXIT_CONFIG, (args, run.stdout, run.stderr)
         assert run.stderr.startswith("Config error at "), run.stderr
+
+
+def test_a_move_and_a_dry_run_say_what_moved_and_the_loads(cluster):
+    path, (one, two) = cluster
+    room = create_room(one, "Travels")
+    run = shardchat("move", "--config", str(path), room["id"], "--to", "2")
+    assert run.returncode == EXIT_OK, (run.stdout, run.stderr)
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith(f"moved {room['id']}: instance 1 -> 2 (0 messages, "), lines
+    assert lines[1].startswith("1 room moved in "), lines
+    status, body = http_json("GET", f"{two.internal_url}/internal/rooms/{room['id']}",
+                             headers=AUTH)
+    assert status == 200 and body["state"] == "owner", body
+
+    run = shardchat("rebalance", "--config", str(path), "--dry-run")
+    assert run.returncode == EXIT_OK, (run.stdout, run.stderr)
+    out = run.stdout
+    assert "instance 3 does not answer" in out and "left out" in out, out  # named, not hidden
+    assert out.count("load before: i1 ") == 1 and "(planned)" in out, out
+    assert "nothing moved" in out, out
