@@ -11,19 +11,12 @@ Each move is the owner's live handoff (``POST /internal/rooms/<id>/move``, the n
 * running the moves a few at a time (``concurrency``) within a deadline: no move starts
   after it, the ones running are let finish (a move cannot be cut off halfway, and each is
   bounded by ``control.MOVE_TIMEOUT``);
-* retries of the moves that failed for a passing reason (below), backing off;
-* handing each moved room's activity numbers to its new owner (read from the old owner
-  just before the move), so the loads measured after a rebalance are the ones it planned;
-* a report of every room it was asked to move: moved, or not moved and why. A room that
-  cannot be moved is reported, never skipped in silence.
-
-Which failures are retried (up to ``MOVE_ATTEMPTS`` times): the owner did not answer or the
-answer was lost (the owner is then asked where the room is: a move whose answer was lost may
-have happened, and then counts as done), 503 ``unavailable`` (the target refused a step or
-could not be reached, the freeze ran out of time), 409 ``moving`` (another move of the room
-is under way). Which are not: the room is not on that instance any more (and not on the
-target either), the target takes no rooms (drained or stopping: a drain plans those rooms
-again onto the others), a request the node calls bad.
+* retries of the moves that failed for a passing reason, backing off, and the hand-over of
+  each moved room's activity numbers to its new owner (read from the old owner just before
+  the move), so the loads measured after a rebalance are the ones it planned: one move is
+  ``mover.py``'s;
+* a report of every room it was asked to move (``move_reports.py``): moved, or not moved
+  and why. A room that cannot be moved is reported, never skipped in silence.
 
 A drain first marks the instance drained (``POST /internal/drained``), so that no room is
 placed on it or moved to it while it empties; rooms created there just before (a peer's
@@ -40,365 +33,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from shardchat import urls, whereabouts
 from shardchat.cluster import rebalance as planner
 from shardchat.cluster.control import NodeDown, Nodes, NodeState
 from shardchat.cluster.load import RoomLoad
+from shardchat.cluster.move_reports import DrainReport, MoveReport, RebalanceReport, UndrainReport
+from shardchat.cluster.mover import CONCURRENCY, MoveOutcome, Mover, Say, plural
 from shardchat.config import Config
 
-CONCURRENCY = 4  # moves running at once: each freezes one room for a moment, on its owner
-MOVE_ATTEMPTS = 4  # tries of one move that keeps failing for a passing reason
-RETRY_FIRST = 0.5  # seconds before the first retry ...
-RETRY_MAX = 5.0  # ... doubling up to this
 MOVE_DEADLINE = 300.0  # seconds a `shardchat move` may take, retries included
 DRAIN_DEADLINE = 600.0  # seconds a drain may take (no move starts after it)
 REBALANCE_DEADLINE = 600.0
 DRAIN_ROUNDS = 8  # list-plan-move rounds of one drain, at most
 
-Say = Callable[[str], None]
-
 
 class Refused(Exception):
     """The request cannot be done as asked, and nothing was changed; the message says what
     to do instead."""
-
-
-# -- one move -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MoveOutcome:
-    """What became of one room's move."""
-
-    room_id: str
-    source: int
-    target: int
-    ok: bool
-    attempts: int
-    error: str | None = None  # why not, when not ok
-    messages: int | None = None  # copied by the handoff (None: its answer was lost)
-    took_ms: float | None = None
-    frozen_ms: float | None = None
-    numbers: bool = False  # the room's activity numbers reached its new owner
-    permanent: bool = False  # not ok, and retrying will not help
-    retarget: bool = False  # not ok because the target takes no rooms: plan it elsewhere
-
-    def line(self) -> str:
-        if not self.ok:
-            return (f"  not moved: room {self.room_id} (instance {self.source} -> "
-                    f"{self.target}): {self.error}")
-        detail = "the move's answer was lost, its owner says it moved" \
-            if self.messages is None else \
-            f"{_plural(self.messages, 'message')}, {self.took_ms:.0f} ms, frozen " \
-            f"{self.frozen_ms:.0f} ms"
-        tries = f", attempt {self.attempts}" if self.attempts > 1 else ""
-        return f"  moved {self.room_id}: instance {self.source} -> {self.target} " \
-               f"({detail}{tries})"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"room": self.room_id, "from": self.source, "to": self.target, "ok": self.ok,
-                "attempts": self.attempts, "error": self.error, "messages": self.messages,
-                "took_ms": self.took_ms, "frozen_ms": self.frozen_ms}
-
-
-class Mover:
-    """Runs moves against the nodes: retries, the deadline, a few at a time."""
-
-    def __init__(self, nodes: Nodes, deadline: float, concurrency: int = CONCURRENCY,
-                 say: Say | None = None, attempts: int = MOVE_ATTEMPTS):
-        self.nodes = nodes
-        self.deadline = deadline  # time.monotonic() after which no move starts
-        self.concurrency = max(1, concurrency)
-        self.say = say
-        self.attempts = max(1, attempts)
-
-    def left(self) -> float:
-        """Seconds until the deadline (no move starts after it)."""
-        return self.deadline - time.monotonic()
-
-    async def one(self, room_id: str, source: int, target: int) -> MoveOutcome:
-        """Move one room, retrying passing failures; never raises for a failed move."""
-        wait, attempt, error = RETRY_FIRST, 0, "the deadline passed before it could start"
-        while attempt < self.attempts and self.left() > 0:
-            attempt += 1
-            outcome = await self._attempt(room_id, source, target, attempt)
-            if outcome.ok or outcome.permanent or outcome.retarget:
-                return outcome
-            error = outcome.error or "failed"
-            if attempt < self.attempts and self.left() > wait:
-                if self.say is not None:
-                    self.say(f"  retrying {room_id} (instance {source} -> {target}) in "
-                             f"{wait:g} s, attempt {attempt + 1} of {self.attempts}: {error}")
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, RETRY_MAX)
-            else:
-                break
-        return MoveOutcome(room_id, source, target, False, attempt,
-                           f"{error} (gave up after {attempt} attempt"
-                           f"{'s' if attempt != 1 else ''})")
-
-    async def _attempt(self, room_id: str, source: int, target: int,
-                       attempt: int) -> MoveOutcome:
-        numbers = await self.nodes.room_numbers(source, room_id)
-        try:
-            status, body = await self.nodes.move(source, room_id, target)
-        except NodeDown as exc:
-            where = await self._owner_after_loss(room_id, source, target)
-            if where == target:
-                return await self._done(room_id, source, target, attempt, None, numbers)
-            return MoveOutcome(room_id, source, target, False, attempt,
-                               f"instance {source} did not answer ({exc.reason})")
-        body = body if isinstance(body, dict) else {}
-        if status == 200:
-            return await self._done(room_id, source, target, attempt, body, numbers)
-        code, message = body.get("error"), body.get("message") or f"answered {status}"
-        if status == 409 and code == "not_owner":
-            where = await self._owner_after_loss(room_id, source, target)
-            if where == target:  # an earlier attempt (or someone else) moved it there
-                return await self._done(room_id, source, target, attempt, None, numbers)
-            now = f"it is on instance {where} now" if where else "no instance owns it now"
-            return MoveOutcome(room_id, source, target, False, attempt,
-                               f"instance {source} does not own it: {now}", permanent=True)
-        if status == 503 and body.get("target_error") in ("draining", "drained"):
-            return MoveOutcome(room_id, source, target, False, attempt,
-                               f"instance {target} takes no rooms now ({message})",
-                               retarget=True)
-        if status == 503 or (status == 409 and code == "moving") or status >= 500:
-            return MoveOutcome(room_id, source, target, False, attempt, message)
-        return MoveOutcome(room_id, source, target, False, attempt,
-                           f"refused {status} {code}: {message}", permanent=True)
-
-    async def _owner_after_loss(self, room_id: str, source: int, target: int) -> int | None:
-        """Where the room is, when a move's answer was lost or the source disowns it: the
-        target is asked first (it owns the room once the move is done), then the source."""
-        for number in (target, source):
-            try:
-                state = await self.nodes.room_state(number, room_id)
-            except NodeDown:
-                continue
-            if state is None:
-                continue
-            if state.state == whereabouts.OWNER:
-                return number
-            if state.state == whereabouts.FORWARDED and state.to == target:
-                return target  # committed; the target activates it (the source retries)
-        return None
-
-    async def _done(self, room_id: str, source: int, target: int, attempt: int,
-                    report: dict[str, Any] | None, numbers: dict[str, float] | None
-                    ) -> MoveOutcome:
-        handed = bool(numbers) and await self.nodes.hand_numbers(target, room_id, numbers)
-        report = report or {}
-        return MoveOutcome(room_id, source, target, True, attempt,
-                           messages=report.get("messages"), took_ms=report.get("took_ms"),
-                           frozen_ms=report.get("frozen_ms"), numbers=handed)
-
-    async def many(self, moves: Iterable[planner.Move]) -> list[MoveOutcome]:
-        """Run ``moves``, ``concurrency`` at a time; a move not started by the deadline is
-        reported as such."""
-        gate = asyncio.Semaphore(self.concurrency)
-
-        async def run(m: planner.Move) -> MoveOutcome:
-            async with gate:
-                if self.left() <= 0:
-                    out = MoveOutcome(m.room_id, m.source, m.target, False, 0,
-                                      "not started: the deadline passed")
-                else:
-                    out = await self.one(m.room_id, m.source, m.target)
-            if self.say is not None:
-                self.say(out.line())
-            return out
-
-        return list(await asyncio.gather(*(run(m) for m in moves)))
-
-
-# -- the reports ----------------------------------------------------------------------------
-
-
-def _load(value: float | None) -> str:
-    """A load for people: one decimal, or the first digits of a load below 1 (idle rooms
-    weigh 0.0001 each, and "0.0" would hide them)."""
-    if value is None:
-        return "?"
-    return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.2g}"
-
-
-def _loads(values: Mapping[int, float | None]) -> str:
-    return "  ".join(f"i{n} {_load(v)}" for n, v in sorted(values.items()))
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
-
-
-@dataclass
-class MoveReport:
-    """``shardchat move``: one room."""
-
-    room_id: str
-    source: int
-    target: int
-    outcome: MoveOutcome | None  # None: it was on the target already
-    seconds: float
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome is None or self.outcome.ok
-
-    def lines(self) -> list[str]:
-        if self.outcome is None:
-            return [f"room {self.room_id} is on instance {self.target} already; nothing to "
-                    "move."]
-        head = self.outcome.line().strip()
-        if self.ok:
-            return [head, f"1 room moved in {self.seconds:.1f} s."]
-        return [head, f"room {self.room_id} stays on instance {self.source}."]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"room": self.room_id, "from": self.source, "to": self.target,
-                "ok": self.ok, "moved": self.outcome is not None and self.outcome.ok,
-                "seconds": round(self.seconds, 3),
-                "move": self.outcome.to_json() if self.outcome else None}
-
-
-@dataclass
-class DrainReport:
-    """``shardchat drain``: every room of one instance."""
-
-    instance: int
-    outcomes: dict[str, MoveOutcome]  # the last outcome of each room it tried to move
-    remaining: int | None  # rooms the instance still owns at the end (None: unknown)
-    before: dict[int, float | None]
-    after: dict[int, float | None]
-    seconds: float
-    rounds: int
-    targets: list[int]
-    drained: bool = True  # the instance is left drained
-    note: str | None = None
-
-    @property
-    def moved(self) -> list[MoveOutcome]:
-        return [o for o in self.outcomes.values() if o.ok]
-
-    @property
-    def failed(self) -> list[MoveOutcome]:
-        return [o for o in self.outcomes.values() if not o.ok]
-
-    @property
-    def finished(self) -> bool:
-        return self.remaining == 0
-
-    @property
-    def ok(self) -> bool:
-        """The instance is empty (a room that failed to move but left it otherwise, say
-        moved by someone else meanwhile, is still listed with its reason)."""
-        return self.finished
-
-    def lines(self) -> list[str]:
-        out = [f"moved {_plural(len(self.moved), 'room')} off instance {self.instance} "
-               f"in {self.seconds:.1f} s ({_plural(self.rounds, 'round')}, to instances "
-               f"{', '.join(map(str, self.targets)) or 'none'}); "
-               f"{len(self.failed)} not moved."]
-        out += [o.line() for o in self.failed]
-        out += [f"load before: {_loads(self.before)}", f"load after:  {_loads(self.after)}"]
-        if self.note:
-            out.append(self.note)
-        if self.finished:
-            state = ("drained: out of placement until `shardchat drain --undrain` or a "
-                     "restart" if self.drained else "back in placement")
-            out.append(f"instance {self.instance} owns no rooms now and is {state}.")
-        else:
-            left = "an unknown number of rooms" if self.remaining is None \
-                else _plural(self.remaining, "room")
-            out.append(f"instance {self.instance} still owns {left}: the drain did not "
-                       "finish. Run it again (it moves what is left), or see the reasons "
-                       "above.")
-        return out
-
-    def to_json(self) -> dict[str, Any]:
-        return {"instance": self.instance, "moved": len(self.moved),
-                "failed": [o.to_json() for o in self.failed], "remaining": self.remaining,
-                "finished": self.finished, "drained": self.drained,
-                "seconds": round(self.seconds, 3), "rounds": self.rounds,
-                "targets": self.targets, "before": self.before, "after": self.after,
-                "moves": [o.to_json() for o in self.outcomes.values()]}
-
-
-@dataclass
-class UndrainReport:
-    """``shardchat drain --undrain``: back in placement."""
-
-    instance: int
-    rooms: int
-    ok: bool = True
-
-    def lines(self) -> list[str]:
-        return [f"instance {self.instance} is undrained: back in placement "
-                f"({_plural(self.rooms, 'room')} on it)."]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"instance": self.instance, "drained": False, "rooms": self.rooms}
-
-
-@dataclass
-class RebalanceReport:
-    """``shardchat rebalance``: the plan, and what became of it."""
-
-    plan: planner.Plan
-    dry_run: bool
-    outcomes: list[MoveOutcome] = field(default_factory=list)
-    before: dict[int, float | None] = field(default_factory=dict)  # measured (stats)
-    after: dict[int, float | None] = field(default_factory=dict)
-    seconds: float = 0.0
-    left_out: dict[int, str] = field(default_factory=dict)  # instance -> why
-
-    @property
-    def moved(self) -> list[MoveOutcome]:
-        return [o for o in self.outcomes if o.ok]
-
-    @property
-    def failed(self) -> list[MoveOutcome]:
-        return [o for o in self.outcomes if not o.ok]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def lines(self) -> list[str]:
-        plan = self.plan
-        out = [f"{why}; left out" for why in self.left_out.values()]
-        if self.dry_run:
-            out.append(f"dry run: {_plural(plan.count, 'room')} would move; nothing moved.")
-            out += [f"  would move {m.room_id}: instance {m.source} -> {m.target} "
-                    f"(weight {m.weight:.2f})" for m in plan.moves]
-        elif plan.count == 0:
-            out.append("the instances are even already; nothing moved.")
-        else:
-            out.append(f"moved {len(self.moved)} of {_plural(plan.count, 'planned room')} in "
-                       f"{self.seconds:.1f} s; {len(self.failed)} not moved.")
-            out += [o.line() for o in self.failed]
-        out.append(f"load before: {_loads(self.before or plan.before)}")
-        out.append(f"load after:  {_loads(plan.after)} (planned)")
-        if self.after and not self.dry_run and plan.count:
-            out.append(f"             {_loads(self.after)} (measured now; members of moved "
-                       "rooms may still be reconnecting)")
-        if plan.reason:
-            out.append(f"not even: {plan.reason}")
-        return out
-
-    def to_json(self) -> dict[str, Any]:
-        return {"dry_run": self.dry_run, "planned": self.plan.count,
-                "moved": len(self.moved), "failed": [o.to_json() for o in self.failed],
-                "reached": self.plan.reached, "reason": self.plan.reason,
-                "seconds": round(self.seconds, 3), "before": self.before or self.plan.before,
-                "planned_after": self.plan.after, "after": self.after,
-                "left_out": self.left_out,
-                "moves": [{"room": m.room_id, "from": m.source, "to": m.target,
-                           "weight": m.weight} for m in self.plan.moves]}
 
 
 # -- checks shared by the three -------------------------------------------------------------
@@ -503,7 +156,7 @@ async def drain(cfg: Config, instance: int, *, deadline: float = DRAIN_DEADLINE,
         await nodes.set_drained(instance, True)
         if say is not None:
             say(f"instance {instance} is drained (out of placement); moving its "
-                f"{_plural(source.rooms, 'room')} to instances "
+                f"{plural(source.rooms, 'room')} to instances "
                 f"{', '.join(map(str, targets))} ...")
         mover = Mover(nodes, started + deadline, concurrency, say)
         outcomes, rounds, remaining, note = await _drain_rounds(nodes, mover, instance, targets)
@@ -606,7 +259,7 @@ async def rebalance(cfg: Config, *, dry_run: bool = False,
             report.seconds = time.monotonic() - started
             return report
         if say is not None:
-            say(f"moving {_plural(plan.count, 'room')} to even the load ...")
+            say(f"moving {plural(plan.count, 'room')} to even the load ...")
         mover = Mover(nodes, started + deadline, concurrency, say)
         report.outcomes = await mover.many(plan.moves)
         report.after = _loads_of({n: s for n, s in (await nodes.survey()).items()

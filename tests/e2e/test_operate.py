@@ -26,7 +26,7 @@ import pytest
 
 from shardchat import config as config_mod
 from shardchat.cluster.control import Nodes
-from shardchat.cluster.moves import Mover
+from shardchat.cluster.mover import Mover
 from shardchat.cluster.router import Router, serve
 from shardchat.cluster.rules import build_rules
 from tests.conftest import acreate_room
