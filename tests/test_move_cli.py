@@ -143,3 +143,13 @@ def test_a_move_and_a_dry_run_say_what_moved_and_the_loads(cluster):
     assert "instance 3 does not answer" in out and "left out" in out, out  # named, not hidden
     assert out.count("load before: i1 ") == 1 and "(planned)" in out, out
     assert "nothing moved" in out, out
+
+
+def test_a_room_id_that_begins_with_a_dash_is_a_room_id(cluster):
+    """Generated ids may begin with "-" (urlsafe base64): the command takes it as the id,
+    before or after the options, and with `--` as well."""
+    path, _ = cluster
+    for args in (["-bNoSuchRoom", "--to", "2"], ["--to", "2", "-bNoSuchRoom"],
+                 ["--to", "2", "--", "-bNoSuchRoom"]):
+        run = shardchat("move", "--config", str(path), *args)
+        assert_refused(run, "-bNoSuchRoom")

@@ -157,7 +157,8 @@ def _run_moves(work, as_json: bool) -> None:
     sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
 
 
-@click.command("move")
+# Generated room ids may begin with "-": such an argument is the room id, not an option.
+@click.command("move", context_settings={"ignore_unknown_options": True})
 @CONFIG_OPTION
 @click.argument("room_id")
 @click.option("--to", "to", required=True, type=int, help="Instance number to move the room to.")
