@@ -215,12 +215,16 @@ async def test_a_rebalance_after_a_fourth_instance_joins_evens_the_load(tmp_path
         code, again, err = await shardchat("rebalance", "--config", str(cfg_path))
         assert code == 0 and again["planned"] == 0 and again["moved"] == 0, (again, err)
 
-        for i in range(8):  # placement puts new rooms where the rebalancer made room
-            status, room = await asyncio.to_thread(http_json, "POST", f"{base}/api/rooms",
-                                                   {"name": f"placed {i}"})
-            assert status == 201, room
-        await async_wait_until(in_thread_rooms(nodes, 18 + 8), timeout=20,
-                               what="the placed rooms counted")
+        # placement ranks by the same measure: a new room goes where the rebalancer left
+        # the least load, and the instances stay even
+        loads = await asyncio.to_thread(measured_loads, nodes)
+        least = min(loads, key=lambda n: (loads[n], n))
+        status, room = await asyncio.to_thread(http_json, "POST",
+                                               f"{nodes[1].base_url}/api/rooms",
+                                               {"name": "placed after"})
+        assert status == 201 and room["instance"] == least, (room, loads)
+        await async_wait_until(in_thread_rooms(nodes, 18 + 1), timeout=20,
+                               what="the placed room counted")
         code, after, err = await shardchat("rebalance", "--config", str(cfg_path), "--dry-run")
         assert code == 0 and after["planned"] == 0, (after["before"], after["moves"], err)
         assert not any(m.errors for m in members), [m.errors for m in members if m.errors]
