@@ -25,7 +25,10 @@ OFFER_DEFLATE = "permessage-deflate; client_max_window_bits"
 
 
 class HandshakeError(RuntimeError):
-    """The server refused the upgrade or the namespace connect."""
+    """The server refused the upgrade or the namespace connect (``refusal``: the
+    CONNECT_ERROR's data, ``{"message", "data": {"code", ...}}``, when it sent one)."""
+
+    refusal: Any = None
 
 
 def _mask_frame(payload: bytes, opcode: int = 0x1) -> bytes:
@@ -47,18 +50,26 @@ class SioClient(asyncio.Protocol):
     """One Socket.IO client connected to one namespace over WebSocket only.
 
     ``on_message(client, payload)`` is called for every ``message`` event of the namespace;
-    other events (``welcome``, ``presence``, ...) are counted in ``other_events`` and skipped.
+    other events (``welcome``, ``presence``, ...) are counted in ``other_events`` and, when
+    ``on_event(client, packet)`` is given, handed to it as the raw packet (a client that
+    follows its room when it moves reads ``welcome`` and ``moved``). ``on_leave(client)`` is
+    called once when the namespace is closed: the server's DISCONNECT, or the connection's
+    end.
     """
 
     def __init__(self, host: str, port: int, path: str, namespace: str, auth: dict[str, Any],
                  *, deflate: bool = False,
-                 on_message: Callable[[SioClient, bytes], None] | None = None) -> None:
+                 on_message: Callable[[SioClient, bytes], None] | None = None,
+                 on_event: Callable[[SioClient, bytes], None] | None = None,
+                 on_leave: Callable[[SioClient], None] | None = None) -> None:
         self.host, self.port = host, port
         self.path = path.rstrip("/") + "/"
         self.namespace = namespace
         self.auth = auth
         self.offer_deflate = deflate
         self.on_message = on_message
+        self.on_event = on_event
+        self.on_leave = on_leave
         self.transport: asyncio.Transport | None = None
         self.deflate_active = False
         self._inflate: Any = None
@@ -67,12 +78,14 @@ class SioClient(asyncio.Protocol):
         self._ns_prefix = b"4" + self._ns_part()
         self._msg_prefix = self._ns_prefix.replace(b"4", b"42", 1) + b'["message"'
         self._ack_prefix = self._ns_prefix.replace(b"4", b"43", 1)
+        self.event_prefix = self._ns_prefix.replace(b"4", b"42", 1)  # then ["name",data]
         self.connected: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.messages = 0
         self.sample = True  # whether this client's latencies are recorded
         self.other_events = 0
         self.sid: str | None = None
+        self.refusal: Any = None  # the CONNECT_ERROR's data, when the connect was refused
         self._next_ack = 1
         self._acks: dict[int, asyncio.Future] = {}
 
@@ -104,6 +117,13 @@ class SioClient(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(ConnectionError("connection lost"))
         self._acks.clear()
+        self._left()
+
+    def _left(self) -> None:
+        """The namespace is closed (DISCONNECT or connection lost): tell ``on_leave`` once."""
+        leave, self.on_leave = self.on_leave, None
+        if leave is not None:
+            leave(self)
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
@@ -190,6 +210,8 @@ class SioClient(asyncio.Protocol):
         kind = p[1:2]
         if kind == b"2":
             self.other_events += 1
+            if self.on_event is not None and p.startswith(self.event_prefix):
+                self.on_event(self, p)
         elif kind == b"3" and p.startswith(self._ack_prefix):
             rest = p[len(self._ack_prefix):]
             idx = rest.find(b"[")
@@ -203,7 +225,10 @@ class SioClient(asyncio.Protocol):
             self.connected.set_result(info)
         elif kind == b"4" and not self.connected.done():
             body = p[len(self._ns_prefix) + 1:]
+            self.refusal = _json_or_none(body)
             self._fail(f"connect refused: {body.decode(errors='replace')}")
+        elif kind == b"1" and p.startswith(self._ns_prefix.replace(b"4", b"41", 1)):
+            self._left()
 
     # -- sending --------------------------------------------------------------------------
 
@@ -235,18 +260,33 @@ class SioClient(asyncio.Protocol):
 
 async def connect(host: str, port: int, path: str, namespace: str, auth: dict[str, Any], *,
                   deflate: bool = False, timeout: float = 10.0,
-                  on_message: Callable[[SioClient, bytes], None] | None = None) -> SioClient:
-    """Open one client and wait (bounded) until its namespace CONNECT is acknowledged."""
+                  on_message: Callable[[SioClient, bytes], None] | None = None,
+                  on_event: Callable[[SioClient, bytes], None] | None = None,
+                  on_leave: Callable[[SioClient], None] | None = None) -> SioClient:
+    """Open one client and wait (bounded) until its namespace CONNECT is acknowledged; a
+    refused connect raises HandshakeError, with the refusal's data in ``exc.refusal``."""
     loop = asyncio.get_running_loop()
     _, client = await asyncio.wait_for(loop.create_connection(
         lambda: SioClient(host, port, path, namespace, auth, deflate=deflate,
-                          on_message=on_message), host, port), timeout)
+                          on_message=on_message, on_event=on_event, on_leave=on_leave),
+        host, port), timeout)
     try:
         await asyncio.wait_for(asyncio.shield(client.connected), timeout)
+    except HandshakeError as exc:
+        client.close()
+        exc.refusal = client.refusal
+        raise
     except BaseException:
         client.close()
         raise
     return client
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
 
 
 def now_ns() -> int:
