@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report, scenarios, soak
+from bench.follow import FollowError
 from bench.servers import (
     NodeJsServer,
     RedisServer,
@@ -37,8 +38,8 @@ from shardchat.cluster.nodeproc import ChildError
 from shardchat.node import gctune
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SERVER_KEYS = ("shardchat", "shardchat-nofsync", "shardchat-2", "shardchat-stock", "stock",
-               "node", "redis-2")
+SERVER_KEYS = ("shardchat", "shardchat-nofsync", "shardchat-2", "shardchat-3",
+               "shardchat-stock", "stock", "node", "redis-2")
 
 
 def make_server(key: str, cores: set[int] | None, profile: Path | None) -> Server | None:
@@ -49,6 +50,8 @@ def make_server(key: str, cores: set[int] | None, profile: Path | None) -> Serve
         return ShardchatServer(cores, 1, {"fsync": False}, profile_dir=profile)
     if key == "shardchat-2":
         return ShardchatServer(cores, 2, profile_dir=profile)
+    if key == "shardchat-3":
+        return ShardchatServer(cores, 3, profile_dir=profile)
     if key == "shardchat-stock":  # node.engine = "stock": what the fast paths are worth
         return ShardchatServer(cores, 1, {"engine": "stock"}, profile_dir=profile)
     if key == "stock":
@@ -118,7 +121,7 @@ async def run_one(key: str, sc: scenarios.Scenario, cores: set[int] | None,
     try:
         server.start()
         row = await scenarios.run(server, sc, log=print)
-    except (ServerError, ChildError, OSError, TimeoutError) as exc:
+    except (ServerError, ChildError, OSError, TimeoutError, FollowError) as exc:
         row = {"scenario": sc.name, "server": server.label,
                "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     finally:
@@ -152,6 +155,14 @@ def summary(row: dict[str, Any]) -> str:
     if row.get("p99_ms") is not None:
         parts.append(f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms at "
                      f"{row['rate_msgs_per_s']} msg/s")
+    if row.get("took_ms") is not None:
+        parts.append(f"moved in {row['took_ms']:,.0f} ms ({row['frozen_ms']:,.0f} ms frozen), "
+                     f"last member back after {row['rejoin_wall_ms']:,.0f} ms, pause p50 "
+                     f"{row['gap_p50_ms']} / p99 {row['gap_p99_ms']} / max {row['gap_max_ms']} ms")
+    if row.get("during_vs_before") is not None:
+        parts.append(f"{row['rooms_moved']} rooms moved in {row['drain_s']} s; "
+                     f"{row['before_msgs_per_s']:,.0f} msg/s before, "
+                     f"{row['during_msgs_per_s']:,.0f} during ({row['during_vs_before']}x)")
     if row.get("complete") is False:
         parts.append(f"INCOMPLETE ({row['deliveries']}/{row['expected']})")
     if row.get("acks_failed"):
@@ -215,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown_table(rows))
     print()
     print(report.targets_table(report.targets(rows)))
+    moving = report.moving_tables(rows)
+    if moving:
+        print()
+        print(moving)
     print(f"\nwrote {', '.join(str(p) for p in paths.values())} "
           f"({meta['duration_s']:.0f} s)")
     return 1 if any("error" in r for r in rows) else 0

@@ -112,3 +112,21 @@ async def wait_idle(pids: list[int], *, quiet: float = 0.3, timeout: float = 20.
             return True
         last = now
     return False
+
+
+def listen_overflows() -> int | None:
+    """The kernel's count of connections dropped because a listen queue was full
+    (TcpExt ListenOverflows, /proc/net/netstat; for the whole network namespace, so other
+    processes' drops count too). A dropped SYN is retried by the client after about a
+    second: a burst of reconnects larger than a listener's backlog shows up here."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            fields = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            value = fields.get("ListenOverflows")
+            return int(value) if value is not None else None
+    return None

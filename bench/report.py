@@ -87,15 +87,54 @@ COLUMNS = [("scenario", "scenario"), ("server", "server"), ("clients", "clients"
            ("complete", "complete")]
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
+MOVING = ("move", "drain")  # scenarios of rooms that move: tables of their own
+
+MOVE_COLUMNS = [("server", "server"), ("clients", "members"), ("history", "messages held"),
+                ("rate_msgs_per_s", "msg/s sent"), ("took_ms", "took ms (node)"),
+                ("frozen_ms", "frozen ms (node)"), ("rejoin_wall_ms", "call to last rejoin ms"),
+                ("gap_p50_ms", "pause p50 ms"), ("gap_p99_ms", "pause p99 ms"),
+                ("gap_max_ms", "pause max ms"), ("baseline_gap_max_ms", "gap without move ms"),
+                ("listen_overflows", "SYNs dropped"), ("complete", "complete")]
+
+DRAIN_COLUMNS = [("server", "server"), ("rooms", "rooms"), ("rooms_moved", "moved"),
+                 ("drain_s", "drain s"), ("before_msgs_per_s", "msg/s before"),
+                 ("during_msgs_per_s", "msg/s during"), ("during_vs_before", "during / before"),
+                 ("after_vs_before", "after / before"),
+                 ("move_frozen_ms_max", "frozen ms max"),
+                 ("moved_member_gap_p50_ms", "pause p50 ms"),
+                 ("moved_member_gap_max_ms", "pause max ms"), ("complete", "complete")]
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "---|" * len(columns)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['scenario']} | {r['server']} | failed: {r['error']} |")
             continue
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |")
     return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The fan-out scenarios, one row per server."""
+    return _table([r for r in rows if r["scenario"] not in MOVING], COLUMNS)
+
+
+def moving_tables(rows: list[dict]) -> str:
+    """The move and drain rows (empty when neither ran). No peer has moves, so the move's
+    figures stand alone; the drain's ratios compare the same cluster before and during."""
+    out = []
+    move = [r for r in rows if r["scenario"] == "move"]
+    drain = [r for r in rows if r["scenario"] == "drain"]
+    if move:
+        out += ["Move: one room moved to another node while it sends (no peer moves rooms; "
+                "pause = the longest gap between two deliveries at a member)", "",
+                _table(move, MOVE_COLUMNS), ""]
+    if drain:
+        out += ["Drain: one node of three emptied while every room sends (ratios: the same "
+                "cluster before the drain, same run)", "", _table(drain, DRAIN_COLUMNS), ""]
+    return "\n".join(out)
 
 
 def targets_table(tg: list[dict]) -> str:
@@ -121,6 +160,9 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[dict]) -> dict[str, Pa
           f"Throughput rows: the median of {meta.get('rounds', 1)} interleaved round(s) per "
           "server (every round's figure is in results.json under `rounds`)", "",
           markdown_table(rows), "", "## Targets", "", targets_table(tg), ""]
+    moving = moving_tables(rows)
+    if moving:
+        md += ["## Rooms that move", "", moving]
     paths["md"].write_text("\n".join(md))
     plot(paths["png"], rows)
     return paths

@@ -14,21 +14,22 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bench import loadgen, procstat
-from bench.servers import Server
+from bench import loadgen, moving, procstat
+from bench.servers import Server, ShardchatServer
 from shardchat.node import gctune
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # "throughput" | "idle" | "latency"
+    kind: str  # "throughput" | "idle" | "latency" | "move" | "drain" (bench/moving.py)
     rooms: int
     room_size: int
     messages: int = 0  # per room (throughput) or for the peak probe (latency)
     window: int = 4  # messages per room not yet delivered to everyone
     deflate: bool = False
-    duration: float = 0.0  # seconds of open-loop sending (latency)
+    duration: float = 0.0  # seconds of open-loop sending (latency), of each window (drain)
+    rate: float = 0.0  # messages per second sent while the room moves (move)
     servers: tuple[str, ...] = ("shardchat", "stock", "node")
     title: str = ""
 
@@ -66,6 +67,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("latency", "latency", rooms=1, room_size=500, messages=150, window=8,
              duration=4.0, servers=("shardchat", "shardchat-nofsync", "stock", "node"),
              title="one room of 500 at half the peak rate"),
+    Scenario("move", "move", rooms=1, room_size=500, messages=10_000, rate=50.0,
+             servers=("shardchat-2",),
+             title="a room of 500 holding 10,000 messages moved to another node at 50 msg/s"),
+    Scenario("drain", "drain", rooms=90, room_size=10, window=2, duration=4.0,
+             servers=("shardchat-3",),
+             title="90 rooms of 10 on 3 nodes sending without pause, one node drained"),
 )}
 
 
@@ -81,6 +88,12 @@ async def run(server: Server, sc: Scenario, log: Any = print) -> dict[str, Any]:
     row: dict[str, Any] = {"scenario": sc.name, "server": server.label, "nodes": server.nodes,
                            "rooms": sc.rooms, "room_size": sc.room_size, "clients": sc.clients,
                            "deflate_offered": sc.deflate}
+    if sc.kind in ("move", "drain"):
+        assert isinstance(server, ShardchatServer)
+        runner = moving.run_move if sc.kind == "move" else moving.run_drain
+        row.update(await runner(server, sc, log))
+        server.check()
+        return row
     pids = server.pids
     handles = server.create_rooms(sc.rooms)
     endpoints = [[server.endpoint(h, j) for j in range(sc.room_size)] for h in handles]

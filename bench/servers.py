@@ -25,7 +25,7 @@ from typing import Any
 from shardchat.cluster.nodeproc import ChildProcess, NodeProcess
 from shardchat.cluster.up import free_port
 from shardchat.config import dump_toml
-from shardchat.internal_api import METRICS_PATH, ROOMS_PATH, auth_header
+from shardchat.internal_api import METRICS_PATH, ROOMS_PATH, auth_header, move_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-" + secrets.token_hex(8)
@@ -37,6 +37,7 @@ class ServerError(RuntimeError):
 
 START_TIMEOUT = 30.0  # seconds a server process may take to answer its health check
 PORT_TIMEOUT = 15.0   # seconds redis-server may take to listen
+MOVE_TIMEOUT = 120.0  # seconds one move of a room may take (a large room copies many pages)
 
 
 def port_open(port: int) -> bool:
@@ -249,6 +250,7 @@ class ShardchatServer(Server):
                 "instances": self.instances, "node": self.node_settings}
         path = self.tmp / "shardchat.toml"
         path.write_text(dump_toml(data) + "\n")
+        self.config_path = path
         return path
 
     def start(self) -> None:
@@ -296,3 +298,27 @@ class ShardchatServer(Server):
     def endpoint(self, room: Any, member: int) -> Endpoint:
         port, path, namespace = room
         return Endpoint("127.0.0.1", port, path, namespace)
+
+    def resolve(self, number: int) -> tuple[str, int]:
+        """(host, port) of instance ``number``'s public listener: what a router in front of
+        the cluster does for ``/i<N>/`` paths, for clients that follow a moved room."""
+        for inst in self.instances:
+            if inst["number"] == number:
+                return "127.0.0.1", inst["port"]
+        raise ServerError(f"there is no instance {number} in this cluster")
+
+    def internal_url(self, number: int) -> str:
+        return f"http://127.0.0.1:{self.instances[number - 1]['internal_port']}"
+
+    async def move(self, room_id: str, source: int, to: int,
+                   timeout: float = MOVE_TIMEOUT) -> tuple[int, Any]:
+        """``POST /internal/rooms/<id>/move {"to": N}`` on the owner: (status, answer)."""
+        import aiohttp
+
+        url = self.internal_url(source) + move_path(room_id)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s, \
+                s.post(url, json={"to": to}, headers=auth_header(SECRET)) as resp:
+            try:
+                return resp.status, await resp.json(content_type=None)
+            except ValueError:
+                return resp.status, await resp.text()
