@@ -15,9 +15,8 @@ what the member missed).
 from __future__ import annotations
 
 import asyncio
-import json
+import importlib.util
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -224,7 +223,8 @@ async def run_move(server: ShardchatServer, sc: Any, log: Log) -> dict[str, Any]
         room.watch(True)
         log(f"    moving room {address.room_id} ({first:,} messages, {sc.room_size} members, "
             f"{sc.rate:g} msg/s) from instance {source} to {target}")
-        cpu0, drops0 = procstat.total_cpu(pids), procstat.listen_overflows()
+        cpu0 = [procstat.cpu_seconds(pid) for pid in pids]  # instance 1, 2 in order
+        drops0 = procstat.listen_overflows()
         t0 = time.monotonic()
         status, answer = await server.move(address.room_id, source, target)
         t_answer = time.monotonic()
@@ -235,7 +235,9 @@ async def run_move(server: ShardchatServer, sc: Any, log: Log) -> dict[str, Any]
         except TimeoutError:
             row["rejoin_timeout"] = True
         t_back = room.last_rejoin_at or time.monotonic()
-        row["move_server_cpu_s"] = round(procstat.total_cpu(pids) - cpu0, 2)
+        cpu = [procstat.cpu_seconds(pid) - c for pid, c in zip(pids, cpu0, strict=True)]
+        row["move_server_cpu_s"] = round(sum(cpu), 2)  # from the call to the last rejoin
+        row["move_cpu_s_source"], row["move_cpu_s_target"] = round(cpu[0], 2), round(cpu[1], 2)
         drops = procstat.listen_overflows()
         row["listen_overflows"] = None if drops is None or drops0 is None else drops - drops0
         await asyncio.sleep(AFTER_S)  # pacing: deliveries on the new node, still watched
@@ -308,30 +310,28 @@ async def drain_by_moves(server: ShardchatServer, instance: int, handles: list[A
             "moved": sum(1 for m in moves if m["ok"]), "remaining": None}
 
 
-async def drain_by_cli(server: ShardchatServer, instance: int, timeout: float = 300.0
-                       ) -> dict[str, Any]:
-    """``shardchat drain --instance N --json``, as an operator runs it."""
+async def drain_by_operator(server: ShardchatServer, instance: int, handles: list[Any],
+                            timeout: float = 300.0) -> dict[str, Any]:
+    """``cluster/moves.py``'s drain, what ``shardchat drain --instance N`` runs, called in
+    this process (a subprocess would add its interpreter's start to the drain's window)."""
+    config = importlib.import_module("shardchat.config")
+    moves = importlib.import_module("shardchat.cluster.moves")
     t0 = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shardchat", "drain", "--config", str(server.config_path),
-        "--instance", str(instance), "--json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
+    report = await asyncio.wait_for(
+        moves.drain(config.load(server.config_path), instance, deadline=timeout), timeout + 30)
     seconds = time.monotonic() - t0
-    try:
-        report = json.loads(out.decode().strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise ServerError(f"shardchat drain exited {proc.returncode}: "
-                          f"{err.decode()[-300:]}") from None
-    moves = [{"ok": m.get("ok"), **m} for m in report.get("moves", [])]
-    return {"how": "shardchat drain", "seconds": seconds, "moves": moves,
-            "moved": report.get("moved"), "remaining": report.get("remaining"),
-            "exit_code": proc.returncode}
+    out = report.to_json()
+    return {"how": "shardchat drain (cluster/moves.py)", "seconds": seconds,
+            "moves": out.get("moves", []), "moved": out.get("moved"),
+            "remaining": out.get("remaining")}
+
+
+def default_drain() -> Callable[..., Any]:
+    """``shardchat drain``'s orchestration where this shardchat has it, else the move API
+    per room."""
+    if importlib.util.find_spec("shardchat.cluster.moves") is not None:
+        return drain_by_operator
+    return drain_by_moves
 
 
 async def run_drain(server: ShardchatServer, sc: Any, log: Log,
@@ -379,7 +379,7 @@ async def run_drain(server: ShardchatServer, sc: Any, log: Log,
         for room in moving_rooms:
             room.watch(True)
         began = window_start()
-        report = await (drain or drain_by_moves)(server, instance, handles)
+        report = await (drain or default_drain())(server, instance, handles)
         t_drained = time.monotonic()
         for room in moving_rooms:
             try:
