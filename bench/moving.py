@@ -361,16 +361,24 @@ async def run_drain(server: ShardchatServer, sc: Any, log: Log,
                         if (a := urls.parse_room_namespace(h[2])) and a.instance == instance]
         row["rooms_moved_expected"] = len(moving_rooms)
         await asyncio.sleep(WARM_S)  # pacing: the rooms send steadily before the measure
-        windows: dict[str, tuple[float, float, int, float, float]] = {}
+        windows: dict[str, tuple[float, ...]] = {}
 
-        def window_start() -> tuple[float, int, float, float]:
+        def commits() -> int:
+            """Store commits of every node so far: moves commit too, between messages."""
+            return sum(m["store"]["commits"] for m in server.metrics())
+
+        def reading() -> tuple[float, ...]:
+            """Now: time, deliveries, server CPU, own CPU, commits, server run-queue wait."""
             return (time.monotonic(), sum(r.delivered for r in rooms), procstat.total_cpu(pids),
-                    time.process_time())
+                    time.process_time(), commits(), procstat.total_runqueue_wait(pids))
 
-        def window_end(name: str, began: tuple[float, int, float, float]) -> None:
-            t1 = time.monotonic()
-            windows[name] = (began[0], t1, sum(r.delivered for r in rooms) - began[1],
-                             procstat.total_cpu(pids) - began[2], time.process_time() - began[3])
+        def window_start() -> tuple[float, ...]:
+            return reading()
+
+        def window_end(name: str, began: tuple[float, ...]) -> None:
+            now = reading()
+            windows[name] = (began[0], now[0],
+                             *(a - b for a, b in zip(now[1:], began[1:], strict=True)))
 
         began = window_start()
         await asyncio.sleep(sc.duration)  # pacing: the measured window before the drain
@@ -401,13 +409,19 @@ async def run_drain(server: ShardchatServer, sc: Any, log: Log,
                                WAIT_TIMEOUT + 5)
         await senders.settle(SETTLE_TIMEOUT)
         await settle_deliveries(rooms, senders, SETTLE_TIMEOUT)
-        for name, (t0, t1, delivered, cpu, own) in windows.items():
+        for name, (t0, t1, delivered, cpu, own, commit, waited) in windows.items():
             secs = t1 - t0
+            acked = senders.acked_between(t0, t1)
             row[f"{name}_s"] = round(secs, 2)
-            row[f"{name}_msgs_per_s"] = round(senders.acked_between(t0, t1) / secs, 1)
+            row[f"{name}_msgs_per_s"] = round(acked / secs, 1)
+            row[f"{name}_commits_per_s"] = round(commit / secs, 1)
+            row[f"{name}_msgs_per_commit"] = round(acked / commit, 2) if commit else None
             row[f"{name}_deliveries_per_s"] = round(delivered / secs)
             row[f"{name}_server_busy"] = round(cpu / secs, 2)
             row[f"{name}_loadgen_busy"] = round(own / secs, 2)
+            # the share of the window the nodes were runnable but another process had the
+            # core: on a shared machine, what makes one window slower than another
+            row[f"{name}_server_waited"] = round(waited / secs, 2)
         before = row["before_msgs_per_s"]
         row["during_vs_before"] = round(row["during_msgs_per_s"] / before, 2) if before else None
         row["after_vs_before"] = round(row["after_msgs_per_s"] / before, 2) if before else None

@@ -71,7 +71,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              servers=("shardchat-2",),
              title="a room of 500 holding 10,000 messages moved to another node at 50 msg/s"),
     Scenario("drain", "drain", rooms=90, room_size=10, window=2, duration=4.0,
-             servers=("shardchat-3",),
+             servers=("shardchat-3", "shardchat-3-nofsync"),
              title="90 rooms of 10 on 3 nodes sending without pause, one node drained"),
 )}
 
