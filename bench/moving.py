@@ -1,21 +1,22 @@
 """The scenarios of rooms that move: one large room moved while it is busy (``move``), and
-one instance of three drained while every room keeps sending (``drain``).
+one instance of three drained by ``shardchat drain``'s orchestration while every room keeps
+sending (``drain``).
 
 Members are ``follow.Member`` clients: they follow ``moved`` to the room's new node and
-rejoin there with ``last_seq``, as a real client does, and check that every seq reaches
-them once. Every loop is bounded in count (``SEND_CAP``) and every wait in time.
+rejoin there with ``last_seq``, as the room page does, and check that every seq reaches
+them once. Every loop is bounded in count (``SEND_CAP_S``, ``ROOM_SEND_CAP``) and every wait
+in time.
 
 What a move costs a member is its pause: the longest gap between two deliveries while the
 room moves. It is the freeze (new messages wait at the old node while the last ones are
-copied and the forward is written), the ``moved`` event and the node's grace before it closes
-the namespace, and the member's reconnect to the new node with its welcome (which brings
-what the member missed).
+copied, the forward is written and the new node activates the room), the ``moved`` event,
+and the member's reconnect to the new node with its welcome (which brings what the member
+missed). The copy of the history runs before the freeze, while the room still serves.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +27,8 @@ from bench import follow, procstat
 from bench.follow import FollowingRoom, Outgoing
 from bench.servers import ServerError, ShardchatServer
 from bench.wsclient import connect
-from shardchat import urls
+from shardchat import config, urls
+from shardchat.cluster import moves
 
 WARM_S = 1.0  # steady sending before anything is measured
 BASELINE_S = 2.0  # move: the gaps members see without a move, just before it
@@ -35,7 +37,6 @@ REJOIN_TIMEOUT = 60.0  # seconds from the move's start until every member is bac
 SETTLE_TIMEOUT = 60.0  # seconds for the last acks and deliveries after sending stops
 SEND_CAP_S = 300.0  # no sender sends for longer than this (count cap = rate x this)
 FILL_WINDOW = 64  # messages in flight while a room's history is filled
-DRAIN_CONCURRENCY = 4  # moves at once when the drain is run per room over the move API
 WAIT_TIMEOUT = 30.0  # drain: one room's wait for its window to free
 ROOM_SEND_CAP = 100_000  # drain: messages one room sends, at most
 
@@ -287,35 +288,11 @@ async def _send_closed_loop(room: FollowingRoom, senders: Senders, window: int,
         senders.add(room, room.followers[i % size].send(f"r{tag} m{i}", f"r{tag}-{i}"))
 
 
-async def drain_by_moves(server: ShardchatServer, instance: int, handles: list[Any],
-                         concurrency: int = DRAIN_CONCURRENCY) -> dict[str, Any]:
-    """Empty ``instance`` by moving each of its rooms over the move API, ``concurrency`` at
-    a time, to the other instances in turn."""
-    others = [i["number"] for i in server.instances if i["number"] != instance]
-    mine = [a for a in (urls.parse_room_namespace(h[2]) for h in handles)
-            if a is not None and a.instance == instance]
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(k: int, room_id: str) -> dict[str, Any]:
-        async with gate:
-            status, answer = await server.move(room_id, instance, others[k % len(others)])
-        if status != 200 or not isinstance(answer, dict):
-            return {"room": room_id, "ok": False, "error": f"{status} {answer}"}
-        return {"ok": True, **answer}
-
-    t0 = time.monotonic()
-    moves = await asyncio.gather(*(one(k, a.room_id) for k, a in enumerate(mine)))
-    return {"how": f"the move API per room, {concurrency} at a time",
-            "seconds": time.monotonic() - t0, "moves": moves,
-            "moved": sum(1 for m in moves if m["ok"]), "remaining": None}
-
-
-async def drain_by_operator(server: ShardchatServer, instance: int, handles: list[Any],
-                            timeout: float = 300.0) -> dict[str, Any]:
-    """``cluster/moves.py``'s drain, what ``shardchat drain --instance N`` runs, called in
-    this process (a subprocess would add its interpreter's start to the drain's window)."""
-    config = importlib.import_module("shardchat.config")
-    moves = importlib.import_module("shardchat.cluster.moves")
+async def drain(server: ShardchatServer, instance: int, timeout: float = 300.0
+                ) -> dict[str, Any]:
+    """``cluster/moves.py``'s drain, what ``shardchat drain --instance N`` runs (its default
+    concurrency, 4 moves at once), called in this process: a subprocess would add its
+    interpreter's start to the drain's window."""
     t0 = time.monotonic()
     report = await asyncio.wait_for(
         moves.drain(config.load(server.config_path), instance, deadline=timeout), timeout + 30)
@@ -326,16 +303,7 @@ async def drain_by_operator(server: ShardchatServer, instance: int, handles: lis
             "remaining": out.get("remaining")}
 
 
-def default_drain() -> Callable[..., Any]:
-    """``shardchat drain``'s orchestration where this shardchat has it, else the move API
-    per room."""
-    if importlib.util.find_spec("shardchat.cluster.moves") is not None:
-        return drain_by_operator
-    return drain_by_moves
-
-
-async def run_drain(server: ShardchatServer, sc: Any, log: Log,
-                    drain: Callable[..., Any] | None = None) -> dict[str, Any]:
+async def run_drain(server: ShardchatServer, sc: Any, log: Log) -> dict[str, Any]:
     """``sc.rooms`` rooms of ``sc.room_size`` over 3 instances, each room sending without
     pause; the rate over ``sc.duration`` seconds before, then while instance 1 is drained
     (until the last member of a moved room is back), then as long again after."""
@@ -387,7 +355,7 @@ async def run_drain(server: ShardchatServer, sc: Any, log: Log,
         for room in moving_rooms:
             room.watch(True)
         began = window_start()
-        report = await (drain or default_drain())(server, instance, handles)
+        report = await drain(server, instance)
         t_drained = time.monotonic()
         for room in moving_rooms:
             try:

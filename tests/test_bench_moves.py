@@ -99,6 +99,7 @@ async def test_the_move_scenario_times_the_move_and_checks_every_member() -> Non
 
 
 async def test_the_drain_scenario_empties_an_instance_and_compares_its_rates() -> None:
+    """The drain is ``shardchat drain``'s (cluster/moves.py), while every room sends."""
     sc = replace(scenarios.SCENARIOS["drain"], rooms=6, room_size=3, duration=0.5)
     server = _server(3)
     try:
@@ -107,6 +108,7 @@ async def test_the_drain_scenario_empties_an_instance_and_compares_its_rates() -
         server.stop()
     assert row["complete"], row
     assert row["rooms_moved"] == row["rooms_moved_expected"] == 2
+    assert row["rooms_remaining"] == 0, "shardchat drain left instance 1 empty"
     assert row["rooms_not_moved"] == 0 and row["follows"] == 2 * 3
     assert row["before_msgs_per_s"] > 0 and row["during_msgs_per_s"] > 0
     assert row["during_vs_before"] == round(row["during_msgs_per_s"]
