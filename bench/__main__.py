@@ -39,7 +39,7 @@ from shardchat.node import gctune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVER_KEYS = ("shardchat", "shardchat-nofsync", "shardchat-2", "shardchat-3",
-               "shardchat-3-nofsync", "shardchat-stock", "stock", "node", "redis-2")
+               "shardchat-stock", "stock", "node", "redis-2")
 
 
 def make_server(key: str, cores: set[int] | None, profile: Path | None) -> Server | None:
@@ -52,8 +52,6 @@ def make_server(key: str, cores: set[int] | None, profile: Path | None) -> Serve
         return ShardchatServer(cores, 2, profile_dir=profile)
     if key == "shardchat-3":
         return ShardchatServer(cores, 3, profile_dir=profile)
-    if key == "shardchat-3-nofsync":  # the drain without the disk's latency in its rate
-        return ShardchatServer(cores, 3, {"fsync": False}, profile_dir=profile)
     if key == "shardchat-stock":  # node.engine = "stock": what the fast paths are worth
         return ShardchatServer(cores, 1, {"engine": "stock"}, profile_dir=profile)
     if key == "stock":

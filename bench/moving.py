@@ -4,8 +4,8 @@ sending (``drain``).
 
 Members are ``follow.Member`` clients: they follow ``moved`` to the room's new node and
 rejoin there with ``last_seq``, as the room page does, and check that every seq reaches
-them once. Every loop is bounded in count (``SEND_CAP_S``, ``ROOM_SEND_CAP``) and every wait
-in time.
+them once. Every loop is bounded in count (``SEND_CAP_S``) and every wait in
+time.
 
 What a move costs a member is its pause: the longest gap between two deliveries while the
 room moves. It is the freeze (new messages wait at the old node while the last ones are
@@ -37,8 +37,6 @@ REJOIN_TIMEOUT = 60.0  # seconds from the move's start until every member is bac
 SETTLE_TIMEOUT = 60.0  # seconds for the last acks and deliveries after sending stops
 SEND_CAP_S = 300.0  # no sender sends for longer than this (count cap = rate x this)
 FILL_WINDOW = 64  # messages in flight while a room's history is filled
-WAIT_TIMEOUT = 30.0  # drain: one room's wait for its window to free
-ROOM_SEND_CAP = 100_000  # drain: messages one room sends, at most
 
 
 Log = Callable[[str], None]
@@ -64,6 +62,14 @@ class Senders:
 
     def acked(self, room: FollowingRoom) -> list[Outgoing]:
         return [o for o in self.by_room.get(id(room), ()) if _ok(o)]
+
+    def sent_between(self, t0: float, t1: float) -> int:
+        return sum(1 for o in self.sent if t0 <= o.sent_at < t1)
+
+    def ack_waits(self, t0: float, t1: float) -> list[float]:
+        """Send to ack, in seconds, of the messages acked that were sent in [t0, t1)."""
+        return [o.acked_at - o.sent_at for o in self.sent
+                if t0 <= o.sent_at < t1 and o.acked_at is not None and _ok(o)]
 
     def acked_between(self, t0: float, t1: float) -> int:
         return sum(1 for o in self.sent
@@ -182,9 +188,9 @@ async def fill(server: ShardchatServer, handle: Any, count: int, timeout: float 
     return last
 
 
-async def _send_open_loop(room: FollowingRoom, senders: Senders, rate: float) -> None:
-    """``rate`` messages per second from the members in turn, until told to stop."""
-    members = room.followers
+async def _send_open_loop(rooms: list[FollowingRoom], senders: Senders, rate: float) -> None:
+    """``rate`` messages per second in all, the rooms in turn and in each room its members
+    in turn, evenly spaced, until told to stop (or ``SEND_CAP_S`` has passed)."""
     start = time.monotonic()
     for i in range(int(rate * SEND_CAP_S)):
         if senders.stop:
@@ -192,7 +198,9 @@ async def _send_open_loop(room: FollowingRoom, senders: Senders, rate: float) ->
         delay = start + i / rate - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)  # pacing the offered load, not synchronisation
-        senders.add(room, members[i % len(members)].send(f"steady {i}", f"s{i}"))
+        room = rooms[i % len(rooms)]
+        k = i // len(rooms)
+        senders.add(room, room.followers[k % len(room.followers)].send(f"steady {k}", f"s{k}"))
 
 
 async def run_move(server: ShardchatServer, sc: Any, log: Log) -> dict[str, Any]:
@@ -216,7 +224,7 @@ async def run_move(server: ShardchatServer, sc: Any, log: Log) -> dict[str, Any]
         row["idle_before_measure"] = await procstat.wait_idle(pids, timeout=30)
         senders = Senders()
         sending = asyncio.get_running_loop().create_task(
-            _send_open_loop(room, senders, sc.rate))
+            _send_open_loop([room], senders, sc.rate))
         await asyncio.sleep(WARM_S)  # pacing: the steady load runs before the move
         room.watch(True)
         await asyncio.sleep(BASELINE_S)
@@ -273,21 +281,6 @@ async def run_move(server: ShardchatServer, sc: Any, log: Log) -> dict[str, Any]
 # -- the drain -----------------------------------------------------------------------------------
 
 
-async def _send_closed_loop(room: FollowingRoom, senders: Senders, window: int,
-                            tag: int) -> None:
-    """The room sends without pause: a message goes out whenever fewer than ``window`` of
-    its messages are not yet delivered to every member."""
-    size = len(room.followers)
-    base = room.delivered
-    for i in range(ROOM_SEND_CAP):
-        if senders.stop:
-            return
-        await room.wait_delivered(base + (i - window + 1) * size, WAIT_TIMEOUT)
-        if senders.stop:
-            return
-        senders.add(room, room.followers[i % size].send(f"r{tag} m{i}", f"r{tag}-{i}"))
-
-
 async def drain(server: ShardchatServer, instance: int, timeout: float = 300.0
                 ) -> dict[str, Any]:
     """``cluster/moves.py``'s drain, what ``shardchat drain --instance N`` runs (its default
@@ -304,14 +297,15 @@ async def drain(server: ShardchatServer, instance: int, timeout: float = 300.0
 
 
 async def run_drain(server: ShardchatServer, sc: Any, log: Log) -> dict[str, Any]:
-    """``sc.rooms`` rooms of ``sc.room_size`` over 3 instances, each room sending without
-    pause; the rate over ``sc.duration`` seconds before, then while instance 1 is drained
-    (until the last member of a moved room is back), then as long again after."""
+    """``sc.rooms`` rooms of ``sc.room_size`` over 3 instances, ``sc.rate`` messages a
+    second between them, evenly spread; the rate acked over ``sc.duration`` seconds before,
+    then while instance 1 is drained (until the last member of a moved room is back), then
+    as long again after, and how long the acks took in each."""
     pids = server.pids
     handles = server.create_rooms(sc.rooms)
     rooms = [FollowingRoom() for _ in handles]
     instance = 1
-    row: dict[str, Any] = {"drained_instance": instance, "window": sc.window}
+    row: dict[str, Any] = {"drained_instance": instance, "rate_msgs_per_s": sc.rate}
     try:
         t_join = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*(
@@ -322,9 +316,8 @@ async def run_drain(server: ShardchatServer, sc: Any, log: Log) -> dict[str, Any
         row["idle_before_measure"] = await procstat.wait_idle(pids, timeout=30)
         start = [m.last_seq or 0 for m in (room.followers[0] for room in rooms)]
         senders = Senders()
-        loop = asyncio.get_running_loop()
-        driving = [loop.create_task(_send_closed_loop(room, senders, sc.window, r))
-                   for r, room in enumerate(rooms)]
+        sending = asyncio.get_running_loop().create_task(
+            _send_open_loop(rooms, senders, sc.rate))
         moving_rooms = [room for room, h in zip(rooms, handles, strict=True)
                         if (a := urls.parse_room_namespace(h[2])) and a.instance == instance]
         row["rooms_moved_expected"] = len(moving_rooms)
@@ -370,11 +363,7 @@ async def run_drain(server: ShardchatServer, sc: Any, log: Log) -> dict[str, Any
         await asyncio.sleep(sc.duration)  # pacing: the measured window after the drain
         window_end("after", began)
         senders.stop = True
-        for room in rooms:  # wake the drivers waiting on a window
-            if room.waiter is not None and not room.waiter.done():
-                room.waiter.set_result(None)
-        await asyncio.wait_for(asyncio.gather(*driving, return_exceptions=True),
-                               WAIT_TIMEOUT + 5)
+        await asyncio.wait_for(sending, 5.0)
         await senders.settle(SETTLE_TIMEOUT)
         await settle_deliveries(rooms, senders, SETTLE_TIMEOUT)
         for name, (t0, t1, delivered, cpu, own, commit, waited) in windows.items():
@@ -382,6 +371,8 @@ async def run_drain(server: ShardchatServer, sc: Any, log: Log) -> dict[str, Any
             acked = senders.acked_between(t0, t1)
             row[f"{name}_s"] = round(secs, 2)
             row[f"{name}_msgs_per_s"] = round(acked / secs, 1)
+            row[f"{name}_sent_per_s"] = round(senders.sent_between(t0, t1) / secs, 1)
+            row.update(spread(senders.ack_waits(t0, t1), f"{name}_ack"))
             row[f"{name}_commits_per_s"] = round(commit / secs, 1)
             row[f"{name}_msgs_per_commit"] = round(acked / commit, 2) if commit else None
             row[f"{name}_deliveries_per_s"] = round(delivered / secs)

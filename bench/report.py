@@ -97,9 +97,11 @@ MOVE_COLUMNS = [("server", "server"), ("clients", "members"), ("history", "messa
                 ("listen_overflows", "SYNs dropped"), ("complete", "complete")]
 
 DRAIN_COLUMNS = [("server", "server"), ("rooms", "rooms"), ("rooms_moved", "moved"),
-                 ("drain_s", "drain s"), ("before_msgs_per_s", "msg/s before"),
-                 ("during_msgs_per_s", "msg/s during"), ("during_vs_before", "during / before"),
-                 ("after_vs_before", "after / before"),
+                 ("drain_s", "drain s"), ("rate_msgs_per_s", "msg/s sent"),
+                 ("before_msgs_per_s", "acked/s before"), ("during_msgs_per_s", "acked/s during"),
+                 ("during_vs_before", "during / before"),
+                 ("before_ack_p99_ms", "ack p99 before ms"),
+                 ("during_ack_p99_ms", "ack p99 during ms"),
                  ("move_frozen_ms_max", "frozen ms max"),
                  ("moved_member_gap_p50_ms", "pause p50 ms"),
                  ("moved_member_gap_max_ms", "pause max ms"), ("complete", "complete")]
@@ -132,8 +134,9 @@ def moving_tables(rows: list[dict]) -> str:
                 "pause = the longest gap between two deliveries at a member)", "",
                 _table(move, MOVE_COLUMNS), ""]
     if drain:
-        out += ["Drain: one node of three emptied while every room sends (ratios: the same "
-                "cluster before the drain, same run)", "", _table(drain, DRAIN_COLUMNS), ""]
+        out += ["Drain: one node of three emptied by `shardchat drain` while every room sends "
+                "(ratio: the same cluster before the drain, same run)", "",
+                _table(drain, DRAIN_COLUMNS), ""]
     return "\n".join(out)
 
 

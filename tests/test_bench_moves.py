@@ -100,7 +100,7 @@ async def test_the_move_scenario_times_the_move_and_checks_every_member() -> Non
 
 async def test_the_drain_scenario_empties_an_instance_and_compares_its_rates() -> None:
     """The drain is ``shardchat drain``'s (cluster/moves.py), while every room sends."""
-    sc = replace(scenarios.SCENARIOS["drain"], rooms=6, room_size=3, duration=0.5)
+    sc = replace(scenarios.SCENARIOS["drain"], rooms=6, room_size=3, rate=300.0, duration=0.5)
     server = _server(3)
     try:
         row = await moving.run_drain(server, sc, log=lambda line: None)
@@ -111,5 +111,6 @@ async def test_the_drain_scenario_empties_an_instance_and_compares_its_rates() -
     assert row["rooms_remaining"] == 0, "shardchat drain left instance 1 empty"
     assert row["rooms_not_moved"] == 0 and row["follows"] == 2 * 3
     assert row["before_msgs_per_s"] > 0 and row["during_msgs_per_s"] > 0
+    assert 0 < row["before_ack_p50_ms"] <= row["before_ack_p99_ms"]
     assert row["during_vs_before"] == round(row["during_msgs_per_s"]
                                             / row["before_msgs_per_s"], 2)
