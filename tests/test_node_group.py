@@ -16,6 +16,8 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
+from shardchat import config as config_mod
+from shardchat import lifecycle
 from shardchat.cli import main as cli
 from shardchat.cluster.nodeproc import ChildProcess, Exited
 from tests.support import (
@@ -178,3 +180,18 @@ def test_exited_names_where_an_inherited_output_went(tmp_path):
                                      "process's stderr"):
         child.check()
     assert child.run_log() == ""
+
+
+def test_the_systemd_template_runs_one_instance_and_outlasts_its_drain():
+    """The unit the docs ship stays in step with the node: one instance (%i) per unit,
+    SIGTERM to the node alone, and a stop timeout longer than a stop with the defaults."""
+    unit = (ROOT / "docs" / "systemd" / "shardchat-node@.service").read_text()
+    keys = dict(line.split("=", 1) for line in unit.splitlines()
+                if "=" in line and not line.startswith("#"))
+    assert keys["ExecStart"].endswith("shardchat node --config /etc/shardchat/shardchat.toml "
+                                      "--instance %i")
+    assert (keys["KillSignal"], keys["KillMode"]) == ("SIGTERM", "mixed")
+    defaults = config_mod.parse({"instances": [{"number": 1}]}, env={})
+    assert float(keys["TimeoutStopSec"]) >= lifecycle.node_stop_limit(
+        defaults.node.drain_grace_seconds)
+    assert keys["Restart"] == "always"
