@@ -115,6 +115,33 @@ def servers_had(before: dict[int, CoreTimes], after: dict[int, CoreTimes],
     return server_cpu + idle + irq
 
 
+def preemptions(pids: list[int]) -> int:
+    """Times the kernel took the CPU from these processes' threads while they could have
+    gone on (nonvoluntary context switches): how much other processes got in the way."""
+    total = 0
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("nonvoluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+            except OSError:  # the thread ended meanwhile
+                continue
+    return total
+
+
+def _per_commit(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> float | None:
+    """Messages per store commit over the measured phase, all nodes together."""
+    if not before or len(before) != len(after):
+        return None
+    commits = sum(a["store"]["commits"] - b["store"]["commits"]
+                  for a, b in zip(after, before, strict=True))
+    stored = sum(a["store"]["messages"] - b["store"]["messages"]
+                 for a, b in zip(after, before, strict=True))
+    return round(stored / commits, 2) if commits else None
+
+
 # ---------------------------------------------------------------------------------------
 # one run
 
@@ -136,11 +163,17 @@ async def run_once(nodes: int, messages: int, log: Callable[[str], None] = print
         try:
             row["idle_before_measure"] = await procstat.wait_idle(pids, timeout=30)
             per_node0 = [procstat.cpu_seconds(p) for p in pids]
+            threads0, switches0 = procstat.total_threads(pids), preemptions(pids)
+            metrics0 = server.metrics()
             cores0, own0 = core_times(), time.process_time()
             res = await loadgen.closed_loop(rooms, messages, WINDOW, timeout=TIMEOUT)
             cores1, own1 = core_times(), time.process_time()
             per_node = [round(procstat.cpu_seconds(p) - c, 2) for p, c in zip(pids, per_node0,
                                                                                 strict=True)]
+            row["server_threads_cpu_s"] = procstat.diff_threads(
+                threads0, procstat.total_threads(pids))
+            row["server_preemptions"] = preemptions(pids) - switches0
+            row["messages_per_commit"] = _per_commit(metrics0, server.metrics())
         finally:
             loadgen.close_all(rooms)
         server.check()
