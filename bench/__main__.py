@@ -8,6 +8,8 @@ bench/results/results.{json,md,png}.
     python -m bench --profile DIR         also write a cProfile of each shardchat node
     python -m bench --scenario soak       the soak (bench/soak.py, 5 minutes; not in the
                                           default run): --soak-seconds, --soak-clients
+    python -m bench --scenario multicore  1 node vs 2 nodes on 2 cores (bench/multicore.py;
+                                          not in the default run)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report, scenarios, soak
+from bench import multicore, report, scenarios, soak
 from bench.follow import FollowError
 from bench.servers import (
     NodeJsServer,
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~1 minute smoke run")
     parser.add_argument("--scenario", action="append",
-                        choices=[*sorted(scenarios.SCENARIOS), "soak"],
+                        choices=[*sorted(scenarios.SCENARIOS), "soak", "multicore"],
                         help="run only this scenario (repeatable); soak runs only when named")
     parser.add_argument("--server", action="append", choices=SERVER_KEYS,
                         help="run only this server (repeatable)")
@@ -195,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.scenario and "soak" in args.scenario:
         code = run_soak(args, argv)
         args.scenario = [n for n in args.scenario if n != "soak"]
+        if not args.scenario:
+            return code
+    if args.scenario and "multicore" in args.scenario:
+        code = multicore.main(args, argv, machine(), raise_fd_limit)
+        args.scenario = [n for n in args.scenario if n != "multicore"]
         if not args.scenario:
             return code
     names = args.scenario or list(scenarios.SCENARIOS)

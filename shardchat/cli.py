@@ -26,18 +26,45 @@ def main() -> None:
     """shardchat: a Socket.IO chat whose rooms are pinned to instances."""
 
 
+class InstanceNumbers(click.ParamType):
+    """``3`` or ``3,4,5``: the instance numbers one ``shardchat node`` runs, each once."""
+
+    name = "N[,N...]"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        numbers: list[int] = []
+        for part in str(value).split(","):
+            if not part.strip().isdigit():
+                self.fail(f"{value!r} is not an instance number or a comma-separated list "
+                          "of them (3 or 3,4)", param, ctx)
+            if int(part) in numbers:
+                self.fail(f"instance {int(part)} is named twice in {value!r}", param, ctx)
+            numbers.append(int(part))
+        return tuple(numbers)
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="TOML config file (see config.example.toml).")
-@click.option("--instance", "number", required=True, type=int, help="Instance number N to run.")
-def node(config_path: str, number: int) -> None:
-    """Run chat node N (public listener + internal peer listener)."""
-    from shardchat.node.main import run_node
-
+@click.option("--instance", "numbers", required=True, type=InstanceNumbers(),
+              help="Instance number N to run; several (3,4) run one process each, one per "
+                   "core, under one supervisor that forwards SIGTERM to all of them.")
+def node(config_path: str, numbers: tuple[int, ...]) -> None:
+    """Run chat node N (public listener + internal peer listener), or several."""
     cfg = load_node_config(config_path)
     with config_errors_exit():
-        cfg.instance(number)
-    sys.exit(run_node(cfg, number))
+        for number in numbers:
+            cfg.instance(number)
+    if len(numbers) == 1:  # the node itself, in this process
+        from shardchat.node.main import run_node
+
+        sys.exit(run_node(cfg, numbers[0]))
+    from shardchat.cluster.nodegroup import run_group
+
+    sys.exit(run_group(cfg, config_path, numbers))
 
 
 @main.command()

@@ -268,6 +268,33 @@ def _networks(key: str, values: tuple[str, ...]) -> None:
                               f"\"10.0.0.0/16\", got {value!r} ({exc})") from None
 
 
+def _check_listeners(instances: tuple[Instance, ...]) -> None:
+    """No two listeners of the cluster on one machine and port.
+
+    Several instances may share a machine (one process per core): the same ``host``, the
+    same ``ec2_instance_id``, or both, each instance on ports of its own. A machine is named
+    by its host address and, where set, by its EC2 instance id too, because the load
+    balancer reaches an instance target by id and port whatever ``host`` says: two
+    instances on one EC2 id and one port would be one target, however their hosts differ.
+    Public and internal ports share one space (a machine has one set of TCP ports)."""
+    taken: dict[tuple[str, int], str] = {}
+    for idx, inst in enumerate(instances):
+        machines = [(inst.host, f"{inst.host}:{{port}}")]
+        if inst.ec2_instance_id:
+            machines.append((f"ec2:{inst.ec2_instance_id}",
+                             f"port {{port}} of EC2 instance {inst.ec2_instance_id}"))
+        for which, port in (("port", inst.port), ("internal_port", inst.internal_port)):
+            here = f"instances[{idx}].{which}"
+            for machine, label in machines:
+                other = taken.get((machine, port))
+                if other is not None:
+                    raise ConfigError(here, f"{label.format(port=port)} is already used by "
+                                      f"{other}: instances on one machine need ports of "
+                                      "their own")
+            for machine, _ in machines:
+                taken[(machine, port)] = here
+
+
 def drain_grace_default(aws: AwsConfig) -> float:
     """How long the load balancer takes to see a draining node as unhealthy and stop sending
     it new connections: ``unhealthy_threshold`` failed checks, ``health_check_interval``
@@ -286,7 +313,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("cluster.public_url", f"must start with http:// or https://, "
                           f"got {c.public_url!r}")
     seen: dict[int, str] = {}
-    endpoints: dict[tuple[str, int], str] = {}
     for idx, inst in enumerate(cfg.instances):
         key = f"instances[{idx}]"
         if not urls.valid_instance(inst.number):
@@ -303,12 +329,7 @@ def validate(cfg: Config) -> Config:
         if inst.port == inst.internal_port:
             raise ConfigError(f"{key}.internal_port", "must differ from port: the internal "
                               "listener is never a load balancer target")
-        for which, port in (("port", inst.port), ("internal_port", inst.internal_port)):
-            ep = (inst.host, port)
-            if ep in endpoints:
-                raise ConfigError(f"{key}.{which}", f"{inst.host}:{port} is already used by "
-                                  f"{endpoints[ep]}")
-            endpoints[ep] = f"{key}.{which}"
+    _check_listeners(cfg.instances)
     n = cfg.node
     if n.engine not in ENGINES:
         raise ConfigError("node.engine", f"must be \"fast\" (the default) or \"stock\" "

@@ -31,6 +31,7 @@ from collections.abc import Callable
 log = logging.getLogger("shardchat.shutdown")
 
 SHUTDOWN_LIMIT = 30.0    # seconds a node's stop may take after its grace; then it exits
+STOP_EXTRA = 5.0         # seconds a supervisor waits beyond that before it kills the node
 
 PARENT_PID_ENV = "SHARDCHAT_PARENT_PID"
 PARENT_POLL_SECONDS = 1.0
@@ -72,6 +73,13 @@ class Watchdog:
             with contextlib.suppress(Exception):
                 handler.flush()
         os._exit(code)
+
+
+def node_stop_limit(drain_grace_seconds: float) -> float:
+    """Seconds a supervisor gives a SIGTERMed node to exit before it sends SIGKILL: the
+    node's grace period, the bound of the rest of its stop, and ``STOP_EXTRA``, so the
+    node's own watchdog always fires first and a kill means it was stuck for good."""
+    return drain_grace_seconds + SHUTDOWN_LIMIT + STOP_EXTRA
 
 
 def expected_parent() -> int | None:

@@ -217,3 +217,65 @@ def test_engine_is_fast_unless_stock_is_asked_for():
     with pytest.raises(ConfigError, match=r'"fast".*"stock"'):
         config.parse(base(node={"engine": "Fast"}), env={})
     assert config.load(ROOT / "config.example.toml", env={}).node.engine == "fast"
+
+
+# -- several instances on one machine (one process per core) -------------------------------
+
+
+def on_one_machine(*ports: tuple[int, int], ec2: str | None = "i-0aaa", host: str = "10.0.1.5"
+                   ) -> dict:
+    """A config whose instances 1, 2, ... share one host (and EC2 instance), one per
+    (port, internal_port) pair."""
+    instances = [{"number": n, "host": host, "port": p, "internal_port": ip}
+                 for n, (p, ip) in enumerate(ports, 1)]
+    for inst in instances:
+        if ec2:
+            inst["ec2_instance_id"] = ec2
+    return base(instances=instances)
+
+
+def test_instances_may_share_a_host_and_an_ec2_instance_on_their_own_ports():
+    cfg = config.parse(on_one_machine((9001, 9101), (9002, 9102), (9003, 9103)), env={})
+    assert {i.ec2_instance_id for i in cfg.instances} == {"i-0aaa"}
+    assert [(i.number, i.port) for i in cfg.instances] == [(1, 9001), (2, 9002), (3, 9003)]
+    aws = {"load_balancer": "demo", "vpc_id": "vpc-1", "subnets": ["subnet-a", "subnet-b"]}
+    data = on_one_machine((9001, 9101), (9002, 9102))
+    data["aws"] = aws
+    provisioned = config.parse(data, env={})
+    assert config.validate_for_aws(provisioned) is provisioned  # the provisioner takes it too
+
+
+def refusal(data: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        config.parse(data, env={})
+    return info.value
+
+
+def test_two_instances_on_one_host_and_port_are_refused_naming_both_keys():
+    err = refusal(on_one_machine((9001, 9101), (9001, 9102), ec2=None))
+    assert err.key == "instances[1].port"
+    assert "10.0.1.5:9001" in err.message and "instances[0].port" in err.message
+
+
+def test_two_instances_on_one_ec2_instance_and_port_are_refused_whatever_their_hosts():
+    data = on_one_machine((9001, 9101), (9001, 9102))
+    data["instances"][1]["host"] = "10.0.1.6"  # a second address of the same EC2 instance
+    err = refusal(data)
+    assert err.key == "instances[1].port"
+    assert "EC2 instance i-0aaa" in err.message and "instances[0].port" in err.message
+
+
+def test_an_internal_port_that_is_another_instances_port_on_the_machine_is_refused():
+    err = refusal(on_one_machine((9001, 9101), (9002, 9001)))
+    assert err.key == "instances[1].internal_port"
+    assert "instances[0].port" in err.message
+    err = refusal(on_one_machine((9001, 9101), (9101, 9102)))
+    assert (err.key, "instances[0].internal_port" in err.message) == ("instances[1].port", True)
+
+
+def test_the_same_ports_on_other_machines_are_fine():
+    data = on_one_machine((9001, 9101), (9001, 9101), ec2=None)
+    data["instances"][1]["host"] = "10.0.1.6"
+    data["instances"][0]["ec2_instance_id"] = "i-0aaa"
+    data["instances"][1]["ec2_instance_id"] = "i-0bbb"
+    assert len(config.parse(data, env={}).instances) == 2

@@ -1,12 +1,15 @@
 """A ``shardchat node`` child process, and the server child it is one kind of.
 
-Three places start and supervise nodes: ``shardchat up`` (the nodes of a local cluster),
-the tests (real nodes on loopback) and the benchmark (servers pinned to their own cores).
+Four places start and supervise nodes: ``shardchat up`` (the nodes of a local cluster),
+``shardchat node --instance 3,4`` (the processes of one host, ``cluster/nodegroup.py``), the
+tests (real nodes on loopback) and the benchmark (servers pinned to their own cores).
 What they share is written once, here:
 
 * spawning: the command line, the environment (``PYTHONUNBUFFERED`` plus what the caller
   adds), stdin closed, stdout and stderr appended to a log file behind a line that marks
-  where this run begins, so ``run_log`` is this run's output and the file keeps every run;
+  where this run begins, so ``run_log`` is this run's output and the file keeps every run
+  (or, without a log file, the caller's own stdout and stderr, so a service manager's
+  journal gets every child's lines);
 * being ready: the ready URL (a node's ``/i<N>/healthz``) answers 200, polled until a
   deadline; a child that exits first fails at once (``Exited``, with the end of its log, and
   ``address_in_use`` when it could not bind its port);
@@ -38,6 +41,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from shardchat import urls
 from shardchat.lifecycle import PARENT_PID_ENV
@@ -58,13 +62,14 @@ class ChildError(RuntimeError):
 class Exited(ChildError):
     """The child exited while it was expected to run (before it was ready, or since)."""
 
-    def __init__(self, name: str, code: int, log_path: Path, run_log: str) -> None:
+    def __init__(self, name: str, code: int, log_path: Path | None, run_log: str) -> None:
         self.name = name
         self.code = code
         self.log_path = log_path
         self.run_log = run_log
-        super().__init__(f"{name} exited with code {code}; the last lines of {log_path}:\n"
-                         f"{self.tail()}")
+        where = (f"the last lines of {log_path}:\n{self.tail()}" if log_path is not None
+                 else "its output went to this process's stderr")
+        super().__init__(f"{name} exited with code {code}; {where}")
 
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return "\n".join(self.run_log.splitlines()[-lines:])
@@ -82,7 +87,7 @@ class NotReady(ChildError, TimeoutError):
 class ChildProcess:
     """One server child process: spawn, ready, stop, kill, and its log."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, *,
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path | None, *,
                  env: Mapping[str, str] | None = None, cwd: Path | None = None,
                  ready_url: str | None = None, cores: set[int] | None = None,
                  own_group: bool = False) -> None:
@@ -112,16 +117,22 @@ class ChildProcess:
         """Start the child, without waiting for it to be ready."""
         if self.running:
             raise ChildError(f"{self.name} is running already (pid {self.pid})")
+        if self.log_path is None:  # the child writes where this process writes
+            self._popen(None)
+            return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._log_from = log.tell()
             log.write(f"--- started {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
             log.flush()
-            with _pinned(self.cores):
-                self.proc = subprocess.Popen(
-                    self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env=self.child_env(), cwd=self.cwd,
-                    process_group=0 if self.own_group else None)
+            self._popen(log)
+
+    def _popen(self, log: BinaryIO | None) -> None:
+        with _pinned(self.cores):
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=None if log is None else subprocess.STDOUT, env=self.child_env(),
+                cwd=self.cwd, process_group=0 if self.own_group else None)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -146,7 +157,10 @@ class ChildProcess:
     # -- the log ----------------------------------------------------------------------------
 
     def run_log(self) -> str:
-        """This run's output (the log file holds every run of the child)."""
+        """This run's output (the log file holds every run of the child); empty without a
+        log file."""
+        if self.log_path is None:
+            return ""
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(self._log_from)
@@ -171,8 +185,8 @@ class ChildProcess:
 
     def _not_ready(self, timeout: float) -> NotReady:
         what = self.ready_url or "its readiness check"
-        return NotReady(f"{self.name} did not answer {what} within {timeout:g} s; see "
-                        f"{self.log_path}")
+        see = self.log_path if self.log_path is not None else "its output above"
+        return NotReady(f"{self.name} did not answer {what} within {timeout:g} s; see {see}")
 
     def wait_ready(self, timeout: float, probe: Callable[[], bool] | None = None) -> None:
         """Block until ``probe`` (default: the ready URL) succeeds; ``Exited`` at once when
@@ -274,7 +288,7 @@ class NodeProcess(ChildProcess):
     so. ``python_args`` go to the interpreter before ``-m shardchat`` (a profiler, say)."""
 
     def __init__(self, config_path: Path, number: int, *, host: str, port: int,
-                 log_path: Path, env: Mapping[str, str] | None = None,
+                 log_path: Path | None, env: Mapping[str, str] | None = None,
                  cwd: Path | None = None, cores: set[int] | None = None,
                  own_group: bool = False, supervised: bool = False,
                  python_args: Sequence[str] = ()) -> None:

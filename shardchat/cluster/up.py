@@ -25,10 +25,10 @@ SPEC section 8). The router starts once the shrink is over, with the kept instan
 Nodes are real ``shardchat node`` processes (``nodeproc.NodeProcess``) in their own process
 group, so Ctrl-C reaches only this supervisor, which then stops them in order: SIGTERM to
 every node (each drains, flushes its store and exits), wait for all of them, stop the
-router, exit 0. Every wait is bounded: a node that has not exited ``STOP_EXTRA`` seconds
-past its own shutdown limit is killed, and the supervisor itself exits by ``stop_limit``
-whatever it is waiting on. Nothing is restarted behind the user's back: a node that dies is
-reported, the others keep going.
+router, exit 0. Every wait is bounded: a node that has not exited ``lifecycle.STOP_EXTRA``
+seconds past its own shutdown limit is killed, and the supervisor itself exits by
+``stop_limit`` whatever it is waiting on. Nothing is restarted behind the user's back: a
+node that dies is reported, the others keep going.
 
 Nodes die with the supervisor, also when it is SIGKILLed and cannot stop them. Each node is
 started with ``SHARDCHAT_PARENT_PID`` set to this process's pid (``supervised=True``), and
@@ -62,13 +62,12 @@ from shardchat.cluster.control import NodeDown, Nodes
 from shardchat.cluster.nodeproc import Exited, NodeProcess, NotReady
 from shardchat.cluster.router import HealthSettings, Router, RouterLimits, serve
 from shardchat.cluster.rules import build_rules
-from shardchat.lifecycle import SHUTDOWN_LIMIT, Watchdog
+from shardchat.lifecycle import Watchdog, node_stop_limit
 
 log = logging.getLogger(__name__)
 
 CLUSTER_NAME = "local"
 START_TIMEOUT = 30.0   # seconds a node may take to answer its health check
-STOP_EXTRA = 5.0       # seconds beyond a node's own shutdown bound before it is killed
 KILL_WAIT = 5.0        # seconds a killed node may take to be reaped
 ROUTER_STOP = 5.0      # seconds the router's listener may take to close
 # The nodes' drain grace unless the config sets one: as long as the local router takes to
@@ -246,7 +245,7 @@ class Up:
     @property
     def node_stop_limit(self) -> float:
         """Seconds a node may take from SIGTERM to exit before it is killed."""
-        return self.cfg.node.drain_grace_seconds + SHUTDOWN_LIMIT + STOP_EXTRA
+        return node_stop_limit(self.cfg.node.drain_grace_seconds)
 
     @property
     def stop_limit(self) -> float:

@@ -1,0 +1,364 @@
+"""``python -m bench --scenario multicore``: what a second instance process on a second core
+delivers, against one process on one core, in small rooms.
+
+Each run starts fresh shardchat nodes (``servers.ShardchatServer``, default settings, fsync
+on): one node pinned to the first core, or two nodes pinned one to each of the first two
+cores. Every node carries the same load, ``ROOMS`` rooms of ``ROOM_SIZE`` (a second node
+brings rooms of its own, as a second process on a host does once placement spreads rooms
+over it), and the load generator (``loadgen.closed_loop``, at most ``WINDOW`` messages per
+room in flight: the "small" scenario's shape) sends ``MESSAGES`` messages in every room.
+Runs alternate (1, 2, 1, 2, ...) and each side's median is reported.
+
+**Why the figure needs accounting on a 2-core machine.** On AWS the clients are elsewhere
+and a host's cores serve only its nodes. Here the load generator shares the machine: with
+one node it has core 1 to itself, with two it has no core left and takes its CPU (about
+60 % of what the nodes spend: it reads every delivery) from theirs, and so do the other
+processes of this shared machine. Deliveries per wall second then measure the load
+generator as much as the nodes (that figure is in every row, ``deliveries_per_s``). So:
+
+* the load generator is *not pinned* in either run: the kernel puts it where there is room,
+  and its CPU is reported;
+* it stands for clients on other machines, which never wait for a core, so while it
+  measures it runs at nice ``LOADGEN_NICE`` (where allowed, i.e. as root; each row says
+  which): it gets a core as soon as it has work, and a node waits less for input while
+  the load generator is busy with the other node. The nodes keep the default priority, and
+  every preemption by the load generator costs them, not it;
+* the figure (``deliveries_per_s_busy_cores``) is what the server cores deliver with every
+  node busy on a core of its own: the sum over the nodes of each node's deliveries (counted
+  by its own rooms) over its CPU-seconds (every thread, read from /proc). With one node
+  alone on core 0 this is about its deliveries per wall second: a node there is never
+  short of work at this load.
+
+With two nodes their cores still sit idle for a few per cent of the run, when a node has
+nothing to do while the load generator (one process, which must read a message's every
+delivery before its room's next message goes out) works for the other node. That idle
+time is the load generator's, not the nodes': it is the same with fsync off, and it does
+not appear with one node, whose load generator has a core to itself. The stricter
+figure that counts it against the nodes is in every row as a floor
+(``deliveries_per_s_idle_counted``: deliveries × cores / (the nodes' CPU + the idle time of
+their cores, from /proc/stat per core, ``servers_had``); what the load generator and any
+other process ran on those cores, and what the hypervisor stole, is left out of both).
+
+What the accounting cannot create: whatever two nodes cost each other on one machine (the
+one disk's fsyncs, the shared caches and memory bandwidth, the kernel's network locks)
+makes each delivery cost more CPU, and lowers the figure. And a node that is busy only half
+the time, as each of the two is here, tends to batch less than a fully busy one (messages
+per store commit are in every row), so its CPU per delivery is if anything higher than it
+would be with its core to itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from bench import loadgen, procstat
+from bench.servers import ServerError, ShardchatServer
+from shardchat.cluster.nodeproc import ChildError
+from shardchat.node import gctune
+
+ROOMS = 200       # rooms per node: the "small" scenario's shape
+ROOM_SIZE = 10
+MESSAGES = 200    # per room: several seconds of traffic per run, well above the 10 ms ticks
+WINDOW = 2        # the "small" scenario's: enough to keep a node alone on its core busy
+QUICK_MESSAGES = 60
+TARGET = 1.8      # two processes on two cores: at least this many times one process
+LOADGEN_NICE = -5  # the load generator's priority while it measures (see above)
+TIMEOUT = 180.0   # seconds a closed loop may take
+RESULTS = ("multicore.json", "multicore.md")
+
+
+# ---------------------------------------------------------------------------------------
+# CPU time per core
+
+
+@dataclass(frozen=True)
+class CoreTimes:
+    """One core's times from /proc/stat, in seconds: idle (iowait included) and interrupt
+    handling (irq, softirq)."""
+
+    idle: float
+    interrupts: float
+
+
+def core_times() -> dict[int, CoreTimes]:
+    """Every core's ``CoreTimes`` now."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            v = [int(x) for x in fields]  # user nice system idle iowait irq softirq steal
+            out[int(name[3:])] = CoreTimes(idle=(v[3] + v[4]) / ticks,
+                                           interrupts=(v[5] + v[6]) / ticks)
+    return out
+
+
+def interrupts_apart() -> bool:
+    """Whether the kernel keeps interrupt time apart from the interrupted process's
+    (CONFIG_IRQ_TIME_ACCOUNTING). Without it, as on most distribution kernels, a tick that
+    lands in an interrupt is charged to the process it interrupted. Unknown: assume apart,
+    which counts interrupt time on the server cores against the servers."""
+    import gzip
+
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            return any(line.strip() == "CONFIG_IRQ_TIME_ACCOUNTING=y" for line in f)
+    except OSError:
+        return True
+
+
+def servers_had(before: dict[int, CoreTimes], after: dict[int, CoreTimes],
+                cores: set[int], server_cpu: float) -> float:
+    """Core-seconds of ``cores`` that no process but the servers used between two
+    readings: the servers' own CPU (pinned there, all of it is on those cores) plus the
+    time those cores were idle, plus their interrupt time where the kernel charges it to
+    no process (see ``interrupts_apart``). What another process ran there, and what the
+    hypervisor stole, is not counted."""
+    idle = sum(after[c].idle - before[c].idle for c in cores)
+    irq = (sum(after[c].interrupts - before[c].interrupts for c in cores)
+           if interrupts_apart() else 0.0)
+    return server_cpu + idle + irq
+
+
+@contextlib.contextmanager
+def _priority(nice: int) -> Iterator[int]:
+    """This thread (the load generator's event loop) at ``nice`` for the block, where the
+    system allows it; yields the nice value it runs at. Nodes are spawned outside the block,
+    so they keep the default."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError:  # not root: measure at the default priority, and say so
+        yield before
+        return
+    try:
+        yield nice
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, before)
+
+
+def preemptions(pids: list[int]) -> int:
+    """Times the kernel took the CPU from these processes' threads while they could have
+    gone on (nonvoluntary context switches): how much other processes got in the way."""
+    total = 0
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("nonvoluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+            except OSError:  # the thread ended meanwhile
+                continue
+    return total
+
+
+def _per_commit(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> float | None:
+    """Messages per store commit over the measured phase, all nodes together."""
+    if not before or len(before) != len(after):
+        return None
+    commits = sum(a["store"]["commits"] - b["store"]["commits"]
+                  for a, b in zip(after, before, strict=True))
+    stored = sum(a["store"]["messages"] - b["store"]["messages"]
+                 for a, b in zip(after, before, strict=True))
+    return round(stored / commits, 2) if commits else None
+
+
+# ---------------------------------------------------------------------------------------
+# one run
+
+
+async def run_once(nodes: int, messages: int, log: Callable[[str], None] = print
+                   ) -> dict[str, Any]:
+    """``nodes`` shardchat nodes, one per core, each with its own ``ROOMS`` rooms; one
+    closed loop over all of them. Returns the row of figures."""
+    cores = sorted(os.sched_getaffinity(0))[:nodes]
+    server = ShardchatServer(set(cores), nodes)
+    row: dict[str, Any] = {"nodes": nodes, "server_cores": cores, "rooms": ROOMS * nodes,
+                           "room_size": ROOM_SIZE, "messages_per_room": messages}
+    step = "starting the nodes"
+    try:
+        server.start()
+        pids = server.pids
+        step = "creating the rooms"
+        handles = server.create_rooms(ROOMS * nodes)  # alternate between the nodes
+        endpoints = [[server.endpoint(h, j) for j in range(ROOM_SIZE)] for h in handles]
+        step = "connecting the clients"
+        rooms = await loadgen.connect_rooms(endpoints)
+        step = "measuring"
+        try:
+            row["idle_before_measure"] = await procstat.wait_idle(pids, timeout=30)
+            seen0 = [room.delivered for room in rooms]
+            per_node0 = [procstat.cpu_seconds(p) for p in pids]
+            threads0, switches0 = procstat.total_threads(pids), preemptions(pids)
+            metrics0 = server.metrics()
+            cores0, own0 = core_times(), time.process_time()
+            with _priority(LOADGEN_NICE) as row["loadgen_nice"]:
+                res = await loadgen.closed_loop(rooms, messages, WINDOW, timeout=TIMEOUT)
+            cores1, own1 = core_times(), time.process_time()
+            per_node = [procstat.cpu_seconds(p) - c for p, c in zip(pids, per_node0,
+                                                                      strict=True)]
+            # room r lives on node r % nodes (ShardchatServer alternates them)
+            node_deliveries = [sum(room.delivered - seen0[r] for r, room in enumerate(rooms)
+                                   if r % nodes == i) for i in range(nodes)]
+            row["server_threads_cpu_s"] = procstat.diff_threads(
+                threads0, procstat.total_threads(pids))
+            row["server_preemptions"] = preemptions(pids) - switches0
+            row["messages_per_commit"] = _per_commit(metrics0, server.metrics())
+        finally:
+            loadgen.close_all(rooms)
+        server.check()
+    except (ServerError, ChildError, OSError, TimeoutError) as exc:
+        row["error"] = f"{step}: {type(exc).__name__}: {str(exc)[:300]}"
+        row["error_logs"] = {proc.name: proc.log_tail(15) for proc in server.procs}
+        return row
+    finally:
+        server.stop()
+    server_cpu = sum(per_node)
+    had = servers_had(cores0, cores1, set(cores), server_cpu)
+    busy_cores = sum(d / c for d, c in zip(node_deliveries, per_node, strict=True) if c > 0)
+    row.update(
+        deliveries=res.delivered, deliveries_per_node=node_deliveries, expected=res.expected,
+        complete=res.complete, acks_failed=res.acks_failed, wall_s=round(res.wall, 2),
+        server_cpu_s=round(server_cpu, 2),
+        server_cpu_per_node_s=[round(c, 2) for c in per_node],
+        node_busy=[round(c / res.wall, 2) for c in per_node],
+        server_cores_idle_s=round(had - server_cpu, 2),
+        other_cpu_on_server_cores_s=round(max(0.0, len(cores) * res.wall - had), 2),
+        loadgen_cpu_s=round(own1 - own0, 2),
+        deliveries_per_s=round(res.delivered / res.wall),
+        deliveries_per_cpu_s=round(res.delivered / server_cpu) if server_cpu else None,
+        deliveries_per_s_busy_cores=round(busy_cores),
+        deliveries_per_s_idle_counted=round(res.delivered * len(cores) / had) if had else None)
+    log(f"  {nodes} node(s): {row['deliveries_per_s_busy_cores']:,} deliveries/s with every "
+        f"node busy on its core ({row['deliveries_per_s_idle_counted']:,} counting idle, "
+        f"{row['deliveries_per_s']:,}/s wall; nodes busy {row['node_busy']}, their cores "
+        f"idle {row['server_cores_idle_s']} s, load generator {row['loadgen_cpu_s']} CPU-s "
+        f"at nice {row['loadgen_nice']}, {row['wall_s']} s)")
+    return row
+
+
+# ---------------------------------------------------------------------------------------
+# rounds, the verdict, the files
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None and "error" not in r]
+    return statistics.median(values) if values else None
+
+
+def _ratio(one: list[dict[str, Any]], two: list[dict[str, Any]], key: str) -> float | None:
+    a, b = _median(one, key), _median(two, key)
+    return round(b / a, 2) if a and b else None
+
+
+def summarise(runs: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The medians of each side and the ratios; the target is judged on the first, and on
+    every measured run being complete (a run that failed before it measured anything, and
+    was tried again, is counted in ``failed_runs``)."""
+    one, two = runs[1], runs[2]
+    ratio = _ratio(one, two, "deliveries_per_s_busy_cores")
+    measured = [r for r in (*one, *two) if "error" not in r]
+    complete = bool(measured) and all(r.get("complete") for r in measured)
+    return {"ratio": ratio, "target": TARGET,
+            "met": bool(ratio is not None and ratio >= TARGET and complete),
+            "failed_runs": sum(1 for r in (*one, *two) if "error" in r),
+            "ratio_idle_counted": _ratio(one, two, "deliveries_per_s_idle_counted"),
+            "ratio_wall": _ratio(one, two, "deliveries_per_s"),
+            "medians": {str(n): {k: _median(rows, k) for k in (
+                "deliveries_per_s_busy_cores", "deliveries_per_s_idle_counted",
+                "deliveries_per_s", "deliveries_per_cpu_s")} for n, rows in runs.items()},
+            "complete": complete}
+
+
+def markdown(summary: dict[str, Any], runs: dict[int, list[dict[str, Any]]],
+             meta: dict[str, Any]) -> str:
+    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
+             f"Started: {meta['started']}, took {meta['duration_s']:.0f} s  ", "",
+             "| nodes | deliveries/s, every node busy on its core | counting idle | per "
+             "wall second | nodes busy | idle core-s | messages per commit | load generator "
+             "CPU-s (nice) | core-s others took | complete |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for nodes, rows in runs.items():
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {nodes} | FAILED: {r['error']} | | | | | | | | no |")
+                continue
+            lines.append(f"| {nodes} | {r['deliveries_per_s_busy_cores']:,} | "
+                         f"{r['deliveries_per_s_idle_counted']:,} | "
+                         f"{r['deliveries_per_s']:,} | "
+                         f"{', '.join(f'{b:.0%}' for b in r['node_busy'])} | "
+                         f"{r['server_cores_idle_s']} | {r['messages_per_commit']} | "
+                         f"{r['loadgen_cpu_s']} ({r['loadgen_nice']}) | "
+                         f"{r['other_cpu_on_server_cores_s']} | "
+                         f"{'yes' if r['complete'] else 'NO'} |")
+    lines += ["", f"Two processes / one (medians): **{summary['ratio']}x** with every node "
+              f"busy on its core (target ≥ {TARGET}x: "
+              f"{'met' if summary['met'] else 'NOT met'}); {summary['ratio_idle_counted']}x "
+              f"counting the idle time of their cores against them; {summary['ratio_wall']}x "
+              "per wall second, the load generator on the same two cores.", ""]
+    return "\n".join(lines)
+
+
+async def run_rounds(rounds: int, messages: int, log: Callable[[str], None] = print
+                     ) -> dict[int, list[dict[str, Any]]]:
+    """``rounds`` interleaved rounds of one node, then two. This process, the load
+    generator, stays unpinned (see the module docstring). A run that fails (this machine
+    is shared: a start-up or a request can time out) is tried once more, and both rows
+    are kept."""
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("the multicore scenario needs at least 2 cores")
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    for r in range(rounds):
+        log(f"  round {r + 1} of {rounds}")
+        for nodes in (1, 2):
+            row = await run_once(nodes, messages, log)
+            if "error" in row:
+                log(f"  {nodes} node(s): failed ({row['error']}); once more")
+                runs[nodes].append(row)
+                row = await run_once(nodes, messages, log)
+            runs[nodes].append(row)
+    return runs
+
+
+def main(args: argparse.Namespace, argv: list[str] | None, machine: str,
+         raise_fd_limit: Callable[[int], None]) -> int:
+    """The scenario from ``python -m bench``: exit 0 when the target is met."""
+    rounds = 1 if args.quick else max(1, args.rounds)
+    messages = QUICK_MESSAGES if args.quick else MESSAGES
+    raise_fd_limit(2 * 2 * ROOMS * ROOM_SIZE + 1024)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    gctune.install(tune=True)  # as a node's: the load generator's pauses would slow it
+    print(f"== multicore: {ROOMS} rooms of {ROOM_SIZE} per node, 1 node vs 2 nodes on 2 "
+          "cores", flush=True)
+    started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.monotonic()
+    runs = asyncio.run(run_rounds(rounds, messages, lambda s: print(s, flush=True)))
+    summary = summarise(runs)
+    meta = {"command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": machine, "started": started, "rounds": rounds,
+            "duration_s": round(time.monotonic() - t0, 1)}
+    text = markdown(summary, runs, meta)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / RESULTS[0]).write_text(json.dumps(
+        {"meta": meta, "summary": summary, "runs": runs}, indent=2) + "\n")
+    (args.out / RESULTS[1]).write_text(text)
+    print()
+    print(text)
+    print(f"wrote {', '.join(str(args.out / name) for name in RESULTS)}")
+    return 0 if summary["met"] else 1
