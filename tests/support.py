@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import importlib.util
 import json
 import os
@@ -31,6 +32,7 @@ import socket
 import time
 import tomllib
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
@@ -363,3 +365,16 @@ class JsClient:
         if self.proc.returncode is None:
             self.proc.kill()
         await asyncio.wait_for(self.proc.wait(), 15)
+
+
+def page_redirect(base: str, path: str) -> tuple[int, str | None]:
+    """GET a page without following redirects: (status, Location)."""
+    parts = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, resp.getheader("Location")
+    finally:
+        conn.close()

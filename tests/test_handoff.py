@@ -10,14 +10,13 @@ the room no more. kill -9 at each step: tests/faults/.
 from __future__ import annotations
 
 import asyncio
-import http.client
 from urllib.parse import urlsplit
 
 import pytest
 
 from tests.conftest import acreate_room, assert_failed_ack, assert_refusal_shape, refusal
 from tests.moves import AUTH, Sender, move_room, room_state, stats
-from tests.support import NodeProcess, async_wait_until, http_json, running_nodes
+from tests.support import NodeProcess, async_wait_until, http_json, page_redirect, running_nodes
 
 DISCONNECT_AFTER_MOVED = 1.0  # SPEC: disconnected within a second of ``moved``
 
@@ -30,14 +29,7 @@ def pair(tmp_path_factory):
 
 def page_status(node: NodeProcess, path: str) -> tuple[int, str | None]:
     """GET without following redirects: (status, Location)."""
-    conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=5)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status, resp.getheader("Location")
-    finally:
-        conn.close()
+    return page_redirect(node.base_url, path)
 
 
 def where(node: NodeProcess, room_id: str) -> dict:

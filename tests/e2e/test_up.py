@@ -8,7 +8,6 @@ run fails.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
 import shutil
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import threading
 import tomllib
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from tests.support import (
     GiveUp,
     free_port,
     http_json,
+    page_redirect,
     wait_until,
 )
 
@@ -242,14 +241,3 @@ async def test_up_shrinks_by_moving_the_rooms_off_and_grows_again(tmp_path):
         up.kill()
 
 
-def page_redirect(base: str, path: str) -> tuple[int, str | None]:
-    """GET a page without following redirects: (status, Location)."""
-    parts = urllib.parse.urlsplit(base)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status, resp.getheader("Location")
-    finally:
-        conn.close()
