@@ -29,6 +29,7 @@ from bench import multicore, report, scenarios, soak
 from bench.follow import FollowError
 from bench.servers import (
     NodeJsServer,
+    RawWsServer,
     RedisServer,
     Server,
     ServerError,
@@ -41,7 +42,7 @@ from shardchat.node import gctune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVER_KEYS = ("shardchat", "shardchat-nofsync", "shardchat-2", "shardchat-3",
-               "shardchat-stock", "stock", "node", "redis-2")
+               "shardchat-stock", "stock", "node", "rawws", "redis-2")
 
 
 def make_server(key: str, cores: set[int] | None, profile: Path | None) -> Server | None:
@@ -60,6 +61,8 @@ def make_server(key: str, cores: set[int] | None, profile: Path | None) -> Serve
         return StockServer(cores)
     if key == "node":
         return NodeJsServer(cores) if NodeJsServer.available() else None
+    if key == "rawws":
+        return RawWsServer(cores) if RawWsServer.available() else None
     if key == "redis-2":
         return RedisServer(cores) if RedisServer.available() else None
     raise ValueError(f"unknown server {key!r}")

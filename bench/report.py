@@ -15,6 +15,7 @@ from typing import Any
 SHARDCHAT = "shardchat"
 STOCK = "stock python-socketio"
 NODE = "node socket.io"
+RAWWS = "raw ws"
 REDIS2 = "redis-adapter, 2 nodes"
 SHARD2 = "shardchat, 2 nodes"
 
@@ -53,6 +54,10 @@ def targets(rows: list[dict]) -> list[dict[str, Any]]:
         _ratio(rows, "small", SHARDCHAT, STOCK, dpc), 2)
     add("small rooms: deliveries/CPU-s vs Node socket.io",
         _ratio(rows, "small", SHARDCHAT, NODE, dpc), 1)
+    add("large room: deliveries/CPU-s vs raw ws",
+        _ratio(rows, "large", SHARDCHAT, RAWWS, dpc), 2)
+    add("small rooms: deliveries/CPU-s vs raw ws",
+        _ratio(rows, "small", SHARDCHAT, RAWWS, dpc), 1.2)
     deflate = None
     r1, r2 = _row(rows, "large_deflate", SHARDCHAT), _row(rows, "large", SHARDCHAT)
     if r1 and r2 and r1.get(dpc) and r2.get(dpc):
@@ -63,6 +68,8 @@ def targets(rows: list[dict]) -> list[dict[str, Any]]:
     lat = _row(rows, "latency", SHARDCHAT)
     add("p99 delivery latency at half the peak rate (ms)", lat.get("p99_ms") if lat else None,
         25, higher_is_better=False, unit=" ms")
+    add("p50 delivery latency at half the peak rate vs raw ws (fsync on)",
+        _ratio(rows, "latency", SHARDCHAT, RAWWS, "p50_ms"), 1.5, higher_is_better=False)
     add("2 nodes: deliveries/CPU-s vs the Redis-adapter design",
         _ratio(rows, "two_nodes", SHARD2, REDIS2, dpc), 2)
     return out

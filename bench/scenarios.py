@@ -30,7 +30,7 @@ class Scenario:
     deflate: bool = False
     duration: float = 0.0  # seconds of open-loop sending (latency), of each window (drain)
     rate: float = 0.0  # messages per second sent in all (move, drain)
-    servers: tuple[str, ...] = ("shardchat", "stock", "node")
+    servers: tuple[str, ...] = ("shardchat", "stock", "node", "rawws")
     title: str = ""
 
     @property
@@ -54,7 +54,7 @@ def servers_of(sc: Scenario, named: set[str]) -> list[str]:
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("large", "throughput", rooms=1, room_size=500, messages=400, window=8,
-             servers=("shardchat", "shardchat-nofsync", "stock", "node"),
+             servers=("shardchat", "shardchat-nofsync", "stock", "node", "rawws"),
              title="one room of 500"),
     Scenario("large_deflate", "throughput", rooms=1, room_size=500, messages=400, window=8,
              deflate=True, title="one room of 500, clients offer permessage-deflate"),
@@ -65,7 +65,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              title="200 rooms of 10 on 2 nodes (Redis design: members split across nodes)"),
     Scenario("idle", "idle", rooms=250, room_size=20, title="5,000 idle connections"),
     Scenario("latency", "latency", rooms=1, room_size=500, messages=150, window=8,
-             duration=4.0, servers=("shardchat", "shardchat-nofsync", "stock", "node"),
+             duration=4.0, servers=("shardchat", "shardchat-nofsync", "stock", "node", "rawws"),
              title="one room of 500 at half the peak rate"),
     Scenario("move", "move", rooms=1, room_size=500, messages=10_000, rate=50.0,
              servers=("shardchat-2",),

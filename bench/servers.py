@@ -181,6 +181,28 @@ class NodeJsServer(Server):
         return Endpoint("127.0.0.1", self.port, "/socket.io", f"/room/{room}")
 
 
+class RawWsServer(Server):
+    """A raw ``ws`` server (Node, the ws package) speaking just enough Engine.IO/Socket.IO
+    framing for the load generator and broadcasting each frame encoded once, with nothing
+    stored (bench/peers/raw_ws.js): what a team would write if it rewrote its chat on ws."""
+
+    label = "raw ws"
+
+    @staticmethod
+    def available() -> bool:
+        return bool(shutil.which("node")) and (ROOT / "node_modules" / "ws").is_dir()
+
+    def start(self) -> None:
+        self.port = free_port()
+        p = self._spawn("rawws", [shutil.which("node") or "node",
+                                  str(ROOT / "bench" / "peers" / "raw_ws.js"), str(self.port)],
+                        0, ready_url=f"http://127.0.0.1:{self.port}/healthz")
+        p.wait_ready(START_TIMEOUT)
+
+    def endpoint(self, room: Any, member: int) -> Endpoint:
+        return Endpoint("127.0.0.1", self.port, "/socket.io", f"/room/{room}")
+
+
 class RedisServer(Server):
     """The Redis-adapter design: 2 python-socketio nodes with AsyncRedisManager and one
     redis-server (its CPU counts: it is part of that design's server side). Members of a
