@@ -11,9 +11,9 @@ instead, since the config asked for a copy elsewhere.
 
 Litestream dies with the node: it is started with the parent-death signal set to SIGTERM,
 so a node killed with SIGKILL does not leave a Litestream behind that would race the next
-one on the same store and replica. It runs in a process group of its own, so a signal to the
-node's group reaches the node alone, which stops it last. On SIGTERM Litestream uploads what it has not shipped
-yet (``litestream.SHUTDOWN_SYNC_SECONDS``) and exits.
+one on the same store and replica. It runs in a process group of its own, so a signal to
+the node's group reaches the node alone, which stops it last. On SIGTERM Litestream uploads
+what it has not shipped yet (``litestream.SHUTDOWN_SYNC_SECONDS``) and exits.
 
 Litestream logs JSON lines on stderr (``litestream.render``), read here: warnings and
 errors go to the node's log, and the debug lines give the positions shown in the metrics,
