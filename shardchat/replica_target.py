@@ -87,5 +87,6 @@ def parse(value: str) -> Target:
                           "(3..63 lower-case letters, digits, '.' or '-')")
     prefix = prefix.strip("/")
     if "//" in prefix:
-        raise TargetError(f"has an empty part in its prefix {prefix!r}")
+        raise TargetError(f"has an empty part in its prefix {prefix!r}: write it as "
+                          f"s3://{bucket}/{'/'.join(p for p in prefix.split('/') if p)}")
     return S3Target(bucket, prefix)
