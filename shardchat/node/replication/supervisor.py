@@ -93,25 +93,34 @@ class Supervisor:
         """SIGTERM (Litestream uploads what is left, within its shutdown bound), then
         SIGKILL after ``STOP_TIMEOUT``. Safe to call more than once."""
         self._stopping.set()
-        proc = self.proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-            except TimeoutError:
-                log.warning("litestream did not stop within %g s of SIGTERM; killing it "
-                            "(what it had not uploaded is on this disk only)", STOP_TIMEOUT)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), KILL_WAIT)
-        if self._task is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._task, KILL_WAIT)
-        if proc is not None and proc.returncode is not None:
+        for _ in range(2):  # twice: a restart may have been spawning when the stop began
+            proc = self.proc
+            if proc is not None:
+                await self._end(proc)
+            if self._task is not None:
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(self._task), KILL_WAIT)
+            if self.proc is proc:
+                break
+        if self.proc is not None and self.proc.returncode is not None:
             log.info("litestream stopped (exit code %s); replica at transaction %d",
-                     proc.returncode, self.replica_txid)
+                     self.proc.returncode, self.replica_txid)
+
+    async def _end(self, proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM, up to ``STOP_TIMEOUT`` for the exit, then SIGKILL."""
+        if proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            log.warning("litestream did not stop within %g s of SIGTERM; killing it (what "
+                        "it had not uploaded is on this disk only)", STOP_TIMEOUT)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), KILL_WAIT)
 
     def stats(self) -> dict[str, Any]:
         """For ``/internal/metrics``: is it running, how often it died, how far it got."""
