@@ -79,6 +79,7 @@ class Supervisor:
         self.local_txid = 0  # the last transaction Litestream wrote to its local LTX
         self.replica_txid = 0  # the highest transaction uploaded to the replica
         self.uploads = 0
+        self.checkpoints = 0  # WAL checkpoints Litestream ran (it owns them, checkpoint.py)
         self.last_upload: float | None = None  # time.time() of the last upload
         self._recent: deque[str] = deque(maxlen=ERROR_LINES)
         self._stopping = asyncio.Event()
@@ -131,7 +132,8 @@ class Supervisor:
                 "starts": self.starts, "restarts": self.restarts,
                 "last_exit": self.last_exit, "errors": self.errors,
                 "local_txid": self.local_txid, "replica_txid": self.replica_txid,
-                "uploads": self.uploads, "last_upload_age": age}
+                "uploads": self.uploads, "last_upload_age": age,
+                "checkpoints": self.checkpoints}
 
     # -- the process ------------------------------------------------------------------------
 
@@ -205,6 +207,8 @@ class Supervisor:
             self.uploads += 1
             self.last_upload = time.time()
             self.replica_txid = max(self.replica_txid, _txid(record.get("maxTXID")))
+        elif msg == "checkpoint" and "mode" in record:
+            self.checkpoints += 1
         elif msg == "sync" and "txid" in record:
             self.local_txid = max(self.local_txid, _txid(record.get("txid")))
         if level not in ("WARN", "ERROR"):
