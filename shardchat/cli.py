@@ -89,6 +89,12 @@ def check(config_path: str) -> None:
     for inst, rule in zip(cfg.instances, ruleset.rules, strict=True):
         click.echo(f"  instance {inst.number}: {inst.host}:{inst.port} (internal "
                    f"{inst.internal_port})  rule {rule.priority}: {rule.path_pattern}")
+    if cfg.node.replicate_to:
+        from shardchat import replica_target
+
+        where = replica_target.parse(cfg.node.replicate_to).pattern()
+        click.echo(f"  stores replicated (Litestream) to {where} every "
+                   f"{cfg.node.replicate_sync_interval:g} s")
 
 
 @main.command()

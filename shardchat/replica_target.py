@@ -42,6 +42,10 @@ class S3Target:
     def describe(self, number: int) -> str:
         return f"s3://{self.bucket}/{self.key_prefix(number)}"
 
+    def pattern(self) -> str:
+        """Every instance's place at once, for people: ``s3://bucket/prefix/i<N>/``."""
+        return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}i<N>/"
+
 
 @dataclass(frozen=True)
 class FileTarget:
@@ -53,6 +57,9 @@ class FileTarget:
 
     def describe(self, number: int) -> str:
         return str(self.directory(number))
+
+    def pattern(self) -> str:
+        return f"{self.root.absolute()}/i<N>/"
 
 
 Target = S3Target | FileTarget

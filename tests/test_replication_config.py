@@ -54,6 +54,7 @@ def test_each_instance_has_a_place_of_its_own_under_the_target():
     assert [s3.key_prefix(1), s3.key_prefix(12)] == ["chat/i1", "chat/i12"]
     assert S3Target("b", "").key_prefix(3) == "i3"
     assert FileTarget(Path("/r")).directory(12) == Path("/r/i12")
+    assert s3.pattern() == "s3://b/chat/i<N>/" and FileTarget(Path("/r")).pattern() == "/r/i<N>/"
 
 
 def test_replication_is_off_by_default():
