@@ -1,9 +1,10 @@
 """Instance N, wired: the one module that builds a node and runs it.
 
 ``Node`` builds the parts (the store, the Socket.IO engine ``node.engine`` names, the room
-service, the limits, the placer, the public and internal listeners) and hands each the
-others it needs; ``serve`` runs it until SIGTERM/SIGINT (or its supervisor is gone), drains
-it and returns the exit code. This is the only module of ``node/`` that imports the cluster:
+service, the limits, the placer, the public and internal listeners, and Litestream beside
+the store when ``node.replicate_to`` is set) and hands each the others it needs; ``serve``
+runs it until SIGTERM/SIGINT (or its supervisor is gone), drains it and returns the exit
+code. This is the only module of ``node/`` that imports the cluster:
 the placer (``cluster/placement.py``) is built here, with this node as its ``LocalNode``
 (its own stats and room creation), and handed to the public routes, which know it only as a
 ``RoomPlacer``; so is the directory (``cluster/directory.py``, asking the placer's peers
