@@ -76,7 +76,7 @@ class Supervisor:
         self.restarts = 0  # deaths while the node ran (each one restarted)
         self.last_exit: int | None = None
         self.errors = 0  # ERROR lines Litestream logged
-        self.local_txid = 0  # the last transaction Litestream wrote to its local LTX
+        self.local_txid = 0  # the last transaction Litestream turned into a local LTX file
         self.replica_txid = 0  # the highest transaction uploaded to the replica
         self.uploads = 0
         self.checkpoints = 0  # WAL checkpoints Litestream ran (it owns them, checkpoint.py)
@@ -209,8 +209,10 @@ class Supervisor:
             self.replica_txid = max(self.replica_txid, _txid(record.get("maxTXID")))
         elif msg == "checkpoint" and "mode" in record:
             self.checkpoints += 1
-        elif msg == "sync" and "txid" in record:
-            self.local_txid = max(self.local_txid, _txid(record.get("txid")))
+        elif msg == "replica sync" and isinstance(record.get("txid"), dict):
+            # {"txid": {"replica": ..., "db": ...}}: the database's last LTX transaction
+            # (the debug line "sync" names the next one, which may never be written)
+            self.local_txid = max(self.local_txid, _txid(record["txid"].get("db")))
         if level not in ("WARN", "ERROR"):
             return
         detail = " ".join(f"{k}={v}" for k, v in record.items()
