@@ -1,5 +1,5 @@
-"""``shardchat node | check | up | router | move | drain | rebalance``: thin click wrappers
-that parse and hand over."""
+"""``shardchat node | check | restore | up | router | move | drain | rebalance``: thin click
+wrappers that parse and hand over."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import sys
 import click
 
 from shardchat import config as config_mod
-from shardchat.cli_common import config_errors_exit, load_config
+from shardchat.cli_common import (
+    EXIT_FAILED,
+    EXIT_REFUSED,
+    config_errors_exit,
+    load_config,
+)
+
+EXIT_NOTHING = 4  # restore: the replica holds no backup of the instance
+ROOMS_LISTED = 20  # restore prints this many rooms, then only the totals
 
 
 def load_node_config(path: str) -> config_mod.Config:
@@ -81,6 +89,68 @@ def check(config_path: str) -> None:
     for inst, rule in zip(cfg.instances, ruleset.rules, strict=True):
         click.echo(f"  instance {inst.number}: {inst.host}:{inst.port} (internal "
                    f"{inst.internal_port})  rule {rule.priority}: {rule.path_pattern}")
+    if cfg.node.replicate_to:
+        from shardchat import replica_target
+
+        where = replica_target.parse(cfg.node.replicate_to).pattern()
+        click.echo(f"  stores replicated (Litestream) to {where} every "
+                   f"{cfg.node.replicate_sync_interval:g} s")
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="TOML config file; its node.replicate_to names the replica.")
+@click.option("--instance", "number", required=True, type=click.IntRange(1, 9999),
+              help="Instance number N whose store to rebuild.")
+@click.option("--force", is_flag=True,
+              help="Restore even though the data directory holds a store: its files are "
+                   "moved aside into replaced-<time>/ in that directory, never deleted.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=3600.0, show_default=True,
+              help="Seconds the download may take.")
+def restore(config_path: str, number: int, force: bool, timeout: float) -> None:
+    """Rebuild instance N's store from its node.replicate_to copy (Litestream), on a new
+    machine or an emptied disk; then start it with `shardchat node`.
+
+    Exit codes: 0 restored; 1 the restore or the check of what it fetched failed (nothing
+    put in place); 2 config error; 3 refused, nothing changed (the data directory holds a
+    store, or a node runs on it); 4 the replica holds no backup of instance N."""
+    from shardchat.node.replication import restore as restoring
+    from shardchat.node.replication.litestream import ReplicationUnavailable
+
+    cfg = load_config(config_path)
+    with config_errors_exit():
+        cfg.instance(number)
+        if not cfg.node.replicate_to:
+            raise config_mod.ConfigError("node.replicate_to", f"is not set in {config_path}: "
+                                         "there is no replica to restore from. Set it to "
+                                         "where the nodes replicated (s3://bucket/prefix or "
+                                         "a directory)")
+    try:
+        done = restoring.restore(cfg, number, force=force, timeout=timeout)
+    except restoring.RestoreRefused as exc:
+        click.echo(f"Refused: {exc}", err=True)
+        sys.exit(EXIT_REFUSED)
+    except restoring.NothingToRestore as exc:
+        click.echo(f"Nothing to restore: {exc}", err=True)
+        sys.exit(EXIT_NOTHING)
+    except (restoring.RestoreFailed, ReplicationUnavailable) as exc:
+        click.echo(f"Restore failed: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    if done.replaced is not None:
+        click.echo(f"the store that was there is in {done.replaced}")
+    click.echo(f"restored instance {number} from {done.source} (transaction "
+               f"{done.txid or '?'}) into {done.path} in {done.seconds:.2f} s: "
+               f"{len(done.rooms)} rooms, {done.messages} messages, {done.size} bytes; "
+               "integrity check ok")
+    for room in done.rooms[:ROOMS_LISTED]:
+        click.echo(f"  room {room.room_id} {room.name!r}: {room.messages} messages, last "
+                   f"seq {room.last_seq}")
+    if len(done.rooms) > ROOMS_LISTED:
+        click.echo(f"  ... and {len(done.rooms) - ROOMS_LISTED} more rooms")
+    if done.arriving or done.forwards:
+        click.echo(f"  {done.arriving} rooms arriving by a move (finished when the node "
+                   f"starts), {done.forwards} forwards of rooms that moved away")
+    click.echo(f"start it with: shardchat node --config {config_path} --instance {number}")
 
 
 def _register_cluster_commands() -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from shardchat import urls
+from shardchat import replica_target, urls
 from shardchat.names import storage_name
 
 SECRET_ENV = "SHARDCHAT_SECRET"
@@ -93,6 +93,12 @@ class NodeSettings:
     log_level: str = "INFO"
     header_timeout: float = 10.0  # seconds to receive a request's headers (listener.py)
     idle_timeout: float = 0.0  # idle keep-alive seconds; 0: aws.idle_timeout + IDLE_MARGIN
+    # Off-machine copy of every store, streamed by Litestream (shardchat/node/replication/):
+    # "" (off), "s3://bucket/prefix" or a directory; each instance under <target>/i<N>/
+    replicate_to: str = ""
+    replicate_endpoint: str = ""  # S3-compatible server (MinIO, moto); "" for AWS S3
+    replicate_region: str = ""  # the bucket's region; "": aws.region
+    replicate_sync_interval: float = 1.0  # seconds between uploads: the loss window's size
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,11 @@ class Config:
 
     def instance_data_dir(self, number: int) -> Path:
         return self.data_dir / storage_name(number)
+
+    @property
+    def replicate_region(self) -> str:
+        """The replica bucket's region: ``node.replicate_region``, else ``aws.region``."""
+        return self.node.replicate_region or self.aws.region
 
     @property
     def keepalive_timeout(self) -> float:
@@ -356,7 +367,46 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("node.prune_interval", "must be 0 (prune after every write) or more "
                           f"seconds, got {n.prune_interval:g}")
     _check_aws(cfg.aws, n)
+    _check_replication(cfg)
     return cfg
+
+
+SYNC_INTERVAL_RANGE = (0.1, 3600.0)  # node.replicate_sync_interval, seconds
+
+
+def _check_replication(cfg: Config) -> None:
+    """``replicate_to`` names a place Litestream can write (``replica_target.parse``), away
+    from the data it protects; the other ``replicate_*`` keys fit it."""
+    n = cfg.node
+    low, high = SYNC_INTERVAL_RANGE
+    if not low <= n.replicate_sync_interval <= high:
+        raise ConfigError("node.replicate_sync_interval", f"must be {low:g}..{high:g} "
+                          f"seconds, got {n.replicate_sync_interval:g}")
+    if not n.replicate_to:
+        for key in ("replicate_endpoint", "replicate_region"):
+            if getattr(n, key):
+                raise ConfigError(f"node.{key}", "is set but node.replicate_to is not: set "
+                                  "node.replicate_to = \"s3://bucket/prefix\" too, or "
+                                  "remove this key")
+        return
+    try:
+        target = replica_target.parse(n.replicate_to)
+    except replica_target.TargetError as exc:
+        raise ConfigError("node.replicate_to", str(exc)) from None
+    if isinstance(target, replica_target.FileTarget):
+        if n.replicate_endpoint:
+            raise ConfigError("node.replicate_endpoint", "only applies to an s3:// "
+                              f"node.replicate_to, which is a directory here "
+                              f"({n.replicate_to!r})")
+        root, data = target.root.absolute(), cfg.data_dir.absolute()
+        if root == data or data in root.parents:
+            raise ConfigError("node.replicate_to", f"is inside cluster.data_dir ({data}): a "
+                              "copy on the same disk is lost with it. Name a directory "
+                              "outside it (another volume, a network mount) or an s3:// URL")
+    if n.replicate_endpoint and not n.replicate_endpoint.startswith(("http://", "https://")):
+        raise ConfigError("node.replicate_endpoint", "must be the URL of an S3-compatible "
+                          "server, starting with http:// or https://, got "
+                          f"{n.replicate_endpoint!r}")
 
 
 def _within(key: str, value: int, low: int, high: int, unit: str = "") -> None:

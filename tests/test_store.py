@@ -458,3 +458,24 @@ async def test_acked_messages_survive_kill_9(tmp_path: Path, fsync: bool) -> Non
     msg, _ = await send(s, "r", "after the crash")
     assert msg.seq == top + 1
     await s.close()
+
+
+@pytest.mark.parametrize("own", [True, False])
+async def test_with_litestream_checkpointing_the_store_leaves_the_wal_alone(tmp_path, own):
+    """``own_checkpoints=False`` (replication on): no checkpoint of ours, not even the
+    TRUNCATE at close, so every frame stays in the WAL for Litestream to ship. Another
+    connection stays open throughout, as Litestream's does (without one, SQLite's own
+    checkpoint when the last connection closes would empty the WAL either way)."""
+    store = Store(tmp_path, own_checkpoints=own)
+    await store.open()
+    other = sqlite3.connect(tmp_path / "store.sqlite3")
+    other.execute("SELECT COUNT(*) FROM rooms").fetchall()  # now it uses the WAL too
+    try:
+        await store.create_room(room("r"))
+        for i in range(20):
+            await send(store, "r", f"m{i}")
+        await store.close()
+        wal = tmp_path / "store.sqlite3-wal"
+        assert (wal.stat().st_size == 0) is own  # ours truncates it at close
+    finally:
+        other.close()

@@ -1,9 +1,10 @@
 """Instance N, wired: the one module that builds a node and runs it.
 
 ``Node`` builds the parts (the store, the Socket.IO engine ``node.engine`` names, the room
-service, the limits, the placer, the public and internal listeners) and hands each the
-others it needs; ``serve`` runs it until SIGTERM/SIGINT (or its supervisor is gone), drains
-it and returns the exit code. This is the only module of ``node/`` that imports the cluster:
+service, the limits, the placer, the public and internal listeners, and Litestream beside
+the store when ``node.replicate_to`` is set) and hands each the others it needs; ``serve``
+runs it until SIGTERM/SIGINT (or its supervisor is gone), drains it and returns the exit
+code. This is the only module of ``node/`` that imports the cluster:
 the placer (``cluster/placement.py``) is built here, with this node as its ``LocalNode``
 (its own stats and room creation), and handed to the public routes, which know it only as a
 ``RoomPlacer``; so is the directory (``cluster/directory.py``, asking the placer's peers
@@ -17,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +34,10 @@ from shardchat.node.handoff import Handoff
 from shardchat.node.handoff.routes import add_routes as add_move_routes
 from shardchat.node.http import PublicApp
 from shardchat.node.loads import NodeLoads
+from shardchat.node.replication import litestream
+from shardchat.node.replication.restore import holds_store
+from shardchat.node.replication.supervisor import STOP_TIMEOUT as REPLICA_STOP_TIMEOUT
+from shardchat.node.replication.supervisor import Supervisor
 from shardchat.node.rooms import RoomService
 from shardchat.node.sockets import register_events
 from shardchat.node.store import Store, StoreError
@@ -47,9 +53,12 @@ class Node:
         self.number = number
         self.settings = cfg.node
         self.instance = cfg.instance(number)
+        self.replicated = bool(cfg.node.replicate_to)  # Litestream copies the store off
         self.store = Store(cfg.instance_data_dir(number), retention=cfg.node.history_retention,
                            fsync=cfg.node.fsync, max_recovery=cfg.node.max_recovery,
-                           prune_interval=cfg.node.prune_interval)
+                           prune_interval=cfg.node.prune_interval,
+                           own_checkpoints=not self.replicated)
+        self.replica: Supervisor | None = None  # started once the store is open
         self.engine = engine.build(cfg.node)  # EngineIncompatible: the self-check failed
         self.sio = self.engine.sio
         self.rooms = RoomService(cfg, number, self.store, self.engine.delivery)
@@ -108,9 +117,12 @@ class Node:
 
     def metrics(self) -> dict[str, Any]:
         """Internal counters (``GET /internal/metrics``): where the work goes."""
-        return {"instance": self.number, "store": self.store.stats(), **self.engine.stats(),
-                "rate_limits": self.rooms.limiter.stats(),
-                "gc": gctune.WATCH.stats()}
+        out = {"instance": self.number, "store": self.store.stats(), **self.engine.stats(),
+               "rate_limits": self.rooms.limiter.stats(),
+               "gc": gctune.WATCH.stats()}
+        if self.replica is not None:
+            out["replication"] = self.replica.stats()
+        return out
 
     @property
     def draining(self) -> bool:
@@ -145,7 +157,11 @@ class Node:
     async def start(self) -> None:
         """Open the store, finish interrupted moves, start placement and both listeners."""
         faults.check()
+        plan = await asyncio.to_thread(self._replication_plan) if self.replicated else None
         await self.store.open()
+        if plan is not None:
+            self.replica = Supervisor(*plan, litestream.describe(self.cfg, self.number))
+            await self.replica.start()
         await self.handoff.start()
         await self.placer.start()
         inst = self.instance
@@ -162,6 +178,26 @@ class Node:
         timeouts = listener.ListenerTimeouts.from_config(self.cfg)  # header and idle bounds
         await listener.start_site(private, inst.host, inst.internal_port, timeouts)
         await listener.start_site(public, inst.host, inst.port, timeouts)
+
+    def _replication_plan(self) -> tuple[Path, Path]:
+        """(binary, litestream.yml) for this instance, checked before the store opens: a
+        usable Litestream 0.5, and no empty start over a replica that holds a backup
+        (Litestream would go on writing the new, empty store's pages over the old one's
+        copy). Raises ReplicationUnavailable, which stops the start."""
+        binary = litestream.find_binary()
+        version = litestream.check_version(binary)
+        config_path = litestream.write_config(self.cfg, self.number)
+        if not holds_store(self.store.directory) and litestream.replica_holds_backup(
+                binary, config_path, self.store.path.absolute()):
+            where = litestream.describe(self.cfg, self.number)
+            raise litestream.ReplicationUnavailable(
+                f"{self.store.directory} holds no store, but {where} holds a backup of "
+                f"instance {self.number}. Restore it first: shardchat restore --config "
+                f"{self.cfg.source} --instance {self.number} (or, to start this instance "
+                "empty, replicate it elsewhere: its old copy would be overwritten)")
+        log.info("instance %d replicates its store to %s with Litestream %s", self.number,
+                 litestream.describe(self.cfg, self.number), version)
+        return binary, config_path
 
     async def drain(self, hurry: asyncio.Event | None = None) -> int:
         """Stop taking rooms and connections, let in-flight messages commit, close every
@@ -190,11 +226,14 @@ class Node:
             ("engine", self.sio.shutdown, shutdown.ENGINE_TIMEOUT),
             ("flushing the store", self.store.close, shutdown.STORE_TIMEOUT),
         ]
-        finished = False
+        if self.replica is not None:  # after the store: its last commits are uploaded too
+            steps.append(("uploading to the replica", self.replica.stop,
+                          REPLICA_STOP_TIMEOUT + 3))
         for name, work, timeout in steps:
             self.step = name
             finished = await shutdown.run_step(name, work(), timeout)
-        self.store_closed = finished  # the store is the last step
+            if name == "flushing the store":
+                self.store_closed = finished
         self.step = "exiting"
         return 0 if self.store_closed else 1
 
@@ -213,6 +252,11 @@ class Node:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(hurry.wait(), seconds)
+
+    async def stop_replica(self) -> None:
+        """Stop Litestream if it was started (a start that failed after it)."""
+        if self.replica is not None:
+            await self.replica.stop()
 
     def open_state(self) -> str:
         """What a stop is still waiting on, for the watchdog's log line (read-only: it runs
@@ -257,8 +301,11 @@ async def serve(cfg: Config, number: int) -> int:
         return 1
     try:
         await node.start()  # opens the store before anything listens
-    except StoreError as exc:  # damaged, locked by another process, or unwritable
+    except (StoreError, litestream.ReplicationUnavailable) as exc:
+        # damaged, locked by another process, unwritable; or replication asked for and
+        # impossible
         log.error("instance %d cannot start: %s", number, exc)
+        await node.stop_replica()
         return 1
     tuned = os.environ.get("SHARDCHAT_GC_TUNE", "1") != "0"
     gctune.install(tune=tuned)

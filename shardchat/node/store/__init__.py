@@ -11,7 +11,8 @@ thread of its own:
   batch of whatever was queued);
 * ``retention.py``: pruning to the newest ``retention`` messages per room, in the writer
   thread after a commit;
-* ``checkpoint.py``: WAL checkpoints, in their own thread;
+* ``checkpoint.py``: WAL checkpoints, in their own thread (or Litestream's, when the store
+  is replicated off the machine);
 * ``reader.py``: reads, in the loop or in the reader thread by size;
 * ``moves.py``: rooms that move (``Store.moves``): copies arriving, forwards of rooms that
   left, each write a job of the writer thread;
@@ -82,7 +83,8 @@ class Store:
     """Rooms and messages of one node; see the module docstring for the design."""
 
     def __init__(self, directory: Path, *, retention: int = 10_000, fsync: bool = True,
-                 max_recovery: int = 1000, prune_interval: float = 5.0) -> None:
+                 max_recovery: int = 1000, prune_interval: float = 5.0,
+                 own_checkpoints: bool = True) -> None:
         if retention < 1:
             raise ValueError("retention must keep at least 1 message per room.")
         if max_recovery < 0:
@@ -105,7 +107,8 @@ class Store:
                                          on_committed=self._on_committed,
                                          on_refused=self._on_refused,
                                          housekeeping=self._pruner.after_commit)
-        self._checkpointer = Checkpointer(self.path, fsync=fsync)
+        # own_checkpoints=False: Litestream checkpoints this file (``checkpoint.py``)
+        self._checkpointer = Checkpointer(self.path, fsync=fsync, enabled=own_checkpoints)
         self.moves = Moves(self._writer, self._reader, owns=self._owns, adopt=self._adopt,
                            give_up=self._give_up)
 

@@ -8,6 +8,15 @@ the writer or readers. It runs once the WAL passes ``CHECKPOINT_WAL_BYTES``, or
 ``CHECKPOINT_MAX_AGE`` seconds after the last one: on a shared disk its fsyncs queue with the
 writer's, so fewer, larger checkpoints disturb commits least. Once the writer has stopped, a
 final TRUNCATE checkpoint leaves a compact database behind.
+
+When the store is replicated off the machine (``node.replicate_to``), this thread does not
+run at all (``enabled=False``): Litestream owns the checkpoints. It ships WAL frames before
+it checkpoints them, and it keeps a read transaction open between its own checkpoints so
+that nobody else can restart the WAL under frames it has not copied yet; a checkpoint here
+could then copy next to nothing (the WAL past Litestream's read mark stays put), and the
+final TRUNCATE would wait on that reader with the writer lock held, or, in the gap between
+two of its read transactions, truncate frames it had not shipped and force a full snapshot
+upload. docs/architecture.md, "Off-machine copies", has the whole argument.
 """
 
 from __future__ import annotations
@@ -33,13 +42,18 @@ CHECKPOINT_MAX_AGE = 30.0  # ... or this many seconds after the last checkpoint
 class Checkpointer:
     """The checkpoint thread of one store file, from ``start`` to ``close``."""
 
-    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+    def __init__(self, path: Path, *, fsync: bool = True, enabled: bool = True) -> None:
         self.path = path
         self.fsync = fsync
+        self.enabled = enabled  # False: another process (Litestream) checkpoints this file
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        if not self.enabled:
+            log.info("checkpoints of %s are left to Litestream (replication is on)",
+                     self.path)
+            return
         self._stop.clear()
         self._thread = threading.Thread(target=self._main,
                                         name=f"store-checkpoint:{self.path.parent}",
