@@ -218,6 +218,7 @@ class Node:
         steps = [
             ("in-flight messages", lambda: self.rooms.wait_idle(timeout=shutdown.IDLE_TIMEOUT),
              shutdown.IDLE_TIMEOUT + 1),
+            ("presence batches", self.rooms.batches.close, shutdown.PRESENCE_TIMEOUT),
             ("closing sessions", self._close_sessions, shutdown.CLOSE_TIMEOUT + 1),
             ("public listener", public.cleanup, shutdown.LISTENER_TIMEOUT),
             ("internal listener", private.cleanup, shutdown.LISTENER_TIMEOUT),
