@@ -29,9 +29,7 @@ WELCOME_MEMBERS = 3
 THRESHOLD = 4
 TICK = 2.5  # seconds; fixed (presence_tick_max = presence_tick)
 SETTINGS = {"welcome_members": WELCOME_MEMBERS, "presence_batch_members": THRESHOLD,
-            "presence_tick": TICK, "presence_tick_max": TICK,
-            "rate_limit_joins": 1000, "rate_limit_members": 1000,
-            "rate_limit_messages": 100_000}
+            "presence_tick": TICK, "presence_tick_max": TICK}
 
 
 @pytest.fixture(scope="module")
