@@ -20,13 +20,15 @@ EVENT_TIMEOUT = 10.0
 
 
 class LeanMember:
-    """One lean member of one room: its welcome, and every ``presence`` event since."""
+    """One lean member of one room: its welcome, every ``presence`` event since, and the
+    ``moved`` event if its room moved."""
 
     def __init__(self) -> None:
         self.client: wsclient.SioClient | None = None
         self.welcomed: asyncio.Future[dict[str, Any]] = (
             asyncio.get_running_loop().create_future())
         self.presence: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.moved: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
     def on_event(self, client: wsclient.SioClient, packet: bytes) -> None:
         event, *args = json.loads(packet[len(client.event_prefix):])
@@ -35,6 +37,8 @@ class LeanMember:
             self.welcomed.set_result(data)
         elif event == "presence":
             self.presence.put_nowait(data)
+        elif event == "moved" and not self.moved.done():
+            self.moved.set_result(data)
 
     @property
     def welcome(self) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import pytest
 
 from tests import crowd
 from tests.conftest import ENGINES, acreate_room, assert_failed_ack
-from tests.support import NodeProcess, async_wait_until, running_nodes
+from tests.moves import AUTH, move_room
+from tests.support import NodeProcess, async_wait_until, http_json, running_nodes
 
 pytestmark = pytest.mark.timeout(120)
 ENGINES = ENGINES  # every test here runs on the fast and the stock engine
@@ -70,6 +71,12 @@ async def walk(client: Any, limit: int, after: str | None = None
         if after is None:
             return members, pages
     raise AssertionError("the walk did not end")
+
+
+def metrics(node: NodeProcess) -> dict[str, Any]:
+    status, body = http_json("GET", f"{node.internal_url}/internal/metrics", headers=AUTH)
+    assert status == 200, body
+    return body
 
 
 def batch_view(start: int, batches: list[dict]) -> int:
@@ -284,3 +291,26 @@ async def test_a_stop_with_a_pending_batch_leaves_nothing_running(tmp_path, engi
             await crowd.leave_all(members)
         log = node.log()
         assert "Task was destroyed" not in log and "presence batch" not in log, log
+
+
+async def test_a_room_that_moves_drops_its_pending_batch(tmp_path, engine, connect):
+    """The members are told ``moved``; the batch waiting for its tick on the old node is
+    dropped with the room, and the new node serves the room as it is."""
+    settings = {**SETTINGS, "presence_tick": 60.0, "presence_tick_max": 60.0}
+    with running_nodes(tmp_path, 2, engine=engine, node=settings) as (a, b):
+        room = await acreate_room(a, "Moving crowd")
+        members = await crowd.join_in_order(a, room, THRESHOLD + 2)  # the last two: a batch
+        try:
+            assert (await asyncio.to_thread(metrics, a))["presence"] == {"pending_batches": 1}
+            status, body = await asyncio.to_thread(move_room, a, room["id"], b.number)
+            assert status == 200, body
+            for m in members:
+                moved = await asyncio.wait_for(asyncio.shield(m.moved), 10)
+                assert moved["instance"] == b.number
+            assert (await asyncio.to_thread(metrics, a))["presence"] == {"pending_batches": 0}
+            back = await connect(b, moved, name="back")
+            assert back.welcome["member_count"] == 1
+            assert back.welcome["members"] == [back.public]
+        finally:
+            await crowd.leave_all(members)
+        assert "presence batch" not in a.log(), a.log()

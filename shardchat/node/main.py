@@ -119,6 +119,7 @@ class Node:
         """Internal counters (``GET /internal/metrics``): where the work goes."""
         out = {"instance": self.number, "store": self.store.stats(), **self.engine.stats(),
                "rate_limits": self.rooms.limiter.stats(),
+               "presence": {"pending_batches": self.rooms.batches.pending()},
                "gc": gctune.WATCH.stats()}
         if self.replica is not None:
             out["replication"] = self.replica.stats()
