@@ -527,13 +527,13 @@ class RoomService:
         welcomed)."""
         ready = []
         seq = data["seq"] if event == "message" else None
-        for m in room.members.values():
-            if m.sid in skip:
+        for sid, m in room.members.items():
+            if sid in skip:
                 continue
             if not m.ready:
                 m.buffered.append((event, data))
             elif seq is None or seq > m.floor:  # the welcome may already hold this one
-                ready.append((m.sid, m.eio_sid))
+                ready.append((sid, m.eio_sid))
         await self.delivery.emit(room.namespace, event, data, ready)
 
     async def _tell_sid(self, room: Room, sid: str, data: Any) -> None:

@@ -76,6 +76,10 @@ class Roster:
         """Every member, in join order."""
         return iter(self._by_sid.values())
 
+    def items(self) -> Iterator[tuple[str, Member]]:
+        """(sid, member) of every member, in join order (the broadcast loop)."""
+        return iter(self._by_sid.items())
+
     def add(self, member: Member) -> None:
         """``member`` joins: it comes last in join order."""
         self._joins += 1
