@@ -10,14 +10,16 @@ What a batch says is a summary of the tick's log of joins and leaves, in order:
 
 * a member that joined and left within the tick is listed in ``left`` only: nobody was
   told it came, but a client may have met it in a ``members`` page, and drops it again;
-* a member that joined during the tick, after its welcome was cut, must hear what happened
-  after that cut and must not hear of its own join: it gets, instead of the shared batch,
-  the summary of the log from its cut on (``fresh``), which never holds its own join.
+* a member welcomed during the tick must hear what happened after its welcome was cut and
+  must not hear of its own join (logged just before the cut): it gets, instead of the
+  shared batch, the summary of the log from its cut on (``fresh``). That costs O(joins of
+  the tick) for each joiner of the tick, less than the batch itself costs the room.
 
 The tick grows with the room: ``presence_tick`` at the threshold, in proportion to the
-member count above it, at most ``presence_tick_max``. A room of n members then gets at most
-``presence_batch_members / presence_tick`` presence frames per member-second below the cap,
-whatever the join rate.
+member count above it, at most ``presence_tick_max``. One batch is one frame per member, so
+a room sends at most ``presence_batch_members / presence_tick`` presence frames a second
+(200 with the defaults) until its tick reaches the maximum, then members /
+``presence_tick_max``: whatever the join rate, n joins cost O(n x ticks) frames.
 
 A batch is bounded in bytes like a page (``node.max_page_bytes``): one too large for it
 goes out as several batch events in a row, each with the same final ``count``.
