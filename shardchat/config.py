@@ -266,6 +266,15 @@ MESSAGE_OVERHEAD_BYTES = 1024
 # 4-byte characters, the two ids and the punctuation fit in it.
 MEMBER_JSON_BYTES = 256
 MAX_MEMBERS_PAGE = 500  # the largest ``members`` limit (SPEC section 10), and welcome_members
+WELCOME_OVERHEAD_BYTES = 2048  # a welcome's room, you, invite and keys, around its lists
+
+
+def welcome_member_cap(n: NodeSettings) -> int:
+    """How many members a welcome lists: ``node.welcome_members``, or fewer when the room a
+    history page leaves below ``node.write_buffer_cap`` holds fewer of the largest members,
+    so that no welcome can make its reader look slow. Counted, never measured per join."""
+    room = n.write_buffer_cap - n.max_page_bytes - WELCOME_OVERHEAD_BYTES
+    return max(0, min(n.welcome_members, room // MEMBER_JSON_BYTES))
 
 
 def _check_page_bytes(n: NodeSettings) -> None:
@@ -280,13 +289,6 @@ def _check_page_bytes(n: NodeSettings) -> None:
         raise ConfigError("node.max_page_bytes", f"must be smaller than "
                           f"node.write_buffer_cap ({n.write_buffer_cap}); got "
                           f"{n.max_page_bytes}")
-    welcome = n.max_page_bytes + n.welcome_members * MEMBER_JSON_BYTES
-    if welcome >= n.write_buffer_cap:
-        raise ConfigError("node.welcome_members", f"a welcome of {n.welcome_members} members "
-                          f"({MEMBER_JSON_BYTES} bytes each at most) and a history page of "
-                          f"node.max_page_bytes ({n.max_page_bytes}) must stay below "
-                          f"node.write_buffer_cap ({n.write_buffer_cap}): list fewer members "
-                          "or raise the cap")
 
 
 def _check_large_rooms(n: NodeSettings) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 from socketio.exceptions import ConnectionRefusedError as SioRefused
 
 from shardchat import urls
-from shardchat.config import Config
+from shardchat.config import Config, welcome_member_cap
 from shardchat.node import limits, payloads, presence, ratelimit
 from shardchat.node.activity import ActivityTracker
 from shardchat.node.engine import Delivery, json_size
@@ -90,6 +90,7 @@ class RoomService:
         self.cfg = cfg
         self.number = number
         self.settings = cfg.node
+        self.welcome_members = welcome_member_cap(cfg.node)
         self.store = store
         self.delivery = delivery  # the engine, as the room service may use it
         self.invites = Invites(cfg.cluster.secret, cfg.node.invite_ttl_days * 86400)
@@ -299,12 +300,13 @@ class RoomService:
     def _welcome(self, room: Room, member: Member,
                  history: tuple[list[dict], bool, int, bool]) -> dict[str, Any]:
         """The welcome around its messages: the room, the joiner, the room's first
-        ``node.welcome_members`` members in join order and how many there are in all."""
+        ``node.welcome_members`` members in join order (``welcome_member_cap``) and how many
+        there are in all."""
         messages, more, top, recovered = history
         welcome = {
             "room": payloads.room(room.record),
             "you": member.public(),
-            "members": [m.public() for m in room.members.first(self.settings.welcome_members)],
+            "members": [m.public() for m in room.members.first(self.welcome_members)],
             "member_count": len(room.members),
             "last_seq": top,
             "history": messages,
