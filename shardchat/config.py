@@ -69,6 +69,7 @@ class NodeSettings:
     rate_limit_window: float = 10.0
     rate_limit_typing: int = 20
     rate_limit_history: int = 20
+    rate_limit_members: int = 20  # ``members`` pages per member (node/rooms.py)
     rate_limit_joins: int = 10
     rate_limit_rooms: int = 10
     rate_limit_lookups: int = 60  # per address: each may ask every peer (cluster/directory.py)
@@ -76,6 +77,14 @@ class NodeSettings:
     rate_limit_max_keys: int = 100_000
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     room_capacity: int = 500
+    # Large rooms (docs/protocol.md, "Large rooms"): how many members a welcome lists (the
+    # rest are paged with ``members``), above how many members joins and leaves go out as
+    # one ``presence`` batch per tick, and that tick: ``presence_tick`` seconds at the
+    # threshold, growing with the room, never longer than ``presence_tick_max``.
+    welcome_members: int = 100
+    presence_batch_members: int = 100
+    presence_tick: float = 0.5
+    presence_tick_max: float = 5.0
     history_retention: int = 10_000
     prune_interval: float = 5.0  # seconds between two prunes of one room's old messages
     max_recovery: int = 1000
@@ -253,6 +262,19 @@ def _positive(key: str, value: float) -> None:
 # ``\u00XX``. Plus room for the other fields of a message (sid, name, client_id, ts ...).
 JSON_BYTES_PER_CHAR = 6
 MESSAGE_OVERHEAD_BYTES = 1024
+# The most one member takes in JSON (``{"sid", "name", "member"}``): a 40-character name of
+# 4-byte characters, the two ids and the punctuation fit in it.
+MEMBER_JSON_BYTES = 256
+MAX_MEMBERS_PAGE = 500  # the largest ``members`` limit (SPEC section 10), and welcome_members
+WELCOME_OVERHEAD_BYTES = 2048  # a welcome's room, you, invite and keys, around its lists
+
+
+def welcome_member_cap(n: NodeSettings) -> int:
+    """How many members a welcome lists: ``node.welcome_members``, or fewer when the room a
+    history page leaves below ``node.write_buffer_cap`` holds fewer of the largest members,
+    so that no welcome can make its reader look slow. Counted, never measured per join."""
+    room = n.write_buffer_cap - n.max_page_bytes - WELCOME_OVERHEAD_BYTES
+    return max(0, min(n.welcome_members, room // MEMBER_JSON_BYTES))
 
 
 def _check_page_bytes(n: NodeSettings) -> None:
@@ -267,6 +289,20 @@ def _check_page_bytes(n: NodeSettings) -> None:
         raise ConfigError("node.max_page_bytes", f"must be smaller than "
                           f"node.write_buffer_cap ({n.write_buffer_cap}); got "
                           f"{n.max_page_bytes}")
+
+
+def _check_large_rooms(n: NodeSettings) -> None:
+    """The large-room keys: a welcome lists 0..500 members, batching starts above a
+    member count of 0 or more, and the tick is positive and no longer than its maximum."""
+    if not 0 <= n.welcome_members <= MAX_MEMBERS_PAGE:
+        raise ConfigError("node.welcome_members", f"must be 0..{MAX_MEMBERS_PAGE} (the rest "
+                          f"are paged with \"members\"), got {n.welcome_members}")
+    if n.presence_batch_members < 0:
+        raise ConfigError("node.presence_batch_members", "must be 0 (every room batches) or "
+                          f"more members, got {n.presence_batch_members}")
+    if n.presence_tick_max < n.presence_tick:
+        raise ConfigError("node.presence_tick_max", f"must be at least node.presence_tick "
+                          f"({n.presence_tick:g} s), got {n.presence_tick_max:g} s")
 
 
 def _networks(key: str, values: tuple[str, ...]) -> None:
@@ -347,12 +383,14 @@ def validate(cfg: Config) -> Config:
                           f"(plain python-socketio, no fast path), got {n.engine!r}")
     for name in ("ping_interval", "ping_timeout", "max_message_chars", "max_packet_bytes",
                  "max_body_bytes", "max_name_chars", "rate_limit_messages", "rate_limit_window",
-                 "rate_limit_typing", "rate_limit_history", "rate_limit_joins", "rate_limit_rooms",
-                 "rate_limit_lookups", "rate_limit_address_multiple", "rate_limit_max_keys",
-                 "room_capacity", "history_retention", "invite_ttl_days", "write_buffer_cap",
-                 "write_buffer_grace", "max_page_bytes", "peer_timeout", "stats_interval",
-                 "header_timeout"):
+                 "rate_limit_typing", "rate_limit_history", "rate_limit_members",
+                 "rate_limit_joins", "rate_limit_rooms", "rate_limit_lookups",
+                 "rate_limit_address_multiple", "rate_limit_max_keys", "room_capacity",
+                 "presence_tick", "presence_tick_max", "history_retention", "invite_ttl_days",
+                 "write_buffer_cap", "write_buffer_grace", "max_page_bytes", "peer_timeout",
+                 "stats_interval", "header_timeout"):
         _positive(f"node.{name}", getattr(n, name))
+    _check_large_rooms(n)
     _check_page_bytes(n)
     if n.rate_limit_max_keys < 2:
         raise ConfigError("node.rate_limit_max_keys", "must be at least 2 (an event spends "

@@ -86,7 +86,8 @@ def require_browser() -> None:
 # Every test client comes from 127.0.0.1, so under the default per-address limits a whole
 # test module would be throttled as one client. Tests of the limits set their own.
 TEST_RATE_LIMITS = {"rate_limit_messages": 100_000, "rate_limit_typing": 100_000,
-                    "rate_limit_history": 100_000, "rate_limit_joins": 100_000,
+                    "rate_limit_history": 100_000, "rate_limit_members": 100_000,
+                    "rate_limit_joins": 100_000,
                     "rate_limit_rooms": 100_000, "rate_limit_lookups": 100_000}
 
 

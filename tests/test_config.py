@@ -75,6 +75,24 @@ def test_page_bound_must_hold_a_message_and_stay_below_the_write_buffer_cap():
     assert error_key(base(node={"max_message_chars": 50_000})) == "node.max_page_bytes"
 
 
+def test_large_room_keys_have_their_defaults_and_a_welcome_stays_below_the_cap():
+    node = config.parse(base(), env={}).node
+    assert (node.welcome_members, node.presence_batch_members) == (100, 100)
+    assert (node.presence_tick, node.presence_tick_max) == (0.5, 5.0)
+    example = config.load(ROOT / "config.example.toml", env={}).node
+    assert (example.welcome_members, example.presence_batch_members, example.presence_tick,
+            example.presence_tick_max, example.rate_limit_members) == (100, 100, 0.5, 5.0, 20)
+    # a history page and 500 members of the largest size do not fit under a 380 KiB cap:
+    # the welcome lists fewer, never so many that it could make its reader look slow
+    tight = config.parse(base(node={"write_buffer_cap": 380 * 1024, "welcome_members": 500}),
+                         env={}).node
+    assert config.welcome_member_cap(tight) == (380 * 1024 - 256 * 1024 - 2048) // 256 == 488
+    assert config.welcome_member_cap(node) == 100
+    small = config.parse(base(node={"write_buffer_cap": 32 * 1024,
+                                    "max_page_bytes": 28 * 1024}), env={}).node
+    assert config.welcome_member_cap(small) == 8
+
+
 def mutate(path: str, value):
     """base() with one value replaced; ``path`` like "instances.1.port" or "node.x"."""
     data = base()
@@ -107,6 +125,12 @@ def mutate(path: str, value):
     ("node.engine", True, "node.engine"),
     ("node.max_recovery", 10, "node.max_recovery"),
     ("node.prune_interval", -1, "node.prune_interval"),
+    ("node.welcome_members", -1, "node.welcome_members"),
+    ("node.welcome_members", 501, "node.welcome_members"),
+    ("node.presence_batch_members", -1, "node.presence_batch_members"),
+    ("node.presence_tick", 0, "node.presence_tick"),
+    ("node.presence_tick_max", 0.1, "node.presence_tick_max"),
+    ("node.rate_limit_members", 0, "node.rate_limit_members"),
     ("node.prune_interval", "5", "node.prune_interval"),
     ("node.write_buffer_grace", 0, "node.write_buffer_grace"),
     ("node.max_page_bytes", 0, "node.max_page_bytes"),

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from shardchat import urls
+from tests import crowd
 from tests.conftest import acreate_room
 from tests.support import ROOT, JsClient
 
@@ -20,6 +21,7 @@ pytestmark = [pytest.mark.node_js, pytest.mark.timeout(60)]
 
 SCRIPT = Path(__file__).parent / "js" / "client_roundtrip.mjs"
 TOKEN_SCRIPT = Path(__file__).parent / "js" / "reconnect_with_token.mjs"
+WALK_SCRIPT = Path(__file__).parent / "js" / "members_walk.mjs"
 CLIENT_PACKAGE = ROOT / "node_modules" / "socket.io-client" / "package.json"
 
 if shutil.which("node") is None or not CLIENT_PACKAGE.exists():
@@ -159,3 +161,24 @@ async def test_js_client_passes_its_member_token_back_and_its_retry_is_stored_on
     assert [m["text"] for m in [await py.next("message")]] == ["barrier"]
     page = await py.call("history", {"limit": 10})
     assert [m["text"] for m in page["messages"]] == ["once only", "barrier"]
+
+
+async def test_js_client_walks_the_member_list_in_join_order(node1, js_transport):
+    room = await acreate_room(node1, "Walked")
+    early = await crowd.join_in_order(node1, room, 11)
+    try:
+        js = await start_js(node1, room, name="walker", transport=js_transport,
+                            script=WALK_SCRIPT, limit=4)
+        welcome = (await js.next("welcome"))["data"]
+        done = await js.next("done")
+        await js.stop()
+    finally:
+        await crowd.leave_all(early)
+    you = welcome["you"]
+    everyone = [m.public for m in early] + [
+        {"sid": you["sid"], "name": "walker", "member": you["member"]}]
+    assert welcome["member_count"] == 12
+    assert done["members"] == everyone
+    pages = [e["data"] for e in js.all("page")]
+    assert [len(p["members"]) for p in pages] == [4, 4, 4]
+    assert [p["next"] for p in pages] == [everyone[3]["sid"], everyone[7]["sid"], None]

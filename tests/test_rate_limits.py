@@ -39,8 +39,8 @@ pytestmark = pytest.mark.timeout(120)
 
 WINDOW = 600.0  # long enough that no bucket refills noticeably while a test runs
 LIMITS = {"rate_limit_window": WINDOW, "rate_limit_messages": 5, "rate_limit_typing": 5,
-          "rate_limit_history": 5, "rate_limit_joins": 12, "rate_limit_rooms": 3,
-          "rate_limit_lookups": 4, "rate_limit_address_multiple": 2}
+          "rate_limit_history": 5, "rate_limit_members": 5, "rate_limit_joins": 12,
+          "rate_limit_rooms": 3, "rate_limit_lookups": 4, "rate_limit_address_multiple": 2}
 PROXY = "127.0.0.2"  # the one trusted proxy of the ``proxied`` node
 PROXIED_LIMITS = {"rate_limit_window": WINDOW, "rate_limit_joins": 2, "rate_limit_rooms": 2,
                   "rate_limit_address_multiple": 2, "trusted_proxies": [f"{PROXY}/32"]}
@@ -292,6 +292,21 @@ async def test_history_flood_is_refused_across_reconnects(limited, joiners, tran
     await again.send_ok("messages have a bucket of their own")
 
 
+async def test_members_flood_is_refused_across_reconnects(limited, joiners, transport):
+    room = await acreate_room(limited)
+    reader = joiners(limited, transport, xff=fresh_address())
+    client = await reader.join(room, "lister")
+    acks = [await client.call("members", {"after": None, "limit": 10}) for _ in range(7)]
+    assert [a["ok"] for a in acks] == [True] * 5 + [False] * 2, acks
+    assert_rate_limited(acks[-1])
+    assert "member list" in acks[-1]["message"]
+    await reader.close(client)
+    again = await reader.join(room, "lister")
+    assert_rate_limited(await again.call("members", {"after": None, "limit": 10}))
+    ok = await again.call("history", {"limit": 1})
+    assert ok["ok"] is True, "history has a bucket of its own"
+
+
 # ---------------------------------------------------------------------------------------
 # joins and room creation
 
@@ -515,6 +530,7 @@ def test_client_address_is_the_right_most_untrusted_hop(trusted, peer, xff, key)
 def test_rate_limit_keys_are_validated_by_name():
     base = {"cluster": {"secret": "s"}, "instances": [{"number": 1}]}
     for key, value in (("rate_limit_typing", 0), ("rate_limit_joins", -1),
+                       ("rate_limit_members", 0),
                        ("rate_limit_rooms", 0), ("rate_limit_lookups", 0),
                        ("rate_limit_address_multiple", 0),
                        ("rate_limit_max_keys", 1), ("trusted_proxies", ["10.0.0.1/16"]),

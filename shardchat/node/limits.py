@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from shardchat.config import NodeSettings
+from shardchat.config import MAX_MEMBERS_PAGE, NodeSettings
 from shardchat.refusal import Refusal, check_text
 
 MAX_CLIENT_ID_CHARS = 64
 MAX_HISTORY_LIMIT = 100
 DEFAULT_HISTORY_LIMIT = 50
+DEFAULT_MEMBERS_LIMIT = 100
+MAX_SID_CHARS = 64  # far longer than any sid the server hands out (20 characters)
 
 
 def check_display_name(name: Any, settings: NodeSettings) -> Refusal | None:
@@ -65,6 +67,23 @@ def check_history(data: Any) -> Refusal | None:
     if not _is_int(limit) or not 1 <= limit <= MAX_HISTORY_LIMIT:
         return Refusal("bad_request", f'"limit" must be a whole number from 1 to '
                        f"{MAX_HISTORY_LIMIT}.")
+    return None
+
+
+def check_members(data: Any) -> Refusal | None:
+    """A ``members`` page request: ``{"after": <sid or null>, "limit": 1..500}``, both
+    optional. Whether ``after`` names a member is the roster's to say (``roster.py``)."""
+    if not isinstance(data, dict):
+        return Refusal("bad_request", 'Ask for members as {"after": null, "limit": 1..'
+                       f'{MAX_MEMBERS_PAGE}}}, then pass each answer\'s "next" as "after".')
+    after, limit = data.get("after"), data.get("limit", DEFAULT_MEMBERS_LIMIT)
+    if after is not None and (not isinstance(after, str)
+                              or not 0 < len(after) <= MAX_SID_CHARS):
+        return Refusal("bad_request", '"after" must be null (the first page) or the "next" '
+                       "sid of the page before.")
+    if not _is_int(limit) or not 1 <= limit <= MAX_MEMBERS_PAGE:
+        return Refusal("bad_request", f'"limit" must be a whole number from 1 to '
+                       f"{MAX_MEMBERS_PAGE}.")
     return None
 
 

@@ -119,6 +119,7 @@ class Node:
         """Internal counters (``GET /internal/metrics``): where the work goes."""
         out = {"instance": self.number, "store": self.store.stats(), **self.engine.stats(),
                "rate_limits": self.rooms.limiter.stats(),
+               "presence": {"pending_batches": self.rooms.batches.pending()},
                "gc": gctune.WATCH.stats()}
         if self.replica is not None:
             out["replication"] = self.replica.stats()
@@ -218,6 +219,7 @@ class Node:
         steps = [
             ("in-flight messages", lambda: self.rooms.wait_idle(timeout=shutdown.IDLE_TIMEOUT),
              shutdown.IDLE_TIMEOUT + 1),
+            ("presence batches", self.rooms.batches.close, shutdown.PRESENCE_TIMEOUT),
             ("closing sessions", self._close_sessions, shutdown.CLOSE_TIMEOUT + 1),
             ("public listener", public.cleanup, shutdown.LISTENER_TIMEOUT),
             ("internal listener", private.cleanup, shutdown.LISTENER_TIMEOUT),

@@ -75,6 +75,7 @@ class RateLimiter:
         per_member = {"messages": settings.rate_limit_messages,
                       "typing": settings.rate_limit_typing,
                       "history": settings.rate_limit_history,
+                      "members": settings.rate_limit_members,
                       "joins": settings.rate_limit_joins}
         # kind -> (bucket size per member, per address); room creations have no member
         self._caps: dict[str, tuple[int, int]] = {
@@ -167,10 +168,12 @@ class RateLimiter:
 _TOO_FAST = {"messages": "You are sending messages too fast",
              "typing": "You are sending typing updates too fast",
              "history": "You are asking for history too often",
+             "members": "You are asking for the member list too often",
              "joins": "You are joining too often",
              "rooms": "You are creating rooms too fast",
              "lookups": "You are looking up rooms too often"}
 _NOUN = {"messages": "messages", "typing": "typing updates", "history": "history requests",
+         "members": "member list requests",
          "joins": "joins", "rooms": "new rooms", "lookups": "room lookups"}
 
 

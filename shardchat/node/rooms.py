@@ -9,6 +9,14 @@ committed while a joiner is between "history read" and "member added". A joiner 
 added at once but marked *not ready*: broadcasts meant for it are buffered, and once the
 welcome is out, buffered messages newer than the welcome's ``last_seq`` are delivered, so a
 joiner sees every message exactly once and in order.
+
+Large rooms (SPEC section 10): a join costs the other members O(1). The member list is a
+``Roster`` (join order, paged with ``members``), a welcome lists only the room's first
+``node.welcome_members`` members and ``member_count``, and above
+``node.presence_batch_members`` members joins and leaves go out once per tick as one
+``presence`` batch (``presence.py``). A joiner's welcome and its first batch are cut at the
+same instant: the welcome's member list is taken, its buffered presence events (older than
+that list) are dropped and its own join is logged, all without awaiting in between.
 """
 
 from __future__ import annotations
@@ -18,14 +26,16 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import Counter
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from socketio.exceptions import ConnectionRefusedError as SioRefused
 
 from shardchat import urls
-from shardchat.config import Config
-from shardchat.node import limits, payloads, ratelimit
+from shardchat.config import Config, welcome_member_cap
+from shardchat.node import limits, payloads, presence, ratelimit
 from shardchat.node.activity import ActivityTracker
 from shardchat.node.engine import Delivery, json_size
 from shardchat.node.handoff.records import (
@@ -38,6 +48,7 @@ from shardchat.node.handoff.records import (
 from shardchat.node.invites import Invites
 from shardchat.node.members import MemberTokens
 from shardchat.node.ratelimit import RateLimiter, limit_identity
+from shardchat.node.roster import Member, Roster, UnknownCursor
 from shardchat.node.store import CreationKey, MessageRecord, RoomRecord, Store, StoreError
 from shardchat.refusal import Refusal
 
@@ -52,28 +63,6 @@ MOVED_GRACE = 0.3
 FROZEN_WAIT = 15.0  # seconds a message of a moving room waits for the move's outcome, at most
 UNREADABLE_ROOM = Refusal("unavailable", "This room's history cannot be read on this server "
                           "right now (its log says why); try again later.")
-
-
-@dataclass
-class Member:
-    sid: str
-    name: str
-    limit_key: Any  # whose per-member rate limits it spends (ratelimit.limit_identity)
-    address: str  # the client address its limits are also counted against
-    eio_sid: str | None = None  # the connection's Engine.IO session, fixed for its life
-    # Who this is, as the server issued it (members.py): the same across reconnects that
-    # pass the member token back, never taken from what the client claims. Key anything
-    # per person (dedup, rate limits) on (room, identity), never on the display name.
-    identity: str = ""
-    ready: bool = False
-    floor: int = 0  # highest seq the welcome already carried
-    typing: bool = False
-    typing_at: float = 0.0
-    buffered: list[tuple[str, Any]] = field(default_factory=list)
-
-    def public(self) -> dict[str, str]:
-        """How others see this member; the public member id, never the token."""
-        return {"sid": self.sid, "name": self.name, "member": self.identity}
 
 
 @dataclass
@@ -93,7 +82,7 @@ class Joining:
 class Room:
     record: RoomRecord
     namespace: str
-    members: dict[str, Member] = field(default_factory=dict)
+    members: Roster = field(default_factory=Roster)
 
 
 class RoomService:
@@ -101,6 +90,7 @@ class RoomService:
         self.cfg = cfg
         self.number = number
         self.settings = cfg.node
+        self.welcome_members = welcome_member_cap(cfg.node)
         self.store = store
         self.delivery = delivery  # the engine, as the room service may use it
         self.invites = Invites(cfg.cluster.secret, cfg.node.invite_ttl_days * 86400)
@@ -108,6 +98,11 @@ class RoomService:
         self.rooms: dict[str, Room] = {}
         self.by_namespace: dict[str, Room] = {}  # saves parsing the namespace per event
         self.joining: dict[tuple[str, str], Joining] = {}
+        self._joining_in: Counter[str] = Counter()  # namespace -> len of its joining
+        # joins and leaves of large rooms, told once per tick (presence.py)
+        self.batches = presence.Batches(
+            cfg.node, lambda room, data, skip: self._broadcast(room, "presence", data, skip),
+            self._tell_sid, lambda room: self.rooms.get(room.record.id) is room)
         self.limiter = RateLimiter(cfg.node)  # outlives connections, so reconnects count
         self.draining = False
         # how busy each room is (the load measure's input); one call per stored message
@@ -172,7 +167,20 @@ class RoomService:
             level = logging.DEBUG if refusal.code == "rate_limited" else logging.INFO
             log.log(level, "refused %s on %s: %s", sid, namespace, refusal.code)
             raise SioRefused(refusal.message, refusal.connect_error()["data"])
+        if (namespace, sid) not in self.joining:
+            self._joining_in[namespace] += 1
         self.joining[(namespace, sid)] = joining
+
+    def _take_joining(self, namespace: str, sid: str) -> Joining | None:
+        """The join of ``sid`` once its CONNECT went out (or it left before that)."""
+        joining = self.joining.pop((namespace, sid), None)
+        if joining is not None:
+            left = self._joining_in[namespace] - 1
+            if left:
+                self._joining_in[namespace] = left
+            else:
+                del self._joining_in[namespace]
+        return joining
 
     def _check_connect(self, namespace: str, auth: Any, address: str
                        ) -> tuple[Refusal | None, Any]:
@@ -221,8 +229,8 @@ class RoomService:
             why = self.invites.check(room.record.id, auth.get("invite"))
             if why:
                 return Refusal("forbidden", why), None
-        pending = sum(1 for (ns, _), _j in self.joining.items() if ns == namespace)
-        if len(room.members) + pending >= self.settings.room_capacity:
+        # counted, never searched for: a join costs the same in a room of thousands
+        if len(room.members) + self._joining_in[namespace] >= self.settings.room_capacity:
             return Refusal("full", f"The room is full ({self.settings.room_capacity} people); "
                            "try again later."), None
         return None, Joining(room.record.id, name, last_seq, who.member, who.token, limit_key,
@@ -230,7 +238,7 @@ class RoomService:
 
     async def connected(self, namespace: str, sid: str) -> None:
         """After CONNECT went out: welcome the joiner, then tell the others."""
-        joining = self.joining.pop((namespace, sid), None)
+        joining = self._take_joining(namespace, sid)
         room = self.rooms.get(joining.room_id) if joining else None
         if joining is None or room is None:
             moved = self.moves.moved_to(joining.room_id) if joining else None
@@ -240,16 +248,23 @@ class RoomService:
         member = Member(sid, joining.name, joining.limit_key, joining.address,
                         self.delivery.transport_id(namespace, sid),
                         identity=joining.identity)
-        room.members[sid] = member  # not ready: broadcasts are buffered for it
+        room.members.add(member)  # not ready: broadcasts are buffered for it
         self.activity.touch(room.record.id)
         try:
-            welcome = await self._welcome(room, member, joining.last_seq)
+            history = await self._welcome_history(room, joining.last_seq)
         except StoreError as exc:
             log.error("room %s cannot be joined, its history is unreadable: %s",
                       room.record.id, exc)
-            room.members.pop(sid, None)
+            room.members.remove(sid)
             await self.delivery.disconnect(namespace, sid, UNREADABLE_ROOM)
             return
+        if room.members.get(sid) is not member:
+            return  # it left (or the room moved) while its history was read
+        # From here to the emit nothing is awaited: the member list the welcome holds, the
+        # presence events it supersedes and the join's announcement are one instant.
+        welcome = self._welcome(room, member, history)
+        member.buffered = [b for b in member.buffered if b[0] != "presence"]
+        alone = self.batches.announce(room, member.public(), joined=True)
         # The token goes to this member only: it is in no public() and never broadcast.
         welcome["you"] = {**welcome["you"], "token": joining.token}
         me = [(sid, member.eio_sid)]
@@ -260,13 +275,16 @@ class RoomService:
             if event != "message" or data["seq"] > member.floor:
                 await self.delivery.emit(namespace, event, data, me)
         member.buffered.clear()
-        await self._broadcast(room, "presence", {"event": "join", "member": member.public(),
-                                                 "count": len(room.members)}, skip=sid)
+        if alone and room.members.get(sid) is member:  # not when it left meanwhile
+            await self._broadcast(room, "presence", {"event": "join", "member": member.public(),
+                                                     "count": len(room.members)}, skip=(sid,))
 
-    async def _welcome(self, room: Room, member: Member, last_seq: int | None) -> dict:
-        """The welcome: the latest 50 messages, or every message after ``last_seq`` when the
-        store still holds that gap (``recovered``), as far as they fit in one page; the rest
-        is marked ``more`` and paged back with ``history``."""
+    async def _welcome_history(self, room: Room, last_seq: int | None
+                               ) -> tuple[list[dict], bool, int, bool]:
+        """The welcome's messages: the latest 50, or every message after ``last_seq`` when
+        the store still holds that gap (``recovered``), as far as they fit in one page; the
+        rest is marked ``more`` and paged back with ``history``. Returns (history, more,
+        last_seq, recovered)."""
         rid = room.record.id
         after, limit, recovered = 0, WELCOME_HISTORY, False
         if last_seq is not None:
@@ -277,27 +295,36 @@ class RoomService:
         top = history[-1]["seq"] if history else 0
         if recovered:
             top = max(top, last_seq)
+        return history, more, top, recovered
+
+    def _welcome(self, room: Room, member: Member,
+                 history: tuple[list[dict], bool, int, bool]) -> dict[str, Any]:
+        """The welcome around its messages: the room, the joiner, the room's first
+        ``node.welcome_members`` members in join order (``welcome_member_cap``) and how many
+        there are in all."""
+        messages, more, top, recovered = history
         welcome = {
             "room": payloads.room(room.record),
             "you": member.public(),
-            "members": [m.public() for m in room.members.values()],
+            "members": [m.public() for m in room.members.first(self.welcome_members)],
+            "member_count": len(room.members),
             "last_seq": top,
-            "history": history,
+            "history": messages,
             "recovered": recovered,
         }
         if more:
             welcome["more"] = True
         if room.record.private:
-            welcome["invite"] = self.invites.issue(rid)
+            welcome["invite"] = self.invites.issue(room.record.id)
         return welcome
 
     async def disconnected(self, namespace: str, sid: str) -> None:
-        self.joining.pop((namespace, sid), None)
+        self._take_joining(namespace, sid)
         room = self.by_namespace.get(namespace)
         if room is None:
             return
-        member = room.members.pop(sid, None)
-        if member is not None:
+        member = room.members.remove(sid)
+        if member is not None and self.batches.announce(room, member.public(), joined=False):
             await self._broadcast(room, "presence", {"event": "leave",
                                                      "member": member.public(),
                                                      "count": len(room.members)})
@@ -376,7 +403,7 @@ class RoomService:
             return  # over the limit: dropped (typing has no ack), counted in the metrics
         member.typing, member.typing_at = state, now
         await self._broadcast(room, "typing", {"sid": sid, "name": member.name,
-                                               "typing": state}, skip=sid)
+                                               "typing": state}, skip=(sid,))
 
     async def history(self, namespace: str, sid: str, data: Any) -> dict[str, Any]:
         room, member = self._member(namespace, sid)
@@ -425,6 +452,54 @@ class RoomService:
             max_bytes=self.settings.max_page_bytes - 1, size=listed_size)
         return [built[r.seq] for r in records], more
 
+    async def members(self, namespace: str, sid: str, data: Any) -> dict[str, Any]:
+        """A page of the member list in join order (SPEC section 10): at most ``limit``
+        members after ``after`` (a sid; null: from the first), as many as fit in
+        ``node.max_page_bytes``, and ``next``, the ``after`` of the next page (null at the
+        end). O(log n + limit) whatever the room's size (``roster.py``)."""
+        room, member = self._member(namespace, sid)
+        moved = self._moved(namespace)
+        if moved is not None:
+            return moved.ack()
+        if member is None:
+            return Refusal("bad_request", "You are not in this room; reconnect.").ack()
+        bad = limits.check_members(data)
+        if bad:
+            return bad.ack()
+        if self.delivery.backlogged(member.eio_sid):
+            return Refusal("rate_limited", "Earlier replies have not reached you yet; read "
+                           "them, then ask for more members.").ack()
+        limited = self.limiter.take("members", identity=member.limit_key,
+                                    address=member.address)
+        if limited:
+            return ratelimit.refusal(limited, self.settings.rate_limit_window).ack()
+        after = data.get("after")
+        try:
+            following = room.members.after(after)
+        except UnknownCursor:
+            return Refusal("bad_request", f'"after" {after!r} is not a member of this room and '
+                           'did not leave it lately: start again with "after": null.').ack()
+        page, more = self._members_page(following,
+                                        data.get("limit", limits.DEFAULT_MEMBERS_LIMIT))
+        return {"ok": True, "members": page, "next": page[-1]["sid"] if more else None}
+
+    def _members_page(self, following: Iterator[Member], limit: int
+                      ) -> tuple[list[dict[str, str]], bool]:
+        """Up to ``limit`` members whose JSON list fits in ``node.max_page_bytes`` (at least
+        one), and whether more follow them."""
+        page: list[dict[str, str]] = []
+        used, room_for = 2, self.settings.max_page_bytes
+        for m in following:
+            if len(page) == limit:
+                return page, True
+            public = m.public()
+            size = json_size(public) + 1
+            if page and used + size > room_for:
+                return page, True
+            page.append(public)
+            used += size
+        return page, False
+
     # -- moves --------------------------------------------------------------------------
 
     async def announce_moved(self, room_id: str, moved: MovedTo) -> int:
@@ -437,8 +512,8 @@ class RoomService:
         if room is None:
             return 0
         self.by_namespace.pop(room.namespace, None)
-        members = list(room.members.values())
-        room.members.clear()  # their leaves are not announced: nobody stays to hear them
+        self.batches.drop(room_id)
+        members = room.members.clear()  # their leaves are not announced: nobody stays
         await self.delivery.emit(room.namespace, "moved", moved.event(),
                                [(m.sid, m.eio_sid) for m in members])
         await asyncio.sleep(MOVED_GRACE)
@@ -448,16 +523,28 @@ class RoomService:
 
     # -- delivery -----------------------------------------------------------------------
 
-    async def _broadcast(self, room: Room, event: str, data: Any, skip: str | None = None
-                         ) -> None:
-        """Deliver to every ready member (buffer for joiners still being welcomed)."""
+    async def _broadcast(self, room: Room, event: str, data: Any,
+                         skip: Collection[str] = ()) -> None:
+        """Deliver to every ready member but ``skip`` (buffer for joiners still being
+        welcomed)."""
         ready = []
         seq = data["seq"] if event == "message" else None
         for sid, m in room.members.items():
-            if sid == skip:
+            if sid in skip:
                 continue
             if not m.ready:
                 m.buffered.append((event, data))
             elif seq is None or seq > m.floor:  # the welcome may already hold this one
                 ready.append((sid, m.eio_sid))
         await self.delivery.emit(room.namespace, event, data, ready)
+
+    async def _tell_sid(self, room: Room, sid: str, data: Any) -> None:
+        """A ``presence`` event to one member, if still in (buffered while it is being
+        welcomed)."""
+        member = room.members.get(sid)
+        if member is None:
+            return
+        if not member.ready:
+            member.buffered.append(("presence", data))
+        else:
+            await self.delivery.emit(room.namespace, "presence", data, [(sid, member.eio_sid)])

@@ -28,6 +28,7 @@ log = logging.getLogger("shardchat.shutdown")
 # Bounds of the steps of a node's stop, in seconds, in the order they run after the grace
 # period (docs/operations.md lists them).
 IDLE_TIMEOUT = 5.0       # in-flight messages still committing
+PRESENCE_TIMEOUT = 1.0   # pending presence batches dropped, their tasks ended
 CLOSE_TIMEOUT = 3.0      # WebSocket close handshakes; connections still open are then aborted
 HTTP_TIMEOUT = 1.0       # aiohttp's shutdown_timeout: a request still running gets this twice
 LISTENER_TIMEOUT = 4.0   # each listener's cleanup as a whole (public, then internal)

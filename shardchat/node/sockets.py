@@ -43,7 +43,7 @@ def answers_errors(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awai
 def register_events(sio: SocketServer, rooms: RoomService,
                     addresses: ClientAddresses) -> None:
     """The handlers of every room namespace: connect, disconnect, message, typing, history,
-    and an answer to any other event name."""
+    members, and an answer to any other event name."""
 
     @sio.on("connect", namespace="*")
     async def connect(namespace, sid, environ, auth=None):
@@ -77,11 +77,17 @@ def register_events(sio: SocketServer, rooms: RoomService,
     async def history(namespace, sid, data=None, *_):
         return await rooms.history(namespace, sid, data)
 
+    @sio.on("members", namespace="*")
+    @answers_errors
+    async def members(namespace, sid, data=None, *_):
+        return await rooms.members(namespace, sid, data)
+
     @sio.on("*", namespace="*")
     @answers_errors
     async def unknown(event, namespace, sid, *args):
         log.debug("ignored unknown event %r on %s", event, namespace)
         return {"ok": False, "error": "bad_request",
-                "message": f"Unknown event {event!r}: use message, typing or history."}
+                "message": f"Unknown event {event!r}: use message, typing, history or "
+                           "members."}
 
     sio.on_connected = rooms.connected

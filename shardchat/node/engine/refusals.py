@@ -22,7 +22,7 @@ def refused_event_ack(event: str) -> dict[str, Any]:
     """The ack of an event in ``REFUSED_EVENTS``."""
     return {"ok": False, "error": "bad_request",
             "message": f"{event!r} is not an event a client may send: "
-                       "use message, typing or history."}
+                       "use message, typing, history or members."}
 
 
 # The ack of an event whose handler failed (the node's handlers answer their own errors;

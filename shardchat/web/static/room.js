@@ -28,6 +28,9 @@
   const JOIN_TIMEOUT_MS = 10000;    // a join the server never answers is dropped and retried
   const NEAR_BOTTOM_PX = 120;
   const LOAD_OLDER_PX = 80;
+  const MEMBERS_PAGE = 100;         // members per page (the server allows up to 500)
+  const LOAD_MEMBERS_PX = 200;      // ask for the next page this close to the list's end
+  const DESKTOP = window.matchMedia("(min-width: 761px)");   // the list is always shown there
 
   const REFUSALS = {
     not_found: {
@@ -82,6 +85,7 @@
     membersBackdrop: $("members-backdrop"),
     memberCount: $("member-count"),
     memberList: $("member-list"),
+    membersMore: $("members-more"),
     scroller: $("scroller"),
     historyState: $("history-state"),
     messages: $("messages"),
@@ -176,7 +180,14 @@
     joined: false,             // true between welcome and disconnect
     messages: new Map(),       // seq -> message
     pending: new Map(),        // client_id -> {text, status, error}
-    members: new Map(),        // sid -> {sid, name}
+    members: new Map(),        // sid -> {sid, name, member}: the members loaded so far
+    memberLis: new Map(),      // sid -> its <li> in the member list
+    memberCount: 0,            // everyone in the room, as the server counts
+    membersAfter: null,        // the `after` of the next members page
+    membersDone: true,         // the list holds everyone (the walk reached the end)
+    membersLoading: false,
+    membersFailed: false,
+    membersToken: 0,           // bumps on every welcome: stale pages are ignored
     typing: new Map(),         // sid -> {name, timer}
     highestSeq: 0,
     sentLastSeq: null,         // the last_seq of the current connection's auth
@@ -517,7 +528,7 @@
     state.myName = w.you.name;
     state.joined = true;
     showRoom(w.room, w.you);
-    setMembers(w.members || []);
+    setMembers(w);
     const history = Array.isArray(w.history) ? w.history : [];
     state.gapToken += 1;
     state.gap = null;
@@ -924,48 +935,121 @@
 
   // ---------------------------------------------------------------- members
 
-  function setMembers(list) {
+  // A large room's member list is loaded lazily: the welcome carries the room's first
+  // members (in join order) and member_count; the rest comes page by page (`members`) as
+  // the list is scrolled to its end while it is shown. The count always comes from the
+  // server (welcome, presence), never from what is loaded. Joins are added to the list once
+  // the walk has reached the end (before that, the walk itself brings them: they joined
+  // last); leaves are removed whenever they come.
+
+  function setMembers(w) {
+    const list = Array.isArray(w.members) ? w.members : [];
     state.members.clear();
-    for (const m of list) if (m && m.sid) state.members.set(m.sid, m);
-    renderMembers();
+    state.memberLis.clear();
+    el.memberList.replaceChildren(el.membersMore);
+    state.memberCount = typeof w.member_count === "number" ? w.member_count : list.length;
+    state.membersToken += 1;            // pages asked for on an older connection are ignored
+    state.membersLoading = false;
+    state.membersFailed = false;
+    state.membersAfter = list.length ? list[list.length - 1].sid : null;
+    state.membersDone = list.length >= state.memberCount;
+    addMember({ sid: w.you.sid, name: w.you.name, member: w.you.member });
+    for (const m of list) addMember(m);
+    renderMemberCount();
+    maybeLoadMembers();
+  }
+
+  function addMember(m) {
+    if (!m || typeof m.sid !== "string" || typeof m.name !== "string") return;
+    state.members.set(m.sid, m);
+    let li = state.memberLis.get(m.sid);
+    if (li) {
+      li.querySelector(".member-name").textContent = m.name;
+      return;
+    }
+    li = make("li", "member");
+    li.dataset.sid = m.sid;
+    li.append(avatar(m.name, "member-avatar"));
+    li.append(make("span", "member-name", m.name));
+    const mine = state.mySids.has(m.sid);
+    if (mine) li.append(make("span", "member-you", "you"));
+    state.memberLis.set(m.sid, li);
+    // you first, then everyone in join order; the "more" line stays last
+    el.memberList.insertBefore(li, mine ? el.memberList.firstChild : el.membersMore);
+  }
+
+  function removeMember(sid) {
+    state.members.delete(sid);
+    const li = state.memberLis.get(sid);
+    if (li) li.remove();
+    state.memberLis.delete(sid);
+    dropTyping(sid);
   }
 
   function onPresence(p) {
-    if (!p || !p.member) return;
-    if (p.event === "join") state.members.set(p.member.sid, p.member);
-    if (p.event === "leave") {
-      state.members.delete(p.member.sid);
-      dropTyping(p.member.sid);
+    if (!p) return;
+    if (p.event === "batch") {
+      for (const m of (Array.isArray(p.left) ? p.left : [])) if (m) removeMember(m.sid);
+      if (state.membersDone) for (const m of (Array.isArray(p.joined) ? p.joined : [])) addMember(m);
+    } else if (p.member) {
+      if (p.event === "join" && state.membersDone) addMember(p.member);
+      if (p.event === "leave") removeMember(p.member.sid);
     }
-    renderMembers();
+    if (typeof p.count === "number") state.memberCount = p.count;
+    renderMemberCount();
   }
 
-  function renderMembers() {
-    const list = Array.from(state.members.values()).sort((a, b) => {
-      const ao = state.mySids.has(a.sid) ? 0 : 1;
-      const bo = state.mySids.has(b.sid) ? 0 : 1;
-      return ao - bo || a.name.localeCompare(b.name);
-    });
-    const frag = document.createDocumentFragment();
-    for (const m of list) {
-      const li = make("li", "member");
-      li.dataset.sid = m.sid;
-      li.append(avatar(m.name, "member-avatar"));
-      li.append(make("span", "member-name", m.name));
-      if (state.mySids.has(m.sid)) li.append(make("span", "member-you", "you"));
-      frag.append(li);
-    }
-    el.memberList.replaceChildren(frag);
-    const count = String(list.length);
+  function renderMemberCount() {
+    const count = String(state.memberCount);
     el.memberCount.textContent = count;
     el.memberCountBadge.textContent = count;
-    el.membersToggle.title = list.length === 1 ? "1 member" : list.length + " members";
+    el.membersToggle.title = state.memberCount === 1 ? "1 member" : state.memberCount + " members";
+    el.membersMore.hidden = state.membersDone;
+    el.membersMore.textContent = state.membersFailed
+      ? "Couldn't load more members. Scroll to try again."
+      : "Loading more members…";
   }
+
+  function membersShown() {
+    return document.body.classList.contains("members-open") || DESKTOP.matches;
+  }
+
+  /** The next page, when the list is shown and scrolled (near) to its end. */
+  function maybeLoadMembers() {
+    if (!state.joined || state.membersDone || state.membersLoading || !membersShown()) return;
+    const list = el.memberList;
+    if (list.scrollHeight - list.scrollTop - list.clientHeight > LOAD_MEMBERS_PX) return;
+    const token = state.membersToken;
+    state.membersLoading = true;
+    state.socket.timeout(ACK_TIMEOUT_MS).emit("members", { after: state.membersAfter, limit: MEMBERS_PAGE }, (err, ack) => {
+      if (token !== state.membersToken) return;   // a newer welcome rebuilt the list
+      state.membersLoading = false;
+      if (err || !ack || !ack.ok || !Array.isArray(ack.members)) {
+        if (ack && ack.error === "bad_request") {
+          state.membersAfter = null;             // our place is forgotten: walk again
+        } else {
+          state.membersFailed = true;
+          renderMemberCount();
+          return;
+        }
+      } else {
+        state.membersFailed = false;
+        for (const m of ack.members) addMember(m);
+        state.membersAfter = ack.next;
+        state.membersDone = ack.next === null;
+      }
+      renderMemberCount();
+      maybeLoadMembers();                       // a short page may leave the end in view
+    });
+  }
+
+  el.memberList.addEventListener("scroll", maybeLoadMembers, { passive: true });
 
   function setMembersOpen(open) {
     document.body.classList.toggle("members-open", open);
     el.membersToggle.setAttribute("aria-expanded", open ? "true" : "false");
     el.membersBackdrop.hidden = !open;
+    if (open) maybeLoadMembers();
   }
 
   el.membersToggle.addEventListener("click", () => {
@@ -973,6 +1057,7 @@
   });
   el.membersClose.addEventListener("click", () => setMembersOpen(false));
   el.membersBackdrop.addEventListener("click", () => setMembersOpen(false));
+  DESKTOP.addEventListener("change", maybeLoadMembers);
 
   // ---------------------------------------------------------------- typing
 

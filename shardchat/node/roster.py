@@ -1,0 +1,131 @@
+"""A room's members, in join order: who is in, the welcome's first members, ``members`` pages.
+
+A dict finds a member by sid in O(1) but cannot be read "from this sid on", and a welcome or
+a page that copies the whole member list costs O(members) per call: in a room of thousands,
+every join would cost every member. So the roster numbers each member as it joins (a
+counter per room) and also keeps the members in a sorted map from that number
+(``sortedcontainers.SortedDict``): a join or a leave costs O(log n), the first members of
+the room and a page after any sid cost O(log n + page), never O(members).
+
+A page may be asked for after a sid that has left meanwhile (typically the member that
+ended the previous page). The roster remembers the join numbers of the latest departures,
+at least ``MIN_DEPARTED`` and at most as many as there are members, so such a page goes on
+from where that member was in join order; a sid it never knew (or has forgotten: that many
+others left since) is ``UnknownCursor``, and the client starts again from the first page.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+MIN_DEPARTED = 256  # departed sids remembered as page cursors, whatever the room's size
+
+
+class UnknownCursor(LookupError):
+    """A page was asked for after a sid that is not, and was not lately, in the room."""
+
+
+@dataclass
+class Member:
+    sid: str
+    name: str
+    limit_key: Any  # whose per-member rate limits it spends (ratelimit.limit_identity)
+    address: str  # the client address its limits are also counted against
+    eio_sid: str | None = None  # the connection's Engine.IO session, fixed for its life
+    # Who this is, as the server issued it (members.py): the same across reconnects that
+    # pass the member token back, never taken from what the client claims. Key anything
+    # per person (dedup, rate limits) on (room, identity), never on the display name.
+    identity: str = ""
+    ready: bool = False
+    floor: int = 0  # highest seq the welcome already carried
+    typing: bool = False
+    typing_at: float = 0.0
+    buffered: list[tuple[str, Any]] = field(default_factory=list)
+    joined: int = 0  # its place in the room's join order (Roster.add)
+
+    def public(self) -> dict[str, str]:
+        """How others see this member; the public member id, never the token."""
+        return {"sid": self.sid, "name": self.name, "member": self.identity}
+
+
+class Roster:
+    """The members of one room: by sid, and in join order."""
+
+    def __init__(self) -> None:
+        self._by_sid: dict[str, Member] = {}  # insertion order is join order
+        self._order: SortedDict = SortedDict()  # join number -> Member
+        self._departed: OrderedDict[str, int] = OrderedDict()  # sid -> join number
+        self._joins = 0
+
+    def __len__(self) -> int:
+        return len(self._by_sid)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_sid)
+
+    def get(self, sid: str) -> Member | None:
+        return self._by_sid.get(sid)
+
+    def values(self) -> Iterator[Member]:
+        """Every member, in join order."""
+        return iter(self._by_sid.values())
+
+    def items(self) -> Iterator[tuple[str, Member]]:
+        """(sid, member) of every member, in join order (the broadcast loop)."""
+        return iter(self._by_sid.items())
+
+    def add(self, member: Member) -> None:
+        """``member`` joins: it comes last in join order."""
+        self._joins += 1
+        member.joined = self._joins
+        self._by_sid[member.sid] = member
+        self._order[member.joined] = member
+
+    def remove(self, sid: str) -> Member | None:
+        """``sid`` leaves (None when it was not in); its place is remembered as a cursor."""
+        member = self._by_sid.pop(sid, None)
+        if member is None:
+            return None
+        del self._order[member.joined]
+        if not self._by_sid:
+            self._departed.clear()  # nobody is left to page
+            return member
+        departed = self._departed
+        departed[sid] = member.joined
+        while len(departed) > max(MIN_DEPARTED, len(self._by_sid)):
+            departed.popitem(last=False)
+        return member
+
+    def clear(self) -> list[Member]:
+        """Everyone leaves at once (the room moved); returns who was in."""
+        members = list(self._by_sid.values())
+        self._by_sid.clear()
+        self._order.clear()
+        self._departed.clear()
+        return members
+
+    def first(self, n: int) -> list[Member]:
+        """The ``n`` earliest members still in the room."""
+        return list(islice(self._order.values(), n))
+
+    def after(self, sid: str | None) -> Iterator[Member]:
+        """The members after ``sid`` in join order (from the first when None), lazily: a
+        page takes what it needs. ``UnknownCursor`` when ``sid`` is not a known cursor."""
+        if sid is None:
+            start = 0
+        else:
+            member = self._by_sid.get(sid)
+            if member is not None:
+                start = member.joined
+            elif sid in self._departed:
+                start = self._departed[sid]
+            else:
+                raise UnknownCursor(sid)
+        order = self._order
+        return (order[k] for k in order.irange(minimum=start, inclusive=(False, True)))
