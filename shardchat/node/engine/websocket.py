@@ -159,6 +159,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None  # whatever runs later finds the connection gone
         self._buf = self._frag = None
         self._inflater = self._deflater = None
         closed = self._closed
