@@ -10,6 +10,9 @@ bench/results/results.{json,md,png}.
                                           default run): --soak-seconds, --soak-clients
     python -m bench --scenario multicore  1 node vs 2 nodes on 2 cores (bench/multicore.py;
                                           not in the default run)
+    python -m bench --scenario idle_50k   50,000 idle connections on one server, or as many
+                                          as the fd limits allow (bench/manyconn.py; not in
+                                          the default run)
 """
 
 from __future__ import annotations
@@ -68,9 +71,12 @@ def make_server(key: str, cores: set[int] | None, profile: Path | None) -> Serve
     raise ValueError(f"unknown server {key!r}")
 
 
-def raise_fd_limit(need: int) -> None:
-    """Thousands of sockets: lift the soft open-files limit (children inherit it)."""
+def raise_fd_limit(need: int, everything: bool = False) -> None:
+    """Thousands of sockets: lift the soft open-files limit (children inherit it), to the
+    hard limit when ``everything``."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if everything:
+        need = max(need, hard if hard != resource.RLIM_INFINITY else need)
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need, soft)), hard))
     if min(hard, need) < need:
@@ -157,6 +163,14 @@ def summary(row: dict[str, Any]) -> str:
                      f"{row['wall_s']} s wall)")
     if row.get("rss_per_conn") is not None:
         parts.append(f"{row['rss_per_conn']:,} B RSS/connection")
+    if row.get("clients_asked") is not None:
+        how = "measured" if row["rss_at_asked_measured"] else "projected"
+        parts.append(f"({row['clients']:,} of {row['clients_asked']:,} connections, "
+                     f"connected in {row['connect_s']} s; RSS at {row['clients_asked']:,}: "
+                     f"{row['rss_at_asked'] / 2**20:,.0f} MiB {how}, "
+                     f"{'within' if row['rss_at_asked_fits'] else 'OVER'} 1 GiB)")
+        if row.get("limited_by"):
+            parts.append(f"fewer because {row['limited_by']}")
     if row.get("p99_ms") is not None:
         parts.append(f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms at "
                      f"{row['rate_msgs_per_s']} msg/s")
@@ -183,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="~1 minute smoke run")
     parser.add_argument("--scenario", action="append",
                         choices=[*sorted(scenarios.SCENARIOS), "soak", "multicore"],
-                        help="run only this scenario (repeatable); soak runs only when named")
+                        help="run only this scenario (repeatable); soak, multicore and "
+                             "idle_50k run only when named")
     parser.add_argument("--server", action="append", choices=SERVER_KEYS,
                         help="run only this server (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
@@ -207,11 +222,14 @@ def main(argv: list[str] | None = None) -> int:
         args.scenario = [n for n in args.scenario if n != "multicore"]
         if not args.scenario:
             return code
-    names = args.scenario or list(scenarios.SCENARIOS)
+    names = args.scenario or [n for n in scenarios.SCENARIOS
+                              if n not in scenarios.OPT_IN_SCENARIOS]
     plan = [scenarios.SCENARIOS[n] for n in names]
     if args.quick:
         plan = [scenarios.quick(s) for s in plan]
-    raise_fd_limit(2 * max(s.clients for s in plan) + 1024)
+    # a fleet scenario sizes itself to whatever limit there is (bench/manyconn.py)
+    raise_fd_limit(max((2 * s.clients + 1024 for s in plan if not s.fleet), default=1024),
+                   everything=any(s.fleet for s in plan))
     try:
         import uvloop
         uvloop.install()
@@ -236,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown_table(rows))
     print()
     print(report.targets_table(report.targets(rows)))
+    many = report.many_table(rows)
+    if many:
+        print()
+        print(many)
     moving = report.moving_tables(rows)
     if moving:
         print()

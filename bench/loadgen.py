@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.servers import Endpoint
-from bench.wsclient import SioClient, connect, now_ns
+from bench.wsclient import SioClient, connect, now_ns, source_address
 
 _TEXT_MARK = b'"text":"L'
 LATENCY_SAMPLE = 10  # every 10th member of a room reads the send timestamp
@@ -59,24 +59,32 @@ class Room:
 
 async def connect_rooms(endpoints: list[list[Endpoint]], *, deflate: bool = False,
                         concurrency: int = 100, timeout: float = 120.0,
-                        progress: Callable[[int], None] | None = None) -> list[Room]:
-    """Connect every member of every room (``endpoints[r][j]``), ``concurrency`` at a time."""
+                        progress: Callable[[int], None] | None = None,
+                        sources: int = 0, first: int = 0,
+                        client_timeout: float = 10.0) -> list[Room]:
+    """Connect every member of every room (``endpoints[r][j]``), ``concurrency`` at a time.
+    ``sources`` > 0 spreads the clients' source addresses over that many of 127.0.0.2-254
+    (``wsclient.source_address``; client ``first`` + k takes the k-th turn), so that more
+    clients than one address has ephemeral ports can reach one server port.
+    ``client_timeout`` bounds each client's connect (TCP, upgrade, namespace CONNECT)."""
     rooms = [Room() for _ in endpoints]
     sem = asyncio.Semaphore(concurrency)
     done = 0
 
-    async def one(r: int, j: int, ep: Endpoint) -> None:
+    async def one(r: int, j: int, ep: Endpoint, k: int) -> None:
         nonlocal done
         async with sem:
             client = await connect(ep.host, ep.port, ep.path, ep.namespace,
                                    {"name": f"b{r}-{j}"}, deflate=deflate,
-                                   on_message=rooms[r].on_message)
+                                   timeout=client_timeout, on_message=rooms[r].on_message,
+                                   local_addr=source_address(first + k, sources))
         rooms[r].members.append(client)
         done += 1
         if progress and done % 1000 == 0:
             progress(done)
 
-    jobs = [one(r, j, ep) for r, eps in enumerate(endpoints) for j, ep in enumerate(eps)]
+    jobs = [one(r, j, ep, k) for k, (r, j, ep) in enumerate(
+        (r, j, ep) for r, eps in enumerate(endpoints) for j, ep in enumerate(eps))]
     await asyncio.wait_for(asyncio.gather(*jobs), timeout)
     return rooms
 

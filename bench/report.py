@@ -18,6 +18,7 @@ NODE = "node socket.io"
 RAWWS = "raw ws"
 REDIS2 = "redis-adapter, 2 nodes"
 SHARD2 = "shardchat, 2 nodes"
+MANY_TARGET = 50_000  # idle connections one node should hold in 1 GiB
 
 
 def _row(rows: list[dict], scenario: str, server: str) -> dict | None:
@@ -65,6 +66,14 @@ def targets(rows: list[dict]) -> list[dict[str, Any]]:
     add("browser-like clients (deflate offered) vs not, shardchat large room", deflate, 0.95)
     add("memory per idle connection vs Node socket.io",
         _ratio(rows, "idle", SHARDCHAT, NODE, "rss_per_conn"), 1, higher_is_better=False)
+    many = _row(rows, "idle_50k", SHARDCHAT)
+    at_50k = None
+    if many and many.get("rss_per_conn") is not None:  # before + per connection x 50,000
+        at_50k = (many["rss_before"] + many["rss_per_conn"] * MANY_TARGET) / 2**20
+    add(f"{MANY_TARGET:,} idle connections on one node: RSS in MiB (projected when the fd "
+        "limits let fewer run)", at_50k, 1024, higher_is_better=False, unit=" MiB")
+    add("50,000 idle connections: memory per connection vs Node socket.io",
+        _ratio(rows, "idle_50k", SHARDCHAT, NODE, "rss_per_conn"), 1, higher_is_better=False)
     lat = _row(rows, "latency", SHARDCHAT)
     add("p99 delivery latency at half the peak rate (ms)", lat.get("p99_ms") if lat else None,
         25, higher_is_better=False, unit=" ms")
@@ -147,6 +156,32 @@ def moving_tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+MANY_COLUMNS = [("server", "server"), ("clients_asked", "asked"), ("clients", "run"),
+                ("loadgen_processes", "load generator processes"),
+                ("connect_s", "connect s"), ("connects_per_s", "connects/s"),
+                ("rss_before_mib", "RSS before MiB"), ("rss_after_mib", "RSS after MiB"),
+                ("rss_per_conn", "RSS B/conn"), ("rss_at_asked_mib", "RSS at asked MiB"),
+                ("how", "at asked"), ("rss_at_asked_fits", "within 1 GiB"),
+                ("limited_by", "fewer because")]
+
+
+def many_table(rows: list[dict]) -> str:
+    """The fleet scenarios (``idle_50k``): asked, run, why fewer, RSS measured and at the
+    asked count (empty when none ran)."""
+    many = []
+    for r in rows:
+        if r.get("clients_asked") is None:
+            continue
+        many.append({**r, "rss_before_mib": r["rss_before"] / 2**20,
+                     "rss_after_mib": r["rss_after"] / 2**20,
+                     "rss_at_asked_mib": r["rss_at_asked"] / 2**20,
+                     "how": "measured" if r["rss_at_asked_measured"] else "projected"})
+    if not many:
+        return ""
+    return ("Many idle connections on one server (RSS at asked = before + per connection "
+            "x asked when the fd limits let fewer run)\n\n" + _table(many, MANY_COLUMNS))
+
+
 def targets_table(tg: list[dict]) -> str:
     lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
     for t in tg:
@@ -170,6 +205,9 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[dict]) -> dict[str, Pa
           f"Throughput rows: the median of {meta.get('rounds', 1)} interleaved round(s) per "
           "server (every round's figure is in results.json under `rounds`)", "",
           markdown_table(rows), "", "## Targets", "", targets_table(tg), ""]
+    many = many_table(rows)
+    if many:
+        md += ["## Many connections", "", many, ""]
     moving = moving_tables(rows)
     if moving:
         md += ["## Rooms that move", "", moving]

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bench import loadgen, moving, procstat
+from bench import loadgen, manyconn, moving, procstat
 from bench.servers import Server, ShardchatServer
 from shardchat.node import gctune
 
@@ -30,6 +30,9 @@ class Scenario:
     deflate: bool = False
     duration: float = 0.0  # seconds of open-loop sending (latency), of each window (drain)
     rate: float = 0.0  # messages per second sent in all (move, drain)
+    # idle only: clients held by worker processes and sized to the fd limits
+    # (bench/manyconn.py), source addresses spread over 127.0.0.2-254
+    fleet: bool = False
     servers: tuple[str, ...] = ("shardchat", "stock", "node", "rawws")
     title: str = ""
 
@@ -37,6 +40,9 @@ class Scenario:
     def clients(self) -> int:
         return self.rooms * self.room_size
 
+
+# Scenarios that run only when named with --scenario (they take minutes of their own).
+OPT_IN_SCENARIOS = ("idle_50k",)
 
 # Servers that run only when named with --server, in every scenario shardchat runs in:
 # shardchat with node.engine = "stock", to see what the fast engine is worth.
@@ -64,6 +70,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              servers=("shardchat-2", "redis-2"),
              title="200 rooms of 10 on 2 nodes (Redis design: members split across nodes)"),
     Scenario("idle", "idle", rooms=250, room_size=20, title="5,000 idle connections"),
+    Scenario("idle_50k", "idle", rooms=500, room_size=100, fleet=True,
+             servers=("shardchat", "node"),
+             title="50,000 idle connections on one server (as many as the fd limits allow)"),
     Scenario("latency", "latency", rooms=1, room_size=500, messages=150, window=8,
              duration=4.0, servers=("shardchat", "shardchat-nofsync", "stock", "node", "rawws"),
              title="one room of 500 at half the peak rate"),
@@ -92,6 +101,10 @@ async def run(server: Server, sc: Scenario, log: Any = print) -> dict[str, Any]:
         assert isinstance(server, ShardchatServer)
         runner = moving.run_move if sc.kind == "move" else moving.run_drain
         row.update(await runner(server, sc, log))
+        server.check()
+        return row
+    if sc.fleet:
+        row.update(await manyconn.run(server, sc, log))
         server.check()
         return row
     pids = server.pids

@@ -258,18 +258,34 @@ class SioClient(asyncio.Protocol):
             self.transport.close()
 
 
+# Source addresses for many connections to one port: the whole of 127/8 is loopback on
+# Linux, and each (source address, destination) pair has its own ~28,000 ephemeral ports.
+SOURCE_BASE, SOURCE_COUNT = "127.0.0.", 253  # 127.0.0.2 ... 127.0.0.254
+
+
+def source_address(index: int, spread: int) -> tuple[str, int] | None:
+    """The local address of client ``index`` when clients are spread over ``spread``
+    loopback addresses (127.0.0.2 onwards, at most ``SOURCE_COUNT``); None: the kernel's
+    choice (127.0.0.1 for a loopback destination)."""
+    if spread <= 0:
+        return None
+    return f"{SOURCE_BASE}{2 + index % min(spread, SOURCE_COUNT)}", 0
+
+
 async def connect(host: str, port: int, path: str, namespace: str, auth: dict[str, Any], *,
                   deflate: bool = False, timeout: float = 10.0,
                   on_message: Callable[[SioClient, bytes], None] | None = None,
                   on_event: Callable[[SioClient, bytes], None] | None = None,
-                  on_leave: Callable[[SioClient], None] | None = None) -> SioClient:
+                  on_leave: Callable[[SioClient], None] | None = None,
+                  local_addr: tuple[str, int] | None = None) -> SioClient:
     """Open one client and wait (bounded) until its namespace CONNECT is acknowledged; a
-    refused connect raises HandshakeError, with the refusal's data in ``exc.refusal``."""
+    refused connect raises HandshakeError, with the refusal's data in ``exc.refusal``.
+    ``local_addr`` binds the client's end (``source_address``)."""
     loop = asyncio.get_running_loop()
     _, client = await asyncio.wait_for(loop.create_connection(
         lambda: SioClient(host, port, path, namespace, auth, deflate=deflate,
                           on_message=on_message, on_event=on_event, on_leave=on_leave),
-        host, port), timeout)
+        host, port, local_addr=local_addr), timeout)
     try:
         await asyncio.wait_for(asyncio.shield(client.connected), timeout)
     except HandshakeError as exc:
@@ -277,9 +293,16 @@ async def connect(host: str, port: int, path: str, namespace: str, auth: dict[st
         exc.refusal = client.refusal
         raise
     except BaseException:
+        # a handshake given up: its outcome, when it comes, is nobody's business
+        client.connected.add_done_callback(_consume)
         client.close()
         raise
     return client
+
+
+def _consume(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _json_or_none(raw: bytes) -> Any:

@@ -29,7 +29,7 @@ CODE_SPAN = re.compile(r"`([^`\n]+)`")
 # The hops a reader of the section must find whatever else it says: where a frame enters
 # on each transport, the commit, the fan-out, and the GET that takes the broadcast.
 ESSENTIAL = {
-    "shardchat/node/engine/session.py:SessionLoop.serve",
+    "shardchat/node/engine/session.py:EngineSession.on_message",
     "shardchat/node/engine/inbound.py:Inbound.dispatch",
     "engineio/async_socket.py:AsyncSocket.handle_post_request",
     "engineio/async_socket.py:AsyncSocket.handle_get_request",

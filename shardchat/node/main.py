@@ -28,7 +28,7 @@ from shardchat.cluster.directory import Directory
 from shardchat.cluster.load import node_load, room_presence
 from shardchat.cluster.placement import Placer
 from shardchat.config import Config
-from shardchat.node import engine, faults, gctune, idempotency, internal, shutdown
+from shardchat.node import engine, faults, fdlimit, gctune, idempotency, internal, shutdown
 from shardchat.node.clientaddr import ClientAddresses
 from shardchat.node.handoff import Handoff
 from shardchat.node.handoff.routes import add_routes as add_move_routes
@@ -338,10 +338,11 @@ async def serve(cfg: Config, number: int) -> int:
 
 
 def run_node(cfg: Config, number: int) -> int:
-    """``shardchat node``: log set-up, the event loop (uvloop where it is installed), then
-    ``serve``; returns the process exit code."""
+    """``shardchat node``: log set-up, the open-files limit, the event loop (uvloop where
+    it is installed), then ``serve``; returns the process exit code."""
     logging.basicConfig(level=cfg.node.log_level.upper(),
                         format=f"%(asctime)s i{number} %(levelname)s %(name)s: %(message)s")
+    fdlimit.log_limit(*fdlimit.raise_soft_limit())  # one descriptor per client
     try:
         import uvloop
 

@@ -11,9 +11,8 @@ import sys
 
 import pytest
 import socketio
-from aiohttp import web_protocol
-from aiohttp.http_websocket import WebSocketWriter
 from engineio.async_socket import AsyncSocket
+from engineio.base_socket import BaseSocket
 
 from shardchat.config import NodeSettings
 from shardchat.node import engine
@@ -39,15 +38,15 @@ def test_a_missing_private_method_is_named_with_the_installed_version(monkeypatc
 
 
 def test_a_missing_instance_attribute_is_found_on_a_probe(monkeypatch):
-    built_by_aiohttp = WebSocketWriter.__init__
+    built_by_engineio = BaseSocket.__init__
 
-    def without_send_lock(self, *args, **kwargs):
-        built_by_aiohttp(self, *args, **kwargs)
-        del self._send_lock
+    def without_last_ping(self, *args, **kwargs):
+        built_by_engineio(self, *args, **kwargs)
+        del self.last_ping
 
-    monkeypatch.setattr(WebSocketWriter, "__init__", without_send_lock)
-    with pytest.raises(EngineIncompatible, match=r"WebSocketWriter\._send_lock does not exist"
-                                                 r" in aiohttp \d"):
+    monkeypatch.setattr(BaseSocket, "__init__", without_last_ping)
+    with pytest.raises(EngineIncompatible, match=r"AsyncSocket\.last_ping does not exist"
+                                                 r" in python-engineio \d"):
         check_internals()
 
 
@@ -61,9 +60,15 @@ def test_an_overridden_method_whose_parameters_changed_is_refused(monkeypatch):
 
 
 def test_a_missing_optional_saving_is_reported_but_not_fatal(monkeypatch):
-    monkeypatch.delattr(web_protocol.RequestHandler, "_messages")
+    built_by_socketio = socketio.AsyncServer.__init__
+
+    def without_environ(self, *args, **kwargs):
+        built_by_socketio(self, *args, **kwargs)
+        del self.environ
+
+    monkeypatch.setattr(socketio.AsyncServer, "__init__", without_environ)
     problems = check_internals()
-    assert len(problems) == 1 and "RequestHandler._messages does not exist" in problems[0]
+    assert len(problems) == 1 and "AsyncServer.environ does not exist" in problems[0]
 
 
 def test_the_stock_engine_is_not_checked(monkeypatch):

@@ -3,8 +3,9 @@
 python-socketio, python-engineio and aiohttp are used through their public APIs everywhere
 else. The *fast* engine (the default) also reaches into them where a chat spends its CPU
 and memory: broadcasts written straight to sockets (``delivery.py``), incoming events
-parsed once (``inbound.py``), its own websocket session loop, queue and ping timers
-(``session.py``, ``sessionqueue.py``, ``liveness.py``, ``closing.py``) and a server
+parsed once (``inbound.py``), websocket connections it takes from aiohttp after the
+handshake and speaks itself (``session.py``, ``websocket.py``), its own queue and ping
+timers (``sessionqueue.py``, ``liveness.py``, ``closing.py``) and a server
 subclass with four overrides (``server.py``). Every private attribute or method it relies
 on is in ``INTERNALS`` below, and ``build`` checks them all before the node serves: a
 library upgrade that renames one stops the node at start-up with a line naming it and the
@@ -137,16 +138,6 @@ def _engineio_socket(cls: Any) -> Any:
     return cls(engineio.AsyncServer(async_mode="aiohttp"), "self-check")
 
 
-def _ws_writer(cls: Any) -> Any:
-    return cls(None, None)  # protocol and transport are only stored
-
-
-def _request(cls: Any) -> Any:
-    from aiohttp.test_utils import make_mocked_request
-
-    return make_mocked_request("GET", "/")
-
-
 _SIO, _EIO, _AIOHTTP, _PY = "python-socketio", "python-engineio", "aiohttp", "python"
 _SERVER = "socketio.async_server.AsyncServer"
 _SOCKET = "engineio.async_socket.AsyncSocket"
@@ -183,21 +174,13 @@ INTERNALS: tuple[Internal, ...] = (
                probe=_engineio_socket)
       for name in ("queue", "connected", "upgrading", "upgraded", "closing", "closed",
                    "last_ping")),
-    # aiohttp: the direct writes and the shed HTTP state
-    Internal("aiohttp.web_ws.WebSocketResponse", "_writer", _AIOHTTP,
-             "delivery.py writes a client's frames to its transport"),
+    # aiohttp: the connection taken from its request handler after the handshake
     Internal("aiohttp.web_ws.WebSocketResponse", "__init__", _AIOHTTP,
-             "session.py chooses compression and bytes-only reads",
+             "session.py: a wrapped handler's websocket, compression and bytes-only reads",
              params=("max_msg_size", "compress", "decode_text")),
-    *(Internal("aiohttp.http_websocket.WebSocketWriter", name, _AIOHTTP,
-               "delivery.py writes directly only while the writer is idle",
-               probe=_ws_writer) for name in ("_closing", "_send_lock")),
-    Internal("aiohttp.web_request.BaseRequest", "_protocol", _AIOHTTP,
-             "session.py sheds the HTTP state after the handshake", probe=_request,
-             optional=True),
     *(Internal("aiohttp.web_protocol.RequestHandler", name, _AIOHTTP,
-               "session.py sheds the HTTP state after the handshake", optional=True)
-      for name in ("_payload_parser", "_upgraded", "_parser", "_messages")),
+               "session.py takes the connection from aiohttp after the handshake")
+      for name in ("_message_tail", "_parser", "_manager", "_keepalive_handle")),
     # asyncio: a queue that is not our SessionQueue (someone replaced create_queue)
     *(Internal("asyncio.Queue", name, _PY, "delivery.py: is a writer parked on it",
                probe=lambda cls: cls()) for name in ("_getters", "_queue")),

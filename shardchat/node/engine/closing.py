@@ -19,11 +19,11 @@ import contextlib
 import inspect
 from typing import Any
 
-from aiohttp import WSCloseCode
 from engineio import packet as eio_packet
 
 from shardchat.node.engine.delivery import FastDelivery
 from shardchat.node.engine.session import GOING_AWAY_REASON
+from shardchat.node.engine.websocket import CLOSE_GOING_AWAY
 
 
 def answer_polls_on_close(eio: Any) -> None:
@@ -82,7 +82,7 @@ async def close_sessions(eio: Any, fanout: FastDelivery, timeout: float) -> dict
         ws = fanout.websocket(eio_sid)
         if ws is not None:
             closes.append(asyncio.ensure_future(
-                ws.close(code=WSCloseCode.GOING_AWAY, message=GOING_AWAY_REASON)))
+                ws.close(CLOSE_GOING_AWAY, GOING_AWAY_REASON)))
             counts["websocket"] += 1
             continue
         counts["polling"] += 1

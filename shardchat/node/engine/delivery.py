@@ -8,25 +8,23 @@ on its own. For a room of 500 that is 500 tasks, 500 wake-ups and 500 identical 
 Here a broadcast encodes its Socket.IO packet once, builds the WebSocket frame once and
 writes the same bytes straight to the transport of every recipient for which that cannot
 reorder anything: the client is on the websocket transport, nothing is waiting in its
-Engine.IO queue, and its writer task is parked waiting for the queue (so nothing it took
-is still being written). Everyone else (long-polling clients, clients in the middle of an
+Engine.IO queue, and its session has no write pending (so nothing it took is still
+waiting to be written). Everyone else (long-polling clients, clients in the middle of an
 upgrade, clients with queued packets) takes python-socketio's normal path, so every client
 still sees its packets in the order they were produced. An uncompressed frame is valid on
 a connection that negotiated permessage-deflate (RSV1 clear), so the same bytes serve
 browser clients too.
 
 What this bypasses, and reads of the libraries' internals to do it (each is in the
-engine's self-check list, ``engine/__init__.py``): the client's aiohttp writer
-(``WebSocketResponse._writer``, its ``_closing`` flag and ``_send_lock``) to know a frame
-can go straight to its transport, python-socketio's ``_send_eio_packet`` for the queued
-path of a broadcast (one encode for all slow recipients), and ``asyncio.Queue._getters`` /
-``_queue`` for a queue that is not our ``SessionQueue``.
+engine's self-check list, ``engine/__init__.py``): python-socketio's ``_send_eio_packet``
+for the queued path of a broadcast (one encode for all slow recipients), and
+``asyncio.Queue._getters`` / ``_queue`` for a queue that is not our ``SessionQueue``.
 
 Back-pressure: a client is cut off only for a backlog it fails to drain, never for the size
 of one packet. Its backlog is what it has not taken yet: its transport's write buffer
 (websocket), this tick's frames for it, and the packets in its Engine.IO queue
-(``SessionQueue.nbytes``: a long-polling client that does not GET, a websocket client whose
-writer waits for the socket to drain). It is looked at after the writes, never before: after
+(``SessionQueue.nbytes``: a long-polling client that does not GET, a websocket client in
+the middle of its upgrade). It is looked at after the writes, never before: after
 each tick's flush for direct writes, after each queued packet otherwise. Above
 ``write_buffer_cap`` a clock starts; a client still above the cap ``write_buffer_grace``
 seconds later is cut off, and one above twice the cap is cut off at once, which bounds what
@@ -74,7 +72,7 @@ class FastDelivery:
         self.refusals = 0  # requests refused because their client was above the cap
         self.direct = 0  # single-recipient packets written straight to the transport
         self.queued = 0  # single-recipient packets that took the Engine.IO queue
-        self._ws: dict[str, Any] = {}  # Engine.IO sid -> aiohttp WebSocketResponse
+        self._ws: dict[str, Any] = {}  # Engine.IO sid -> its session (session.EngineSession)
         # transport -> [Engine.IO sid, frame, frame, ...]: what this loop tick writes to it
         self._pending: dict[Any, list[Any]] = {}
         self._flush_scheduled = False
@@ -83,15 +81,15 @@ class FastDelivery:
     # -- knowing each client's websocket -------------------------------------------------
 
     def register(self, eio_sid: str, ws: Any) -> None:
-        """The transport's session loop announces a client's aiohttp response once the
-        client is on the websocket transport (and withdraws it when the loop ends)."""
+        """A client's websocket session announces itself once the client is on the
+        websocket transport (and withdraws when its connection ends)."""
         self._ws[eio_sid] = ws
 
     def unregister(self, eio_sid: str) -> None:
         self._ws.pop(eio_sid, None)
 
     def websocket(self, eio_sid: str) -> Any:
-        """The client's aiohttp WebSocketResponse while it is on the websocket transport."""
+        """The client's websocket session while it is on the websocket transport."""
         return self._ws.get(eio_sid)
 
     def websocket_sids(self) -> list[str]:
@@ -109,13 +107,7 @@ class FastDelivery:
             return None
         if not _parked(sock.queue):
             return None
-        writer = ws._writer
-        if writer is None or writer._closing or writer._send_lock.locked():
-            return None  # closing, or a large compressed frame is being sent
-        transport = writer.transport
-        if transport is None or transport.is_closing():
-            return None
-        return transport
+        return ws.writable()  # None once it is closing
 
     def _write(self, transport: Any, eio_sid: str, frame: bytes) -> None:
         """Queue ``frame`` for ``transport``; all frames of one loop tick for the same
@@ -253,8 +245,7 @@ class FastDelivery:
     def transport_of(self, eio_sid: str) -> Any:
         """The asyncio transport under the client's websocket (None: not on websocket)."""
         ws = self._ws.get(eio_sid)
-        writer = getattr(ws, "_writer", None) if ws is not None else None
-        return writer.transport if writer is not None else None
+        return ws.transport if ws is not None else None
 
     def write_now(self, eio_sid: str, sock: Any, payload: bytes) -> bool:
         """Write ``payload`` to the client's socket now if the direct rule allows it, at any

@@ -1,41 +1,49 @@
-"""The fast engine's WebSocket transport under Engine.IO: our own session loop.
+"""The fast engine's WebSocket transport under Engine.IO: the session owns its connection.
 
 python-engineio's aiohttp driver hands each WebSocket to the Engine.IO socket's
 ``_websocket_handler``, which reads every frame through a fresh task wrapped in
 ``asyncio.wait_for``, decodes it into a Packet object and lets python-socketio decode it
-again; its writer task polls the queue through another ``wait_for`` task; and a third task
-per connection sleeps until the next ping. Here the driver runs the same session itself:
+again; its writer task polls the queue through another ``wait_for`` task; a third task per
+connection sleeps until the next ping; and aiohttp keeps the upgrade request, its two tasks
+and the whole await chain of middlewares and handlers suspended for the connection's life.
+Here the driver answers the handshake itself and then takes the connection:
 
-* the upgrade handshake is engineio's (probe PING -> PONG, NOOP to end the pending poll,
-  then UPGRADE) and so is the close (the writer is stopped, then the socket is closed with
-  reason "transport close"), so python-socketio sees the same connection states;
-* frames are read with ``ws.receive()`` directly, as bytes (no task, no timer per frame);
-  a text EVENT goes to ``Inbound.dispatch``, everything else to the Engine.IO socket's own
-  ``receive`` (CONNECT, DISCONNECT, ACK, binary, PONG, CLOSE ...), so python-socketio keeps
-  full ownership of connection state;
+* the 101 is written by ``websocket.handshake``; then the transport is taken from aiohttp
+  (``detach``: aiohttp forgets the connection and its request handler returns at once,
+  which frees the request, its tasks and every frame of the chain) and given to an
+  ``EngineSession``, an asyncio Protocol with slots: an idle connection is that object,
+  the transport, the Engine.IO socket and python-socketio's maps, and nothing else;
+* frames are parsed in ``data_received`` (``websocket.py``); a text EVENT goes to
+  ``Inbound.dispatch`` there and then, a PONG re-arms the ping timer; everything else
+  (CONNECT, DISCONNECT, ACK, binary, CLOSE ...) is awaited in order through the Engine.IO
+  socket's own ``receive`` by a task that runs only while such packets wait (frames behind
+  them wait too, so the order a client sent is the order they are handled in), so
+  python-socketio keeps full ownership of connection state;
+* the upgrade from long-polling is engineio's (probe PING -> PONG, NOOP to end the pending
+  poll, then UPGRADE) and so is the close (the socket is closed with reason "transport
+  close" once the connection is gone), so python-socketio sees the same connection states;
 * liveness needs no read timeout: each socket's ping is a timer (``liveness.py``), and a
   PING that gets no PONG within ``ping_timeout`` aborts the connection;
-* the writer runs only while the socket's ``SessionQueue`` (``sessionqueue.py``) holds
-  something, so an idle connection keeps no task;
+* queued packets are written by a callback scheduled when something is queued, so an idle
+  connection has neither a writer task nor a pending callback;
 * compression is off unless ``node.websocket_compression`` asks for it (aiohttp's default
   of accepting permessage-deflate would compress every frame for every recipient);
-* once the handshake is done, the HTTP state aiohttp keeps for the request is shed and the
-  WSGI-style environ trimmed (``shed_http_state``, ``trim_environ``).
+* the WSGI-style environ engineio built from the headers is trimmed (``trim_environ``).
 
 The driver replaces engineio's (``AsyncServer._async["websocket"]``), and it recognises
 engineio's own handler (``AsyncSocket._websocket_handler``) to take over its session; both
-names are in the engine's self-check list. How sessions end is ``closing.py``.
+names, and the request handler fields ``detach`` reads, are in the engine's self-check
+list. How sessions end is ``closing.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 from collections import deque
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType
+from aiohttp import WSMsgType, web
 from aiohttp.web import WebSocketResponse
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
@@ -44,122 +52,222 @@ from engineio.async_socket import AsyncSocket
 from shardchat.node.engine import sessionqueue
 from shardchat.node.engine.delivery import FastDelivery
 from shardchat.node.engine.inbound import Inbound
+from shardchat.node.engine.websocket import (
+    CLOSE_GOING_AWAY,
+    OP_TEXT,
+    Deflate,
+    HandshakeRefused,
+    WebSocketConnection,
+    handshake,
+)
 
 _TEXT, _BINARY = WSMsgType.TEXT, WSMsgType.BINARY
 GOING_AWAY_REASON = b"server shutting down"
+_PROBE, _UPGRADE, _OPEN, _ENDED = 0, 1, 2, 3  # an EngineSession's states
+_PONG = b"3"
+INBOX_PAUSE = 64  # packets waiting for the Engine.IO path before reading pauses
+_ending: set[asyncio.Task] = set()  # sessions closing their Engine.IO socket
 
 
-class SessionLoop:
-    """Reads, dispatches and writes for one Engine.IO socket on the websocket transport.
+class EngineSession(WebSocketConnection):
+    """One Engine.IO socket on the websocket transport, on a connection it owns.
 
-    It lives as long as the connection, so it keeps few fields (``__slots__``), and the
-    read loop is inline in ``run``: every coroutine frame of the await chain stays
-    allocated for the connection's life."""
+    It lives as long as the connection, so it keeps few fields (``__slots__``) and
+    allocates only while it has work: the inbox and its task while packets wait for the
+    Engine.IO path, a scheduled write while packets are queued."""
 
-    __slots__ = ("fanout", "inbound", "sock", "writer", "ws")
+    __slots__ = ("_inbox", "_paused", "_state", "_worker", "_writer", "eio_sid", "fanout",
+                 "inbound", "sock")
 
-    def __init__(self, sock: Any, ws: WebSocketResponse, fanout: FastDelivery,
-                 inbound: Inbound) -> None:
+    def __init__(self, sock: Any, fanout: FastDelivery, inbound: Inbound,
+                 deflate: Deflate | None) -> None:
+        super().__init__(sock.server.max_http_buffer_size, deflate)
         self.sock = sock
-        self.ws = ws
+        self.eio_sid: str = sock.sid
         self.fanout = fanout
         self.inbound = inbound
-        self.writer: asyncio.Task | None = None
+        self._state = _PROBE if sock.connected else _OPEN
+        self._inbox: deque | None = None  # (opcode, payload) for the Engine.IO path
+        self._worker: asyncio.Task | None = None  # drains the inbox
+        self._paused = False  # reading paused while the inbox is full
+        self._writer: Any = None  # True: a write is scheduled; a Task: the fallback writer
 
-    async def serve(self, request: Any) -> WebSocketResponse:
-        """Accept the WebSocket, shed the HTTP state it no longer needs, run the session.
-
-        One coroutine from handshake to close: the upgrade and the writer are awaited only
-        briefly, the read loop is right here."""
-        ws, sock = self.ws, self.sock
-        await ws.prepare(request)
-        shed_http_state(request)
-        if sock.connected:
-            if not await self._upgrade():
-                return ws
-            if sock.closed:  # the session was ended (shutdown) while it upgraded
-                with contextlib.suppress(Exception):
-                    await ws.close(code=WSCloseCode.GOING_AWAY, message=GOING_AWAY_REASON)
-                return ws
-        else:
+    def start(self, transport: asyncio.Transport, tail: bytes) -> None:
+        """The 101 is out and the transport is this session's: open (or await the upgrade
+        probe of a long-polling session), then read what arrived behind the handshake."""
+        self.transport = transport
+        sock = self.sock
+        if self._state == _OPEN:
             sock.connected = True
             sock.upgraded = True
-        eio_sid = sock.sid
-        self.fanout.register(eio_sid, ws)
-        queue = sock.queue
+            self._open()
+        else:
+            sock.upgrading = True  # holds polling sends during the upgrade
+        if not transport.is_reading():
+            transport.resume_reading()  # aiohttp may have paused it for its own buffer
+        if tail:
+            self.data_received(tail)
+
+    def _open(self) -> None:
+        self._state = _OPEN
+        self.fanout.register(self.eio_sid, self)
+        queue = self.sock.queue
         if isinstance(queue, sessionqueue.SessionQueue):
-            queue.consumer = self  # a writer task only while there is something to write
+            queue.consumer = self  # a write only while there is something to write
             self.wake()
         else:
-            self.writer = asyncio.get_running_loop().create_task(self._write_forever())
-        # The read loop: frames until the client goes away. A frame Engine.IO cannot decode
-        # closes this connection only (engineio would fail the request handler the same way).
-        receive, dispatch = ws.receive, self.inbound.dispatch
-        limit, for_engineio = sock.server.max_http_buffer_size, sock.receive
+            self._writer = asyncio.get_running_loop().create_task(self._write_forever())
+
+    # -- reading -------------------------------------------------------------------------
+
+    def on_message(self, opcode: int, payload: bytes) -> None:
+        if self._inbox is None:
+            if self._state != _OPEN:
+                self._upgrade_step(opcode, payload)
+                return
+            if opcode == OP_TEXT:
+                if self.inbound.dispatch(self.eio_sid, payload):
+                    return
+                if payload == _PONG:  # what engineio's receive does with a PONG
+                    self.sock.schedule_ping()
+                    return
+        if self._state == _ENDED:
+            return
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._inbox = deque()
+        inbox.append((opcode, payload))
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._drain())
+        if len(inbox) >= INBOX_PAUSE and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    async def _drain(self) -> None:
+        """Hand the inbox's packets, in order, to the Engine.IO socket's ``receive``."""
+        inbox = self._inbox
         try:
-            while True:
-                msg = await receive()
-                kind = msg.type
-                if kind is not _TEXT and kind is not _BINARY:
-                    break  # CLOSE, CLOSING, CLOSED, ERROR (aiohttp answers control frames)
-                data = msg.data
-                if len(data) > limit:
+            while inbox and self._state == _OPEN:
+                opcode, payload = inbox.popleft()
+                if self._paused and len(inbox) < INBOX_PAUSE // 2:
+                    self._resume()
+                if not await self._receive(opcode, payload):
+                    self.close()  # a packet Engine.IO cannot decode: this connection ends
                     break
-                if kind is _TEXT and dispatch(eio_sid, data):
-                    continue
-                try:
-                    pkt = eio_packet.Packet(
-                        encoded_packet=data.decode() if kind is _TEXT else data)
-                except (ValueError, UnicodeDecodeError):
-                    break
-                try:
-                    await for_engineio(pkt)
-                except eio_exceptions.UnknownPacketError:
-                    pass
-                except eio_exceptions.SocketIsClosedError:
-                    break
-                except Exception:  # python-socketio refused the packet: it logged why
-                    sock.server.logger.exception("Unknown receive error")
-                msg = data = pkt = None  # not kept alive while the connection idles
         finally:
-            self.fanout.unregister(eio_sid)
-            if self.writer is None and isinstance(queue, sessionqueue.SessionQueue):
-                queue.consumer = None  # nothing will write any more
-            queue.put_nowait(None)  # lets a running writer finish
-        if self.writer is not None:
-            await self.writer
-        with contextlib.suppress(Exception):
-            await ws.close()
+            self._inbox = self._worker = None
+            self._resume()
+            if self._state == _ENDED:
+                await self._end_socket()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
+
+    async def _receive(self, opcode: int, payload: bytes) -> bool:
+        """One packet on the Engine.IO path; False when the connection must end."""
+        if opcode == OP_TEXT:
+            if self.inbound.dispatch(self.eio_sid, payload):
+                return True
+            if payload == _PONG:
+                self.sock.schedule_ping()
+                return True
+        try:
+            pkt = eio_packet.Packet(
+                encoded_packet=payload.decode() if opcode == OP_TEXT else payload)
+        except (ValueError, UnicodeDecodeError):
+            return False
+        sock = self.sock
+        try:
+            await sock.receive(pkt)
+        except eio_exceptions.UnknownPacketError:
+            pass
+        except eio_exceptions.SocketIsClosedError:
+            return False
+        except Exception:  # python-socketio refused the packet: it logged why
+            sock.server.logger.exception("Unknown receive error")
+        return True
+
+    def _upgrade_step(self, opcode: int, payload: bytes) -> None:
+        """engineio's upgrade from long-polling: "2probe" -> "3probe" and a NOOP that ends
+        the pending poll, then "5" (UPGRADE) switches the session to this connection."""
+        sock = self.sock
+        if self._state == _PROBE:
+            if opcode != OP_TEXT or payload != b"2probe":
+                sock.upgrading = False
+                self.close()
+                return
+            self.send(b"3probe")
+            self._state = _UPGRADE
+            sock.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
+            return
+        if opcode != OP_TEXT or payload[:1] != b"5":
+            sock.upgraded = False
+            sock.upgrading = False
+            self.close()
+            return
+        sock.upgraded = True
+        sock.upgrading = False
+        if sock.closed:  # the session was ended (shutdown) while it upgraded
+            self.close(CLOSE_GOING_AWAY, GOING_AWAY_REASON)
+            return
+        self._open()
+
+    # -- the end -------------------------------------------------------------------------
+
+    def on_end(self) -> None:
+        state, self._state = self._state, _ENDED
+        sock = self.sock
+        if state != _OPEN:  # a failed upgrade: the long-polling session goes on
+            sock.upgrading = False
+            return
+        self.fanout.unregister(self.eio_sid)
+        queue = sock.queue
+        if isinstance(queue, sessionqueue.SessionQueue):
+            queue.consumer = None  # nothing will write any more
+            queue.discard()
+        elif isinstance(self._writer, asyncio.Task):
+            queue.put_nowait(None)  # lets the fallback writer finish
+        if self._worker is None:  # else the worker ends the socket once it is done
+            task = asyncio.get_running_loop().create_task(self._end_socket())
+            _ending.add(task)
+            task.add_done_callback(_ending.discard)
+
+    async def _end_socket(self) -> None:
+        """What engineio does when its websocket handler returns: close the socket
+        ("transport close") and forget it."""
+        sock = self.sock
         await sock.close(wait=False, abort=True, reason=sock.server.reason.TRANSPORT_CLOSE)
-        return ws
+        sockets = sock.server.sockets
+        if sockets.get(self.eio_sid) is sock:
+            del sockets[self.eio_sid]
 
     # -- writing -------------------------------------------------------------------------
 
     def idle(self) -> bool:
-        return self.writer is None
+        return self._writer is None
 
     def wake(self) -> None:
-        """Something was queued: start a writer unless one is running (it will see it)."""
-        if self.writer is None and not self.sock.queue.empty():
-            self.writer = asyncio.get_running_loop().create_task(self._write_queued())
+        """Something was queued: write it in a callback of its own, after this tick's
+        direct writes (``FastDelivery._flush`` was scheduled first), so order is kept."""
+        if self._writer is None and not self.sock.queue.empty():
+            self._writer = True
+            asyncio.get_running_loop().call_soon(self._write_queued)
 
-    async def _write_queued(self) -> None:
-        """engineio's writer, but only while packets are queued: an idle connection keeps
-        no task. Stops the connection after a CLOSE packet (or the reader's end)."""
+    def _write_queued(self) -> None:
+        """engineio's writer, as one callback: everything queued goes out now. Stops the
+        connection after a CLOSE packet."""
+        self._writer = None
         queue = self.sock.queue
-        stop = False
-        try:
-            while not stop and not queue.empty():
-                pkt = queue.get_nowait()
-                queue.task_done()
-                stop = pkt is None or not await self._send(pkt)
-        finally:
-            self.writer = None
-        if stop:
-            with contextlib.suppress(Exception):
-                await self.ws.close()
-        elif not queue.empty():
-            self.wake()  # put while the last send was being drained
+        while not queue.empty():
+            pkt = queue.get_nowait()
+            queue.task_done()
+            if not self._send_packet(pkt):
+                self.close()
+                return
 
     async def _write_forever(self) -> None:
         """engineio's writer for a queue that is not a SessionQueue (a waiting ``get``)."""
@@ -167,46 +275,85 @@ class SessionLoop:
         while True:
             pkt = await queue.get()
             queue.task_done()
-            if pkt is None or not await self._send(pkt):
+            if not self._send_packet(pkt):
                 break
-        with contextlib.suppress(Exception):
-            await self.ws.close()
+        self.close()
 
-    async def _send(self, pkt: Any) -> bool:
-        """Write one packet; False when the connection is done (CLOSE sent, or failed)."""
+    def _send_packet(self, pkt: Any) -> bool:
+        """Write one packet; False when the connection is done (CLOSE, or closing)."""
+        if pkt is None:
+            return False
         encoded = pkt.encode()
-        try:
-            if isinstance(encoded, str):
-                await self.ws.send_str(encoded)
-            else:
-                await self.ws.send_bytes(encoded)
-        except Exception:
-            return False
-        return pkt.packet_type != eio_packet.CLOSE
+        if isinstance(encoded, str):
+            sent = self.send(encoded.encode())
+        else:
+            sent = self.send(encoded, binary=True)
+        return sent and pkt.packet_type != eio_packet.CLOSE
 
-    async def _upgrade(self) -> bool:
-        """engineio's upgrade from long-polling: probe, end the poll, wait for UPGRADE."""
-        sock, ws = self.sock, self.ws
-        sock.upgrading = True  # holds polling sends during the upgrade
-        msg = await ws.receive()
-        if msg.type is not _TEXT or msg.data != b"2probe":
-            sock.upgrading = False
-            return False
-        await ws.send_str("3probe")
-        await sock.queue.put(eio_packet.Packet(eio_packet.NOOP))  # ends the pending poll
-        msg = await ws.receive()
-        if msg.type is not _TEXT or msg.data[:1] != b"5":
-            sock.upgraded = False
-            sock.upgrading = False
-            return False
-        sock.upgraded = True
-        sock.upgrading = False
-        return True
+
+class HandedOver(web.StreamResponse):
+    """What aiohttp's request handler gets back once the connection is the session's:
+    nothing to send, and no keep-alive (its request loop ends)."""
+
+    async def prepare(self, request: Any) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+def detach(protocol: Any) -> bytes:
+    """Make aiohttp's request handler let go of its connection without closing it, and
+    return the bytes it read behind the upgrade request (usually none).
+
+    The handler forgets its transport (so nothing of aiohttp closes or writes to it any
+    more), stops its request loop after this request, and leaves its server's list of
+    connections (the session's ``close_sessions`` ends it on shutdown); its keep-alive
+    timer is cancelled, and its HTTP parser dropped, which also keeps aiohttp from
+    reading the tail as a next request as it does for a declined upgrade."""
+    tail = bytes(protocol._message_tail)
+    protocol._message_tail = b""
+    protocol._parser = None
+    protocol.transport = None
+    protocol.force_close()
+    manager = protocol._manager
+    if manager is not None:
+        manager.connection_lost(protocol, None)
+    handle = protocol._keepalive_handle
+    if handle is not None:
+        handle.cancel()
+        protocol._keepalive_handle = None
+    return tail
+
+
+async def take_over(request: Any, sock: Any, compress: bool, fanout: FastDelivery,
+                    inbound: Inbound) -> web.StreamResponse:
+    """Answer the opening handshake, take the connection from aiohttp and start the
+    session on it; aiohttp gets ``HandedOver``. A request that is no valid handshake
+    gets 400, as aiohttp's own WebSocketResponse answers it."""
+    try:
+        response, deflate = handshake(request.headers, compress)
+    except HandshakeRefused as exc:
+        if not sock.connected:  # a session made for this request alone
+            await sock.close(wait=False, abort=True)
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    protocol, transport = request.protocol, request.transport
+    if transport is None or transport.is_closing():  # the client left meanwhile
+        if not sock.connected:
+            await sock.close(wait=False, abort=True,
+                             reason=sock.server.reason.TRANSPORT_CLOSE)
+        return HandedOver()
+    session = EngineSession(sock, fanout, inbound, deflate)
+    transport.write(response)
+    tail = detach(protocol)
+    transport.set_protocol(session)
+    session.start(transport, tail)
+    return HandedOver()
 
 
 def websocket_class(compress: bool, fanout: FastDelivery, inbound: Inbound,
                     sio_environ: dict | None = None) -> type:
-    """An engineio-compatible aiohttp WebSocket driver class that runs ``SessionLoop``.
+    """An engineio-compatible aiohttp WebSocket driver class that runs ``take_over``.
 
     ``sio_environ`` is python-socketio's ``environ`` map (Engine.IO sid -> environ): the
     environ of a websocket session is trimmed to ``ENVIRON_KEEP`` once the socket is open."""
@@ -220,12 +367,8 @@ def websocket_class(compress: bool, fanout: FastDelivery, inbound: Inbound,
             self._sock: WebSocketResponse | None = None
 
         def __call__(self, environ: dict) -> Any:
-            """The coroutine engineio awaits: ``SessionLoop.serve`` itself, so the session
-            adds no frame of its own to the request's await chain."""
+            """The coroutine engineio awaits: ``take_over`` for engineio's own handler."""
             request = environ["aiohttp.request"]
-            ws = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size,
-                                   compress=compress, decode_text=False)
-            self._sock = ws
             sock = getattr(self.handler, "__self__", None)
             if getattr(self.handler, "__func__", None) is AsyncSocket._websocket_handler:
                 trim_environ(environ)
@@ -233,11 +376,14 @@ def websocket_class(compress: bool, fanout: FastDelivery, inbound: Inbound,
                     kept = sio_environ.get(sock.sid)
                     if kept is not None and kept is not environ:
                         trim_environ(kept)  # upgraded from long-polling
-                return SessionLoop(sock, ws, fanout, inbound).serve(request)
+                return take_over(request, sock, compress, fanout, inbound)
             return self._serve_wrapped(environ, request)
 
         async def _serve_wrapped(self, environ: dict, request: Any) -> WebSocketResponse:
-            """Someone wrapped engineio's handler: serve it the driver interface."""
+            """Someone wrapped engineio's handler: serve it the driver interface over
+            aiohttp's own WebSocket (no direct writes: the fan-out does not know it)."""
+            self._sock = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size,
+                                           compress=compress, decode_text=False)
             await self._sock.prepare(request)
             self.environ = environ
             await self.handler(self)
@@ -270,7 +416,6 @@ def websocket_class(compress: bool, fanout: FastDelivery, inbound: Inbound,
 ENVIRON_KEEP = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "RAW_URI", "SERVER_PROTOCOL",
                 "REMOTE_ADDR", "wsgi.url_scheme", "HTTP_ORIGIN", "HTTP_USER_AGENT",
                 "HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO")
-_NO_MESSAGES: deque = deque(maxlen=0)  # takes nothing: appends are dropped
 
 
 def trim_environ(environ: dict) -> None:
@@ -284,21 +429,3 @@ def trim_environ(environ: dict) -> None:
     kept = {key: environ[key] for key in ENVIRON_KEEP if key in environ}
     environ.clear()
     environ.update(kept)
-
-
-def shed_http_state(request: Any) -> None:
-    """After the WebSocket handshake, drop what aiohttp keeps for HTTP on this connection.
-
-    The HTTP parser (~760 B) and the pipelined-request deque (~620 B) are read only while
-    the connection speaks HTTP; once ``prepare`` has installed the WebSocket reader, aiohttp
-    feeds every byte to that reader and reads neither again (``connection_lost`` sets the
-    parser to None itself). Skipped if aiohttp's internals are not what this expects."""
-    protocol = getattr(request, "_protocol", None)
-    if (protocol is None or getattr(protocol, "_payload_parser", None) is None
-            or not getattr(protocol, "_upgraded", False)):
-        return
-    if hasattr(protocol, "_parser"):
-        protocol._parser = None
-    messages = getattr(protocol, "_messages", None)
-    if isinstance(messages, deque) and not messages:
-        protocol._messages = _NO_MESSAGES
