@@ -131,6 +131,9 @@ async def run_join(server: Server, sc: Any, log: Callable[[str], None]) -> dict[
             "server_cpu_s": round(cpu, 3), "cpu_at_last_welcome_s": round(cpu_at_last, 3),
             "cpu_ms_per_member": round(cpu / joined * 1000, 3) if joined else None,
             "settled": settled,
+            # the server's share of its core over the phase: well below 1 with a server
+            # that waits for something, or for its core on a shared machine
+            "server_busy": round(cpu_at_last / wall, 2) if wall > 0 else None,
             "join_p50_ms": round(_pct(waits, 50) * 1000, 1) if waits else None,
             "join_p99_ms": round(_pct(waits, 99) * 1000, 1) if waits else None,
             "rss_before": rss0, "rss_after": rss1,

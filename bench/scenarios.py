@@ -109,7 +109,8 @@ async def run(server: Server, sc: Scenario, log: Any = print) -> dict[str, Any]:
                            "rooms": sc.rooms, "room_size": sc.room_size, "clients": sc.clients,
                            "deflate_offered": sc.deflate}
     if sc.kind == "join":
-        row.update(await joining.run_join(server, sc, log))
+        with _Counters(server, row):  # also the node's GC over the joins
+            row.update(await joining.run_join(server, sc, log))
         server.check()
         return row
     if sc.kind in ("move", "drain"):
