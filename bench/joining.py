@@ -141,6 +141,8 @@ async def run_join(server: Server, sc: Any, log: Callable[[str], None]) -> dict[
             "listen_overflows": _diff(drops0, drops1),
             "syn_retransmits": _diff(retries0, retries1),
             "events_after_welcome": sum(c.other_events for c in res.clients) - joined,
+            # bytes the members read over the phase: upgrades, welcomes and presence
+            "bytes_received": sum(c.received for c in res.clients),
             "loadgen_busy": round(own / wall, 2) if wall > 0 else None,
             # time the server's and the load generator's threads were runnable but waited
             # for their core: on a shared machine, what other processes took from the run

@@ -82,6 +82,7 @@ class SioClient(asyncio.Protocol):
         self.connected: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.messages = 0
+        self.received = 0  # bytes read from the socket, frames and upgrade response
         self.sample = True  # whether this client's latencies are recorded
         self.other_events = 0
         self.sid: str | None = None
@@ -126,6 +127,7 @@ class SioClient(asyncio.Protocol):
             leave(self)
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
         buf = self._buf
         buf += data
         if not self._upgraded and not self._read_upgrade():
