@@ -149,9 +149,14 @@ class SioClient(asyncio.Protocol):
                 hl = 10
             if end - pos < hl + n:
                 break
-            payload = bytes(buf[pos + hl:pos + hl + n])
-            pos += hl + n
-            self._frame(b0, payload)
+            start = pos + hl
+            pos = start + n
+            if b0 == 0x81 and self.on_event is None and buf.startswith(self.event_prefix, start) \
+                    and not buf.startswith(self._msg_prefix, start):
+                # an event nobody reads (presence, typing ...): counted, never copied out
+                self.other_events += 1
+                continue
+            self._frame(b0, bytes(buf[start:pos]))
         if pos:
             del buf[:pos]
 
