@@ -283,10 +283,17 @@ async def connect(host: str, port: int, path: str, namespace: str, auth: dict[st
         client.close()
         exc.refusal = client.refusal
         raise
-    except BaseException:
+    except BaseException:  # timed out or cancelled: the handshake's outcome is not wanted
+        client.connected.add_done_callback(_retrieved)
         client.close()
         raise
     return client
+
+
+def _retrieved(fut: asyncio.Future) -> None:
+    """Mark an abandoned handshake's outcome as seen (no "never retrieved" warning)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _json_or_none(raw: bytes) -> Any:
