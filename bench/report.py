@@ -288,20 +288,29 @@ def plot_join(path: Path, rows: list[dict]) -> None:
               ("wall_s", "first connect to last welcome, s")]
     sizes = join_sizes(rows)
     for ax, (key, title) in zip(axes, panels, strict=True):
+        series = {server: [(n, r[key]) for n in sizes
+                           if (r := _row(rows, f"join_{n}", server)) and r.get("complete")
+                           and r.get(key)] for server in (SHARDCHAT, NODE)}
         for server, color, marker in ((SHARDCHAT, "#2a7ab9", "o"), (NODE, "#808080", "s")):
-            pts = [(n, r[key]) for n in sizes
-                   if (r := _row(rows, f"join_{n}", server)) and r.get("complete")
-                   and r.get(key)]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
-                        color=color, label=server)
-                for x, y in pts:
-                    ax.annotate(f"{y:.2f}" if y < 10 else f"{y:.0f}", (x, y),
-                                textcoords="offset points", xytext=(0, 6), ha="center",
-                                fontsize=8)
+            pts = series[server]
+            if not pts:
+                continue
+            other = dict(series[NODE if server == SHARDCHAT else SHARDCHAT])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
+                    label=server)
+            for x, y in pts:  # the higher of the two points labelled above, the lower below
+                dy = 6 if y >= other.get(x, 0) else -12
+                ax.annotate(f"{y:.2f}" if y < 10 else f"{y:.0f}", (x, y),
+                            textcoords="offset points", xytext=(0, dy), ha="center",
+                            fontsize=8)
         ax.set_xscale("log")
         if key == "wall_s":  # CPU per member stays within a decade: a linear axis reads better
             ax.set_yscale("log")
+            values = [y for pts in series.values() for _, y in pts]
+            ticks = [t for t in (0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200)
+                     if values and min(values) / 2 <= t <= max(values) * 2]
+            ax.set_yticks(ticks)
+            ax.set_yticklabels([f"{t:g}" for t in ticks])
         else:
             ax.set_ylim(bottom=0)
         ax.set_xticks(sizes)
