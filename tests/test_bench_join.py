@@ -61,3 +61,13 @@ async def test_the_node_peer_welcomes_its_joiners_as_the_contract_says() -> None
     assert row["events_after_welcome"] == 0, "the peer announces no joins"
     target = next(t for t in report.targets([row]) if "join one room" in t["target"])
     assert target["value"] is None, "no ratio without a shardchat row of the same size"
+
+
+def test_a_join_sizes_median_round_is_by_time_and_an_unfinished_round_is_the_slowest() -> None:
+    from bench.__main__ import MEDIAN_OF, median_row
+
+    runs = [{"wall_s": 3.0, "complete": True}, {"wall_s": 1.0, "complete": False},
+            {"wall_s": 2.0, "complete": True}]
+    row = median_row(runs, MEDIAN_OF["join"])
+    assert row["wall_s"] == 3.0, "the unfinished round (1 s, cut short) sorts last"
+    assert row["rounds"] == [3.0, 1.0, 2.0]
