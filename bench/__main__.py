@@ -4,6 +4,7 @@ bench/results/results.{json,md,png}.
     python -m bench                       full run (under 10 minutes on 2 cores)
     python -m bench --quick               ~1 minute smoke run, smaller everything
     python -m bench --scenario large      one scenario (repeatable)
+    python -m bench --scenario join       N members join one room, N = 500 ... 5,000
     python -m bench --server shardchat    only some servers (repeatable)
     python -m bench --profile DIR         also write a cProfile of each shardchat node
     python -m bench --scenario soak       the soak (bench/soak.py, 5 minutes; not in the
@@ -110,7 +111,7 @@ async def run_all(plan: list[scenarios.Scenario], servers: set[str] | None,
         print(f"== {sc.name}: {sc.title} ({sc.clients:,} clients)", flush=True)
         keys = scenarios.servers_of(sc, servers or set())
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
-        n = rounds if sc.kind == "throughput" else 1
+        n = rounds if sc.kind in MEDIAN_OF else 1
         for r in range(n):
             if n > 1:
                 print(f"  round {r + 1} of {n}", flush=True)
@@ -118,7 +119,8 @@ async def run_all(plan: list[scenarios.Scenario], servers: set[str] | None,
                 row = await run_one(key, sc, server_cores, profile)
                 if row is not None:
                     runs[key].append(row)
-        rows.extend(median_row(runs[k]) for k in keys if runs[k])
+        rows.extend(median_row(runs[k], MEDIAN_OF.get(sc.kind, "deliveries_per_cpu_s"))
+                    for k in keys if runs[k])
     return rows
 
 
@@ -142,14 +144,24 @@ async def run_one(key: str, sc: scenarios.Scenario, cores: set[int] | None,
     return row
 
 
-def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median deliveries per CPU-second, carrying every round's figure."""
-    ok = [r for r in runs if "error" not in r and r.get("deliveries_per_cpu_s") is not None]
+# The kinds of scenario that run in rounds, and the figure that picks the median round.
+MEDIAN_OF = {"throughput": "deliveries_per_cpu_s", "join": "wall_s"}
+
+
+def median_row(runs: list[dict[str, Any]], key: str = "deliveries_per_cpu_s"
+               ) -> dict[str, Any]:
+    """The run with the median ``key``, carrying every round's figure (``rounds``). A join
+    run that did not complete counts as the slowest."""
+    def value(r: dict[str, Any]) -> float:
+        slowest = key == "wall_s" and not r.get("complete", True)
+        return float("inf") if slowest else r[key]
+
+    ok = [r for r in runs if "error" not in r and r.get(key) is not None]
     if len(ok) < 2:
         return runs[-1] if not ok else ok[0]
-    ok.sort(key=lambda r: r["deliveries_per_cpu_s"])
+    ok.sort(key=value)
     row = dict(ok[(len(ok) - 1) // 2])
-    row["rounds"] = [r["deliveries_per_cpu_s"] for r in runs if "error" not in r]
+    row["rounds"] = [r[key] for r in runs if "error" not in r]
     return row
 
 
@@ -182,7 +194,13 @@ def summary(row: dict[str, Any]) -> str:
         parts.append(f"{row['rooms_moved']} rooms moved in {row['drain_s']} s; "
                      f"{row['before_msgs_per_s']:,.0f} msg/s before, "
                      f"{row['during_msgs_per_s']:,.0f} during ({row['during_vs_before']}x)")
-    if row.get("complete") is False:
+    if row.get("joins_per_s") is not None:
+        parts.append(f"{row['joined']:,} joined in {row['wall_s']} s, {row['server_cpu_s']} "
+                     f"CPU-s ({row['cpu_ms_per_member']} ms/member), "
+                     f"{row['listen_overflows']} SYNs dropped")
+    if row.get("complete") is False and "joined" in row:
+        parts.append(f"INCOMPLETE ({row['joined']}/{row['members']}: {row.get('first_error')})")
+    elif row.get("complete") is False:
         parts.append(f"INCOMPLETE ({row['deliveries']}/{row['expected']})")
     if row.get("acks_failed"):
         parts.append(f"{row['acks_failed']} acks failed")
@@ -196,15 +214,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~1 minute smoke run")
     parser.add_argument("--scenario", action="append",
-                        choices=[*sorted(scenarios.SCENARIOS), "soak", "multicore"],
-                        help="run only this scenario (repeatable); soak, multicore and "
-                             "idle_50k run only when named")
+                        choices=[*sorted(scenarios.SCENARIOS), *sorted(scenarios.GROUPS),
+                                 "soak", "multicore"],
+                        help="run only this scenario (repeatable; join = every join_* size); "
+                             "soak, multicore and idle_50k run only when named")
     parser.add_argument("--server", action="append", choices=SERVER_KEYS,
                         help="run only this server (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved rounds of each throughput scenario; the median is "
-                             "reported (default 3, 1 with --quick)")
+                        help="interleaved rounds of each throughput and join scenario; the "
+                             "median is reported (default 3, 1 with --quick)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="write a cProfile of each shardchat node into this directory")
     parser.add_argument("--soak-seconds", type=float, default=300.0,
@@ -222,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         args.scenario = [n for n in args.scenario if n != "multicore"]
         if not args.scenario:
             return code
-    names = args.scenario or [n for n in scenarios.SCENARIOS
-                              if n not in scenarios.OPT_IN_SCENARIOS]
+    names = [n for name in args.scenario or [k for k in scenarios.SCENARIOS
+                                             if k not in scenarios.OPT_IN_SCENARIOS]
+             for n in scenarios.GROUPS.get(name, (name,))]
     plan = [scenarios.SCENARIOS[n] for n in names]
     if args.quick:
         plan = [scenarios.quick(s) for s in plan]
@@ -254,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown_table(rows))
     print()
     print(report.targets_table(report.targets(rows)))
+    joins = report.join_table(rows)
+    if joins:
+        print()
+        print(joins)
     many = report.many_table(rows)
     if many:
         print()

@@ -119,6 +119,18 @@ def listen_overflows() -> int | None:
     (TcpExt ListenOverflows, /proc/net/netstat; for the whole network namespace, so other
     processes' drops count too). A dropped SYN is retried by the client after about a
     second: a burst of reconnects larger than a listener's backlog shows up here."""
+    return tcp_ext("ListenOverflows")
+
+
+def syn_retransmits() -> int | None:
+    """SYNs the clients of this network namespace sent again (TcpExt TCPSynRetrans): each is
+    a connect that waited a retransmission timeout (1 s, then 3 s ...), for whatever
+    reason the first SYN went unanswered."""
+    return tcp_ext("TCPSynRetrans")
+
+
+def tcp_ext(name: str) -> int | None:
+    """One TcpExt counter of /proc/net/netstat, or None where it cannot be read."""
     try:
         with open("/proc/net/netstat") as f:
             lines = f.read().splitlines()
@@ -127,6 +139,6 @@ def listen_overflows() -> int | None:
     for names, values in zip(lines[::2], lines[1::2], strict=False):
         if names.startswith("TcpExt:"):
             fields = dict(zip(names.split()[1:], values.split()[1:], strict=False))
-            value = fields.get("ListenOverflows")
+            value = fields.get(name)
             return int(value) if value is not None else None
     return None

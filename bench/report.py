@@ -81,7 +81,45 @@ def targets(rows: list[dict]) -> list[dict[str, Any]]:
         _ratio(rows, "latency", SHARDCHAT, RAWWS, "p50_ms"), 1.5, higher_is_better=False)
     add("2 nodes: deliveries/CPU-s vs the Redis-adapter design",
         _ratio(rows, "two_nodes", SHARD2, REDIS2, dpc), 2)
+    sizes = join_sizes(rows)
+    big = sizes[-1] if sizes else 5000
+    small = sizes[0] if sizes else 500
+    add(f"{big:,} members join one room: time vs Node socket.io",
+        _ratio(rows, f"join_{big}", SHARDCHAT, NODE, "wall_s"), JOIN_TIME_GOAL,
+        higher_is_better=False)
+    add(f"join CPU per member flat from {small:,} to {big:,} members "
+        f"(CPU/member at {big:,} over at {small:,})", join_flatness(rows, SHARDCHAT),
+        JOIN_FLAT_GOAL, higher_is_better=False)
     return out
+
+
+JOIN_TIME_GOAL = 1.5  # the largest join scenario's wall time, shardchat over Node socket.io
+# Flat CPU per member: CPU per member at the largest join size over that at the smallest.
+# A cost that grows with the room (a member list, a presence fan-out per join) makes the
+# ratio the size ratio itself (10x for 500 -> 5,000) when it dominates, and 1 when there is
+# none; 1.5 leaves room for noise and for bounded per-join work that fills up as the room
+# grows (a welcome's member list up to node.welcome_members, batches of presence), and for
+# the 10 ms ticks of /proc's CPU counts.
+JOIN_FLAT_GOAL = 1.5
+
+
+def join_sizes(rows: list[dict]) -> list[int]:
+    """The member counts of the join scenarios that ran, smallest first."""
+    return sorted({r["members"] for r in rows
+                   if r["scenario"].startswith("join_") and "members" in r})
+
+
+def join_flatness(rows: list[dict], server: str) -> float | None:
+    """CPU per member at the largest join size over that at the smallest, for ``server``;
+    None unless both ran to completion."""
+    sizes = join_sizes(rows)
+    if len(sizes) < 2:
+        return None
+    lo, hi = _row(rows, f"join_{sizes[0]}", server), _row(rows, f"join_{sizes[-1]}", server)
+    if not lo or not hi or not lo.get("complete") or not hi.get("complete") \
+            or not lo.get("cpu_ms_per_member") or hi.get("cpu_ms_per_member") is None:
+        return None
+    return hi["cpu_ms_per_member"] / lo["cpu_ms_per_member"]
 
 
 def _fmt(v: Any) -> str:
@@ -104,6 +142,11 @@ COLUMNS = [("scenario", "scenario"), ("server", "server"), ("clients", "clients"
 
 
 MOVING = ("move", "drain")  # scenarios of rooms that move: tables of their own
+
+
+def _own_table(row: dict) -> bool:
+    """Rows shown in a table of their own, not in the fan-out table."""
+    return row["scenario"] in MOVING or row["scenario"].startswith("join_")
 
 MOVE_COLUMNS = [("server", "server"), ("clients", "members"), ("history", "messages held"),
                 ("rate_msgs_per_s", "msg/s sent"), ("took_ms", "took ms (node)"),
@@ -136,7 +179,44 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """The fan-out scenarios, one row per server."""
-    return _table([r for r in rows if r["scenario"] not in MOVING], COLUMNS)
+    return _table([r for r in rows if not _own_table(r)], COLUMNS)
+
+
+def join_table(rows: list[dict]) -> str:
+    """The join scenarios, one line per room size: both servers side by side (empty when
+    none ran)."""
+    sizes = join_sizes(rows)
+    if not sizes:
+        return ""
+    lines = ["| members | shardchat s | Node socket.io s | ratio | shardchat CPU ms/member | "
+             "Node CPU ms/member | shardchat CPU s | Node CPU s | shardchat RSS MB after | "
+             "Node RSS MB after | SYN retries (shardchat / Node) |",
+             "|" + "---|" * 11]
+    for n in sizes:
+        a, b = _row(rows, f"join_{n}", SHARDCHAT), _row(rows, f"join_{n}", NODE)
+        cells = [f"{n:,}"]
+        for key in ("wall_s",):
+            cells += [_join_cell(a, key), _join_cell(b, key)]
+        ratio = _ratio(rows, f"join_{n}", SHARDCHAT, NODE, "wall_s")
+        both = a and b and a.get("complete") and b.get("complete")
+        cells.append(f"{ratio:.2f}x" if ratio is not None and both else "-")
+        for key in ("cpu_ms_per_member", "server_cpu_s"):
+            cells += [_join_cell(a, key), _join_cell(b, key)]
+        cells += [_fmt(round(r["rss_after"] / 2**20, 1)) if r and r.get("rss_after") else "-"
+                  for r in (a, b)]
+        cells.append(" / ".join(_fmt(r.get("syn_retransmits")) if r else "-" for r in (a, b)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _join_cell(row: dict | None, key: str) -> str:
+    if row is None:
+        return "-"
+    if "error" in row:
+        return "failed"
+    if not row.get("complete"):
+        return f"incomplete ({row.get('joined', 0):,} joined)"
+    return _fmt(row.get(key))
 
 
 def moving_tables(rows: list[dict]) -> str:
@@ -196,15 +276,25 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[dict]) -> dict[str, Pa
     tg = targets(rows)
     paths = {"json": out_dir / "results.json", "md": out_dir / "results.md",
              "png": out_dir / "results.png"}
+    if join_sizes(rows):
+        paths["join_png"] = out_dir / "join.png"
     paths["json"].write_text(json.dumps({"meta": meta, "results": rows, "targets": tg},
                                         indent=2) + "\n")
     md = [f"# Benchmark results ({meta.get('mode', 'full')} run)", "",
           f"Command: `{meta.get('command', 'python -m bench')}`  ",
           f"Machine: {meta.get('machine', '')}  ",
           f"Started: {meta.get('started', '')}, took {meta.get('duration_s', 0):.0f} s  ",
-          f"Throughput rows: the median of {meta.get('rounds', 1)} interleaved round(s) per "
-          "server (every round's figure is in results.json under `rounds`)", "",
+          f"Throughput and join rows: the median of {meta.get('rounds', 1)} interleaved "
+          "round(s) per server (every round's figure is in results.json under `rounds`)", "",
           markdown_table(rows), "", "## Targets", "", targets_table(tg), ""]
+    joins = join_table(rows)
+    if joins:
+        md += ["## Joining one room", "",
+               "N members join one room, at most "
+               f"{_join_concurrency(rows)} joins in flight (connect to welcome); time from "
+               "the first connect to the last welcome, server CPU until idle after it "
+               "(ratio: shardchat's time over Node socket.io's, same run)", "", joins, "",
+               "![joining](join.png)", ""]
     many = many_table(rows)
     if many:
         md += ["## Many connections", "", many, ""]
@@ -213,7 +303,66 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[dict]) -> dict[str, Pa
         md += ["## Rooms that move", "", moving]
     paths["md"].write_text("\n".join(md))
     plot(paths["png"], rows)
+    if "join_png" in paths:
+        plot_join(paths["join_png"], rows)
     return paths
+
+
+def _join_concurrency(rows: list[dict]) -> str:
+    values = sorted({r["concurrency"] for r in rows if r.get("concurrency")})
+    return " / ".join(f"{v:,}" for v in values) or "-"
+
+
+def plot_join(path: Path, rows: list[dict]) -> None:
+    """Joining one room: CPU per member and wall time against the room's size, per server
+    (log-log: a flat line is a constant cost per member, a slope of 1 a quadratic total)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    panels = [("cpu_ms_per_member", "server CPU per member, ms"),
+              ("wall_s", "first connect to last welcome, s")]
+    sizes = join_sizes(rows)
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        series = {server: [(n, r[key]) for n in sizes
+                           if (r := _row(rows, f"join_{n}", server)) and r.get("complete")
+                           and r.get(key)] for server in (SHARDCHAT, NODE)}
+        for server, color, marker in ((SHARDCHAT, "#2a7ab9", "o"), (NODE, "#808080", "s")):
+            pts = series[server]
+            if not pts:
+                continue
+            other = dict(series[NODE if server == SHARDCHAT else SHARDCHAT])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
+                    label=server)
+            for x, y in pts:  # the higher of the two points labelled above, the lower below
+                dy = 6 if y >= other.get(x, 0) else -12
+                ax.annotate(f"{y:.2f}" if y < 10 else f"{y:.0f}", (x, y),
+                            textcoords="offset points", xytext=(0, dy), ha="center",
+                            fontsize=8)
+        ax.set_xscale("log")
+        if key == "wall_s":  # CPU per member stays within a decade: a linear axis reads better
+            ax.set_yscale("log")
+            values = [y for pts in series.values() for _, y in pts]
+            ticks = [t for t in (0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200)
+                     if values and min(values) / 2 <= t <= max(values) * 2]
+            ax.set_yticks(ticks)
+            ax.set_yticklabels([f"{t:g}" for t in ticks])
+        else:
+            ax.set_ylim(bottom=0)
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([f"{n:,}" for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("members joining one room")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("N members join one room, each until its welcome (lower is better; "
+                 "incomplete runs are left out)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot(path: Path, rows: list[dict]) -> None:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bench import loadgen, manyconn, moving, procstat
+from bench import joining, loadgen, manyconn, moving, procstat
 from bench.servers import Server, ShardchatServer
 from shardchat.node import gctune
 
@@ -23,6 +23,7 @@ from shardchat.node import gctune
 class Scenario:
     name: str
     kind: str  # "throughput" | "idle" | "latency" | "move" | "drain" (bench/moving.py)
+    #          | "join" (bench/joining.py)
     rooms: int
     room_size: int
     messages: int = 0  # per room (throughput) or for the peak probe (latency)
@@ -33,6 +34,8 @@ class Scenario:
     # idle only: clients held by worker processes and sized to the fd limits
     # (bench/manyconn.py), source addresses spread over 127.0.0.2-254
     fleet: bool = False
+    concurrency: int = 0  # joins in flight at a time, connect to welcome (join)
+    timeout: float = 0.0  # seconds the measured phase may take at most (join)
     servers: tuple[str, ...] = ("shardchat", "stock", "node", "rawws")
     title: str = ""
 
@@ -58,6 +61,12 @@ def servers_of(sc: Scenario, named: set[str]) -> list[str]:
     return keys
 
 
+# The join scenarios: one room, these many members (interleaved: shardchat then Node at
+# each size), the same connect concurrency for every server.
+JOIN_SIZES = (500, 1000, 2000, 5000)
+JOIN_CONCURRENCY = 200
+JOIN_TIMEOUT = 120.0
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("large", "throughput", rooms=1, room_size=500, messages=400, window=8,
              servers=("shardchat", "shardchat-nofsync", "stock", "node", "rawws"),
@@ -76,6 +85,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("latency", "latency", rooms=1, room_size=500, messages=150, window=8,
              duration=4.0, servers=("shardchat", "shardchat-nofsync", "stock", "node", "rawws"),
              title="one room of 500 at half the peak rate"),
+    *(Scenario(f"join_{n}", "join", rooms=1, room_size=n, concurrency=JOIN_CONCURRENCY,
+               timeout=JOIN_TIMEOUT, servers=("shardchat", "node"),
+               title=f"{n:,} members join one room, each until its welcome")
+      for n in JOIN_SIZES),
     Scenario("move", "move", rooms=1, room_size=500, messages=10_000, rate=50.0,
              servers=("shardchat-2",),
              title="a room of 500 holding 10,000 messages moved to another node at 50 msg/s"),
@@ -85,8 +98,15 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 )}
 
 
+# Names that stand for several scenarios on the command line.
+GROUPS: dict[str, tuple[str, ...]] = {"join": tuple(f"join_{n}" for n in JOIN_SIZES)}
+
+
 def quick(s: Scenario) -> Scenario:
     """The ~1 minute smoke version: same shapes, fewer clients and messages."""
+    if s.kind == "join":  # a fifth of the members, named by its size: join_100 ... join_1000
+        size = max(20, s.room_size // 5)
+        return replace(s, name=f"join_{size}", room_size=size, timeout=min(s.timeout, 60.0))
     return replace(s, rooms=max(1, s.rooms // 4), room_size=min(s.room_size, 200),
                    messages=max(20, s.messages // 4), duration=min(s.duration, 1.5),
                    servers=tuple(x for x in s.servers if x != "shardchat-nofsync"))
@@ -97,6 +117,11 @@ async def run(server: Server, sc: Scenario, log: Any = print) -> dict[str, Any]:
     row: dict[str, Any] = {"scenario": sc.name, "server": server.label, "nodes": server.nodes,
                            "rooms": sc.rooms, "room_size": sc.room_size, "clients": sc.clients,
                            "deflate_offered": sc.deflate}
+    if sc.kind == "join":
+        with _Counters(server, row):  # also the node's GC over the joins
+            row.update(await joining.run_join(server, sc, log))
+        server.check()
+        return row
     if sc.kind in ("move", "drain"):
         assert isinstance(server, ShardchatServer)
         runner = moving.run_move if sc.kind == "move" else moving.run_drain

@@ -238,11 +238,15 @@ UNLIMITED = {f"rate_limit_{kind}": 1_000_000
              for kind in ("messages", "typing", "history", "joins", "rooms")}
 
 
+BENCH_ROOM_CAPACITY = 10_000  # members per room: above the largest join scenario
+
+
 class ShardchatServer(Server):
     """shardchat nodes (``python -m shardchat node``) with the default node settings, except
     the rate limits, raised so the load generator's senders (thousands of clients on one
-    loopback address) are never refused, and a short drain grace (no load balancer waits on
-    it), so that a stop is quick and a profile is written.
+    loopback address) are never refused, the room capacity, raised for the join scenarios'
+    rooms of up to 5,000 (``BENCH_ROOM_CAPACITY``), and a short drain grace (no load
+    balancer waits on it), so that a stop is quick and a profile is written.
     Each room lives on one node: rooms alternate between the nodes."""
 
     label = "shardchat"
@@ -258,7 +262,8 @@ class ShardchatServer(Server):
             self.label += " (fsync off)"
         if (node_settings or {}).get("engine", "fast") != "fast":
             self.label += f" ({node_settings['engine']} engine)"
-        self.node_settings = {**UNLIMITED, "drain_grace_seconds": 0.5, **(node_settings or {})}
+        self.node_settings = {**UNLIMITED, "room_capacity": BENCH_ROOM_CAPACITY,
+                              "drain_grace_seconds": 0.5, **(node_settings or {})}
 
     @staticmethod
     def node_settings_fsync(settings: dict[str, Any] | None) -> bool:

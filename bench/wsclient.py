@@ -82,6 +82,7 @@ class SioClient(asyncio.Protocol):
         self.connected: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.messages = 0
+        self.received = 0  # bytes read from the socket, frames and upgrade response
         self.sample = True  # whether this client's latencies are recorded
         self.other_events = 0
         self.sid: str | None = None
@@ -126,6 +127,7 @@ class SioClient(asyncio.Protocol):
             leave(self)
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
         buf = self._buf
         buf += data
         if not self._upgraded and not self._read_upgrade():
@@ -147,9 +149,14 @@ class SioClient(asyncio.Protocol):
                 hl = 10
             if end - pos < hl + n:
                 break
-            payload = bytes(buf[pos + hl:pos + hl + n])
-            pos += hl + n
-            self._frame(b0, payload)
+            start = pos + hl
+            pos = start + n
+            if b0 == 0x81 and self.on_event is None and buf.startswith(self.event_prefix, start) \
+                    and not buf.startswith(self._msg_prefix, start):
+                # an event nobody reads (presence, typing ...): counted, never copied out
+                self.other_events += 1
+                continue
+            self._frame(b0, bytes(buf[start:pos]))
         if pos:
             del buf[:pos]
 

@@ -21,6 +21,15 @@ Neither timer runs while a request is being handled, so a long-polling GET that 
 ``ping_interval`` seconds, a slow download or an upgraded WebSocket is never cut by them;
 those have their own liveness (Socket.IO pings, the write buffer cap).
 
+Every listener asks the kernel for a listen queue of ``LISTEN_BACKLOG`` (1,024) connections
+instead of aiohttp's 128. A connection waits in that queue between the kernel's handshake
+and the event loop's accept; when it is full the kernel drops the client's SYN and the
+client's TCP tries again only after its 1 s retransmission timeout (then 3 s, 7 s ...). A
+crowd arriving at once (the start of a large room, every member of a moved room rejoining,
+a node's clients reconnecting after a restart) fills 128 places while the loop is busy
+welcoming the first of them, and the rest then wait seconds for nothing. The kernel caps the
+figure at ``net.core.somaxconn`` (4,096 on current Linux).
+
 The handler reads three private attributes of aiohttp's ``RequestHandler`` (the queue of
 parsed requests, the "request in progress" flag and the upgraded flag). ``check_aiohttp``
 verifies they exist before the first listener starts, so an aiohttp upgrade that renames
@@ -40,6 +49,8 @@ from aiohttp.web_protocol import RequestHandler
 from shardchat.config import Config
 
 log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 1024  # connections the kernel queues until accept; see the module docstring
 
 _PRIVATE = ("_messages", "_request_in_progress", "_upgraded")
 _TIMEOUT_BODY = json.dumps({
@@ -133,7 +144,7 @@ class GuardedSite(web.BaseSite):
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int,
                  timeouts: ListenerTimeouts) -> None:
-        super().__init__(runner)
+        super().__init__(runner, backlog=LISTEN_BACKLOG)
         self._host, self._port, self._timeouts = host, port, timeouts
 
     @property

@@ -110,3 +110,23 @@ def test_bad_timeouts_name_their_key(node, aws):
     with pytest.raises(config_mod.ConfigError) as info:
         _cfg(node, aws)
     assert info.value.key == f"node.{next(iter(node))}"
+
+
+def test_listeners_queue_a_crowd_of_connections(slow_node) -> None:
+    """The listen queue holds ``LISTEN_BACKLOG`` (capped by the kernel's somaxconn), not
+    aiohttp's 128: a crowd arriving at once must not have its SYNs dropped and retried a
+    second later. ``ss`` shows a listening socket's queue size as its Send-Q."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from shardchat.listener import LISTEN_BACKLOG
+
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed")
+    cap = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    for port in (slow_node.port, slow_node.internal_port):
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.split()
+        assert out, f"nothing listens on {port}"
+        assert int(out[2]) == min(LISTEN_BACKLOG, cap), out
