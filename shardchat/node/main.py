@@ -120,10 +120,17 @@ class Node:
         out = {"instance": self.number, "store": self.store.stats(), **self.engine.stats(),
                "rate_limits": self.rooms.limiter.stats(),
                "presence": {"pending_batches": self.rooms.batches.pending()},
+               "placement": self._placement_view(),
                "gc": gctune.WATCH.stats()}
         if self.replica is not None:
             out["replication"] = self.replica.stats()
         return out
+
+    def _placement_view(self) -> dict[str, Any]:
+        """Every instance's load as this node's placement last saw it (peers' stats are
+        polled, so they may be up to a poll old): what it would rank a new room by."""
+        loads, _ = self.placer.loads()
+        return {"loads": {str(ld.instance): ld.load for ld in loads if ld.available}}
 
     @property
     def draining(self) -> bool:

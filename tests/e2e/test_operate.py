@@ -216,9 +216,18 @@ async def test_a_rebalance_after_a_fourth_instance_joins_evens_the_load(tmp_path
         assert code == 0 and again["planned"] == 0 and again["moved"] == 0, (again, err)
 
         # placement ranks by the same measure: a new room goes where the rebalancer left
-        # the least load, and the instances stay even
+        # the least load, and the instances stay even. Peers' stats are polled, so first
+        # wait until the placing node has seen the loads as they are after the moves.
         loads = await asyncio.to_thread(measured_loads, nodes)
         least = min(loads, key=lambda n: (loads[n], n))
+
+        def placer_sees_least() -> bool:
+            seen = internal(nodes[1], "GET", "/internal/metrics")["placement"]["loads"]
+            return len(seen) == len(nodes) and min(
+                seen, key=lambda n: (seen[n], int(n))) == str(least)
+
+        await async_wait_until(lambda: asyncio.to_thread(placer_sees_least), timeout=10,
+                               what="instance 2's placement seeing the loads after the moves")
         status, room = await asyncio.to_thread(http_json, "POST",
                                                f"{nodes[1].base_url}/api/rooms",
                                                {"name": "placed after"})
