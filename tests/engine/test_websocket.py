@@ -32,6 +32,7 @@ from shardchat.listener import ListenerTimeouts, start_site
 from shardchat.node import engine as engine_mod
 from shardchat.node.engine.session import EngineSession
 from tests.conftest import EVENT_TIMEOUT
+from tests.support import async_wait_until
 
 NAMESPACE = "/i1/room/frames"
 PATH = "/socket.io"
@@ -239,11 +240,9 @@ async def test_a_client_close_is_answered_with_its_code(served):
         assert await client.ended()
     finally:
         client.close()
-    for _ in range(50):  # the session's Engine.IO socket is closed and forgotten
-        if not served.engine.sio.eio.sockets:
-            break
-        await asyncio.sleep(0.02)  # bounded: the socket closes in a task of its own
-    assert served.engine.sio.eio.sockets == {}
+    # the session's Engine.IO socket is closed and forgotten (in a task of its own)
+    await async_wait_until(lambda: served.engine.sio.eio.sockets == {}, timeout=1.0,
+                           what="the closed session's Engine.IO socket forgotten")
 
 
 @pytest.mark.parametrize(("frame", "code"), [
@@ -337,8 +336,5 @@ async def test_a_bad_handshake_gets_400_and_leaves_no_session(served, key):
     client = await RawClient.connect(served.port, key=key)
     assert client.head.startswith("HTTP/1.1 400"), client.head
     client.close()
-    for _ in range(50):
-        if not served.engine.sio.eio.sockets:
-            break
-        await asyncio.sleep(0.02)  # bounded: the refused session closes in its request
-    assert served.engine.sio.eio.sockets == {}
+    await async_wait_until(lambda: served.engine.sio.eio.sockets == {}, timeout=1.0,
+                           what="the refused session's Engine.IO socket forgotten")
