@@ -43,9 +43,11 @@ import pytest
 from shardchat.cluster import nodeproc
 from shardchat.cluster.up import free_port
 from shardchat.config import dump_toml
+from shardchat.internal_api import auth_header
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "test-secret-please-change"
+AUTH = auth_header(SECRET)  # what a peer sends to a node's internal listener
 # Tests stop nodes with SIGTERM all the time; without the key the grace would follow the ALB
 # health checks (20 s with the [aws] defaults), so every test config sets a short one.
 TEST_DRAIN_GRACE = 1.0
@@ -54,6 +56,9 @@ PORT_ATTEMPTS = 5       # starts with fresh ports before a port clash fails the 
 
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package: what the browser tests drive
+# headless as root, and quiet: the machine's closed network refuses Chromium's own traffic
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 
 
 def missing_browser() -> str | None:

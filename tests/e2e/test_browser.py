@@ -34,6 +34,7 @@ import pytest
 
 from tests.support import (
     CHROMIUM,
+    CHROMIUM_ARGS,
     ROOT,
     GiveUp,
     free_port,
@@ -45,8 +46,6 @@ from tests.support import (
     wait_until,
 )
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 UI_TIMEOUT = 15_000          # ms: generous for a 2-core machine shared with other work
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 375, "height": 740}

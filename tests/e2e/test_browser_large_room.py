@@ -22,6 +22,7 @@ import pytest
 from tests import crowd
 from tests.support import (
     CHROMIUM,
+    CHROMIUM_ARGS,
     SECRET,
     NodeProcess,
     http_json,
@@ -31,8 +32,6 @@ from tests.support import (
     running_nodes,
 )
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 UI_TIMEOUT = 20_000  # ms: a 2-core machine shared with other work, and a few hundred clients
 CROWD = 350
 WELCOME_MEMBERS = 100  # the node's default: what the page lists before any scrolling
