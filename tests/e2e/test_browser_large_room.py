@@ -25,10 +25,8 @@ from tests.support import (
     CHROMIUM_ARGS,
     SECRET,
     NodeProcess,
+    browser_api,
     http_json,
-    in_ci,
-    missing_browser,
-    require_browser,
     running_nodes,
 )
 
@@ -39,18 +37,8 @@ PAGE = 100  # members per page the page asks for (room.js MEMBERS_PAGE)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
-MISSING = missing_browser()
-if MISSING is None:
-    from playwright import sync_api as playwright_sync
-
-    expect = playwright_sync.expect
-    expect.set_options(timeout=UI_TIMEOUT)
-elif in_ci():
-    @pytest.fixture(scope="module", autouse=True)
-    def browser_required() -> None:
-        require_browser()
-else:
-    pytest.skip(MISSING, allow_module_level=True)
+playwright_sync = browser_api(UI_TIMEOUT)
+expect = playwright_sync.expect
 
 
 class CrowdLoop:
