@@ -15,10 +15,9 @@ import click
 from botocore.exceptions import BotoCoreError, ClientError
 
 from provisioner import reconcile, status
-from provisioner.actions import Action, Plan
-from provisioner.observed import observe
+from provisioner.actions import Action
 from provisioner.plan import ConflictError
-from provisioner.reconcile import checked_desired, destroy_plan_for, plan_for
+from provisioner.reconcile import FleetPlan, checked_desired, destroy_plan_for, plan_for
 from shardchat import config as config_mod
 from shardchat.aws.clients import Clients, error_code, error_message, make_clients
 from shardchat.aws.ec2 import resolve_instances
@@ -79,14 +78,13 @@ def _guard(fn: Callable[[], None]) -> None:
         sys.exit(EXIT_AWS)
 
 
-def _plan(ctx_obj: dict[str, Any], path: str) -> tuple[Plan, Any, Clients]:
-    """Config -> plan. With discover = "config" every pure check (values, quotas) runs
-    before the first AWS call; discovery has to read EC2 first."""
+def _plan(ctx_obj: dict[str, Any], path: str) -> tuple[FleetPlan, Clients]:
+    """Config -> plan of every shard. With discover = "config" every pure check (values,
+    shard tables, quotas) runs before the first AWS call; discovery has to read EC2 first."""
     cfg = resolve_instances(_load(path, ctx_obj["region"]), ctx_obj["endpoint_url"])
     checked_desired(cfg)
     clients = make_clients(cfg.aws.region, ctx_obj["endpoint_url"])
-    plan, observed = plan_for(cfg, clients.elbv2)
-    return plan, observed, clients
+    return plan_for(cfg, clients.elbv2), clients
 
 
 def _progress(idx: int, total: int, action: Action) -> None:
@@ -101,13 +99,12 @@ def _confirm(auto_approve: bool, question: str) -> None:
         raise Failure(EXIT_OK)
 
 
-def _execute(plan: Plan, observed: Any, clients: Clients, auto_approve: bool,
-             question: str) -> None:
+def _execute(plan: FleetPlan, clients: Clients, auto_approve: bool, question: str) -> None:
     click.echo(plan.render())
     if plan.empty:
         return
     _confirm(auto_approve, question)
-    reconcile.run(plan, observed, clients.elbv2, _progress)
+    reconcile.run(plan, clients.elbv2, _progress)
     click.echo("Done.")
 
 
@@ -157,8 +154,8 @@ def apply_cmd(ctx: click.Context, config_path: str, region: str | None,
               endpoint_url: str | None, auto_approve: bool) -> None:
     """Make the load balancer match the config."""
     def run() -> None:
-        plan, observed, clients = _plan(_obj(ctx, region, endpoint_url), config_path)
-        _execute(plan, observed, clients, auto_approve, "Apply these changes?")
+        plan, clients = _plan(_obj(ctx, region, endpoint_url), config_path)
+        _execute(plan, clients, auto_approve, "Apply these changes?")
     _guard(run)
 
 
@@ -173,8 +170,8 @@ def destroy_cmd(ctx: click.Context, config_path: str, region: str | None,
         obj = _obj(ctx, region, endpoint_url)
         cfg = _load(config_path, obj["region"])
         clients = make_clients(cfg.aws.region, obj["endpoint_url"])
-        plan, observed = destroy_plan_for(cfg, clients.elbv2)
-        _execute(plan, observed, clients, auto_approve, "Destroy these resources?")
+        _execute(destroy_plan_for(cfg, clients.elbv2), clients, auto_approve,
+                 "Destroy these resources?")
     _guard(run)
 
 
@@ -188,8 +185,7 @@ def status_cmd(ctx: click.Context, config_path: str, region: str | None,
         obj = _obj(ctx, region, endpoint_url)
         cfg = resolve_instances(_load(config_path, obj["region"]), obj["endpoint_url"])
         clients = make_clients(cfg.aws.region, obj["endpoint_url"])
-        observed = observe(clients.elbv2, cfg.cluster.name, cfg.aws.load_balancer)
-        click.echo(status.render(cfg, observed))
+        click.echo(status.render(cfg, reconcile.observe_fleet(cfg, clients.elbv2)))
     _guard(run)
 
 

@@ -90,7 +90,7 @@ def test_bad_config_exits_2_naming_the_key(setup):
     assert "instances[0].ec2_instance_id" in done.stderr
 
 
-def test_too_many_instances_exits_2_before_any_call(setup):
+def test_an_instance_without_a_shard_table_exits_2_before_any_call(setup):
     _, _, net, tmp = setup
     cfg = write_provision_config(tmp / "c.toml", net, list(range(1, 101)),
                                  aws={"target_type": "ip"})
@@ -98,7 +98,7 @@ def test_too_many_instances_exits_2_before_any_call(setup):
     done = provision("apply", "--auto-approve", "--config", str(cfg),
                      "--endpoint-url", "http://127.0.0.1:9")
     assert done.returncode == 2, done.stderr
-    assert "101 target groups" in done.stderr and "split" in done.stderr
+    assert "aws.shards" in done.stderr and "instance 100" in done.stderr
 
 
 def test_aws_refusal_exits_1_with_the_error_code(setup):
