@@ -1,23 +1,30 @@
-"""``shardchat-provision plan | apply | destroy | status``.
+"""``shardchat-provision plan | apply | destroy | status | watch``.
 
-Exit codes: 0 done, 1 AWS refused (or holds something in the way), 2 bad config (the key at
-fault is printed). Everything is checked before the first call that changes anything.
+Exit codes: 0 done, 1 AWS refused (or holds something in the way, or the state lock is
+held), 2 bad config (the key at fault is printed). Everything is checked before the first
+call that changes anything. plan, apply, destroy and every watch round hold the cluster's
+state lock (``lock.py``) from their first read of the load balancers to their last change.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 from botocore.exceptions import BotoCoreError, ClientError
 
+from provisioner import lock as lock_mod
 from provisioner import reconcile, status
 from provisioner.actions import Action
 from provisioner.plan import ConflictError
 from provisioner.reconcile import FleetPlan, checked_desired, destroy_plan_for, plan_for
+from provisioner.watch import FAILED, Watcher
 from shardchat import config as config_mod
 from shardchat.aws.clients import Clients, error_code, error_message, make_clients
 from shardchat.aws.ec2 import resolve_instances
@@ -51,7 +58,10 @@ class Failure(Exception):
 
 
 def _load(path: str, region: str | None) -> config_mod.Config:
-    cfg = load_config(path)
+    return _with_region(load_config(path), region)
+
+
+def _with_region(cfg: config_mod.Config, region: str | None) -> config_mod.Config:
     if region:
         cfg = dataclasses.replace(cfg, aws=dataclasses.replace(cfg.aws, region=region))
     return cfg
@@ -64,7 +74,7 @@ def _guard(fn: Callable[[], None]) -> None:
             fn()
     except Failure as exc:
         sys.exit(exc.code)
-    except ConflictError as exc:
+    except (ConflictError, lock_mod.LockHeld, lock_mod.LockLost) as exc:
         click.echo(f"Refused ({exc.code}): {exc.message}", err=True)
         sys.exit(EXIT_AWS)
     except ClientError as exc:
@@ -78,17 +88,34 @@ def _guard(fn: Callable[[], None]) -> None:
         sys.exit(EXIT_AWS)
 
 
-def _plan(ctx_obj: dict[str, Any], path: str) -> tuple[FleetPlan, Clients]:
-    """Config -> plan of every shard. With discover = "config" every pure check (values,
-    shard tables, quotas) runs before the first AWS call; discovery has to read EC2 first."""
+def _lock(cfg: config_mod.Config, clients: Clients) -> lock_mod.Lock:
+    return lock_mod.Lock(clients.dynamodb, cfg.aws.lock_table, cfg.cluster.name,
+                         cfg.aws.lock_lease)
+
+
+@contextmanager
+def _locked(cfg: config_mod.Config, clients: Clients, command: str
+            ) -> Iterator[lock_mod.Lock]:
+    """The state lock for the rest of the command (the table made when absent)."""
+    lock_mod.ensure_table(clients.dynamodb, cfg.aws.lock_table)
+    with _lock(cfg, clients).held(command) as held:
+        yield held
+
+
+def _cfg_and_clients(ctx_obj: dict[str, Any], path: str
+                     ) -> tuple[config_mod.Config, Clients]:
+    """The config (instances discovered when configured) with every pure check (values,
+    shard tables, quotas) passed before the first AWS call that is not discovery."""
     cfg = resolve_instances(_load(path, ctx_obj["region"]), ctx_obj["endpoint_url"])
     checked_desired(cfg)
-    clients = make_clients(cfg.aws.region, ctx_obj["endpoint_url"])
-    return plan_for(cfg, clients.elbv2), clients
+    return cfg, make_clients(cfg.aws.region, ctx_obj["endpoint_url"])
 
 
-def _progress(idx: int, total: int, action: Action) -> None:
-    click.echo(f"[{idx}/{total}] {action.line()}")
+def _progress(held: lock_mod.Lock) -> Callable[[int, int, Action], None]:
+    def progress(idx: int, total: int, action: Action) -> None:
+        held.renew_if_due()  # a long apply keeps its lease
+        click.echo(f"[{idx}/{total}] {action.line()}")
+    return progress
 
 
 def _confirm(auto_approve: bool, question: str) -> None:
@@ -99,12 +126,14 @@ def _confirm(auto_approve: bool, question: str) -> None:
         raise Failure(EXIT_OK)
 
 
-def _execute(plan: FleetPlan, clients: Clients, auto_approve: bool, question: str) -> None:
+def _execute(plan: FleetPlan, clients: Clients, held: lock_mod.Lock, auto_approve: bool,
+             question: str) -> None:
     click.echo(plan.render())
     if plan.empty:
         return
     _confirm(auto_approve, question)
-    reconcile.run(plan, clients.elbv2, _progress)
+    held.renew()  # the question may have waited longer than the lease
+    reconcile.run(plan, clients.elbv2, _progress(held))
     click.echo("Done.")
 
 
@@ -142,8 +171,11 @@ def _obj(ctx: click.Context, region: str | None, endpoint_url: str | None) -> di
 def plan_cmd(ctx: click.Context, config_path: str, region: str | None,
              endpoint_url: str | None) -> None:
     """Show what apply would change; change nothing."""
-    _guard(lambda: click.echo(_plan(_obj(ctx, region, endpoint_url), config_path)[0]
-                              .render()))
+    def run() -> None:
+        cfg, clients = _cfg_and_clients(_obj(ctx, region, endpoint_url), config_path)
+        with _locked(cfg, clients, "plan"):
+            click.echo(plan_for(cfg, clients.elbv2).render())
+    _guard(run)
 
 
 @main.command("apply")
@@ -154,8 +186,10 @@ def apply_cmd(ctx: click.Context, config_path: str, region: str | None,
               endpoint_url: str | None, auto_approve: bool) -> None:
     """Make the load balancer match the config."""
     def run() -> None:
-        plan, clients = _plan(_obj(ctx, region, endpoint_url), config_path)
-        _execute(plan, clients, auto_approve, "Apply these changes?")
+        cfg, clients = _cfg_and_clients(_obj(ctx, region, endpoint_url), config_path)
+        with _locked(cfg, clients, "apply") as held:
+            _execute(plan_for(cfg, clients.elbv2), clients, held, auto_approve,
+                     "Apply these changes?")
     _guard(run)
 
 
@@ -170,8 +204,9 @@ def destroy_cmd(ctx: click.Context, config_path: str, region: str | None,
         obj = _obj(ctx, region, endpoint_url)
         cfg = _load(config_path, obj["region"])
         clients = make_clients(cfg.aws.region, obj["endpoint_url"])
-        _execute(destroy_plan_for(cfg, clients.elbv2), clients, auto_approve,
-                 "Destroy these resources?")
+        with _locked(cfg, clients, "destroy") as held:
+            _execute(destroy_plan_for(cfg, clients.elbv2), clients, held, auto_approve,
+                     "Destroy these resources?")
     _guard(run)
 
 
@@ -185,7 +220,46 @@ def status_cmd(ctx: click.Context, config_path: str, region: str | None,
         obj = _obj(ctx, region, endpoint_url)
         cfg = resolve_instances(_load(config_path, obj["region"]), obj["endpoint_url"])
         clients = make_clients(cfg.aws.region, obj["endpoint_url"])
-        click.echo(status.render(cfg, reconcile.observe_fleet(cfg, clients.elbv2)))
+        lock = _lock(cfg, clients)
+        last = lock_mod.describe_last(lock.last(), time.time())
+        holder = lock.holder()
+        if holder is not None:
+            last += f"; the lock is held by {holder.describe(time.time())}"
+        click.echo(status.render(cfg, reconcile.observe_fleet(cfg, clients.elbv2), last))
+    _guard(run)
+
+
+@main.command("watch")
+@_common
+@click.option("--interval", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds between two rounds (default: aws.watch_interval).")
+@click.option("--max-rounds", type=click.IntRange(min=1), default=None,
+              help="Stop after this many rounds (default: run until SIGTERM/SIGINT).")
+@click.option("--once", is_flag=True, help="One round, then exit (same as --max-rounds 1).")
+@click.pass_context
+def watch_cmd(ctx: click.Context, config_path: str, region: str | None,
+              endpoint_url: str | None, interval: float | None, max_rounds: int | None,
+              once: bool) -> None:
+    """Reconcile every shard's ALB with the config (and discovered instances), over and
+    over. Exit 0 when the last round succeeded, 1 when it failed."""
+    def run() -> None:
+        obj = _obj(ctx, region, endpoint_url)
+        cfg = _load(config_path, obj["region"])
+        clients = make_clients(cfg.aws.region, obj["endpoint_url"])
+        lock_mod.ensure_table(clients.dynamodb, cfg.aws.lock_table)
+        watcher = Watcher(
+            # re-read every round: an edited file or a new instance counts at once, and a
+            # broken edit fails that round (key named) instead of ending the watch
+            load=lambda: resolve_instances(_with_region(config_mod.load(config_path),
+                                                        obj["region"]), obj["endpoint_url"]),
+            elbv2=clients.elbv2, lock=_lock(cfg, clients),
+            interval=interval or cfg.aws.watch_interval, max_rounds=1 if once else max_rounds,
+            say=lambda line: click.echo(line, err=line.startswith("could not")))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: watcher.stop.set())
+        last = watcher.run()
+        if last is not None and last.outcome == FAILED:
+            raise Failure(EXIT_AWS)
     _guard(run)
 
 

@@ -123,3 +123,35 @@ def test_a_bad_config_reads_the_same_in_every_command(tmp_path):
     for done in (check, plan):
         assert done.returncode == 2, done.stderr
         assert done.stderr.splitlines()[0] == expected
+
+
+def test_a_held_lock_refuses_apply_naming_the_holder_and_watch_records_its_round(setup):
+    from provisioner.lock import Lock, ensure_table
+
+    server, elbv2, net, tmp = setup
+    cfg = write_provision_config(tmp / "c.toml", net, [1, 2])
+    common = ("--config", str(cfg), "--endpoint-url", server.url)
+    dynamodb = server.client("dynamodb")
+    ensure_table(dynamodb, "shardchat-locks")
+    other = Lock(dynamodb, "shardchat-locks", "demo", lease=120)
+    other.acquire("apply")
+
+    for command in (("plan",), ("apply", "--auto-approve"), ("destroy", "--auto-approve")):
+        done = provision(*command, *common)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "Refused (Locked)" in done.stderr and str(other.id) in done.stderr
+        assert "(apply) until " in done.stderr and "UTC" in done.stderr
+    assert elbv2.describe_load_balancers()["LoadBalancers"] == []
+    # a watch round under the held lock changes nothing either
+    done = provision("watch", "--once", *common)
+    assert done.returncode == 0 and "locked" in done.stdout, done.stdout + done.stderr
+    assert elbv2.describe_load_balancers()["LoadBalancers"] == []
+
+    other.release()
+    done = provision("watch", "--max-rounds", "2", "--interval", "0.1", *common)
+    assert done.returncode == 0, done.stderr
+    assert "round 1: changed" in done.stdout and "round 2: ok" in done.stdout
+    status = provision("status", *common)
+    assert status.returncode == 0, status.stderr
+    assert "Last reconcile: " in status.stdout and ": ok, 2 instance(s)" in status.stdout
+    assert Lock(dynamodb, "shardchat-locks", "demo", lease=120).holder() is None
