@@ -140,6 +140,12 @@ class AwsConfig:
     lock_table: str = "shardchat-locks"
     lock_lease: int = 120
     watch_interval: float = 30.0  # seconds between two rounds of ``shardchat-provision watch``
+    # Instances found by EC2 tags or claimed at boot (``shardchat node --auto``) without
+    # [[instances]] entries: their ports (unless their tags say otherwise), and how long a
+    # claim of a number waits before it reads the others' claims again (aws/claim.py).
+    instance_port: int = 9001
+    instance_internal_port: int = 9101
+    claim_settle: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -505,6 +511,13 @@ def _check_aws(a: AwsConfig, n: NodeSettings) -> None:
                           "would reuse connections the node already closed (502s); or 0 for "
                           f"aws.idle_timeout + {IDLE_MARGIN:g} s")
     _check_lb_name("aws.load_balancer", a.load_balancer)
+    _port("aws.instance_port", a.instance_port)
+    _port("aws.instance_internal_port", a.instance_internal_port)
+    if a.instance_port == a.instance_internal_port:
+        raise ConfigError("aws.instance_internal_port", "must differ from aws.instance_port")
+    if not 0.05 <= a.claim_settle <= 300:
+        raise ConfigError("aws.claim_settle", "must be 0.05..300 seconds (longer than EC2 "
+                          f"takes to show a new tag), got {a.claim_settle:g}")
     if not 1 <= a.watch_interval <= 86400:
         raise ConfigError("aws.watch_interval", "must be 1..86400 seconds, got "
                           f"{a.watch_interval:g}")
