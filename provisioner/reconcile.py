@@ -14,7 +14,7 @@ from typing import Any
 
 from provisioner import apply as applier
 from provisioner import limits
-from provisioner.actions import CHANGE, CREATE, DELETE, Action, Plan
+from provisioner.actions import CHANGE, CREATE, DELETE, Action, Plan, count_verbs
 from provisioner.desired import DesiredState, desired_states
 from provisioner.observed import ObservedState, observe, our_target_groups
 from provisioner.plan import make_plan, usage
@@ -50,11 +50,7 @@ class FleetPlan:
         return not self.actions
 
     def counts(self) -> dict[str, int]:
-        out = {CREATE: 0, CHANGE: 0, DELETE: 0}
-        for p in self.parts:
-            for verb, n in p.plan.counts().items():
-                out[verb] += n
-        return out
+        return count_verbs(self.actions)
 
     def render(self) -> str:
         if len(self.parts) == 1:

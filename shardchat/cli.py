@@ -115,14 +115,22 @@ def _claimed(cfg: config_mod.Config, endpoint_url: str | None
 def check(config_path: str) -> None:
     """Validate a config file (a node's secret included) and print what it describes."""
     from shardchat.cluster.rules import build_rules
+    from shardchat.shards import shard_of
 
     cfg = load_node_config(config_path)
+    with config_errors_exit():
+        config_mod.check_shard_tables(cfg)
     click.echo(f"{config_path}: ok — cluster {cfg.cluster.name!r}, "
                f"{len(cfg.instances)} instance(s), public URL {cfg.cluster.public_url}")
+    if cfg.aws.shards:
+        for shard in cfg.shards:
+            click.echo(f"  shard {shard.index}: load balancer {shard.load_balancer}, "
+                       f"public URL {shard.public_url}")
     ruleset = build_rules([i.number for i in cfg.instances], cfg.aws.rule_priority_offset)
     for inst, rule in zip(cfg.instances, ruleset.rules, strict=True):
+        where = f" (shard {shard_of(inst.number)})" if cfg.aws.shards else ""
         click.echo(f"  instance {inst.number}: {inst.host}:{inst.port} (internal "
-                   f"{inst.internal_port})  rule {rule.priority}: {rule.path_pattern}")
+                   f"{inst.internal_port})  rule {rule.priority}: {rule.path_pattern}{where}")
     if cfg.node.replicate_to:
         from shardchat import replica_target
 

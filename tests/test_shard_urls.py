@@ -15,6 +15,7 @@ from tests.support import (
     ROOT,
     SECRET,
     TEST_RATE_LIMITS,
+    GiveUp,
     NodeProcess,
     distinct_free_ports,
     http_json,
@@ -54,7 +55,8 @@ def two_shards(tmp_path_factory) -> Iterator[tuple[dict[int, str], list[NodeProc
                    for k in (1, 2)]
         for k, proc in zip((1, 2), routers, strict=True):
             def up(proc=proc, k=k) -> bool:
-                assert proc.poll() is None, (tmp / f"router{k}.log").read_text()
+                if proc.poll() is not None:
+                    raise GiveUp((tmp / f"router{k}.log").read_text())
                 return http_json("GET", f"{bases[k]}/healthz", timeout=1)[0] == 200
             wait_until(up, timeout=60, what=f"router of shard {k}")
         yield bases, nodes
@@ -96,3 +98,22 @@ def test_a_shard_router_routes_only_its_own_instances(two_shards):
     status, body = http_json("GET", f"{bases[2]}/i1/healthz")
     assert status == 421, body
     assert http_json("GET", f"{bases[2]}/healthz")[1]["instance"] == 100
+
+
+def test_check_names_each_instance_s_shard_and_refuses_one_without_a_table(tmp_path):
+    instances = [{"number": 1, "port": 9001, "internal_port": 9101},
+                 {"number": 100, "port": 9002, "internal_port": 9102}]
+    cluster = {"name": "test", "secret": SECRET}
+
+    def check(aws: dict | None) -> subprocess.CompletedProcess:
+        path = write_config(tmp_path / "c.toml", instances=instances, cluster=cluster, aws=aws)
+        return subprocess.run([sys.executable, "-m", "shardchat", "check", "--config",
+                               str(path)], cwd=str(ROOT), capture_output=True, text=True,
+                              timeout=60, check=False)
+    refused = check(None)
+    assert refused.returncode == 2 and "aws.shards" in refused.stderr, refused.stderr
+    done = check({"shards": [{"load_balancer": "test-s1"},
+                             {"load_balancer": "test-s2", "public_url": "https://two.test"}]})
+    assert done.returncode == 0, done.stderr
+    assert "shard 2: load balancer test-s2, public URL https://two.test" in done.stdout
+    assert "rule 100: /i100/* (shard 2)" in done.stdout
