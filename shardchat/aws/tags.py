@@ -16,10 +16,9 @@ TAG_PORT = "shardchat:port"  # EC2 instances only: the public port, when not the
 TAG_INTERNAL_PORT = "shardchat:internal-port"  # EC2 instances only
 TAG_SHARD = "shardchat:shard"  # which ALB of the fleet (shardchat/shards.py); absent: 1
 TAG_INSTANCE_NUMBER = "shardchat:instance-number"  # EC2: the number a node claimed at boot
-TAG_LAST_RECONCILE = "shardchat:last-reconcile"  # the ALB: when watch last ran, and how
 
-OWNERSHIP_KEYS = (TAG_CLUSTER, TAG_ROLE, TAG_INSTANCE, TAG_ADOPTED, TAG_SHARD,
-                  TAG_LAST_RECONCILE)  # what untagging removes
+# what untagging removes
+OWNERSHIP_KEYS = (TAG_CLUSTER, TAG_ROLE, TAG_INSTANCE, TAG_ADOPTED, TAG_SHARD)
 
 ROLE_LB = "lb"
 ROLE_LISTENER = "listener"
