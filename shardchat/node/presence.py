@@ -12,8 +12,9 @@ What a batch says is a summary of the tick's log of joins and leaves, in order:
   told it came, but a client may have met it in a ``members`` page, and drops it again;
 * a member welcomed during the tick must hear what happened after its welcome was cut and
   must not hear of its own join (logged just before the cut): it gets, instead of the
-  shared batch, the summary of the log from its cut on (``fresh``). That costs O(joins of
-  the tick) for each joiner of the tick, less than the batch itself costs the room.
+  shared batch, the summary of the log from its cut on (``fresh``). The batch and every
+  such catch-up are slices of one encoding of the tick's members (``catchup.py``): a
+  recipient costs a copy of its bytes, never an encoding of the members it is told of.
 
 The tick grows with the room: ``presence_tick`` at the threshold, in proportion to the
 member count above it, at most ``presence_tick_max``. One batch is one frame per member, so
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardchat.config import NodeSettings
-from shardchat.node.engine import json_size
+from shardchat.node.catchup import Catchup
 
 log = logging.getLogger("shardchat.presence")
 
@@ -59,43 +60,6 @@ class PresenceBatch:
     def cut(self, sid: str) -> None:
         """Member ``sid``'s welcome was just built: it knows the log up to here."""
         self.fresh[sid] = len(self.log)
-
-
-def summary(log: list[tuple[bool, dict[str, str]]], start: int = 0
-            ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(joined, left) of ``log[start:]``: who came and is still here, who went (also those
-    who came and went), each once, in the order of their last event."""
-    joined: dict[str, dict[str, str]] = {}
-    left: dict[str, dict[str, str]] = {}
-    for is_join, member in log[start:]:
-        sid = member["sid"]
-        if is_join:
-            joined[sid] = member
-        else:
-            joined.pop(sid, None)
-            left[sid] = member
-    return list(joined.values()), list(left.values())
-
-
-def batch_events(joined: list[dict[str, str]], left: list[dict[str, str]], count: int,
-                 max_bytes: int) -> list[dict[str, Any]]:
-    """The ``presence`` batch events that tell ``joined`` and ``left``, each at most about
-    ``max_bytes`` of JSON (a summary lists a sid once, so splitting it changes nothing)."""
-    events: list[dict[str, Any]] = []
-    current: dict[str, Any] = {"event": "batch", "joined": [], "left": [], "count": count}
-    used = json_size(current)
-    for key, members in (("joined", joined), ("left", left)):
-        for member in members:
-            size = json_size(member) + 1
-            if used + size > max_bytes and (current["joined"] or current["left"]):
-                events.append(current)
-                current = {"event": "batch", "joined": [], "left": [], "count": count}
-                used = json_size(current)
-            current[key].append(member)
-            used += size
-    if current["joined"] or current["left"]:
-        events.append(current)
-    return events
 
 
 def batched(settings: NodeSettings, members: int, pending: bool) -> bool:
@@ -172,12 +136,11 @@ class Batches:
             return
         try:
             count, cap = len(room.members), self.settings.max_page_bytes
-            joined, left = summary(batch.log)
-            for event in batch_events(joined, left, count, cap):
+            encoded = Catchup(batch.log)  # every member of the tick encoded once
+            for event in encoded.events(count, cap):
                 await self._broadcast(room, event, batch.fresh)
-            for sid, start in batch.fresh.items():
-                joined, left = summary(batch.log, start)
-                for event in batch_events(joined, left, count, cap):
+            for sid, start in list(batch.fresh.items()):
+                for event in encoded.events(count, cap, start):
                     await self._tell(room, sid, event)
         except Exception:
             log.exception("the presence batch of room %s failed", room.record.id)
