@@ -306,7 +306,7 @@ class RoomService:
         welcome = {
             "room": payloads.room(room.record),
             "you": member.public(),
-            "members": [m.public() for m in room.members.first(self.welcome_members)],
+            "members": room.members.head(self.welcome_members),  # encoded once per change
             "member_count": len(room.members),
             "last_seq": top,
             "history": messages,
