@@ -141,6 +141,7 @@ def _engineio_socket(cls: Any) -> Any:
 _SIO, _EIO, _AIOHTTP, _PY = "python-socketio", "python-engineio", "aiohttp", "python"
 _SERVER = "socketio.async_server.AsyncServer"
 _SOCKET = "engineio.async_socket.AsyncSocket"
+_MANAGER = "socketio.async_manager.AsyncManager"
 
 # Every private attribute or method the fast engine relies on, and why. The stock engine
 # uses none of them. Keep it complete: a name used in engine/ and missing here is a crash
@@ -162,6 +163,15 @@ INTERNALS: tuple[Internal, ...] = (
              params=("eio_sid", "eio_pkt")),
     Internal(_SERVER, "environ", _SIO, "session.py trims it after the handshake",
              probe=_server, optional=True),
+    # python-socketio's client manager: manager.py keeps an index of each sid's rooms
+    *(Internal(_MANAGER, name, _SIO, "manager.py overrides it: leaves without a scan",
+               params=params)
+      for name, params in (("basic_enter_room", ("sid", "namespace", "room", "eio_sid")),
+                           ("basic_leave_room", ("sid", "namespace", "room")),
+                           ("basic_disconnect", ("sid", "namespace")))),
+    *(Internal(_MANAGER, name, _SIO, "manager.py's disconnect reads and updates it",
+               probe=lambda cls: cls())
+      for name in ("rooms", "callbacks", "pending_connect", "pending_disconnect")),
     # python-engineio: the websocket driver, the queue, the pings
     Internal("engineio.async_server.AsyncServer", "_async", _EIO,
              "session.py replaces the websocket driver in it", probe=_server),
