@@ -188,10 +188,11 @@ def join_table(rows: list[dict]) -> str:
     sizes = join_sizes(rows)
     if not sizes:
         return ""
-    lines = ["| members | shardchat s | Node socket.io s | ratio | shardchat CPU ms/member | "
-             "Node CPU ms/member | shardchat CPU s | Node CPU s | shardchat RSS MB after | "
-             "Node RSS MB after | SYN retries (shardchat / Node) |",
-             "|" + "---|" * 11]
+    lines = ["| members | shardchat s | Node socket.io s | ratio | shardchat s to last presence "
+             "batch | shardchat CPU ms/member | Node CPU ms/member | shardchat CPU s | Node "
+             "CPU s | shardchat RSS MB after | Node RSS MB after | SYN retries (shardchat / "
+             "Node) |",
+             "|" + "---|" * 12]
     for n in sizes:
         a, b = _row(rows, f"join_{n}", SHARDCHAT), _row(rows, f"join_{n}", NODE)
         cells = [f"{n:,}"]
@@ -200,6 +201,7 @@ def join_table(rows: list[dict]) -> str:
         ratio = _ratio(rows, f"join_{n}", SHARDCHAT, NODE, "wall_s")
         both = a and b and a.get("complete") and b.get("complete")
         cells.append(f"{ratio:.2f}x" if ratio is not None and both else "-")
+        cells.append(_join_cell(a, "presence_out_s"))
         for key in ("cpu_ms_per_member", "server_cpu_s"):
             cells += [_join_cell(a, key), _join_cell(b, key)]
         cells += [_fmt(round(r["rss_after"] / 2**20, 1)) if r and r.get("rss_after") else "-"
