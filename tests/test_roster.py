@@ -208,6 +208,16 @@ def test_every_catch_up_is_the_summary_of_the_log_from_its_cut(seed):
     for start in range(len(log) + 1):
         expected = split(*summary(log, start), len(here), max_bytes)
         assert on_the_wire(encoded.events(len(here), max_bytes, start)) == expected, start
+        # told in two windows, cut anywhere after ``start``: each member listed once, in
+        # the list of the whole summary
+        joined, left = summary(log, start)
+        for cut in {start, (start + len(log)) // 2, len(log)}:
+            parts = on_the_wire(encoded.events(len(here), max_bytes, start, cut)
+                                + encoded.events(len(here), max_bytes, cut))
+            assert [m for e in parts for m in e["joined"]] == joined, (start, cut)
+            assert [m for e in parts for m in e["left"]] == left, (start, cut)
+            assert all(e["count"] == len(here) and json_size(e) <= max(max_bytes, 6000)
+                       for e in parts)
 
 
 def test_batching_starts_above_the_threshold_and_the_tick_grows_with_the_room():

@@ -59,15 +59,15 @@ class _Listed:
     def __len__(self) -> int:
         return len(self.starts) - 1
 
-    def take(self, first: int, room: int, empty: bool) -> int:
-        """The end of the run of members from ``first`` that fits in ``room`` bytes (each
-        member counts its JSON and a comma); at least one member when the event is
-        ``empty``, so a member larger than any event still goes out, alone."""
+    def take(self, first: int, stop: int, room: int, empty: bool) -> int:
+        """The end of the run of members from ``first`` (up to ``stop``) that fits in
+        ``room`` bytes (each member counts its JSON and a comma); at least one member when
+        the event is ``empty``, so a member larger than any event still goes out, alone."""
         starts = self.starts
-        end = max(first, bisect_right(starts, starts[first] + room, lo=first) - 1)
-        if end == first and empty and first < len(self):
+        end = max(first, bisect_right(starts, starts[first] + room, lo=first, hi=stop + 1) - 1)
+        if end == first and empty and first < stop:
             end = first + 1
-        return min(end, len(self))
+        return min(end, stop)
 
     def fragment(self, first: int, end: int) -> orjson.Fragment:
         """The JSON list of members ``first`` to ``end`` (exclusive)."""
@@ -101,21 +101,27 @@ class Catchup:
         self.joined.freeze()
         self.left.freeze()
 
-    def events(self, count: int, max_bytes: int, start: int = 0) -> list[dict[str, Any]]:
-        """The ``presence`` batch events telling the log from position ``start`` on (0: the
-        whole tick; a joiner's cut: its catch-up), each at most about ``max_bytes`` of JSON
-        and with the same final ``count``; none when nothing happened from there."""
-        j, lv = self._at[min(start, len(self._at) - 1)]
+    def events(self, count: int, max_bytes: int, start: int = 0, end: int | None = None
+               ) -> list[dict[str, Any]]:
+        """The ``presence`` batch events telling the log from position ``start`` to ``end``
+        (default: to its end; 0: the whole tick; a joiner's cut: its catch-up), each at
+        most about ``max_bytes`` of JSON and with the same final ``count``; none when
+        nothing happened there. A member is listed in the window of its listed event, so
+        the events of consecutive windows, applied in order, say what those of the two
+        together say."""
+        last = len(self._at) - 1
+        j, lv = self._at[min(start, last)]
+        j_stop, lv_stop = self._at[last if end is None else min(end, last)]
         joined, left = self.joined, self.left
         base = json_size({"event": "batch", "joined": [], "left": [], "count": count})
         events: list[dict[str, Any]] = []
-        while j < len(joined) or lv < len(left):
+        while j < j_stop or lv < lv_stop:
             room = max_bytes - base
-            j_end = joined.take(j, room, empty=True) if j < len(joined) else j
+            j_end = joined.take(j, j_stop, room, empty=True) if j < j_stop else j
             room -= joined.starts[j_end] - joined.starts[j]
             lv_end = lv
-            if j_end == len(joined) and lv < len(left):
-                lv_end = left.take(lv, room, empty=j_end == j)
+            if j_end == j_stop and lv < lv_stop:
+                lv_end = left.take(lv, lv_stop, room, empty=j_end == j)
             events.append({"event": "batch", "joined": joined.fragment(j, j_end),
                            "left": left.fragment(lv, lv_end), "count": count})
             j, lv = j_end, lv_end

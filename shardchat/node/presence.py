@@ -13,8 +13,10 @@ What a batch says is a summary of the tick's log of joins and leaves, in order:
 * a member welcomed during the tick must hear what happened after its welcome was cut and
   must not hear of its own join (logged just before the cut): it gets, instead of the
   shared batch, the summary of the log from its cut on (``fresh``). The batch and every
-  such catch-up are slices of one encoding of the tick's members (``catchup.py``): a
-  recipient costs a copy of its bytes, never an encoding of the members it is told of.
+  such catch-up are slices of one encoding of the tick's members (``catchup.py``), and a
+  catch-up goes out as its own short part up to the next ``CATCHUP_SPAN`` entries of the
+  log plus the rest of the tick from there, encoded once for every joiner cut in the
+  same stretch: a recipient costs a copy of its bytes, not an encoding of its own.
 
 The tick grows with the room: ``presence_tick`` at the threshold, in proportion to the
 member count above it, at most ``presence_tick_max``. One batch is one frame per member, so
@@ -77,9 +79,17 @@ def tick(settings: NodeSettings, members: int) -> float:
 
 
 # How the room service delivers: (room, presence data, sids to skip) to every member, and
-# (room, sid, presence data) to one; each buffers for members still being welcomed.
+# (room, sids, presence data) to those members; each buffers for members still being
+# welcomed.
 Broadcast = Callable[[Any, dict[str, Any], Collection[str]], Awaitable[None]]
-Tell = Callable[[Any, str, dict[str, Any]], Awaitable[None]]
+Tell = Callable[[Any, list[str], dict[str, Any]], Awaitable[None]]
+
+# A joiner's catch-up is told in two parts: the log from its cut to the next multiple of
+# this many entries (its own), then the rest of the tick from there, one encoding shared by
+# every joiner cut in the same stretch. So a tick's catch-ups cost O(joiners x SPAN) bytes
+# of their own plus one encoding per stretch, instead of an encoding of its own of up to the
+# whole tick for each joiner.
+CATCHUP_SPAN = 64
 
 
 @dataclass
@@ -139,9 +149,15 @@ class Batches:
             encoded = Catchup(batch.log)  # every member of the tick encoded once
             for event in encoded.events(count, cap):
                 await self._broadcast(room, event, batch.fresh)
-            for sid, start in list(batch.fresh.items()):
-                for event in encoded.events(count, cap, start):
-                    await self._tell(room, sid, event)
+            rest: dict[int, list[str]] = {}  # where a shared rest starts -> its joiners
+            for sid, start in batch.fresh.items():
+                stretch = min(-(-start // CATCHUP_SPAN) * CATCHUP_SPAN, len(batch.log))
+                for event in encoded.events(count, cap, start, stretch):
+                    await self._tell(room, [sid], event)
+                rest.setdefault(stretch, []).append(sid)
+            for stretch, sids in rest.items():
+                for event in encoded.events(count, cap, stretch):
+                    await self._tell(room, sids, event)
         except Exception:
             log.exception("the presence batch of room %s failed", room.record.id)
 
