@@ -5,8 +5,9 @@ else. The *fast* engine (the default) also reaches into them where a chat spends
 and memory: broadcasts written straight to sockets (``delivery.py``), incoming events
 parsed once (``inbound.py``), websocket connections it takes from aiohttp after the
 handshake and speaks itself (``session.py``, ``websocket.py``), its own queue and ping
-timers (``sessionqueue.py``, ``liveness.py``, ``closing.py``) and a server
-subclass with four overrides (``server.py``). Every private attribute or method it relies
+timers (``sessionqueue.py``, ``liveness.py``, ``closing.py``), a server
+subclass with four overrides (``server.py``) and a client manager whose leaves do not scan
+the namespace (``manager.py``). Every private attribute or method it relies
 on is in ``INTERNALS`` below, and ``build`` checks them all before the node serves: a
 library upgrade that renames one stops the node at start-up with a line naming it and the
 installed version, instead of failing deep inside a request later. ``pyproject.toml`` pins
