@@ -294,8 +294,9 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[dict]) -> dict[str, Pa
         md += ["## Joining one room", "",
                "N members join one room, at most "
                f"{_join_concurrency(rows)} joins in flight (connect to welcome); time from "
-               "the first connect to the last welcome, server CPU until idle after it "
-               "(ratio: shardchat's time over Node socket.io's, same run)", "", joins, "",
+               "the first connect to the last welcome, server CPU until no presence batch "
+               "is pending and the server is idle after it (ratio: shardchat's time over "
+               "Node socket.io's, same run; Node's peer sends no presence)", "", joins, "",
                "![joining](join.png)", ""]
     many = many_table(rows)
     if many:
