@@ -188,10 +188,11 @@ def join_table(rows: list[dict]) -> str:
     sizes = join_sizes(rows)
     if not sizes:
         return ""
-    lines = ["| members | shardchat s | Node socket.io s | ratio | shardchat CPU ms/member | "
-             "Node CPU ms/member | shardchat CPU s | Node CPU s | shardchat RSS MB after | "
-             "Node RSS MB after | SYN retries (shardchat / Node) |",
-             "|" + "---|" * 11]
+    lines = ["| members | shardchat s | Node socket.io s | ratio | shardchat s to last presence "
+             "batch | shardchat CPU ms/member | Node CPU ms/member | shardchat CPU s | Node "
+             "CPU s | shardchat RSS MB after | Node RSS MB after | SYN retries (shardchat / "
+             "Node) |",
+             "|" + "---|" * 12]
     for n in sizes:
         a, b = _row(rows, f"join_{n}", SHARDCHAT), _row(rows, f"join_{n}", NODE)
         cells = [f"{n:,}"]
@@ -200,6 +201,7 @@ def join_table(rows: list[dict]) -> str:
         ratio = _ratio(rows, f"join_{n}", SHARDCHAT, NODE, "wall_s")
         both = a and b and a.get("complete") and b.get("complete")
         cells.append(f"{ratio:.2f}x" if ratio is not None and both else "-")
+        cells.append(_join_cell(a, "presence_out_s"))
         for key in ("cpu_ms_per_member", "server_cpu_s"):
             cells += [_join_cell(a, key), _join_cell(b, key)]
         cells += [_fmt(round(r["rss_after"] / 2**20, 1)) if r and r.get("rss_after") else "-"
@@ -292,8 +294,9 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[dict]) -> dict[str, Pa
         md += ["## Joining one room", "",
                "N members join one room, at most "
                f"{_join_concurrency(rows)} joins in flight (connect to welcome); time from "
-               "the first connect to the last welcome, server CPU until idle after it "
-               "(ratio: shardchat's time over Node socket.io's, same run)", "", joins, "",
+               "the first connect to the last welcome, server CPU until no presence batch "
+               "is pending and the server is idle after it (ratio: shardchat's time over "
+               "Node socket.io's, same run; Node's peer sends no presence)", "", joins, "",
                "![joining](join.png)", ""]
     many = many_table(rows)
     if many:

@@ -45,11 +45,25 @@ async def test_a_join_run_welcomes_every_member_and_reports_its_figures() -> Non
         # the last to join sees everyone before it, up to the welcome's cap
         assert row["welcome_members_last"] == n
         assert row["events_after_welcome"] >= 0
+        assert row["wall_s"] <= row["presence_out_s"], "no batch left pending at the end"
     assert report.join_sizes(rows) == [MEMBERS // 2, MEMBERS]
     assert report.join_flatness(rows, report.SHARDCHAT) == pytest.approx(
         rows[0]["cpu_ms_per_member"] / rows[1]["cpu_ms_per_member"])
     table = report.join_table(rows)
     assert f"| {MEMBERS} | {rows[0]['wall_s']:.2f} | - |" in table
+
+
+async def test_a_join_run_reads_the_cpu_after_the_last_presence_batch_went_out() -> None:
+    """A room above the batch threshold ends the joins with a batch waiting for its tick:
+    the row waits for it (the node looks idle meanwhile) and says when it went out."""
+    tick = 1.5
+    server = ShardchatServer(None, node_settings={
+        "presence_batch_members": 5, "presence_tick": tick, "presence_tick_max": tick})
+    row = await _join(server, MEMBERS)
+    assert row["complete"] and row["settled"], row
+    assert row["events_after_welcome"] > 0, "the members were told of the joins in batches"
+    assert row["presence_out_s"] >= row["wall_s"], row
+    assert row["presence_out_s"] >= tick, "the first batch waits one tick, at least"
 
 
 @pytest.mark.skipif(not NodeJsServer.available(), reason="Node or node_modules missing")
@@ -59,6 +73,7 @@ async def test_the_node_peer_welcomes_its_joiners_as_the_contract_says() -> None
     assert row["welcome_members_last"] == MEMBERS
     assert row["welcome_member_count_last"] == MEMBERS
     assert row["events_after_welcome"] == 0, "the peer announces no joins"
+    assert row["presence_out_s"] is None, "nor has it batches to wait for"
     target = next(t for t in report.targets([row]) if "join one room" in t["target"])
     assert target["value"] is None, "no ratio without a shardchat row of the same size"
 

@@ -107,6 +107,49 @@ async def test_a_large_room_welcome_lists_its_first_members_and_counts_all(big, 
     assert w["you"]["sid"] == late.sid
 
 
+async def gone(reader: Any, sid: str) -> None:
+    """Wait until the node no longer lists ``sid`` in the room (its leave was handled)."""
+
+    async def left() -> bool:
+        members, _ = await walk(reader, limit=500)
+        return sid not in {m["sid"] for m in members}
+
+    await async_wait_until(left, timeout=10, interval=0.2, what=f"{sid} gone from the room")
+
+
+async def test_the_welcome_follows_joins_and_leaves_inside_and_outside_its_first_members(
+        big, connect, lean, transport):
+    """Every welcome lists the room's first members as they are at that join: a joiner of
+    a room smaller than the list is in it, a leave from the list lets the next member move
+    up, and joins and leaves behind it change only ``member_count``."""
+    room = await acreate_room(big, "Head")
+    a, b = await lean(big, room, 2)
+    third = await connect(big, room, name="third", transport=transport)
+    assert third.welcome["members"] == [a.public, b.public, third.public], "room in the list"
+    assert third.welcome["member_count"] == 3
+    d, e = await lean(big, room, 2, prefix="behind")
+    fourth = await connect(big, room, name="fourth", transport=transport)
+    assert fourth.welcome["members"] == [a.public, b.public, third.public]
+    assert fourth.welcome["member_count"] == 6
+    await d.close()  # behind the list: the next welcome lists the same members
+    await gone(fourth, d.sid)
+    fifth = await connect(big, room, name="fifth", transport=transport)
+    assert fifth.welcome["members"] == [a.public, b.public, third.public]
+    assert fifth.welcome["member_count"] == 6
+    await b.close()  # in the list: the member after it moves up
+    await gone(fifth, b.sid)
+    sixth = await connect(big, room, name="sixth", transport=transport)
+    assert sixth.welcome["members"] == [a.public, third.public, e.public]
+    assert sixth.welcome["member_count"] == 6
+    await a.close()
+    await third.close()
+    await gone(sixth, third.sid)
+    await gone(sixth, a.sid)
+    last = await connect(big, room, name="last", transport=transport)
+    assert last.welcome["members"] == [e.public, fourth.public, fifth.public]
+    assert last.welcome["member_count"] == 5
+
+
 # ---------------------------------------------------------------------------------------
 # members pages
 
@@ -187,8 +230,10 @@ async def test_below_the_threshold_each_join_and_leave_is_its_own_event(big, con
                                               "count": THRESHOLD - 1}
 
 
-async def large_room_with_watcher(big, connect, lean, transport, name: str) -> Any:
-    """A room just above the threshold, its one batch so far taken: (room, watcher)."""
+async def large_room_with_watcher(big, connect, lean, transport, name: str,
+                                  fillers_too: bool = False) -> Any:
+    """A room just above the threshold, its one batch so far taken: (room, watcher), and
+    the lean members after the watcher when ``fillers_too``."""
     room = await acreate_room(big, name)
     watcher = await connect(big, room, name="watcher", transport=transport)
     fillers = await lean(big, room, THRESHOLD)
@@ -198,7 +243,7 @@ async def large_room_with_watcher(big, connect, lean, transport, name: str) -> A
     batch = await watcher.next("presence", timeout=TICK + 10)  # the last one makes it large
     assert batch == {"event": "batch", "joined": [fillers[-1].public], "left": [],
                      "count": THRESHOLD + 1}
-    return room, watcher
+    return (room, watcher, fillers) if fillers_too else (room, watcher)
 
 
 async def test_a_burst_of_joins_above_the_threshold_arrives_as_one_batch(big, connect, lean,
@@ -235,6 +280,45 @@ async def test_a_burst_of_joins_above_the_threshold_arrives_as_one_batch(big, co
     assert sorted(m["sid"] for m in got["left"]) == sorted([burst[0].sid, burst[1].sid])
     assert got["count"] == THRESHOLD + 1 + 3
     assert watcher.pending("presence") == []
+
+
+async def test_every_joiner_of_a_tick_ends_up_knowing_the_room_as_it_is(big, connect, lean,
+                                                                         transport):
+    """Members join one after the other within a tick, then one from before them and two of
+    them leave. Each joiner starts from the room its welcome saw (everyone before it in
+    join order) and, applying what it is told after its welcome, holds exactly the room
+    that remains, never told of its own join; so does the member from before them, who
+    reads the shared batches."""
+    room, watcher, fillers = await large_room_with_watcher(big, connect, lean, transport,
+                                                           "Catch-up", fillers_too=True)
+    before = [watcher.sid] + [f.sid for f in fillers]
+    joiners = []
+    for n in range(6):  # each welcomed before the next comes: the join order is known
+        joiners.append(await connect(big, room, name=f"joiner-{n}", transport=transport))
+    order = before + [j.sid for j in joiners]
+    leaving = [fillers[0].sid, joiners[0].sid, joiners[3].sid]
+    await fillers[0].close()
+    await joiners[0].close()
+    await joiners[3].close()
+    remaining = {sid for sid in order if sid not in leaving}
+    readers = {j.sid: j for j in joiners if j.sid not in leaving}
+    known = {sid: set(order[:order.index(sid) + 1]) for sid in readers}
+    readers[watcher.sid], known[watcher.sid] = watcher, set(before)
+    counts: dict[str, int] = {}
+
+    def everyone_knows_the_room() -> bool:
+        for sid, reader in readers.items():
+            for event in reader.pending("presence"):
+                assert event["event"] == "batch", event
+                joined = {m["sid"] for m in event["joined"]}
+                assert sid not in joined, "a joiner is never told of its own join"
+                known[sid] = (known[sid] | joined) - {m["sid"] for m in event["left"]}
+                counts[sid] = event["count"]
+        return all(known[sid] == remaining and counts.get(sid) == len(remaining)
+                   for sid in readers)
+
+    await async_wait_until(everyone_knows_the_room, timeout=2 * TICK + 15,
+                           what="every reader's view of the room")
 
 
 async def test_a_member_that_joins_and_leaves_within_a_tick_is_only_told_as_gone(

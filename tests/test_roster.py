@@ -3,19 +3,17 @@ data structures: what a welcome, a ``members`` page and a ``presence`` batch are
 
 from __future__ import annotations
 
+import random
 from itertools import islice
+from typing import Any
 
+import orjson
 import pytest
 
 from shardchat.config import MEMBER_JSON_BYTES, NodeSettings
+from shardchat.node.catchup import Catchup
 from shardchat.node.engine import json_size
-from shardchat.node.presence import (
-    PresenceBatch,
-    batch_events,
-    batched,
-    summary,
-    tick,
-)
+from shardchat.node.presence import PresenceBatch, batched, tick
 from shardchat.node.roster import MIN_DEPARTED, Member, Roster, UnknownCursor
 
 
@@ -46,6 +44,37 @@ def test_members_come_in_join_order_and_pages_go_on_from_any_member():
     roster.add(member(10))
     assert sids(roster.first(3)) == ["sid-0", "sid-2", "sid-3"]
     assert sids(roster.after("sid-8")) == ["sid-9", "sid-10"], "a newcomer comes last"
+
+
+def head_sids(roster: Roster, n: int) -> list[str]:
+    return [m["sid"] for m in orjson.loads(orjson.dumps(roster.head(n)))]
+
+
+def test_the_encoded_head_follows_every_join_and_leave_inside_it():
+    roster = roster_of(2)
+    assert head_sids(roster, 3) == ["sid-0", "sid-1"]
+    roster.add(member(2))  # the head had room: the joiner is in it
+    assert head_sids(roster, 3) == ["sid-0", "sid-1", "sid-2"]
+    kept = roster.head(3)
+    roster.add(member(3))  # outside the head: the same bytes serve the next welcome
+    roster.remove("sid-3")
+    assert roster.head(3) is kept
+    roster.remove("sid-1")  # inside: the next member moves up
+    assert head_sids(roster, 3) == ["sid-0", "sid-2"]
+    roster.add(member(4))
+    assert head_sids(roster, 3) == ["sid-0", "sid-2", "sid-4"]
+    assert head_sids(roster, 2) == ["sid-0", "sid-2"], "another size is built anew"
+    roster.clear()
+    assert head_sids(roster, 3) == []
+    rng = random.Random(7)
+    roster, n = roster_of(30), 30
+    for _ in range(300):  # churn: the head always equals the first members, freshly built
+        if len(roster) and rng.random() < 0.5:
+            roster.remove(rng.choice(sids(roster.values())))
+        else:
+            roster.add(member(n))
+            n += 1
+        assert head_sids(roster, 5) == sids(roster.first(5))
 
 
 def test_a_page_after_a_member_that_left_goes_on_from_where_it_was():
@@ -87,7 +116,47 @@ def test_the_largest_member_fits_its_json_bound():
     assert json_size(m.public()) + 1 <= MEMBER_JSON_BYTES
 
 
-def test_a_batch_summary_lists_each_member_once_by_its_last_event():
+def summary(log: list, start: int = 0) -> tuple[list[dict], list[dict]]:
+    """What a batch from ``start`` says, member by member (the decisions of
+    docs/protocol.md, "Presence in batches"): who came and is still here, who went (also
+    those who came and went), each once, in the order of their last event."""
+    joined: dict[str, dict] = {}
+    left: dict[str, dict] = {}
+    for is_join, m in log[start:]:
+        if is_join:
+            joined[m["sid"]] = m
+        else:
+            joined.pop(m["sid"], None)
+            left[m["sid"]] = m
+    return list(joined.values()), list(left.values())
+
+
+def split(joined: list[dict], left: list[dict], count: int, max_bytes: int) -> list[dict]:
+    """Those lists as batch events filled member by member: an event ends where the next
+    member (its JSON and a comma) would take it past ``max_bytes``, unless it is empty."""
+    events: list[dict] = []
+    current: dict[str, Any] = {"event": "batch", "joined": [], "left": [], "count": count}
+    used = json_size(current)
+    for key, members in (("joined", joined), ("left", left)):
+        for m in members:
+            size = json_size(m) + 1
+            if used + size > max_bytes and (current["joined"] or current["left"]):
+                events.append(current)
+                current = {"event": "batch", "joined": [], "left": [], "count": count}
+                used = json_size(current)
+            current[key].append(m)
+            used += size
+    if current["joined"] or current["left"]:
+        events.append(current)
+    return events
+
+
+def on_the_wire(events: list[dict]) -> list[dict]:
+    """The events as a client reads them (their fragments spliced in)."""
+    return [orjson.loads(orjson.dumps(e)) for e in events]
+
+
+def test_a_batch_lists_each_member_once_by_its_last_event():
     a, b, c = ({"sid": s, "name": s, "member": s} for s in "abc")
     batch = PresenceBatch()
     batch.joined(a)
@@ -95,20 +164,60 @@ def test_a_batch_summary_lists_each_member_once_by_its_last_event():
     batch.left(b)  # was announced before this tick
     batch.joined(c)
     batch.left(c)  # came and went within the tick: told as gone only
-    assert summary(batch.log) == ([a], [b, c])
-    assert summary(batch.log, batch.fresh["a"]) == ([], [b, c]), "never its own join"
+    encoded = Catchup(batch.log)
+    assert on_the_wire(encoded.events(9, 4096)) == [
+        {"event": "batch", "joined": [a], "left": [b, c], "count": 9}]
+    assert on_the_wire(encoded.events(9, 4096, batch.fresh["a"])) == [
+        {"event": "batch", "joined": [], "left": [b, c], "count": 9}], "never its own join"
     batch.left(a)
     assert "a" not in batch.fresh
-    assert summary(batch.log) == ([], [b, c, a])
+    assert on_the_wire(Catchup(batch.log).events(8, 4096)) == [
+        {"event": "batch", "joined": [], "left": [b, c, a], "count": 8}]
+    assert Catchup(batch.log).events(8, 4096, len(batch.log)) == [], "nothing after the cut"
+    assert Catchup([]).events(0, 4096) == []
 
 
 def test_a_large_batch_is_split_into_events_within_the_page_bound():
     joined = [{"sid": f"s{n:04}", "name": "x" * 40, "member": "m" * 22} for n in range(500)]
-    events = batch_events(joined, [], 500, max_bytes=4096)
+    events = Catchup([(True, m) for m in joined]).events(500, max_bytes=4096)
     assert len(events) > 1
     assert all(json_size(e) <= 4096 and e["count"] == 500 for e in events)
-    assert [m for e in events for m in e["joined"]] == joined
-    assert batch_events([], [], 3, 4096) == []
+    assert [m for e in on_the_wire(events) for m in e["joined"]] == joined
+    huge = {"sid": "h", "name": "y" * 5000, "member": "m"}
+    alone = on_the_wire(Catchup([(True, huge), (True, joined[0])]).events(2, max_bytes=4096))
+    assert [e["joined"] for e in alone] == [[huge], [joined[0]]], "too large: alone"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_every_catch_up_is_the_summary_of_the_log_from_its_cut(seed):
+    """Random ticks (joins, leaves of members from before the tick and from within it,
+    names of every length): the batch from every cut is the member-by-member summary, split
+    where a member-by-member fill splits it."""
+    rng = random.Random(seed)
+    log: list[tuple[bool, dict]] = []
+    here = [{"sid": f"old{n}", "name": "o", "member": "m"} for n in range(20)]
+    for n in range(rng.randrange(0, 80)):
+        if here and rng.random() < 0.4:
+            log.append((False, here.pop(rng.randrange(len(here)))))
+        else:
+            m = {"sid": f"s{n}", "name": "é" * rng.randrange(1, 40), "member": f"id{n}"}
+            log.append((True, m))
+            here.append(m)
+    encoded = Catchup(log)
+    max_bytes = rng.choice((120, 300, 1000, 256 * 1024))
+    for start in range(len(log) + 1):
+        expected = split(*summary(log, start), len(here), max_bytes)
+        assert on_the_wire(encoded.events(len(here), max_bytes, start)) == expected, start
+        # told in two windows, cut anywhere after ``start``: each member listed once, in
+        # the list of the whole summary
+        joined, left = summary(log, start)
+        for cut in {start, (start + len(log)) // 2, len(log)}:
+            parts = on_the_wire(encoded.events(len(here), max_bytes, start, cut)
+                                + encoded.events(len(here), max_bytes, cut))
+            assert [m for e in parts for m in e["joined"]] == joined, (start, cut)
+            assert [m for e in parts for m in e["left"]] == left, (start, cut)
+            assert all(e["count"] == len(here) and json_size(e) <= max(max_bytes, 6000)
+                       for e in parts)
 
 
 def test_batching_starts_above_the_threshold_and_the_tick_grows_with_the_room():

@@ -12,8 +12,11 @@ What a batch says is a summary of the tick's log of joins and leaves, in order:
   told it came, but a client may have met it in a ``members`` page, and drops it again;
 * a member welcomed during the tick must hear what happened after its welcome was cut and
   must not hear of its own join (logged just before the cut): it gets, instead of the
-  shared batch, the summary of the log from its cut on (``fresh``). That costs O(joins of
-  the tick) for each joiner of the tick, less than the batch itself costs the room.
+  shared batch, the summary of the log from its cut on (``fresh``). The batch and every
+  such catch-up are slices of one encoding of the tick's members (``catchup.py``), and a
+  catch-up goes out as its own short part up to the next ``CATCHUP_SPAN`` entries of the
+  log plus the rest of the tick from there, encoded once for every joiner cut in the
+  same stretch: a recipient costs a copy of its bytes, not an encoding of its own.
 
 The tick grows with the room: ``presence_tick`` at the threshold, in proportion to the
 member count above it, at most ``presence_tick_max``. One batch is one frame per member, so
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardchat.config import NodeSettings
-from shardchat.node.engine import json_size
+from shardchat.node.catchup import Catchup
 
 log = logging.getLogger("shardchat.presence")
 
@@ -61,43 +64,6 @@ class PresenceBatch:
         self.fresh[sid] = len(self.log)
 
 
-def summary(log: list[tuple[bool, dict[str, str]]], start: int = 0
-            ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(joined, left) of ``log[start:]``: who came and is still here, who went (also those
-    who came and went), each once, in the order of their last event."""
-    joined: dict[str, dict[str, str]] = {}
-    left: dict[str, dict[str, str]] = {}
-    for is_join, member in log[start:]:
-        sid = member["sid"]
-        if is_join:
-            joined[sid] = member
-        else:
-            joined.pop(sid, None)
-            left[sid] = member
-    return list(joined.values()), list(left.values())
-
-
-def batch_events(joined: list[dict[str, str]], left: list[dict[str, str]], count: int,
-                 max_bytes: int) -> list[dict[str, Any]]:
-    """The ``presence`` batch events that tell ``joined`` and ``left``, each at most about
-    ``max_bytes`` of JSON (a summary lists a sid once, so splitting it changes nothing)."""
-    events: list[dict[str, Any]] = []
-    current: dict[str, Any] = {"event": "batch", "joined": [], "left": [], "count": count}
-    used = json_size(current)
-    for key, members in (("joined", joined), ("left", left)):
-        for member in members:
-            size = json_size(member) + 1
-            if used + size > max_bytes and (current["joined"] or current["left"]):
-                events.append(current)
-                current = {"event": "batch", "joined": [], "left": [], "count": count}
-                used = json_size(current)
-            current[key].append(member)
-            used += size
-    if current["joined"] or current["left"]:
-        events.append(current)
-    return events
-
-
 def batched(settings: NodeSettings, members: int, pending: bool) -> bool:
     """Whether a join or leave in a room of ``members`` (counting the one that comes or
     goes) goes into a batch: above the threshold, or while a batch is pending anyway (so
@@ -113,9 +79,17 @@ def tick(settings: NodeSettings, members: int) -> float:
 
 
 # How the room service delivers: (room, presence data, sids to skip) to every member, and
-# (room, sid, presence data) to one; each buffers for members still being welcomed.
+# (room, sids, presence data) to those members; each buffers for members still being
+# welcomed.
 Broadcast = Callable[[Any, dict[str, Any], Collection[str]], Awaitable[None]]
-Tell = Callable[[Any, str, dict[str, Any]], Awaitable[None]]
+Tell = Callable[[Any, list[str], dict[str, Any]], Awaitable[None]]
+
+# A joiner's catch-up is told in two parts: the log from its cut to the next multiple of
+# this many entries (its own), then the rest of the tick from there, one encoding shared by
+# every joiner cut in the same stretch. So a tick's catch-ups cost O(joiners x SPAN) bytes
+# of their own plus one encoding per stretch, instead of an encoding of its own of up to the
+# whole tick for each joiner.
+CATCHUP_SPAN = 64
 
 
 @dataclass
@@ -172,13 +146,18 @@ class Batches:
             return
         try:
             count, cap = len(room.members), self.settings.max_page_bytes
-            joined, left = summary(batch.log)
-            for event in batch_events(joined, left, count, cap):
+            encoded = Catchup(batch.log)  # every member of the tick encoded once
+            for event in encoded.events(count, cap):
                 await self._broadcast(room, event, batch.fresh)
+            rest: dict[int, list[str]] = {}  # where a shared rest starts -> its joiners
             for sid, start in batch.fresh.items():
-                joined, left = summary(batch.log, start)
-                for event in batch_events(joined, left, count, cap):
-                    await self._tell(room, sid, event)
+                stretch = min(-(-start // CATCHUP_SPAN) * CATCHUP_SPAN, len(batch.log))
+                for event in encoded.events(count, cap, start, stretch):
+                    await self._tell(room, [sid], event)
+                rest.setdefault(stretch, []).append(sid)
+            for stretch, sids in rest.items():
+                for event in encoded.events(count, cap, stretch):
+                    await self._tell(room, sids, event)
         except Exception:
             log.exception("the presence batch of room %s failed", room.record.id)
 

@@ -102,7 +102,7 @@ class RoomService:
         # joins and leaves of large rooms, told once per tick (presence.py)
         self.batches = presence.Batches(
             cfg.node, lambda room, data, skip: self._broadcast(room, "presence", data, skip),
-            self._tell_sid, lambda room: self.rooms.get(room.record.id) is room)
+            self._tell_sids, lambda room: self.rooms.get(room.record.id) is room)
         self.limiter = RateLimiter(cfg.node)  # outlives connections, so reconnects count
         self.draining = False
         # how busy each room is (the load measure's input); one call per stored message
@@ -306,7 +306,7 @@ class RoomService:
         welcome = {
             "room": payloads.room(room.record),
             "you": member.public(),
-            "members": [m.public() for m in room.members.first(self.welcome_members)],
+            "members": room.members.head(self.welcome_members),  # encoded once per change
             "member_count": len(room.members),
             "last_seq": top,
             "history": messages,
@@ -538,13 +538,17 @@ class RoomService:
                 ready.append((sid, m.eio_sid))
         await self.delivery.emit(room.namespace, event, data, ready)
 
-    async def _tell_sid(self, room: Room, sid: str, data: Any) -> None:
-        """A ``presence`` event to one member, if still in (buffered while it is being
-        welcomed)."""
-        member = room.members.get(sid)
-        if member is None:
-            return
-        if not member.ready:
-            member.buffered.append(("presence", data))
-        else:
-            await self.delivery.emit(room.namespace, "presence", data, [(sid, member.eio_sid)])
+    async def _tell_sids(self, room: Room, sids: list[str], data: Any) -> None:
+        """A ``presence`` event to these members, those still in (buffered for any still
+        being welcomed): one encoding for all of them."""
+        ready = []
+        for sid in sids:
+            member = room.members.get(sid)
+            if member is None:
+                continue
+            if not member.ready:
+                member.buffered.append(("presence", data))
+            else:
+                ready.append((sid, member.eio_sid))
+        if ready:
+            await self.delivery.emit(room.namespace, "presence", data, ready)

@@ -12,6 +12,12 @@ ended the previous page). The roster remembers the join numbers of the latest de
 at least ``MIN_DEPARTED`` and at most as many as there are members, so such a page goes on
 from where that member was in join order; a sid it never knew (or has forgotten: that many
 others left since) is ``UnknownCursor``, and the client starts again from the first page.
+
+Every welcome lists the same first members, and in a large room that list changes rarely
+(a join lands in it only while the room is smaller than it; a leave changes it only when
+the one who leaves is in it). So the roster keeps the head's JSON, encoded once per
+change (``head``), and a welcome splices those bytes in: a join no longer builds and
+encodes ``welcome_members`` member objects for its welcome.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+import orjson
 from sortedcontainers import SortedDict
 
 MIN_DEPARTED = 256  # departed sids remembered as page cursors, whatever the room's size
@@ -54,6 +61,17 @@ class Member:
         return {"sid": self.sid, "name": self.name, "member": self.identity}
 
 
+@dataclass(frozen=True)
+class _Head:
+    """The encoded first ``size`` members: ``listed`` of them (fewer while the room is
+    smaller), the last with join number ``last``."""
+
+    size: int
+    listed: int
+    last: int
+    encoded: orjson.Fragment
+
+
 class Roster:
     """The members of one room: by sid, and in join order."""
 
@@ -62,6 +80,7 @@ class Roster:
         self._order: SortedDict = SortedDict()  # join number -> Member
         self._departed: OrderedDict[str, int] = OrderedDict()  # sid -> join number
         self._joins = 0
+        self._head: _Head | None = None  # the welcome's first members, encoded (``head``)
 
     def __len__(self) -> int:
         return len(self._by_sid)
@@ -86,6 +105,9 @@ class Roster:
         member.joined = self._joins
         self._by_sid[member.sid] = member
         self._order[member.joined] = member
+        head = self._head
+        if head is not None and head.listed < head.size:
+            self._head = None  # the head had room: the joiner is in it now
 
     def remove(self, sid: str) -> Member | None:
         """``sid`` leaves (None when it was not in); its place is remembered as a cursor."""
@@ -93,6 +115,9 @@ class Roster:
         if member is None:
             return None
         del self._order[member.joined]
+        head = self._head
+        if head is not None and member.joined <= head.last:
+            self._head = None  # it was listed: the next member moves up into the head
         if not self._by_sid:
             self._departed.clear()  # nobody is left to page
             return member
@@ -108,11 +133,23 @@ class Roster:
         self._by_sid.clear()
         self._order.clear()
         self._departed.clear()
+        self._head = None
         return members
 
     def first(self, n: int) -> list[Member]:
         """The ``n`` earliest members still in the room."""
         return list(islice(self._order.values(), n))
+
+    def head(self, n: int) -> orjson.Fragment:
+        """The JSON list of the ``n`` earliest members as others see them (``public``),
+        encoded once and reused until a join or a leave changes who is in it."""
+        head = self._head
+        if head is None or head.size != n:
+            listed = self.first(n)
+            head = self._head = _Head(
+                n, len(listed), listed[-1].joined if listed else 0,
+                orjson.Fragment(orjson.dumps([m.public() for m in listed])))
+        return head.encoded
 
     def after(self, sid: str | None) -> Iterator[Member]:
         """The members after ``sid`` in join order (from the first when None), lazily: a

@@ -5,8 +5,9 @@ else. The *fast* engine (the default) also reaches into them where a chat spends
 and memory: broadcasts written straight to sockets (``delivery.py``), incoming events
 parsed once (``inbound.py``), websocket connections it takes from aiohttp after the
 handshake and speaks itself (``session.py``, ``websocket.py``), its own queue and ping
-timers (``sessionqueue.py``, ``liveness.py``, ``closing.py``) and a server
-subclass with four overrides (``server.py``). Every private attribute or method it relies
+timers (``sessionqueue.py``, ``liveness.py``, ``closing.py``), a server
+subclass with four overrides (``server.py``) and a client manager whose leaves do not scan
+the namespace (``manager.py``). Every private attribute or method it relies
 on is in ``INTERNALS`` below, and ``build`` checks them all before the node serves: a
 library upgrade that renames one stops the node at start-up with a line naming it and the
 installed version, instead of failing deep inside a request later. ``pyproject.toml`` pins
@@ -141,6 +142,7 @@ def _engineio_socket(cls: Any) -> Any:
 _SIO, _EIO, _AIOHTTP, _PY = "python-socketio", "python-engineio", "aiohttp", "python"
 _SERVER = "socketio.async_server.AsyncServer"
 _SOCKET = "engineio.async_socket.AsyncSocket"
+_MANAGER = "socketio.async_manager.AsyncManager"
 
 # Every private attribute or method the fast engine relies on, and why. The stock engine
 # uses none of them. Keep it complete: a name used in engine/ and missing here is a crash
@@ -162,6 +164,15 @@ INTERNALS: tuple[Internal, ...] = (
              params=("eio_sid", "eio_pkt")),
     Internal(_SERVER, "environ", _SIO, "session.py trims it after the handshake",
              probe=_server, optional=True),
+    # python-socketio's client manager: manager.py keeps an index of each sid's rooms
+    *(Internal(_MANAGER, name, _SIO, "manager.py overrides it: leaves without a scan",
+               params=params)
+      for name, params in (("basic_enter_room", ("sid", "namespace", "room", "eio_sid")),
+                           ("basic_leave_room", ("sid", "namespace", "room")),
+                           ("basic_disconnect", ("sid", "namespace")))),
+    *(Internal(_MANAGER, name, _SIO, "manager.py's disconnect reads and updates it",
+               probe=lambda cls: cls())
+      for name in ("rooms", "callbacks", "pending_connect", "pending_disconnect")),
     # python-engineio: the websocket driver, the queue, the pings
     Internal("engineio.async_server.AsyncServer", "_async", _EIO,
              "session.py replaces the websocket driver in it", probe=_server),

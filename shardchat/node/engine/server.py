@@ -26,6 +26,7 @@ from socketio import packet as sio_packet
 
 from shardchat.config import NodeSettings
 from shardchat.node.engine.delivery import FastDelivery
+from shardchat.node.engine.manager import IndexedManager
 from shardchat.node.engine.refusals import (
     JOIN_FAILED,
     REFUSED_EVENTS,
@@ -62,7 +63,8 @@ class NodeSocketServer(socketio.AsyncServer):
     refused_events = REFUSED_EVENTS
 
     def __init__(self, settings: NodeSettings) -> None:
-        super().__init__(**server_options(settings))
+        # its own manager: a leave costs O(1), not O(members) (manager.py)
+        super().__init__(client_manager=IndexedManager(), **server_options(settings))
         self.delivery = FastDelivery(self, settings)
         self.on_connected: ConnectedHook | None = None
 
