@@ -30,8 +30,10 @@ connection stays up either way.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from socketio import packet as sio_packet
@@ -45,6 +47,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardchat.inbound")
 
+# A direct handler: (namespace, sid, data, reply) -> whether it took the event. It runs in
+# the frame's own callback and must not await: ``reply(result)`` sends the ack (at once or
+# later, e.g. after a commit; a no-op when the client asked for none). False means "not
+# now": nothing was done, and the event takes the task path and the node's ``@sio.on``
+# handler instead.
+DirectHandler = Callable[[str, str, Any, Callable[[Any], None]], bool]
+
+
+def _no_reply(result: Any) -> None:
+    """The reply of an event sent without an ack id."""
+
+
 class Inbound:
     """Dispatches clients' text EVENT frames to the room service's handlers."""
 
@@ -53,7 +67,13 @@ class Inbound:
         self.fanout = fanout
         self.manager = sio.manager
         self.fast = 0
+        self.direct_events = 0
+        # event name -> its direct handler (``NodeSocketServer.direct_handlers``)
+        self.direct: dict[str, DirectHandler] = sio.direct_handlers
         self._running: set[asyncio.Task] = set()
+        # Engine.IO sid -> events with a direct handler now on the task path: while a
+        # client has any, its next ones take that path too, so they start in frame order
+        self._behind: dict[str, int] = {}
 
     def dispatch(self, eio_sid: str, data: bytes) -> bool:
         """Handle one Engine.IO MESSAGE frame (``4...``) if it is a plain text EVENT;
@@ -71,6 +91,10 @@ class Inbound:
         sid = manager.sid_from_eio_sid(eio_sid, namespace)
         if sid is None or not manager.is_connected(sid, namespace):
             return True  # python-socketio drops events for namespaces not joined, too
+        direct = self.direct.get(event)
+        if direct is not None and eio_sid not in self._behind and self._direct(
+                direct, namespace, sid, args, eio_sid, ack_id):
+            return True
         handler, hargs = self.sio._get_event_handler(event, namespace, (sid, *args[1:]))
         if handler is None or not inspect.iscoroutinefunction(handler):
             return False
@@ -79,7 +103,33 @@ class Inbound:
             self._run(handler, hargs, eio_sid, namespace, ack_id))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+        if direct is not None:  # its followers wait for it (``_behind``)
+            self._behind[eio_sid] = self._behind.get(eio_sid, 0) + 1
+            task.add_done_callback(lambda _t: self._caught_up(eio_sid))
         return True
+
+    def _direct(self, direct: DirectHandler, namespace: str, sid: str, args: list,
+                eio_sid: str, ack_id: int | None) -> bool:
+        """Run a direct handler in this callback: no task, no future. A handler that raises
+        is answered ``unavailable`` (as ``answers_errors`` does on the task path)."""
+        reply = (_no_reply if ack_id is None
+                 else functools.partial(self._answer, eio_sid, namespace, ack_id))
+        try:
+            taken = direct(namespace, sid, args[1] if len(args) > 1 else None, reply)
+        except Exception:
+            log.exception("direct handler for %r on %s failed", args[0], namespace)
+            reply(dict(UNAVAILABLE))
+            return True
+        if taken:
+            self.direct_events += 1
+        return taken
+
+    def _caught_up(self, eio_sid: str) -> None:
+        left = self._behind.get(eio_sid, 0) - 1
+        if left > 0:
+            self._behind[eio_sid] = left
+        else:
+            self._behind.pop(eio_sid, None)
 
     async def _run(self, handler: Any, args: tuple, eio_sid: str, namespace: str,
                    ack_id: int | None) -> None:
@@ -95,6 +145,12 @@ class Inbound:
             result = UNAVAILABLE
         if ack_id is None or result is self.sio.not_handled:
             return
+        self._answer(eio_sid, namespace, ack_id, result)
+
+    def _answer(self, eio_sid: str, namespace: str, ack_id: int, result: Any) -> None:
+        """Send a handler's result as the ack ``ack_id``: one pre-built frame, direct or
+        queued by the delivery's rule; data orjson cannot encode takes python-socketio's
+        Packet class in a task (never a result of this node's handlers)."""
         if result is None:
             data: list = []
         elif isinstance(result, tuple):
@@ -102,11 +158,14 @@ class Inbound:
         else:
             data = [result]
         payload = sio_payload(sio_packet.ACK, namespace, data, ack_id)
-        if payload is None:
-            await self.sio._send_packet(eio_sid, self.sio.packet_class(
-                sio_packet.ACK, namespace=namespace, id=ack_id, data=data))
-        else:
-            await self.fanout.send_payload(eio_sid, payload)
+        if payload is not None:
+            self.fanout.send_payload_now(eio_sid, payload)
+            return
+        task = asyncio.get_running_loop().create_task(self.sio._send_packet(
+            eio_sid, self.sio.packet_class(sio_packet.ACK, namespace=namespace, id=ack_id,
+                                           data=data)))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     def stats(self) -> dict[str, int]:
-        return {"fast_events": self.fast}
+        return {"fast_events": self.fast, "direct_events": self.direct_events}
