@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shardchat.node import faults
 from shardchat.node.store import schema
 from shardchat.node.store.errors import MoveConflict, StoreError
 from shardchat.node.store.records import CreationKey, MessageRecord, RoomRecord
@@ -372,7 +373,10 @@ class GroupCommitWriter:
                 schema.insert_rooms(conn, ((r.room, r.key) for r in batch.rooms))
             if batch.messages:
                 schema.insert_messages(conn, (m.message for m in batch.messages))
+                faults.reach("store.before_commit")
             conn.execute("COMMIT")
+            if batch.messages:
+                faults.reach("store.after_commit")
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
