@@ -12,6 +12,20 @@ node's ``@sio.on`` registrations stay the one source of truth) and its ack is a 
 frame sent by ``FastDelivery.send_payload`` (straight to the socket when the client has
 nothing else in flight).
 
+The message hot path goes one step further: an event with a *direct handler*
+(``NodeSocketServer.direct_handlers``; the node gives one for ``message``) runs in the
+frame's own callback, with no task and no future, and gets a ``reply`` callable for its ack
+(``_answer``, the same frame ``_run`` would send). What it bypasses, deliberately: asyncio's
+task per event (a task, its coroutine frames, the store's future and a wake-up per
+message, the same work for each of a small room's messages as its whole fan-out), python-socketio's
+handler lookup (the direct handler is the node's own, set next to its ``@sio.on``
+registration), and ``answers_errors`` (``_direct`` answers a raising handler
+``unavailable`` the same way). The handler may decline (False: a frozen room must await its
+gate), and then the event takes the task path; while a client has such an event on the
+task path, its next ones take it too (``_behind``), so its messages start, and get their
+seqs, in frame order. Long-polling and the stock engine never take the direct path; their
+messages share the store's order with it, since both hand out seqs in the loop at start.
+
 What is left to python-socketio, by returning False from ``dispatch``: every packet that
 is not plainly a text EVENT (CONNECT, DISCONNECT, ACK, binary events and their attachments),
 JSON orjson would read differently from the stdlib (integers beyond 64 bits, NaN) or not at
