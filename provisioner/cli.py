@@ -1,4 +1,4 @@
-"""``shardchat-provision plan | apply | destroy | status``.
+"""``shardchat-provision plan | apply | destroy | status | scale-in``.
 
 Exit codes: 0 done, 1 AWS refused (or holds something in the way), 2 bad config (the key at
 fault is printed). Everything is checked before the first call that changes anything.
@@ -6,6 +6,7 @@ fault is printed). Everything is checked before the first call that changes anyt
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -14,15 +15,16 @@ from typing import Any
 import click
 from botocore.exceptions import BotoCoreError, ClientError
 
-from provisioner import reconcile, status
+from provisioner import reconcile, scalein, status
 from provisioner.actions import Action, Plan
 from provisioner.observed import observe
 from provisioner.plan import ConflictError
 from provisioner.reconcile import checked_desired, destroy_plan_for, plan_for
 from shardchat import config as config_mod
-from shardchat.aws.clients import Clients, error_code, error_message, make_clients
+from shardchat.aws.clients import Clients, client, error_code, error_message, make_clients
 from shardchat.aws.ec2 import resolve_instances
 from shardchat.cli_common import EXIT_FAILED, EXIT_OK, config_errors_exit, load_config
+from shardchat.cluster.mover import plural
 
 EXIT_AWS = EXIT_FAILED  # AWS refused, or holds something in the way
 
@@ -190,6 +192,34 @@ def status_cmd(ctx: click.Context, config_path: str, region: str | None,
         clients = make_clients(cfg.aws.region, obj["endpoint_url"])
         observed = observe(clients.elbv2, cfg.cluster.name, cfg.aws.load_balancer)
         click.echo(status.render(cfg, observed))
+    _guard(run)
+
+
+@main.command("scale-in")
+@_common
+@click.pass_context
+def scale_in_cmd(ctx: click.Context, config_path: str, region: str | None,
+                 endpoint_url: str | None) -> None:
+    """Drain the instances a termination lifecycle hook holds, then let them go (one round;
+    watch runs one every interval). Exit 1 when one could not be let go yet."""
+    def run() -> None:
+        obj = _obj(ctx, region, endpoint_url)
+        cfg = resolve_instances(_load(config_path, obj["region"]), obj["endpoint_url"])
+        if not cfg.aws.autoscaling_groups:
+            click.echo("aws.autoscaling_groups is empty: no group's scale-in is watched.")
+            return
+        autoscaling = client("autoscaling", cfg.aws.region, obj["endpoint_url"])
+        outcomes = asyncio.run(scalein.scale_in_round(autoscaling, cfg, say=click.echo))
+        if not outcomes:
+            click.echo("No instance of " + ", ".join(cfg.aws.autoscaling_groups)
+                       + " is leaving.")
+        for o in outcomes:
+            who = f"instance {o.leaving.number}" if o.leaving.number else "an instance"
+            verdict = "let go" if o.completed else "kept"
+            click.echo(f"{o.leaving.instance_id} ({who} of {o.leaving.group}): {verdict}, "
+                       f"{plural(o.rooms_moved, 'room')} moved; {o.note}")
+        if not all(o.completed for o in outcomes):
+            raise Failure(EXIT_FAILED)
     _guard(run)
 
 

@@ -131,6 +131,10 @@ class AwsConfig:
     rule_priority_offset: int = 0
     max_target_groups: int = 100
     max_rules: int = 100
+    # Auto Scaling groups whose termination lifecycle hooks drain a leaving instance before
+    # AWS terminates it (provisioner/scalein.py); empty: scale-in is not watched
+    autoscaling_groups: tuple[str, ...] = ()
+    lifecycle_heartbeat: float = 60.0  # seconds between heartbeats while a drain runs
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ It imports neither ``shardchat.node`` nor ``shardchat.cluster`` (``tests/test_la
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -43,6 +45,9 @@ from shardchat.refusal import Refusal, check_text
 STATS_PATH = "/internal/stats"
 ROOMS_PATH = "/internal/rooms"
 METRICS_PATH = "/internal/metrics"
+PROMETHEUS_PATH = "/metrics"  # the same counters in Prometheus's text format
+ADMIN_PATH = "/admin"  # the ops page (a person's browser: Basic auth, see below)
+ADMIN_DATA_PATH = "/admin/cluster.json"  # what the page shows, every few seconds
 KEYS_PATH = "/internal/creation-keys/"  # + an Idempotency-Key: the room created under it
 # GET: what the node is to one room (owner, forwarded, incoming: ``whereabouts.RoomState``)
 ROOM_STATE_PATH = "/internal/rooms/{room_id}"
@@ -91,6 +96,21 @@ def authorized(given: str | None, secret: str) -> bool:
     surrogate escapes; they are encoded back, so such a header is just a wrong secret."""
     expected = auth_header(secret)[AUTH_HEADER].encode()
     return hmac.compare_digest((given or "").encode("utf-8", "surrogateescape"), expected)
+
+
+def authorized_person(given: str | None, secret: str) -> bool:
+    """``authorized`` for a browser: ``Authorization: Basic`` with the cluster secret as the
+    password (any user name), which a browser asks for once and then sends by itself, as it
+    cannot send a bearer token to a page it opens. Also constant time."""
+    scheme, _, encoded = (given or "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True)
+    except (ValueError, binascii.Error):
+        return False
+    _, _, password = decoded.partition(b":")
+    return hmac.compare_digest(password, secret.encode())
 
 
 # -- the room request ----------------------------------------------------------------------

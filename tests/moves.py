@@ -14,9 +14,8 @@ import http.client
 from typing import Any
 
 from tests.conftest import RoomClient, open_client
-from tests.support import SECRET, NodeProcess, http_json
+from tests.support import AUTH, NodeProcess, http_json
 
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 MOVE_TIMEOUT = 60.0
 
 

@@ -28,7 +28,10 @@ import http.client
 import importlib.util
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import tomllib
 import urllib.error
@@ -43,9 +46,11 @@ import pytest
 from shardchat.cluster import nodeproc
 from shardchat.cluster.up import free_port
 from shardchat.config import dump_toml
+from shardchat.internal_api import auth_header
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "test-secret-please-change"
+AUTH = auth_header(SECRET)  # what a peer sends to a node's internal listener
 # Tests stop nodes with SIGTERM all the time; without the key the grace would follow the ALB
 # health checks (20 s with the [aws] defaults), so every test config sets a short one.
 TEST_DRAIN_GRACE = 1.0
@@ -54,6 +59,9 @@ PORT_ATTEMPTS = 5       # starts with fresh ports before a port clash fails the 
 
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package: what the browser tests drive
+# headless as root, and quiet: the machine's closed network refuses Chromium's own traffic
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 
 
 def missing_browser() -> str | None:
@@ -81,6 +89,22 @@ def require_browser() -> None:
         pytest.fail(f"CI=true: the browser tests must run here, but this machine {missing}",
                     pytrace=False)
     pytest.skip(missing)
+
+
+def browser_api(timeout_ms: int) -> Any:
+    """For a browser test module, at import: Playwright's sync API with ``expect`` waiting up
+    to ``timeout_ms``; without a browser, the module is skipped on a laptop and fails to
+    collect under CI=true, saying what to install."""
+    missing = missing_browser()
+    if missing is not None:
+        if in_ci():
+            pytest.fail(f"CI=true: the browser tests must run here, but this machine {missing}",
+                        pytrace=False)
+        pytest.skip(missing, allow_module_level=True)
+    from playwright import sync_api
+
+    sync_api.expect.set_options(timeout=timeout_ms)
+    return sync_api
 
 
 # Every test client comes from 127.0.0.1, so under the default per-address limits a whole
@@ -327,6 +351,42 @@ def running_nodes(tmp: Path, n: int = 1, **kwargs) -> Iterator[list[NodeProcess]
     finally:
         for node in nodes:
             node.stop()
+
+
+@contextlib.contextmanager
+def running_up(tmp: Path, nodes: int = 2) -> Iterator[str]:
+    """``shardchat up --nodes N --port P`` in ``tmp``; yields its URL once its ready file
+    says it serves, and stops it with SIGINT (SIGKILL if it does not exit in time)."""
+    port = free_port()
+    log_path = tmp / "up.log"
+    ready_path = tmp / "up-ready.json"
+    # cwd is the cluster's own directory, so this tree goes on the path explicitly: the
+    # router and its nodes must run the code under test, not whichever copy is installed.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shardchat", "up", "--nodes", str(nodes), "--port", str(port),
+             "--ready-file", str(ready_path)],
+            cwd=str(tmp), stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def ready() -> str | None:
+        if proc.poll() is not None:
+            raise GiveUp(f"shardchat up exited with {proc.returncode}:\n"
+                         + log_path.read_text(errors="replace")[-4000:])
+        info = json.loads(ready_path.read_text())  # absent until written whole
+        return info["url"] if info["pid"] == proc.pid else None
+
+    try:
+        yield wait_until(ready, timeout=90, interval=0.1, what="shardchat up's ready file")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 class JsClient:

@@ -32,8 +32,8 @@ from shardchat.cluster.router import Router, serve
 from shardchat.cluster.rules import build_rules
 from tests.conftest import acreate_room, open_client
 from tests.support import (
+    AUTH,
     ROOT,
-    SECRET,
     JsClient,
     NodeProcess,
     bound_port,
@@ -47,7 +47,6 @@ DOC = ROOT / "docs" / "protocol.md"
 MARKER = "<!-- tested: tests/test_follow_move.py"
 DRIVER = Path(__file__).parent / "js" / "follow_move.mjs"
 CLIENT_PACKAGE = ROOT / "node_modules" / "socket.io-client" / "package.json"
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 GONE = 9  # an instance number the cluster does not have
 SENDS = 60  # messages each client sends while its room moves
 MOVE_AFTER = 10  # ... the move is asked for once this many were acked

@@ -26,11 +26,10 @@ from shardchat.cluster.router import Router, serve
 from shardchat.cluster.rules import build_rules
 from shardchat.whereabouts import ROOM_FIELDS
 from tests.conftest import create_room
-from tests.support import SECRET, NodeProcess, bound_port, http_json, running_nodes
+from tests.support import AUTH, NodeProcess, bound_port, http_json, running_nodes
 
 pytestmark = pytest.mark.timeout(90)
 
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 PEER_TIMEOUT = 0.5
 GONE = 9  # an instance number this cluster does not have
 

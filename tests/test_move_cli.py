@@ -16,9 +16,14 @@ import pytest
 
 from shardchat.cli_common import EXIT_CONFIG, EXIT_OK, EXIT_REFUSED
 from tests.conftest import create_room
-from tests.support import ROOT, SECRET, NodeProcess, http_json, make_cluster_config, start_nodes
-
-AUTH = {"Authorization": f"Bearer {SECRET}"}
+from tests.support import (
+    AUTH,
+    ROOT,
+    NodeProcess,
+    http_json,
+    make_cluster_config,
+    start_nodes,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,12 @@ from collections.abc import Iterator
 import pytest
 
 from shardchat import urls
-from tests.support import SECRET, NodeProcess, http_json, running_nodes
+from tests.support import AUTH, SECRET, NodeProcess, http_json, running_nodes
 
 pytestmark = pytest.mark.timeout(60)
 
 PUBLIC_URL = "https://chat.example.com"
 GENERATED_ID = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 
 @pytest.fixture(scope="module")

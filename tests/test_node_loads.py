@@ -16,9 +16,7 @@ from shardchat.cluster.load import IDLE_FLOOR, room_presence
 from shardchat.node.activity import RoomActivity
 from shardchat.node.loads import MAX_AGE, NodeLoads
 from tests.conftest import acreate_room, create_room
-from tests.support import SECRET, async_wait_until, http_json, running_nodes, wait_until
-
-AUTH = {"Authorization": f"Bearer {SECRET}"}
+from tests.support import AUTH, async_wait_until, http_json, running_nodes, wait_until
 
 
 @pytest.fixture(scope="module")

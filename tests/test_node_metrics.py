@@ -6,9 +6,7 @@ import asyncio
 
 from shardchat.node import gctune
 from tests.conftest import acreate_room
-from tests.support import SECRET, http_json
-
-AUTH = {"Authorization": f"Bearer {SECRET}"}
+from tests.support import AUTH, http_json
 
 
 def metrics(node, headers=AUTH):

@@ -22,7 +22,7 @@ from shardchat.node.replication import litestream
 from tests.conftest import acreate_room
 from tests.offsite import AWS_ENV, node_settings, shardchat, wait_for_replica
 from tests.support import (
-    SECRET,
+    AUTH,
     NodeProcess,
     async_wait_until,
     http_json,
@@ -32,7 +32,6 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.timeout(150)
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 
 class Replicated:

@@ -28,6 +28,8 @@ import os
 import time
 from typing import Any
 
+from shardchat.node.buckets import GC_BOUNDS, Buckets
+
 THRESHOLDS = (20_000, 20, 50)
 FULL_INTERVAL = float(os.environ.get("SHARDCHAT_GC_FULL_INTERVAL", "60"))
 
@@ -39,6 +41,7 @@ class GcWatch:
         self.pauses = [0.0, 0.0, 0.0]
         self.longest = [0.0, 0.0, 0.0]
         self.count = [0, 0, 0]
+        self.pause_seconds = Buckets(GC_BOUNDS)  # every generation's pauses, for /metrics
         self._started = 0.0
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
@@ -49,6 +52,7 @@ class GcWatch:
         took = time.perf_counter() - self._started
         self.count[gen] += 1
         self.pauses[gen] += took
+        self.pause_seconds.observe(took)
         if took > self.longest[gen]:
             self.longest[gen] = took
 

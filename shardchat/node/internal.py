@@ -22,19 +22,24 @@ from shardchat import urls
 from shardchat.config import Config
 from shardchat.http_errors import json_error
 from shardchat.internal_api import (
+    ADMIN_PATH,
     AUTH_HEADER,
     DRAINED_PATH,
     KEYS_PATH,
     METRICS_PATH,
+    PROMETHEUS_PATH,
     ROOM_LOAD_PATH,
     ROOM_STATE_PATH,
     ROOMS_PATH,
     STATS_PATH,
     CreationFailed,
     authorized,
+    authorized_person,
     read_creation_key,
     read_room_request,
 )
+from shardchat.node import admin, prometheus
+from shardchat.node.buckets import Buckets
 from shardchat.node.loads import NodeLoads, chunks, row_json
 
 log = logging.getLogger("shardchat.internal")
@@ -61,6 +66,10 @@ class PeerFacing(Protocol):
 
     def metrics(self) -> dict[str, Any]: ...
 
+    def commit_seconds(self) -> Buckets: ...
+
+    def peer_health(self) -> list[dict[str, Any]]: ...
+
     async def create_room(self, name: str, private: bool,
                           key: str | None = None) -> dict[str, Any]: ...
 
@@ -75,9 +84,16 @@ def build_app(cfg: Config, node: PeerFacing) -> web.Application:
 
     @web.middleware
     async def check_secret(request: web.Request, handler):
-        if not authorized(request.headers.get(AUTH_HEADER), secret):
+        given = request.headers.get(AUTH_HEADER)
+        page = request.path == ADMIN_PATH or request.path.startswith(ADMIN_PATH + "/")
+        if not (authorized(given, secret) or (page and authorized_person(given, secret))):
             log.warning("internal request %s %s from %s refused: wrong or missing secret",
                         request.method, request.path, request.remote)
+            if page:  # a browser: have it ask the person for the secret
+                resp = json_error(401, "unauthorized", "The ops page needs the cluster "
+                                  "secret as the password (any user name).")
+                resp.headers["WWW-Authenticate"] = 'Basic realm="shardchat ops", charset="UTF-8"'
+                return resp
             return json_error(401, "unauthorized", "Internal calls need the cluster secret "
                               "(Authorization: Bearer ...).")
         try:
@@ -96,6 +112,15 @@ def build_app(cfg: Config, node: PeerFacing) -> web.Application:
         """Counters for operators and the benchmark: store commits and batches, fan-out
         paths, inbound fast events, garbage collections."""
         return web.json_response(node.metrics())
+
+    registry = prometheus.registry_for(node)
+
+    async def prometheus_metrics(request: web.Request) -> web.Response:
+        """The same counters for Prometheus (``node/prometheus.py``), read at scrape time.
+        On the loop, not in a thread: the counters it reads are the loop's (a few dozen
+        families, well under a millisecond)."""
+        body = prometheus.render(registry)
+        return web.Response(body=body, headers={"Content-Type": prometheus.CONTENT_TYPE})
 
     async def create_room(request: web.Request) -> web.Response:
         """Create a room here; with an Idempotency-Key, the room already made under it."""
@@ -207,5 +232,7 @@ def build_app(cfg: Config, node: PeerFacing) -> web.Application:
     app.router.add_post(ROOM_LOAD_PATH, restore_load)
     app.router.add_post(DRAINED_PATH, drained)
     app.router.add_get(METRICS_PATH, metrics)
+    app.router.add_get(PROMETHEUS_PATH, prometheus_metrics)
+    admin.add_routes(app, cfg, node)
     app.router.add_get(KEYS_PATH + "{key}", keyed_room)
     return app

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from shardchat.node import (
     internal,
     shutdown,
 )
+from shardchat.node.buckets import Buckets
 from shardchat.node.clientaddr import ClientAddresses
 from shardchat.node.handoff import Handoff
 from shardchat.node.handoff.routes import add_routes as add_move_routes
@@ -134,6 +136,19 @@ class Node:
         if self.replica is not None:
             out["replication"] = self.replica.stats()
         return out
+
+    def commit_seconds(self) -> Buckets:
+        return self.store.commit_seconds
+
+    def peer_health(self) -> list[dict[str, Any]]:
+        """Every peer as the stats poller last saw it (``GET /metrics``, ``GET /admin``)."""
+        now = time.monotonic()
+        return [{"instance": p.number, "host": p.host, "internal_port": p.internal_port,
+                 "healthy": p.healthy, "draining": p.draining,
+                 "connections": p.connections, "rooms": p.rooms, "load": p.load,
+                 "age": round(now - p.fetched_at, 3) if p.fetched_at else None,
+                 "error": None if p.healthy else p.error}
+                for p in self.placer.peers.snapshot()]
 
     def _placement_view(self) -> dict[str, Any]:
         """Every instance's load as this node's placement last saw it (peers' stats are

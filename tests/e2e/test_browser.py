@@ -20,13 +20,9 @@ import contextlib
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,19 +30,14 @@ import pytest
 
 from tests.support import (
     CHROMIUM,
+    CHROMIUM_ARGS,
     ROOT,
-    GiveUp,
-    free_port,
+    browser_api,
     http_json,
-    in_ci,
-    missing_browser,
-    require_browser,
     running_nodes,
-    wait_until,
+    running_up,
 )
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 UI_TIMEOUT = 15_000          # ms: generous for a 2-core machine shared with other work
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 375, "height": 740}
@@ -55,19 +46,8 @@ PRIVATE_TEXT = "This room is private — ask a member for the invite link"
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
 
-MISSING = missing_browser()
-if MISSING is None:
-    from playwright import sync_api as playwright_sync
-
-    expect = playwright_sync.expect
-    expect.set_options(timeout=UI_TIMEOUT)
-elif in_ci():
-    @pytest.fixture(scope="module", autouse=True)
-    def browser_required() -> None:
-        """Runs before the module's other fixtures: every test here errors with this."""
-        require_browser()
-else:
-    pytest.skip(MISSING, allow_module_level=True)
+playwright_sync = browser_api(UI_TIMEOUT)
+expect = playwright_sync.expect
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,59 +65,10 @@ class Site:
         return self.base_url + path
 
 
-def up_available() -> bool:
-    """``shardchat up`` exists in this tree (it is the normal way to run a local cluster)."""
-    probe = subprocess.run([sys.executable, "-m", "shardchat", "up", "--help"], cwd=str(ROOT),
-                           capture_output=True, timeout=60)
-    return probe.returncode == 0
-
-
-@contextlib.contextmanager
-def running_up(tmp: Path, nodes: int = 2) -> Iterator[str]:
-    """``shardchat up --nodes N --port P`` in ``tmp``; yields its URL once its ready file
-    says it serves, and stops it with SIGINT (SIGKILL if it does not exit in time)."""
-    port = free_port()
-    log_path = tmp / "up.log"
-    ready_path = tmp / "up-ready.json"
-    # cwd is the cluster's own directory, so this tree goes on the path explicitly: the
-    # router and its nodes must run the code under test, not whichever copy is installed.
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shardchat", "up", "--nodes", str(nodes), "--port", str(port),
-             "--ready-file", str(ready_path)],
-            cwd=str(tmp), stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    def ready() -> str | None:
-        if proc.poll() is not None:
-            raise GiveUp(f"shardchat up exited with {proc.returncode}:\n"
-                         + log_path.read_text(errors="replace")[-4000:])
-        info = json.loads(ready_path.read_text())  # absent until written whole
-        return info["url"] if info["pid"] == proc.pid else None
-
-    try:
-        yield wait_until(ready, timeout=90, interval=0.1, what="shardchat up's ready file")
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Iterator[Site]:
-    tmp = tmp_path_factory.mktemp("site")
-    if up_available():
-        with running_up(tmp, nodes=2) as base:
-            yield Site(base, routed=True)
-    else:
-        # Before `shardchat up` exists: one node serves the landing page and its own rooms.
-        with running_nodes(tmp, 1) as nodes:
-            yield Site(nodes[0].base_url, routed=False)
+    with running_up(tmp_path_factory.mktemp("site"), nodes=2) as base:
+        yield Site(base, routed=True)
 
 
 def create_room(site: Site, name: str, private: bool = False) -> dict[str, Any]:

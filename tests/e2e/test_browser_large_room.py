@@ -22,17 +22,14 @@ import pytest
 from tests import crowd
 from tests.support import (
     CHROMIUM,
+    CHROMIUM_ARGS,
     SECRET,
     NodeProcess,
+    browser_api,
     http_json,
-    in_ci,
-    missing_browser,
-    require_browser,
     running_nodes,
 )
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 UI_TIMEOUT = 20_000  # ms: a 2-core machine shared with other work, and a few hundred clients
 CROWD = 350
 WELCOME_MEMBERS = 100  # the node's default: what the page lists before any scrolling
@@ -40,18 +37,8 @@ PAGE = 100  # members per page the page asks for (room.js MEMBERS_PAGE)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
-MISSING = missing_browser()
-if MISSING is None:
-    from playwright import sync_api as playwright_sync
-
-    expect = playwright_sync.expect
-    expect.set_options(timeout=UI_TIMEOUT)
-elif in_ci():
-    @pytest.fixture(scope="module", autouse=True)
-    def browser_required() -> None:
-        require_browser()
-else:
-    pytest.skip(MISSING, allow_module_level=True)
+playwright_sync = browser_api(UI_TIMEOUT)
+expect = playwright_sync.expect
 
 
 class CrowdLoop:

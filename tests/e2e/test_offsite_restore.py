@@ -24,12 +24,11 @@ import pytest
 from shardchat.node.replication import litestream
 from tests.conftest import acreate_room
 from tests.offsite import AWS_ENV, moto_s3, node_settings, shardchat, wait_for_replica
-from tests.support import SECRET, NodeProcess, http_json, make_cluster_config, start_nodes
+from tests.support import AUTH, NodeProcess, http_json, make_cluster_config, start_nodes
 
 pytestmark = pytest.mark.timeout(180)
 moto_s3 = moto_s3  # the module-scoped moto server fixture
 
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 ACKED = 30  # messages acked and seen in the replica before the loss
 LAST_MOMENT = 20  # messages acked right before the kill: the loss window
 

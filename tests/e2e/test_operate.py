@@ -32,8 +32,8 @@ from shardchat.cluster.rules import build_rules
 from tests.conftest import acreate_room
 from tests.followers import Follower, room_history
 from tests.support import (
+    AUTH,
     ROOT,
-    SECRET,
     NodeProcess,
     async_wait_until,
     bound_port,
@@ -45,7 +45,6 @@ from tests.support import (
 
 pytestmark = pytest.mark.timeout(420)
 
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 ROOMS = 200  # rooms on the instance that is drained
 SENDERS = 8  # of them with a member sending all along (half websocket, half polling)
 COMMAND_TIMEOUT = 300.0

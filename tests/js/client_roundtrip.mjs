@@ -8,23 +8,11 @@
 // Prints one JSON object per line: {"event": "welcome" | "ack" | "message" | "presence" |
 // "connect_error" | "done" | "timeout", ...}. After "done" or a refusal it closes the socket
 // and the caller ends the process; on timeout it exits 1 by itself.
-import { io } from "socket.io-client";
+import { connectOnce, deadline, out, spec } from "./harness.mjs";
 
-const spec = JSON.parse(process.argv[2]);
-const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
+const timer = deadline(15000);
 
-const timer = setTimeout(() => {
-  out({ event: "timeout" });
-  process.exit(1);
-}, spec.timeout_ms ?? 15000);
-
-const socket = io(spec.url + spec.namespace, {
-  path: spec.path,
-  transports: spec.transports,
-  auth: spec.auth,
-  reconnection: false,
-  forceNew: true,
-});
+const socket = connectOnce();
 
 let sawAwaited = !spec.wait_for_text;
 let emitsDone = false;

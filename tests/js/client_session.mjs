@@ -16,14 +16,9 @@
 // "connect_error" | "disconnect" | "closed" | "timeout", ...}.
 import { createInterface } from "node:readline";
 import { io } from "socket.io-client";
+import { deadline, out, spec } from "./harness.mjs";
 
-const spec = JSON.parse(process.argv[2]);
-const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
-
-const timer = setTimeout(() => {
-  out({ event: "timeout" });
-  process.exit(1);
-}, spec.timeout_ms ?? 30000);
+const timer = deadline(30000);
 
 let lastSeq = null;
 const seen = (seq) => {

@@ -12,13 +12,9 @@
 // each with "where": the namespace the client is on at that moment. "done" comes once every
 // message of its own was acked and seen; then the script closes its socket and exits.
 import { pathToFileURL } from "node:url";
+import { deadline, out, spec } from "./harness.mjs";
 
-const spec = JSON.parse(process.argv[2]);
-const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
-const timer = setTimeout(() => {
-  out({ event: "timeout" });
-  process.exit(1);
-}, spec.timeout_ms ?? 30000);
+const timer = deadline(30000);
 
 const { joinRoom } = await import(pathToFileURL(spec.snippet).href);
 

@@ -7,24 +7,13 @@
 // {"event": "done", members: [...every member of every page...]}; on a refusal
 // {"event": "connect_error", ...}, on a failed page {"event": "failed", data}. It closes the
 // socket after "done" (or a failure); on timeout it exits 1 by itself.
-import { io } from "socket.io-client";
+import { connectOnce, deadline, out, spec } from "./harness.mjs";
 
-const spec = JSON.parse(process.argv[2]);
-const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 const MAX_PAGES = 1000;
 
-const timer = setTimeout(() => {
-  out({ event: "timeout" });
-  process.exit(1);
-}, spec.timeout_ms ?? 15000);
+const timer = deadline(15000);
 
-const socket = io(spec.url + spec.namespace, {
-  path: spec.path,
-  transports: spec.transports,
-  auth: spec.auth,
-  reconnection: false,
-  forceNew: true,
-});
+const socket = connectOnce();
 
 function end() {
   clearTimeout(timer);

@@ -10,14 +10,9 @@
 // Prints one JSON object per line: {"event": "auth" | "welcome" | "ack" | "disconnect" |
 // "done" | "timeout", ...}. After "done" it closes the socket and the caller ends the process.
 import { io } from "socket.io-client";
+import { deadline, out, spec } from "./harness.mjs";
 
-const spec = JSON.parse(process.argv[2]);
-const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
-
-const timer = setTimeout(() => {
-  out({ event: "timeout" });
-  process.exit(1);
-}, spec.timeout_ms ?? 15000);
+const timer = deadline(15000);
 
 let token = null;   // welcome.you.token, kept for the next connect
 let welcomes = 0;

@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from shardchat.node.buckets import Buckets
 from shardchat.node.store import integrity, schema
 from shardchat.node.store.checkpoint import Checkpointer
 from shardchat.node.store.errors import MoveConflict, StoreError
@@ -190,6 +191,11 @@ class Store:
     async def flush(self) -> None:
         """Wait until everything queued so far is committed and old rows are pruned."""
         await asyncio.shield(self._writer.barrier())
+
+    @property
+    def commit_seconds(self) -> Buckets:
+        """How long each commit took, fsync included (``GET /metrics``' histogram)."""
+        return self._writer.stats.commit_seconds
 
     def stats(self) -> dict[str, int]:
         """Counters of the writer: commits, messages and rooms written, largest batch."""

@@ -37,11 +37,13 @@ import functools
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardchat.node import faults
+from shardchat.node.buckets import COMMIT_BOUNDS, Buckets
 from shardchat.node.store import schema
 from shardchat.node.store.errors import MoveConflict, StoreError
 from shardchat.node.store.records import CreationKey, MessageRecord, RoomRecord
@@ -139,6 +141,8 @@ class WriterStats:
     failed_commits: int = 0
     max_batch: int = 0
     jobs: int = 0  # transactions of their own (moves)
+    # BEGIN to COMMIT of every batch, fsync included: what each ack and broadcast waits on
+    commit_seconds: Buckets = field(default_factory=lambda: Buckets(COMMIT_BOUNDS))
 
 
 class GroupCommitWriter:
@@ -367,6 +371,7 @@ class GroupCommitWriter:
         """One transaction, one commit; False (and the batch refused) if it failed."""
         if not batch:
             return True
+        started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
             if batch.rooms:
@@ -391,6 +396,7 @@ class GroupCommitWriter:
             self._call_soon(self._refused, batch, exc)
             return False
         s = self.stats
+        s.commit_seconds.observe(time.perf_counter() - started)
         s.commits += 1
         s.messages += len(batch.messages)
         s.rooms += len(batch.rooms)
