@@ -26,6 +26,14 @@ class Action:
         return f"{SIGNS[self.verb]} {self.verb} {self.kind} {self.subject}: {self.reason}"
 
 
+def count_verbs(actions: tuple[Action, ...]) -> dict[str, int]:
+    """How many actions create, change (adopting counts as changing) and delete."""
+    out = {CREATE: 0, CHANGE: 0, DELETE: 0}
+    for a in actions:
+        out[CHANGE if a.verb == ADOPT else a.verb] += 1
+    return out
+
+
 @dataclass(frozen=True)
 class Plan:
     title: str
@@ -37,10 +45,7 @@ class Plan:
         return not self.actions
 
     def counts(self) -> dict[str, int]:
-        out = {CREATE: 0, CHANGE: 0, DELETE: 0}
-        for a in self.actions:
-            out[CHANGE if a.verb == ADOPT else a.verb] += 1
-        return out
+        return count_verbs(self.actions)
 
     def render(self) -> str:
         lines = [self.title]

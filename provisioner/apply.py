@@ -26,6 +26,7 @@ THROTTLE_CODES = {"Throttling", "ThrottlingException", "RequestLimitExceeded",
 MUTATION_ATTEMPTS = 6
 SSL_POLICY = "ELBSecurityPolicy-TLS13-1-2-2021-06"
 ADOPTED = {TAG_ADOPTED: "true"}
+TAG_BATCH = 20  # AWS tags at most 20 resources per AddTags call
 
 
 @dataclass
@@ -113,6 +114,13 @@ def adopt(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None:
 
 def retag(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None:
     call(elbv2.add_tags, ResourceArns=[args["arn"]], Tags=tag_list(args["tags"]))
+
+
+def add_tags(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None:
+    arns = list(args["arns"])
+    for start in range(0, len(arns), TAG_BATCH):
+        call(elbv2.add_tags, ResourceArns=arns[start:start + TAG_BATCH],
+             Tags=tag_list(args["tags"]))
 
 
 def untag(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None:
@@ -256,10 +264,10 @@ def delete_load_balancer(elbv2: Any, ctx: Context, args: dict[str, Any]) -> None
 HANDLERS: dict[str, Callable[[Any, Context, dict[str, Any]], None]] = {
     f.__name__: f for f in (
         create_load_balancer, set_idle_timeout, set_subnets, set_security_groups, adopt, retag,
-        untag, create_target_group, modify_health, set_deregistration_delay, register_targets,
-        deregister_targets, create_listener, modify_listener, set_default_action, create_rule,
-        modify_rule, set_priorities, delete_rule, delete_listener, delete_target_group,
-        delete_load_balancer)}
+        add_tags, untag, create_target_group, modify_health, set_deregistration_delay,
+        register_targets, deregister_targets, create_listener, modify_listener,
+        set_default_action, create_rule, modify_rule, set_priorities, delete_rule,
+        delete_listener, delete_target_group, delete_load_balancer)}
 
 
 def run(plan: Plan, elbv2: Any, ctx: Context,

@@ -1,25 +1,31 @@
-"""``shardchat-provision plan | apply | destroy | status | scale-in``.
+"""``shardchat-provision plan | apply | destroy | status | watch | scale-in``.
 
-Exit codes: 0 done, 1 AWS refused (or holds something in the way), 2 bad config (the key at
-fault is printed). Everything is checked before the first call that changes anything.
+Exit codes: 0 done, 1 AWS refused (or holds something in the way, or the state lock is
+held), 2 bad config (the key at fault is printed). Everything is checked before the first
+call that changes anything. plan, apply, destroy and every watch round hold the cluster's
+state lock (``lock.py``) from their first read of the load balancers to their last change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 from botocore.exceptions import BotoCoreError, ClientError
 
+from provisioner import lock as lock_mod
 from provisioner import reconcile, scalein, status
-from provisioner.actions import Action, Plan
-from provisioner.observed import observe
+from provisioner.actions import Action
 from provisioner.plan import ConflictError
-from provisioner.reconcile import checked_desired, destroy_plan_for, plan_for
+from provisioner.reconcile import FleetPlan, checked_desired, destroy_plan_for, plan_for
+from provisioner.watch import FAILED, Watcher
 from shardchat import config as config_mod
 from shardchat.aws.clients import Clients, client, error_code, error_message, make_clients
 from shardchat.aws.ec2 import resolve_instances
@@ -54,7 +60,10 @@ class Failure(Exception):
 
 
 def _load(path: str, region: str | None) -> config_mod.Config:
-    cfg = load_config(path)
+    return _with_region(load_config(path), region)
+
+
+def _with_region(cfg: config_mod.Config, region: str | None) -> config_mod.Config:
     if region:
         cfg = dataclasses.replace(cfg, aws=dataclasses.replace(cfg.aws, region=region))
     return cfg
@@ -67,7 +76,7 @@ def _guard(fn: Callable[[], None]) -> None:
             fn()
     except Failure as exc:
         sys.exit(exc.code)
-    except ConflictError as exc:
+    except (ConflictError, lock_mod.LockHeld, lock_mod.LockLost) as exc:
         click.echo(f"Refused ({exc.code}): {exc.message}", err=True)
         sys.exit(EXIT_AWS)
     except ClientError as exc:
@@ -81,18 +90,34 @@ def _guard(fn: Callable[[], None]) -> None:
         sys.exit(EXIT_AWS)
 
 
-def _plan(ctx_obj: dict[str, Any], path: str) -> tuple[Plan, Any, Clients]:
-    """Config -> plan. With discover = "config" every pure check (values, quotas) runs
-    before the first AWS call; discovery has to read EC2 first."""
+def _lock(cfg: config_mod.Config, clients: Clients) -> lock_mod.Lock:
+    return lock_mod.Lock(clients.dynamodb, cfg.aws.lock_table, cfg.cluster.name,
+                         cfg.aws.lock_lease)
+
+
+@contextmanager
+def _locked(cfg: config_mod.Config, clients: Clients, command: str
+            ) -> Iterator[lock_mod.Lock]:
+    """The state lock for the rest of the command (the table made when absent)."""
+    lock_mod.ensure_table(clients.dynamodb, cfg.aws.lock_table)
+    with _lock(cfg, clients).held(command) as held:
+        yield held
+
+
+def _cfg_and_clients(ctx_obj: dict[str, Any], path: str
+                     ) -> tuple[config_mod.Config, Clients]:
+    """The config (instances discovered when configured) with every pure check (values,
+    shard tables, quotas) passed before the first AWS call that is not discovery."""
     cfg = resolve_instances(_load(path, ctx_obj["region"]), ctx_obj["endpoint_url"])
     checked_desired(cfg)
-    clients = make_clients(cfg.aws.region, ctx_obj["endpoint_url"])
-    plan, observed = plan_for(cfg, clients.elbv2)
-    return plan, observed, clients
+    return cfg, make_clients(cfg.aws.region, ctx_obj["endpoint_url"])
 
 
-def _progress(idx: int, total: int, action: Action) -> None:
-    click.echo(f"[{idx}/{total}] {action.line()}")
+def _progress(held: lock_mod.Lock) -> Callable[[int, int, Action], None]:
+    def progress(idx: int, total: int, action: Action) -> None:
+        held.renew_if_due()  # a long apply keeps its lease
+        click.echo(f"[{idx}/{total}] {action.line()}")
+    return progress
 
 
 def _confirm(auto_approve: bool, question: str) -> None:
@@ -103,13 +128,14 @@ def _confirm(auto_approve: bool, question: str) -> None:
         raise Failure(EXIT_OK)
 
 
-def _execute(plan: Plan, observed: Any, clients: Clients, auto_approve: bool,
+def _execute(plan: FleetPlan, clients: Clients, held: lock_mod.Lock, auto_approve: bool,
              question: str) -> None:
     click.echo(plan.render())
     if plan.empty:
         return
     _confirm(auto_approve, question)
-    reconcile.run(plan, observed, clients.elbv2, _progress)
+    held.renew()  # the question may have waited longer than the lease
+    reconcile.run(plan, clients.elbv2, _progress(held))
     click.echo("Done.")
 
 
@@ -147,8 +173,11 @@ def _obj(ctx: click.Context, region: str | None, endpoint_url: str | None) -> di
 def plan_cmd(ctx: click.Context, config_path: str, region: str | None,
              endpoint_url: str | None) -> None:
     """Show what apply would change; change nothing."""
-    _guard(lambda: click.echo(_plan(_obj(ctx, region, endpoint_url), config_path)[0]
-                              .render()))
+    def run() -> None:
+        cfg, clients = _cfg_and_clients(_obj(ctx, region, endpoint_url), config_path)
+        with _locked(cfg, clients, "plan"):
+            click.echo(plan_for(cfg, clients.elbv2).render())
+    _guard(run)
 
 
 @main.command("apply")
@@ -159,8 +188,10 @@ def apply_cmd(ctx: click.Context, config_path: str, region: str | None,
               endpoint_url: str | None, auto_approve: bool) -> None:
     """Make the load balancer match the config."""
     def run() -> None:
-        plan, observed, clients = _plan(_obj(ctx, region, endpoint_url), config_path)
-        _execute(plan, observed, clients, auto_approve, "Apply these changes?")
+        cfg, clients = _cfg_and_clients(_obj(ctx, region, endpoint_url), config_path)
+        with _locked(cfg, clients, "apply") as held:
+            _execute(plan_for(cfg, clients.elbv2), clients, held, auto_approve,
+                     "Apply these changes?")
     _guard(run)
 
 
@@ -175,8 +206,9 @@ def destroy_cmd(ctx: click.Context, config_path: str, region: str | None,
         obj = _obj(ctx, region, endpoint_url)
         cfg = _load(config_path, obj["region"])
         clients = make_clients(cfg.aws.region, obj["endpoint_url"])
-        plan, observed = destroy_plan_for(cfg, clients.elbv2)
-        _execute(plan, observed, clients, auto_approve, "Destroy these resources?")
+        with _locked(cfg, clients, "destroy") as held:
+            _execute(destroy_plan_for(cfg, clients.elbv2), clients, held, auto_approve,
+                     "Destroy these resources?")
     _guard(run)
 
 
@@ -190,9 +222,66 @@ def status_cmd(ctx: click.Context, config_path: str, region: str | None,
         obj = _obj(ctx, region, endpoint_url)
         cfg = resolve_instances(_load(config_path, obj["region"]), obj["endpoint_url"])
         clients = make_clients(cfg.aws.region, obj["endpoint_url"])
-        observed = observe(clients.elbv2, cfg.cluster.name, cfg.aws.load_balancer)
-        click.echo(status.render(cfg, observed))
+        lock = _lock(cfg, clients)
+        last = lock_mod.describe_last(lock.last(), time.time())
+        holder = lock.holder()
+        if holder is not None:
+            last += f"; the lock is held by {holder.describe(time.time())}"
+        click.echo(status.render(cfg, reconcile.observe_fleet(cfg, clients.elbv2), last))
     _guard(run)
+
+
+@main.command("watch")
+@_common
+@click.option("--interval", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds between two rounds (default: aws.watch_interval).")
+@click.option("--max-rounds", type=click.IntRange(min=1), default=None,
+              help="Stop after this many rounds (default: run until SIGTERM/SIGINT).")
+@click.option("--once", is_flag=True, help="One round, then exit (same as --max-rounds 1).")
+@click.pass_context
+def watch_cmd(ctx: click.Context, config_path: str, region: str | None,
+              endpoint_url: str | None, interval: float | None, max_rounds: int | None,
+              once: bool) -> None:
+    """Reconcile every shard's ALB with the config (and discovered instances), over and
+    over. Exit 0 when the last round succeeded, 1 when it failed."""
+    def run() -> None:
+        obj = _obj(ctx, region, endpoint_url)
+        cfg = _load(config_path, obj["region"])
+        clients = make_clients(cfg.aws.region, obj["endpoint_url"])
+        lock_mod.ensure_table(clients.dynamodb, cfg.aws.lock_table)
+
+        def leaving(round_cfg: config_mod.Config) -> None:
+            _scale_in(round_cfg, obj["endpoint_url"])
+
+        watcher = Watcher(
+            # re-read every round: an edited file or a new instance counts at once, and a
+            # broken edit fails that round (key named) instead of ending the watch
+            load=lambda: resolve_instances(_with_region(config_mod.load(config_path),
+                                                        obj["region"]), obj["endpoint_url"]),
+            elbv2=clients.elbv2, lock=_lock(cfg, clients),
+            interval=interval or cfg.aws.watch_interval, max_rounds=1 if once else max_rounds,
+            say=lambda line: click.echo(line, err=line.startswith("could not")),
+            scale_in=leaving if cfg.aws.autoscaling_groups else None)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: watcher.stop.set())
+        last = watcher.run()
+        if last is not None and last.outcome == FAILED:
+            raise Failure(EXIT_AWS)
+    _guard(run)
+
+
+def _scale_in(cfg: config_mod.Config, endpoint_url: str | None) -> bool:
+    """One scale-in round, each leaving instance reported; False when one was kept."""
+    autoscaling = client("autoscaling", cfg.aws.region, endpoint_url)
+    outcomes = asyncio.run(scalein.scale_in_round(autoscaling, cfg, say=click.echo))
+    if not outcomes:
+        click.echo("No instance of " + ", ".join(cfg.aws.autoscaling_groups) + " is leaving.")
+    for o in outcomes:
+        who = f"instance {o.leaving.number}" if o.leaving.number else "an instance"
+        verdict = "let go" if o.completed else "kept"
+        click.echo(f"{o.leaving.instance_id} ({who} of {o.leaving.group}): {verdict}, "
+                   f"{plural(o.rooms_moved, 'room')} moved; {o.note}")
+    return all(o.completed for o in outcomes)
 
 
 @main.command("scale-in")
@@ -208,17 +297,7 @@ def scale_in_cmd(ctx: click.Context, config_path: str, region: str | None,
         if not cfg.aws.autoscaling_groups:
             click.echo("aws.autoscaling_groups is empty: no group's scale-in is watched.")
             return
-        autoscaling = client("autoscaling", cfg.aws.region, obj["endpoint_url"])
-        outcomes = asyncio.run(scalein.scale_in_round(autoscaling, cfg, say=click.echo))
-        if not outcomes:
-            click.echo("No instance of " + ", ".join(cfg.aws.autoscaling_groups)
-                       + " is leaving.")
-        for o in outcomes:
-            who = f"instance {o.leaving.number}" if o.leaving.number else "an instance"
-            verdict = "let go" if o.completed else "kept"
-            click.echo(f"{o.leaving.instance_id} ({who} of {o.leaving.group}): {verdict}, "
-                       f"{plural(o.rooms_moved, 'room')} moved; {o.note}")
-        if not all(o.completed for o in outcomes):
+        if not _scale_in(cfg, obj["endpoint_url"]):
             raise Failure(EXIT_FAILED)
     _guard(run)
 

@@ -2,6 +2,8 @@
 
 The listener rules come from ``shardchat.cluster.rules.build_rules``, the same function the
 local router evaluates, so what the ALB routes and what the laptop routes cannot drift apart.
+Past 99 instances the fleet is several ALBs ("shards", ``shardchat/shards.py``): one desired
+state per shard that has instances, each with its own lobby and only its own instances.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from provisioner import naming
-from shardchat import urls
+from shardchat import shards, urls
 from shardchat.aws.alb import HealthCheck, Target
 from shardchat.aws.tags import (
     ROLE_INSTANCE,
@@ -21,6 +23,7 @@ from shardchat.aws.tags import (
 )
 from shardchat.cluster.rules import build_rules
 from shardchat.config import HTTPS_PORT, Config, ConfigError, Instance
+from shardchat.shards import Shard
 
 HEALTHY_CODES = "200"  # a draining node answers 503 and leaves rotation
 LOBBY_HEALTH_PATH = "/healthz"  # default-routed: any node answers it
@@ -72,6 +75,7 @@ class LoadBalancerSpec:
 @dataclass(frozen=True)
 class DesiredState:
     cluster: str
+    shard: int
     load_balancer: LoadBalancerSpec
     listeners: tuple[ListenerSpec, ...]
     target_groups: tuple[TargetGroupSpec, ...]
@@ -99,28 +103,44 @@ def _health(cfg: Config, path: str) -> HealthCheck:
                        unhealthy=a.unhealthy_threshold, matcher=HEALTHY_CODES)
 
 
-def _listeners(cfg: Config, cluster: str) -> tuple[ListenerSpec, ...]:
+def _listeners(cfg: Config, cluster: str, k: int) -> tuple[ListenerSpec, ...]:
     a = cfg.aws
     if not a.certificate_arn:
         return (ListenerSpec(ROLE_LISTENER, a.listener_port, "HTTP",
-                             tags=ownership(cluster, ROLE_LISTENER)),)
+                             tags=ownership(cluster, ROLE_LISTENER, shard=k)),)
     return (
         ListenerSpec(ROLE_LISTENER, HTTPS_PORT, "HTTPS", a.certificate_arn,
-                     tags=ownership(cluster, ROLE_LISTENER)),
+                     tags=ownership(cluster, ROLE_LISTENER, shard=k)),
         ListenerSpec(ROLE_REDIRECT, a.listener_port, "HTTP",
                      redirect_port=HTTPS_PORT,
-                     tags=ownership(cluster, ROLE_REDIRECT)),
+                     tags=ownership(cluster, ROLE_REDIRECT, shard=k)),
     )
 
 
-def desired_state(cfg: Config) -> DesiredState:
-    """Everything apply should leave behind for ``cfg``, which has passed
-    ``config.validate_for_aws`` (the only check left here is what ``build_rules`` refuses)."""
-    a, cluster = cfg.aws, cfg.cluster.name
-    targets = [_target(cfg, inst) for inst in cfg.instances]
+def desired_states(cfg: Config) -> tuple[DesiredState, ...]:
+    """One desired state per configured shard that has instances, shard 1 first. ``cfg``
+    has passed ``config.validate_for_aws`` (so every instance's shard has a table)."""
+    out = []
+    for shard in cfg.shards:
+        members = [i for i in cfg.instances if shards.shard_of(i.number) == shard.index]
+        if members:
+            out.append(_shard_state(cfg, shard, members))
+    return tuple(out)
+
+
+def desired_state(cfg: Config, shard: int = 1) -> DesiredState:
+    """The desired state of one shard (by default the first)."""
+    return next(d for d in desired_states(cfg) if d.shard == shard)
+
+
+def _shard_state(cfg: Config, shard: Shard, instances: list[Instance]) -> DesiredState:
+    """Everything apply should leave behind on one shard's ALB (the only check left here
+    is what ``build_rules`` refuses)."""
+    a, cluster, k = cfg.aws, cfg.cluster.name, shard.index
+    targets = [_target(cfg, inst) for inst in instances]
     groups: list[TargetGroupSpec] = []
     by_instance: dict[int, str] = {}
-    for inst, target in zip(cfg.instances, targets, strict=True):
+    for inst, target in zip(instances, targets, strict=True):
         name = naming.target_group_name(cluster, inst.number, inst.port, a.target_type)
         by_instance[inst.number] = name
         groups.append(TargetGroupSpec(
@@ -128,22 +148,23 @@ def desired_state(cfg: Config) -> DesiredState:
             target_type=a.target_type, vpc_id=a.vpc_id,
             health=_health(cfg, urls.healthz_path(inst.number)),
             deregistration_delay=a.deregistration_delay, targets=(target,),
-            tags=ownership(cluster, ROLE_INSTANCE, inst.number)))
-    lobby = naming.lobby_name(cluster, a.target_type)
+            tags=ownership(cluster, ROLE_INSTANCE, inst.number, k)))
+    lobby = naming.lobby_name(cluster, a.target_type, k)
     groups.append(TargetGroupSpec(
-        name=lobby, role=ROLE_LOBBY, instance=None, port=cfg.instances[0].port,
+        name=lobby, role=ROLE_LOBBY, instance=None, port=instances[0].port,
         target_type=a.target_type, vpc_id=a.vpc_id, health=_health(cfg, LOBBY_HEALTH_PATH),
         deregistration_delay=a.deregistration_delay,
         targets=tuple(sorted(set(targets), key=lambda t: (t.id, t.port))),
-        tags=ownership(cluster, ROLE_LOBBY)))
+        tags=ownership(cluster, ROLE_LOBBY, shard=k)))
     try:
-        ruleset = build_rules((i.number for i in cfg.instances), a.rule_priority_offset)
+        ruleset = build_rules((i.number for i in instances), a.rule_priority_offset)
     except ValueError as exc:
         raise ConfigError("aws.rule_priority_offset", str(exc)) from None
     rules = tuple(RuleSpec(r.instance, r.priority, r.path_pattern, by_instance[r.instance],
-                           tags=ownership(cluster, ROLE_INSTANCE, r.instance))
+                           tags=ownership(cluster, ROLE_INSTANCE, r.instance, k))
                   for r in ruleset.rules)
-    lb = LoadBalancerSpec(a.load_balancer, tuple(a.subnets), tuple(a.security_groups),
-                          a.scheme, a.idle_timeout, tags=ownership(cluster, ROLE_LB))
-    return DesiredState(cluster=cluster, load_balancer=lb, listeners=_listeners(cfg, cluster),
-                        target_groups=tuple(groups), rules=rules, lobby=lobby)
+    lb = LoadBalancerSpec(shard.load_balancer, tuple(a.subnets), tuple(a.security_groups),
+                          a.scheme, a.idle_timeout, tags=ownership(cluster, ROLE_LB, shard=k))
+    return DesiredState(cluster=cluster, shard=k, load_balancer=lb,
+                        listeners=_listeners(cfg, cluster, k), target_groups=tuple(groups),
+                        rules=rules, lobby=lobby)

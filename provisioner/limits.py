@@ -1,7 +1,9 @@
 """ALB quotas, checked before any call that changes something.
 
 A config that cannot fit must be refused whole: half of the instances routed and the rest
-failing with TooManyTargetGroups is worse than no change at all.
+failing with TooManyTargetGroups is worse than no change at all. Each shard's ALB is checked
+on its own (``shardchat/shards.py`` keeps one shard at 99 instances + its lobby), and every
+shard is checked before the first change to any of them.
 """
 
 from __future__ import annotations
@@ -25,25 +27,29 @@ class Usage:
     rules: int  # ours: one per instance
     foreign_rules: int = 0  # rules on our listener that someone else manages
     foreign_target_groups: int = 0  # target groups of such rules (they count against the ALB)
+    shard: int = 1
+    load_balancer: str = ""
 
 
 def check(usage: Usage, max_target_groups: int, max_rules: int) -> None:
     """Raise LimitError naming the numbers and the way out when ``usage`` cannot fit."""
     tg_cap = min(max_target_groups, HARD_TARGET_GROUPS_PER_ALB)
     tgs = usage.target_groups + usage.foreign_target_groups
+    where = f"shard {usage.shard} (load balancer {usage.load_balancer or '?'}): "
     if tgs > tg_cap:
         instances = usage.target_groups - 1
         foreign = (f" + {usage.foreign_target_groups} used by rules shardchat does not manage"
                    if usage.foreign_target_groups else "")
-        raise LimitError("instances", f"{instances} instances need {usage.target_groups} "
-                         f"target groups (one each + the lobby){foreign} = {tgs}, but one ALB "
-                         f"holds at most {tg_cap}: split the instances into several clusters, "
-                         "each with its own cluster.name and aws.load_balancer")
+        raise LimitError("aws.max_target_groups", f"{where}{instances} instances need "
+                         f"{usage.target_groups} target groups (one each + the lobby){foreign} "
+                         f"= {tgs}, but this ALB holds at most {tg_cap}: move the rules "
+                         "shardchat does not manage to another ALB, or split the instances "
+                         "into several clusters")
     rules = usage.rules + usage.foreign_rules
     if rules > max_rules:
         foreign = (f" + {usage.foreign_rules} rules shardchat does not manage"
                    if usage.foreign_rules else "")
-        raise LimitError("aws.max_rules", f"{usage.rules} instance rules{foreign} = {rules} "
-                         f"exceed the listener's {max_rules}-rule quota: request a rules quota "
-                         "increase (then raise aws.max_rules) or split the instances into "
-                         "several clusters/ALBs")
+        raise LimitError("aws.max_rules", f"{where}{usage.rules} instance rules{foreign} = "
+                         f"{rules} exceed the listener's {max_rules}-rule quota: request a "
+                         "rules quota increase (then raise aws.max_rules) or split the "
+                         "instances into several clusters/ALBs")

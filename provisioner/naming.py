@@ -28,6 +28,8 @@ def target_group_name(cluster: str, instance: int, port: int, target_type: str) 
     return _fit(cluster, suffix)
 
 
-def lobby_name(cluster: str, target_type: str) -> str:
-    """The lobby target group (every instance; the listener's default action)."""
-    return _fit(cluster, "lobby-ip" if target_type == "ip" else "lobby")
+def lobby_name(cluster: str, target_type: str, shard: int = 1) -> str:
+    """The lobby target group of a shard (its instances; its listener's default action).
+    Shard 1 keeps the name it had before there were shards."""
+    suffix = "lobby-ip" if target_type == "ip" else "lobby"
+    return _fit(cluster, suffix if shard == 1 else f"s{shard}-{suffix}")

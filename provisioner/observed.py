@@ -3,7 +3,8 @@
 
 A resource is ours when its ``shardchat:cluster`` tag names this cluster. Everything else on
 the same load balancer or listener is read too (to count it against quotas and to avoid its
-priorities) but is foreign and never touched.
+priorities) but is foreign and never touched. Target groups are region-wide: each shard's
+state holds those of ours tagged with its shard (``shardchat:shard``, absent = 1).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from typing import Any
 
 from shardchat.aws import alb
 from shardchat.aws.alb import ObservedListener, ObservedRule, ObservedTargetGroup
-from shardchat.aws.tags import TAG_ADOPTED, is_ours
+from shardchat.aws.tags import TAG_ADOPTED, is_ours, shard_tag
 
 
 @dataclass(frozen=True)
 class ObservedState:
     cluster: str
+    shard: int
     load_balancer: alb.ObservedLoadBalancer | None
     listeners: tuple[ObservedListener, ...]  # by port
     rules: tuple[ObservedRule, ...]  # every non-default rule, by listener then priority
@@ -53,11 +55,23 @@ class ObservedState:
         return refs
 
 
-def observe(elbv2: Any, cluster: str, lb_name: str) -> ObservedState:
-    """Read the load balancer by name, its listeners and rules, and our target groups."""
+TargetGroups = tuple[dict[str, str], tuple[ObservedTargetGroup, ...]]
+
+
+def our_target_groups(elbv2: Any, cluster: str) -> TargetGroups:
+    """Every target group's name by ARN, and ours read in full: one read serves every
+    shard of the fleet."""
+    return alb.target_groups(elbv2, lambda tags: is_ours(tags, cluster))
+
+
+def observe(elbv2: Any, cluster: str, lb_name: str, shard: int = 1,
+            groups: TargetGroups | None = None) -> ObservedState:
+    """Read one shard: its load balancer by name, its listeners and rules, and our target
+    groups of that shard (``groups``: already read by ``our_target_groups``)."""
     lb = alb.load_balancer(elbv2, lb_name) if lb_name else None
     listeners = alb.listeners(elbv2, lb.arn) if lb else ()
     rules = alb.rules(elbv2, listeners)
-    names, ours = alb.target_groups(elbv2, lambda tags: is_ours(tags, cluster))
-    return ObservedState(cluster=cluster, load_balancer=lb, listeners=listeners, rules=rules,
-                         target_groups=ours, names=names)
+    names, ours = groups if groups is not None else our_target_groups(elbv2, cluster)
+    return ObservedState(cluster=cluster, shard=shard, load_balancer=lb, listeners=listeners,
+                         rules=rules, names=names,
+                         target_groups=tuple(tg for tg in ours if shard_tag(tg.tags) == shard))

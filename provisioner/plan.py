@@ -16,7 +16,15 @@ from provisioner.actions import ADOPT, CHANGE, CREATE, DELETE, Action, Plan
 from provisioner.desired import DesiredState, ListenerSpec, RuleSpec, TargetGroupSpec
 from provisioner.observed import ObservedState
 from shardchat.aws.alb import ObservedListener, ObservedRule
-from shardchat.aws.tags import ROLE_INSTANCE, ROLE_LOBBY, TAG_CLUSTER, TAG_INSTANCE, TAG_ROLE
+from shardchat.aws.tags import (
+    ROLE_INSTANCE,
+    ROLE_LOBBY,
+    TAG_CLUSTER,
+    TAG_INSTANCE,
+    TAG_ROLE,
+    TAG_SHARD,
+    shard_tag,
+)
 from shardchat.cluster.rules import MAX_PRIORITY
 
 
@@ -65,6 +73,11 @@ def _load_balancer(b: _Builder) -> None:
         raise ConflictError("SchemeMismatch", f"load balancer {lb.name} is {lb.scheme} but "
                             f"aws.scheme is {spec.scheme}; AWS cannot change a scheme in place: "
                             "set aws.scheme to match, or use a new aws.load_balancer name")
+    if owner is not None and shard_tag(lb.tags) != b.desired.shard:
+        raise ConflictError("ShardMismatch", f"load balancer {lb.name} is tagged "
+                            f"{TAG_SHARD}={lb.tags.get(TAG_SHARD)} but the config makes it "
+                            f"shard {b.desired.shard}: keep the [[aws.shards]] tables in "
+                            "their order (a table's place is its shard number)")
     if owner is None:
         b.add(Action(ADOPT, "load balancer", lb.name, "it exists without shardchat tags: "
                      "tag it and manage its settings (destroy will leave it in place)",
@@ -343,6 +356,20 @@ def _priority_moves(b: _Builder, moves: list[tuple[str | int, int]],
 # ---------------------------------------------------------------------------------------
 
 
+def _shard_tags(b: _Builder) -> None:
+    """Our resources made before shards existed carry no ``shardchat:shard`` tag: tag the
+    ones this plan keeps with their shard (1), in one action."""
+    o, gone = b.observed, {a.args.get("arn") for a in b.delete}
+    lb = [o.load_balancer] if o.load_balancer and o.ours(o.load_balancer.tags) else []
+    found = [*lb, *o.listeners, *o.target_groups, *o.rules]
+    arns = [r.arn for r in found if o.ours(r.tags) and TAG_SHARD not in r.tags
+            and r.arn not in gone]
+    if arns:
+        b.add(Action(CHANGE, "tags", f"{len(arns)} resource(s)", f"tag {TAG_SHARD} = "
+                     f"{b.desired.shard} (made before there were shards)", "add_tags",
+                     {"arns": tuple(arns), "tags": {TAG_SHARD: str(b.desired.shard)}}))
+
+
 def usage(desired: DesiredState, observed: ObservedState | None) -> limits.Usage:
     """What ``desired`` needs from one ALB, including what others already hold on it."""
     foreign_rules: tuple[ObservedRule, ...] = ()
@@ -351,7 +378,8 @@ def usage(desired: DesiredState, observed: ObservedState | None) -> limits.Usage
         foreign_rules = observed.foreign_rules()
         foreign_tgs = observed.foreign_refs() - {tg.arn for tg in observed.target_groups}
     return limits.Usage(target_groups=len(desired.target_groups), rules=len(desired.rules),
-                        foreign_rules=len(foreign_rules), foreign_target_groups=len(foreign_tgs))
+                        foreign_rules=len(foreign_rules), foreign_target_groups=len(foreign_tgs),
+                        shard=desired.shard, load_balancer=desired.load_balancer.name)
 
 
 def make_plan(desired: DesiredState, observed: ObservedState, *, max_target_groups: int,
@@ -367,10 +395,11 @@ def make_plan(desired: DesiredState, observed: ObservedState, *, max_target_grou
     _rules(b)
     _unused_listeners(b)
     _unused_groups(b)
+    _shard_tags(b)
     # Deleting order inside the last phase: rules, then stale targets, listeners, groups.
     order = {"delete_rule": 0, "deregister_targets": 1, "delete_listener": 2,
              "delete_target_group": 3}
     deletes = sorted(b.delete, key=lambda a: order.get(a.op, 9))
     return Plan(title=title or f"Plan for load balancer {desired.load_balancer.name} "
-                f"(cluster {desired.cluster}):",
+                f"(cluster {desired.cluster}, shard {desired.shard}):",
                 actions=(*b.create, *b.change, *deletes), warnings=tuple(b.warnings))

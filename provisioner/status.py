@@ -1,4 +1,5 @@
-"""The ``status`` table: per instance, its target group, rule and target health."""
+"""The ``status`` table: per shard, its load balancer; per instance, its target group,
+rule and target health; and the last reconcile ``watch`` recorded."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from provisioner.observed import ObservedState
 from shardchat.aws.alb import ObservedRule, ObservedTargetGroup
 from shardchat.aws.tags import ROLE_INSTANCE, ROLE_LOBBY, TAG_INSTANCE
 from shardchat.config import Config
+from shardchat.shards import shard_of
 
 HEADERS = ("instance", "target group", "priority", "pattern", "target", "health")
 
@@ -37,7 +39,8 @@ def _row(label: str, tg: ObservedTargetGroup | None, rule: ObservedRule | None
 def rows(cfg: Config, observed: ObservedState) -> list[tuple[str, ...]]:
     groups = {tg.instance: tg for tg in observed.target_groups
               if tg.role == ROLE_INSTANCE}
-    numbers = sorted({i.number for i in cfg.instances} | {n for n in groups if n is not None})
+    numbers = sorted({i.number for i in cfg.instances if shard_of(i.number) == observed.shard}
+                     | {n for n in groups if n is not None})
     out: list[tuple[str, ...]] = []
     for n in numbers:
         tg = groups.get(n)
@@ -54,13 +57,25 @@ def table(body: list[tuple[str, ...]]) -> str:
     return "\n".join(fmt.format(*r).rstrip() for r in [HEADERS, *body])
 
 
-def render(cfg: Config, observed: ObservedState) -> str:
+def render(cfg: Config, observed: tuple[ObservedState, ...], last: str = "") -> str:
+    """Every shard's section, then the last reconcile (``last``, from the lock table)."""
+    parts = [_shard(cfg, o) for o in observed]
+    if last:
+        parts.append(f"Last reconcile: {last}")
+    return "\n\n".join(parts)
+
+
+def _shard(cfg: Config, observed: ObservedState) -> str:
     lb = observed.load_balancer
+    shard = cfg.shard(observed.shard)
+    name = shard.load_balancer if shard else "?"
     if lb is None:
-        head = f"Load balancer {cfg.aws.load_balancer} does not exist (run apply)."
+        head = f"Load balancer {name} does not exist (run apply)."
     else:
         owner = "ours" if observed.ours(lb.tags) else "not tagged for this cluster"
         head = (f"Load balancer {lb.name} ({owner}), DNS {lb.dns_name}, idle timeout "
                 f"{lb.idle_timeout} s")
     listeners = ", ".join(f"{ls.protocol}:{ls.port}" for ls in observed.listeners) or "none"
-    return f"{head}\nListeners: {listeners}\n\n{table(rows(cfg, observed))}"
+    url = shard.public_url if shard else "?"
+    return (f"Shard {observed.shard}: {head}\nPublic URL {url}; listeners: {listeners}\n\n"
+            f"{table(rows(cfg, observed))}")

@@ -72,10 +72,11 @@ def _target_groups(observed: ObservedState, warnings: list[str]) -> list[Action]
     return out
 
 
-def make_destroy_plan(observed: ObservedState, lb_name: str) -> Plan:
+def make_destroy_plan(observed: ObservedState, lb_name: str, title: str = "") -> Plan:
     warnings: list[str] = []
     actions = [*_rules(observed), *_listeners(observed, warnings),
                *_load_balancer(observed, warnings), *_target_groups(observed, warnings)]
-    return Plan(title=f"Destroy plan for load balancer {lb_name} "
-                f"(cluster {observed.cluster}):", actions=tuple(actions),
+    return Plan(title=title or f"Destroy plan for load balancer {lb_name} "
+                f"(cluster {observed.cluster}, shard {observed.shard}):",
+                actions=tuple(actions),
                 warnings=tuple(warnings))

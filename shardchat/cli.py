@@ -9,6 +9,7 @@ import click
 
 from shardchat import config as config_mod
 from shardchat.cli_common import (
+    EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_REFUSED,
     config_errors_exit,
@@ -57,12 +58,25 @@ class InstanceNumbers(click.ParamType):
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="TOML config file (see config.example.toml).")
-@click.option("--instance", "numbers", required=True, type=InstanceNumbers(),
+@click.option("--instance", "numbers", default=None, type=InstanceNumbers(),
               help="Instance number N to run; several (3,4) run one process each, one per "
                    "core, under one supervisor that forwards SIGTERM to all of them.")
-def node(config_path: str, numbers: tuple[int, ...]) -> None:
+@click.option("--auto", is_flag=True,
+              help="On EC2: claim the lowest free instance number through EC2 tags, with "
+                   "the host from instance metadata (IMDSv2) and ports from the config.")
+@click.option("--endpoint-url", default=None,
+              help="EC2 endpoint for --auto (moto server, LocalStack).")
+def node(config_path: str, numbers: tuple[int, ...] | None, auto: bool,
+         endpoint_url: str | None) -> None:
     """Run chat node N (public listener + internal peer listener), or several."""
     cfg = load_node_config(config_path)
+    if auto == bool(numbers):
+        click.echo("give either --instance N or --auto (claim a number on EC2)", err=True)
+        sys.exit(EXIT_CONFIG)
+    if auto:
+        cfg, number = _claimed(cfg, endpoint_url)
+        numbers = (number,)
+    assert numbers is not None
     with config_errors_exit():
         for number in numbers:
             cfg.instance(number)
@@ -75,20 +89,48 @@ def node(config_path: str, numbers: tuple[int, ...]) -> None:
     sys.exit(run_group(cfg, config_path, numbers))
 
 
+def _claimed(cfg: config_mod.Config, endpoint_url: str | None
+             ) -> tuple[config_mod.Config, int]:
+    """``node --auto``: this EC2 instance's claimed number and the config holding it."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from shardchat.aws.boot import auto_instance
+    from shardchat.aws.claim import ClaimError
+    from shardchat.aws.imds import ImdsError
+
+    say = lambda line: click.echo(f"node --auto: {line}", err=True)  # noqa: E731
+    with config_errors_exit():
+        try:
+            cfg, number = auto_instance(cfg, endpoint_url=endpoint_url, say=say)
+        except (ImdsError, ClaimError, ClientError, BotoCoreError) as exc:
+            click.echo(f"node --auto: no instance number claimed: {exc}", err=True)
+            sys.exit(EXIT_FAILED)
+    say(f"this is instance {number} ({cfg.instance(number).host})")
+    return cfg, number
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="TOML config file to check.")
 def check(config_path: str) -> None:
     """Validate a config file (a node's secret included) and print what it describes."""
     from shardchat.cluster.rules import build_rules
+    from shardchat.shards import shard_of
 
     cfg = load_node_config(config_path)
+    with config_errors_exit():
+        config_mod.check_shard_tables(cfg)
     click.echo(f"{config_path}: ok — cluster {cfg.cluster.name!r}, "
                f"{len(cfg.instances)} instance(s), public URL {cfg.cluster.public_url}")
+    if cfg.aws.shards:
+        for shard in cfg.shards:
+            click.echo(f"  shard {shard.index}: load balancer {shard.load_balancer}, "
+                       f"public URL {shard.public_url}")
     ruleset = build_rules([i.number for i in cfg.instances], cfg.aws.rule_priority_offset)
     for inst, rule in zip(cfg.instances, ruleset.rules, strict=True):
+        where = f" (shard {shard_of(inst.number)})" if cfg.aws.shards else ""
         click.echo(f"  instance {inst.number}: {inst.host}:{inst.port} (internal "
-                   f"{inst.internal_port})  rule {rule.priority}: {rule.path_pattern}")
+                   f"{inst.internal_port})  rule {rule.priority}: {rule.path_pattern}{where}")
     if cfg.node.replicate_to:
         from shardchat import replica_target
 

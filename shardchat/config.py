@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from shardchat import replica_target, urls
+from shardchat import replica_target, shards, urls
 from shardchat.names import storage_name
 
 SECRET_ENV = "SHARDCHAT_SECRET"
@@ -131,6 +131,21 @@ class AwsConfig:
     rule_priority_offset: int = 0
     max_target_groups: int = 100
     max_rules: int = 100
+    # ``[[aws.shards]]``: one ALB per 99 instances (shardchat/shards.py); empty: one shard
+    # named by ``load_balancer`` and ``cluster.public_url``
+    shards: tuple[shards.ShardTable, ...] = ()
+    # The DynamoDB table whose conditional writes keep two plans, applies or watchers from
+    # interleaving (provisioner/lock.py); created when absent. Its lease: seconds a holder
+    # that stopped renewing keeps it before another may take it.
+    lock_table: str = "shardchat-locks"
+    lock_lease: int = 120
+    watch_interval: float = 30.0  # seconds between two rounds of ``shardchat-provision watch``
+    # Instances found by EC2 tags or claimed at boot (``shardchat node --auto``) without
+    # [[instances]] entries: their ports (unless their tags say otherwise), and how long a
+    # claim of a number waits before it reads the others' claims again (aws/claim.py).
+    instance_port: int = 9001
+    instance_internal_port: int = 9101
+    claim_settle: float = 5.0
     # Auto Scaling groups whose termination lifecycle hooks drain a leaving instance before
     # AWS terminates it (provisioner/scalein.py); empty: scale-in is not watched
     autoscaling_groups: tuple[str, ...] = ()
@@ -169,6 +184,22 @@ class Config:
         """How long listeners keep an idle connection: ``node.idle_timeout``, by default
         longer than the ALB's, so the ALB never reuses a connection the node just closed."""
         return self.node.idle_timeout or self.aws.idle_timeout + IDLE_MARGIN
+
+    @property
+    def shards(self) -> tuple[shards.Shard, ...]:
+        """The configured shards (``shardchat/shards.py``), 1 first."""
+        return shards.resolve(self.aws.shards, self.aws.load_balancer, self.cluster.public_url)
+
+    def shard(self, index: int) -> shards.Shard | None:
+        """Shard ``index`` when the config has it, else None."""
+        found = self.shards
+        return found[index - 1] if 1 <= index <= len(found) else None
+
+    def public_url_for(self, number: int) -> str:
+        """The base of instance N's room URLs: its shard's ``public_url``, else (a shard
+        without a table, refused by the provisioner) ``cluster.public_url``."""
+        shard = self.shard(shards.shard_of(number))
+        return shard.public_url if shard and shard.public_url else self.cluster.public_url
 
     def with_instances(self, instances: tuple[Instance, ...]) -> Config:
         return replace(self, instances=tuple(sorted(instances, key=lambda i: i.number)))
@@ -409,6 +440,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("node.prune_interval", "must be 0 (prune after every write) or more "
                           f"seconds, got {n.prune_interval:g}")
     _check_aws(cfg.aws, n)
+    _check_shards(cfg)
     _check_replication(cfg)
     return cfg
 
@@ -482,10 +514,23 @@ def _check_aws(a: AwsConfig, n: NodeSettings) -> None:
                           f"({a.idle_timeout} s), got {n.idle_timeout:g} s: the load balancer "
                           "would reuse connections the node already closed (502s); or 0 for "
                           f"aws.idle_timeout + {IDLE_MARGIN:g} s")
-    if a.load_balancer and (len(a.load_balancer) > 32 or not all(
-            c.isalnum() or c == "-" for c in a.load_balancer)):
-        raise ConfigError("aws.load_balancer", "must be 1..32 letters, digits or '-', "
-                          f"got {a.load_balancer!r}")
+    _check_lb_name("aws.load_balancer", a.load_balancer)
+    _port("aws.instance_port", a.instance_port)
+    _port("aws.instance_internal_port", a.instance_internal_port)
+    if a.instance_port == a.instance_internal_port:
+        raise ConfigError("aws.instance_internal_port", "must differ from aws.instance_port")
+    if not 0.05 <= a.claim_settle <= 300:
+        raise ConfigError("aws.claim_settle", "must be 0.05..300 seconds (longer than EC2 "
+                          f"takes to show a new tag), got {a.claim_settle:g}")
+    if not 1 <= a.watch_interval <= 86400:
+        raise ConfigError("aws.watch_interval", "must be 1..86400 seconds, got "
+                          f"{a.watch_interval:g}")
+    if not 10 <= a.lock_lease <= 3600:
+        raise ConfigError("aws.lock_lease", f"must be 10..3600 seconds, got {a.lock_lease}")
+    if not 3 <= len(a.lock_table) <= 255 or not all(
+            c.isalnum() or c in "_.-" for c in a.lock_table):
+        raise ConfigError("aws.lock_table", "must be a DynamoDB table name: 3..255 letters, "
+                          f"digits, '_', '-' or '.', got {a.lock_table!r}")
     if a.subnets and len(set(a.subnets)) < 2:
         raise ConfigError("aws.subnets", REQUIRED_AWS["subnets"] + f", got {list(a.subnets)}")
     _within("aws.health_check_interval", a.health_check_interval, 5, 300)
@@ -519,6 +564,8 @@ def validate_for_aws(cfg: Config) -> Config:
     the load balancer targets instances. Returns ``cfg`` or raises ConfigError."""
     a = cfg.aws
     for key, missing in REQUIRED_AWS.items():
+        if key == "load_balancer" and cfg.shards[0].load_balancer:
+            continue  # named by the first [[aws.shards]] table
         if not getattr(a, key):
             got = f", got {list(a.subnets)}" if key == "subnets" else ""
             raise ConfigError(f"aws.{key}", missing + got)
@@ -531,7 +578,62 @@ def validate_for_aws(cfg: Config) -> Config:
                 raise ConfigError(f"instances[{idx}].ec2_instance_id", "is required when "
                                   "aws.target_type = \"instance\" (or set aws.target_type = "
                                   "\"ip\" to target the host address)")
+    check_shard_tables(cfg)
     return cfg
+
+
+def _shard_tables(raw: Any) -> tuple[shards.ShardTable, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("aws.shards", "must be an array of tables ([[aws.shards]])")
+    return tuple(_build(shards.ShardTable, table, f"aws.shards[{idx}]")
+                 for idx, table in enumerate(raw))
+
+
+def _check_shards(cfg: Config) -> None:
+    """Every shard table after the first names its load balancer and public URL; names
+    are valid and no two shards share a load balancer."""
+    if not cfg.aws.shards:
+        return
+    seen: dict[str, str] = {}
+    for shard in cfg.shards:
+        for key in ("load_balancer", "public_url"):
+            if not getattr(shard, key):
+                raise ConfigError(f"{shard.key}.{key}", f"is required for shard "
+                                  f"{shard.index} (instances {shards.span(shard.index)}); "
+                                  f"only shard 1 falls back to {DEFAULTS_OF_SHARD_1[key]}")
+        if not shard.public_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{shard.key}.public_url", "must start with http:// or "
+                              f"https://, got {shard.public_url!r}")
+        _check_lb_name(f"{shard.key}.load_balancer", shard.load_balancer)
+        if shard.load_balancer in seen:
+            raise ConfigError(f"{shard.key}.load_balancer", f"{shard.load_balancer!r} is "
+                              f"also {seen[shard.load_balancer]}: each shard has its own ALB")
+        seen[shard.load_balancer] = f"{shard.key}.load_balancer"
+
+
+DEFAULTS_OF_SHARD_1 = {"load_balancer": "aws.load_balancer", "public_url": "cluster.public_url"}
+
+
+def _check_lb_name(key: str, name: str) -> None:
+    if name and (len(name) > 32 or not all(c.isalnum() or c == "-" for c in name)):
+        raise ConfigError(key, f"must be 1..32 letters, digits or '-', got {name!r}")
+
+
+def check_shard_tables(cfg: Config) -> None:
+    """Refuse an instance whose shard has no ``[[aws.shards]]`` table (or, without tables,
+    any instance past the first shard), naming the key to add."""
+    have = len(cfg.shards)
+    for idx, inst in enumerate(cfg.instances):
+        k = shards.shard_of(inst.number)
+        if k <= have:
+            continue
+        why = ("the config has no [[aws.shards]] tables, so only shard 1 (instances "
+               f"{shards.span(1)}, aws.load_balancer) exists" if not cfg.aws.shards else
+               f"the config has {have} [[aws.shards]] table(s)")
+        raise ConfigError("aws.shards", f"instance {inst.number} (instances[{idx}]) belongs "
+                          f"to shard {k} (instances {shards.span(k)}), but {why}: add "
+                          f"[[aws.shards]] tables up to shard {k}, each with load_balancer "
+                          "and public_url (one ALB holds 99 instances)")
 
 
 def parse(data: dict[str, Any], source: str = "<dict>", env: dict[str, str] | None = None
@@ -553,7 +655,12 @@ def parse(data: dict[str, Any], source: str = "<dict>", env: dict[str, str] | No
         if not isinstance(table, dict) or "number" not in table:
             raise ConfigError(f"instances[{idx}].number", "is required")
         instances.append(_build(Instance, table, f"instances[{idx}]"))
-    aws = _build(AwsConfig, data.get("aws"), "aws")
+    aws_table = data.get("aws")
+    shard_tables: tuple[shards.ShardTable, ...] = ()
+    if isinstance(aws_table, dict) and "shards" in aws_table:
+        aws_table = dict(aws_table)
+        shard_tables = _shard_tables(aws_table.pop("shards"))
+    aws = replace(_build(AwsConfig, aws_table, "aws"), shards=shard_tables)
     node = _build(NodeSettings, data.get("node"), "node")
     if "drain_grace_seconds" not in (data.get("node") or {}):
         node = replace(node, drain_grace_seconds=drain_grace_default(aws))
@@ -600,15 +707,21 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
+def _tables(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def dump_toml(data: dict[str, Any], header: str = "") -> str:
     """The config's shape as TOML: tables of values (``[node]``) and arrays of tables
     (``[[instances]]``); ``header`` becomes a leading comment."""
     out: list[str] = [f"# {header}", ""] if header else []
     for name, value in data.items():
         if isinstance(value, dict):
+            nested = {k: v for k, v in value.items() if _tables(v)}
             out.append(f"[{name}]")
-            out += [f"{k} = {toml_value(v)}" for k, v in value.items()]
+            out += [f"{k} = {toml_value(v)}" for k, v in value.items() if k not in nested]
             out.append("")
+            out += [dump_toml({f"{name}.{k}": v}) for k, v in nested.items()]
         elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
             for item in value:
                 out.append(f"[[{name}]]")

@@ -26,6 +26,7 @@ RETRY_CONFIG = BotoConfig(retries={"mode": "adaptive", "max_attempts": MAX_ATTEM
 class Clients:
     elbv2: Any
     ec2: Any
+    dynamodb: Any  # the provisioner's state lock (provisioner/lock.py)
 
 
 def client(service: str, region: str, endpoint_url: str | None = None, *,
@@ -41,10 +42,11 @@ def client(service: str, region: str, endpoint_url: str | None = None, *,
 
 def make_clients(region: str, endpoint_url: str | None = None,
                  session: boto3.session.Session | None = None) -> Clients:
-    """The ELBv2 and EC2 clients of one region, made from one session."""
+    """The ELBv2, EC2 and DynamoDB clients of one region, made from one session."""
     session = session or boto3.session.Session()
     return Clients(elbv2=client("elbv2", region, endpoint_url, session=session),
-                   ec2=client("ec2", region, endpoint_url, session=session))
+                   ec2=client("ec2", region, endpoint_url, session=session),
+                   dynamodb=client("dynamodb", region, endpoint_url, session=session))
 
 
 def error_code(exc: ClientError) -> str:

@@ -14,8 +14,11 @@ TAG_ROLE = "shardchat:role"
 TAG_ADOPTED = "shardchat:adopted"  # existed before shardchat: destroy untags, never deletes
 TAG_PORT = "shardchat:port"  # EC2 instances only: the public port, when not the default
 TAG_INTERNAL_PORT = "shardchat:internal-port"  # EC2 instances only
+TAG_SHARD = "shardchat:shard"  # which ALB of the fleet (shardchat/shards.py); absent: 1
+TAG_INSTANCE_NUMBER = "shardchat:instance-number"  # EC2: the number a node claimed at boot
 
-OWNERSHIP_KEYS = (TAG_CLUSTER, TAG_ROLE, TAG_INSTANCE, TAG_ADOPTED)  # what untagging removes
+# what untagging removes
+OWNERSHIP_KEYS = (TAG_CLUSTER, TAG_ROLE, TAG_INSTANCE, TAG_ADOPTED, TAG_SHARD)
 
 ROLE_LB = "lb"
 ROLE_LISTENER = "listener"
@@ -24,12 +27,21 @@ ROLE_INSTANCE = "instance"
 ROLE_LOBBY = "lobby"
 
 
-def ownership(cluster: str, role: str, instance: int | None = None) -> dict[str, str]:
-    """The tags a resource of ``cluster`` in ``role`` (of ``instance``) carries."""
-    out = {TAG_CLUSTER: cluster, TAG_ROLE: role}
+def ownership(cluster: str, role: str, instance: int | None = None, shard: int = 1
+              ) -> dict[str, str]:
+    """The tags a resource of ``cluster`` in ``role`` (of ``instance``, behind the ALB of
+    ``shard``) carries."""
+    out = {TAG_CLUSTER: cluster, TAG_ROLE: role, TAG_SHARD: str(shard)}
     if instance is not None:
         out[TAG_INSTANCE] = str(instance)
     return out
+
+
+def shard_tag(tags: dict[str, str]) -> int:
+    """The shard a resource is tagged with; resources made before shards existed carry no
+    such tag and belong to shard 1."""
+    raw = tags.get(TAG_SHARD, "1")
+    return int(raw) if raw.isdigit() else 0
 
 
 def is_ours(tags: dict[str, str], cluster: str) -> bool:

@@ -52,12 +52,16 @@ def up(nodes: int, port: int, host: str, ready_file: Path | None) -> None:
 
 
 def _rules_and_targets(cfg: config_mod.Config, alb_name: str | None, region: str | None,
-                       endpoint_url: str | None):
-    from shardchat.cluster.rules import build_rules
+                       endpoint_url: str | None, shard: int | None = None):
+    from shardchat.cluster.rules import build_rules, shard_rules
 
     if not alb_name:
-        rules = build_rules([i.number for i in cfg.instances], cfg.aws.rule_priority_offset)
-        return rules, {i.number: (i.host, i.port) for i in cfg.instances}
+        numbers = [i.number for i in cfg.instances]
+        offset = cfg.aws.rule_priority_offset
+        rules = (build_rules(numbers, offset) if shard is None
+                 else shard_rules(numbers, shard, offset))
+        return rules, {i.number: (i.host, i.port) for i in cfg.instances
+                       if i.number in rules.default_instances}
     from shardchat.cluster.alb_rules import load_rules_from_alb
 
     try:
@@ -99,14 +103,26 @@ async def _serve_until_signal(router, host: str, port: int) -> None:
               help="Evaluate the rules of this live load balancer instead of the config's.")
 @click.option("--endpoint-url", default=None, help="AWS endpoint (moto server, LocalStack).")
 @click.option("--region", default=None, help="AWS region (default: aws.region).")
+@click.option("--shard", type=click.IntRange(1), default=None,
+              help="Stand in for this shard's ALB only: the rules and lobby of instances "
+                   "ceil(N / 99) = K (run one router per shard, each on its shard's "
+                   "public_url).")
 def router(config_path: str, port: int, host: str, alb_name: str | None,
-           endpoint_url: str | None, region: str | None) -> None:
+           endpoint_url: str | None, region: str | None, shard: int | None) -> None:
     """Run the local router alone: ALB rule semantics in front of the configured nodes."""
     from shardchat.cluster.router import Router, RouterLimits
 
     setup_logging("router")
     cfg = load_config(config_path)
-    rules, targets = _rules_and_targets(cfg, alb_name, region, endpoint_url)
+    if shard is not None and alb_name:
+        click.echo("--shard and --rules-from-alb exclude each other: name the shard's ALB "
+                   "with --rules-from-alb alone", err=True)
+        sys.exit(EXIT_CONFIG)
+    rules, targets = _rules_and_targets(cfg, alb_name, region, endpoint_url, shard)
+    if shard is not None and not targets:
+        click.echo(f"shard {shard} has no instance in {cfg.source}: nothing to route to",
+                   err=True)
+        sys.exit(EXIT_CONFIG)
     rt = Router(rules, targets, idle_timeout=float(cfg.aws.idle_timeout),
                 limits=RouterLimits.from_config(cfg))
     asyncio.run(_serve_until_signal(rt, host, port))

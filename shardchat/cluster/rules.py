@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from shardchat import urls
+from shardchat import shards, urls
 
 MAX_PRIORITY = 50_000  # ALB listener rule priorities are 1..50000
 MAX_PATTERN_CHARS = 128  # ALB limit on one path-pattern value
@@ -73,6 +73,13 @@ def build_rules(instances: Iterable[int], offset: int = 0) -> RuleSet:
     numbers = sorted(set(instances))
     rules = tuple(Rule(priority_for(n, offset), urls.path_pattern(n), n) for n in numbers)
     return RuleSet(rules=rules, default_instances=tuple(numbers))
+
+
+def shard_rules(instances: Iterable[int], shard: int, offset: int = 0) -> RuleSet:
+    """The rule set of one shard's ALB (``shardchat/shards.py``): the rules of its own
+    instances, and a default action to them alone. A path of another shard's instance
+    falls to this default, as it would on that ALB."""
+    return build_rules(shards.in_shard(instances, shard), offset)
 
 
 @lru_cache(maxsize=1024)

@@ -132,7 +132,7 @@ class RoomService:
         """The creation answer of a room of this node; ``invite``: with a fresh invite when
         the room is private (never for a lookup: that is open to anyone with the id)."""
         return payloads.placed_room(
-            record, instance=self.number, public_url=self.cfg.cluster.public_url,
+            record, instance=self.number, public_url=self.cfg.public_url_for(self.number),
             invite=self.invites.issue(record.id) if record.private and invite else None)
 
     def describe_owned(self, room_id: str) -> dict[str, Any] | None:

@@ -90,7 +90,7 @@ def test_bad_config_exits_2_naming_the_key(setup):
     assert "instances[0].ec2_instance_id" in done.stderr
 
 
-def test_too_many_instances_exits_2_before_any_call(setup):
+def test_an_instance_without_a_shard_table_exits_2_before_any_call(setup):
     _, _, net, tmp = setup
     cfg = write_provision_config(tmp / "c.toml", net, list(range(1, 101)),
                                  aws={"target_type": "ip"})
@@ -98,7 +98,7 @@ def test_too_many_instances_exits_2_before_any_call(setup):
     done = provision("apply", "--auto-approve", "--config", str(cfg),
                      "--endpoint-url", "http://127.0.0.1:9")
     assert done.returncode == 2, done.stderr
-    assert "101 target groups" in done.stderr and "split" in done.stderr
+    assert "aws.shards" in done.stderr and "instance 100" in done.stderr
 
 
 def test_aws_refusal_exits_1_with_the_error_code(setup):
@@ -123,3 +123,86 @@ def test_a_bad_config_reads_the_same_in_every_command(tmp_path):
     for done in (check, plan):
         assert done.returncode == 2, done.stderr
         assert done.stderr.splitlines()[0] == expected
+
+
+def test_a_held_lock_refuses_apply_naming_the_holder_and_watch_records_its_round(setup):
+    from provisioner.lock import Lock, ensure_table
+
+    server, elbv2, net, tmp = setup
+    cfg = write_provision_config(tmp / "c.toml", net, [1, 2])
+    common = ("--config", str(cfg), "--endpoint-url", server.url)
+    dynamodb = server.client("dynamodb")
+    ensure_table(dynamodb, "shardchat-locks")
+    other = Lock(dynamodb, "shardchat-locks", "demo", lease=120)
+    other.acquire("apply")
+
+    for command in (("plan",), ("apply", "--auto-approve"), ("destroy", "--auto-approve")):
+        done = provision(*command, *common)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "Refused (Locked)" in done.stderr and str(other.id) in done.stderr
+        assert "(apply) until " in done.stderr and "UTC" in done.stderr
+    assert elbv2.describe_load_balancers()["LoadBalancers"] == []
+    # a watch round under the held lock changes nothing either
+    done = provision("watch", "--once", *common)
+    assert done.returncode == 0 and "locked" in done.stdout, done.stdout + done.stderr
+    assert elbv2.describe_load_balancers()["LoadBalancers"] == []
+
+    other.release()
+    done = provision("watch", "--max-rounds", "2", "--interval", "0.1", *common)
+    assert done.returncode == 0, done.stderr
+    assert "round 1: changed" in done.stdout and "round 2: ok" in done.stdout
+    status = provision("status", *common)
+    assert status.returncode == 0, status.stderr
+    assert "Last reconcile: " in status.stdout and ": ok, 2 instance(s)" in status.stdout
+    assert Lock(dynamodb, "shardchat-locks", "demo", lease=120).holder() is None
+
+
+def test_an_apply_killed_midway_holds_the_lock_only_until_its_lease_ends(setup):
+    """kill -9 of an apply in the middle of its plan: the next apply is refused while the
+    dead holder's lease runs, then takes the lock and finishes from what exists."""
+    import os
+    import signal
+    import time
+
+    from provisioner.lock import Lock
+    from tests.support import wait_until
+
+    from .conftest import PROVISION, ROOT
+
+    server, elbv2, net, tmp = setup
+    cfg = write_provision_config(tmp / "c.toml", net, list(range(1, 25)),
+                                 aws={"target_type": "ip", "lock_lease": 10})
+    common = ("--config", str(cfg), "--endpoint-url", server.url)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([str(PROVISION), "apply", "--auto-approve", *common], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = Lock(server.client("dynamodb"), "shardchat-locks", "demo", lease=10)
+
+    def midway() -> bool:
+        groups = elbv2.describe_target_groups()["TargetGroups"]
+        holder = lock.holder()
+        return len(groups) >= 5 and holder is not None and f":{proc.pid}:" in holder.holder
+    try:
+        wait_until(midway, timeout=60, interval=0.02, what="apply half way")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    made = len(elbv2.describe_target_groups()["TargetGroups"])
+    assert made < 25, "the apply finished before it was killed"
+    dead = lock.holder()
+    assert dead is not None and f":{proc.pid}:" in dead.holder  # never released
+
+    refused = provision("apply", "--auto-approve", *common)
+    assert refused.returncode == 1 and "Refused (Locked)" in refused.stderr
+    assert f":{proc.pid}:" in refused.stderr and "(apply) until" in refused.stderr
+
+    wait_until(lambda: time.time() > dead.expires + 0.2, timeout=20, what="the lease ends")
+    done = provision("apply", "--auto-approve", *common)
+    assert done.returncode == 0, done.stderr
+    assert "No changes" in provision("plan", *common).stdout
+    lb = elbv2.describe_load_balancers(Names=["demo-alb"])["LoadBalancers"][0]
+    listener = elbv2.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"][0]
+    rules = [r for r in elbv2.describe_rules(ListenerArn=listener["ListenerArn"])["Rules"]
+             if not r["IsDefault"]]
+    patterns = sorted(r["Conditions"][0]["PathPatternConfig"]["Values"][0] for r in rules)
+    assert patterns == sorted(f"/i{n}/*" for n in range(1, 25))  # each once

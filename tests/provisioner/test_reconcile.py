@@ -77,7 +77,7 @@ def test_second_apply_makes_no_changing_call(aws):
 def test_plan_changes_nothing(aws):
     elbv2, _, net = aws
     recorder = CallRecorder(elbv2)
-    plan, _ = reconcile.plan_for(make_config(net, [1, 2]), elbv2)
+    plan = reconcile.plan_for(make_config(net, [1, 2]), elbv2)
     assert not plan.empty and "+ create load balancer demo-alb" in plan.render()
     assert recorder.mutating == []
     assert elbv2.describe_target_groups()["TargetGroups"] == []
@@ -113,14 +113,14 @@ def test_port_change_replaces_the_group_and_health_change_is_in_place(aws):
     old_tg1 = target_groups(elbv2)["demo-i1-9001"]["TargetGroupArn"]
     cfg = make_config(net, [1, 2], ports={2: 9202}, aws={"health_check_interval": 30,
                                                           "healthy_threshold": 3})
-    plan, observed = reconcile.plan_for(cfg, elbv2)
+    plan = reconcile.plan_for(cfg, elbv2)
     text = plan.render()
     assert "cannot change a target group's port" in text
     ops = [a.op for a in plan.actions]
     # create before change before delete: the rule moves only once its new group is ready
     assert ops.index("create_target_group") < ops.index("register_targets") \
         < ops.index("modify_rule") < ops.index("delete_target_group")
-    reconcile.run(plan, observed, elbv2)
+    reconcile.run(plan, elbv2)
 
     groups = target_groups(elbv2)
     assert "demo-i2-9002" not in groups and "demo-i2-9202" in groups
@@ -130,7 +130,7 @@ def test_port_change_replaces_the_group_and_health_change_is_in_place(aws):
     assert groups["demo-i1-9001"]["HealthyThresholdCount"] == 3
     lobby = groups["demo-lobby"]["TargetGroupArn"]
     assert targets(elbv2, lobby) == {(net.instances[0], 9001), (net.instances[1], 9202)}
-    assert reconcile.plan_for(cfg, elbv2)[0].empty
+    assert reconcile.plan_for(cfg, elbv2).empty
 
 
 def add_foreign(elbv2, net) -> tuple[str, str]:
@@ -171,14 +171,14 @@ def test_destroy_removes_everything_it_made(aws):
     assert reconcile.destroy_config(cfg, elbv2).empty
 
 
-def test_oversized_config_is_refused_before_any_call(aws):
+def test_an_instance_past_99_without_a_shard_table_is_refused_before_any_call(aws):
     elbv2, _, net = aws
     cfg = make_config(net, list(range(1, 102)), aws={"target_type": "ip"})
     recorder = CallRecorder(elbv2)
-    with pytest.raises(LimitError) as err:
+    with pytest.raises(ConfigError) as err:
         reconcile.plan_for(cfg, elbv2)
-    assert "102 target groups" in err.value.message and "100" in err.value.message
-    assert "split" in err.value.message
+    assert err.value.key == "aws.shards"
+    assert "instance 100" in err.value.message and "shard 2" in err.value.message
     assert recorder.calls == []
 
 
@@ -200,7 +200,7 @@ def test_priority_offset_change_moves_every_rule(aws):
     cfg = make_config(net, [1, 2, 3], aws={"rule_priority_offset": 1})
     reconcile.apply_config(cfg, elbv2)
     assert [r[:2] for r in rules(elbv2)] == [(2, "/i1/*"), (3, "/i2/*"), (4, "/i3/*")]
-    assert reconcile.plan_for(cfg, elbv2)[0].empty
+    assert reconcile.plan_for(cfg, elbv2).empty
 
 
 def test_https_listener_with_redirect(aws):

@@ -27,8 +27,7 @@ from moto.autoscaling import models as asg_models
 from moto.autoscaling import responses as asg_responses
 from moto.core.responses import EmptyResult
 
-from provisioner import cli
-from provisioner.reconcile import plan_for
+from provisioner import cli, reconcile
 from provisioner.scalein import TERMINATING_HOOK, TERMINATING_WAIT, scale_in_round
 from shardchat import config as config_mod
 from shardchat.aws.clients import make_clients
@@ -149,11 +148,7 @@ def tag_config(fleet: dict[str, Any]) -> config_mod.Config:
 
 
 def apply(cfg: config_mod.Config) -> None:
-    from provisioner import reconcile
-
-    clients = make_clients(cfg.aws.region, None)
-    plan, observed = plan_for(cfg, clients.elbv2)
-    reconcile.run(plan, observed, clients.elbv2, lambda *_: None)
+    reconcile.apply_config(cfg, make_clients(cfg.aws.region, None).elbv2)
 
 
 def rule_prefixes(elbv2: Any) -> set[str]:
@@ -237,3 +232,14 @@ def test_the_command_lets_a_drained_instance_go_and_says_so(fleet, lifecycle):
     assert lifecycle.completed == [(fleet["ids"][2], "CONTINUE")]
     again = CliRunner().invoke(cli.main, ["scale-in", "--config", fleet["cfg"].source])
     assert again.exit_code == 0 and f"No instance of {GROUP} is leaving." in again.output
+
+
+def test_every_round_of_watch_lets_the_drained_instances_go(fleet, lifecycle):
+    three = fleet["nodes"][2]
+    create_room(three, "Watched", False)
+    lifecycle.scale_in(_backend(), fleet["ids"][2])
+    result = CliRunner().invoke(cli.main, ["watch", "--once", "--config", fleet["cfg"].source])
+    assert result.exit_code == 0, result.output
+    assert "(instance 3 of chat-nodes): let go, 1 room moved" in result.output
+    assert lifecycle.completed == [(fleet["ids"][2], "CONTINUE")]
+    assert stats(three)["rooms"] == 0

@@ -51,7 +51,7 @@ class Handoff:
         self._running: set[asyncio.Task[MoveReport]] = set()
 
     def where(self, room_id: str, instance: int) -> MovedTo:
-        return MovedTo(room_id, instance, self.cfg.cluster.public_url)
+        return MovedTo(room_id, instance, self.cfg.public_url_for(instance))
 
     # -- records.MoveView ---------------------------------------------------------------------
 

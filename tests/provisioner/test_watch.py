@@ -1,0 +1,117 @@
+"""``shardchat-provision watch`` (provisioner/watch.py) against an in-process moto: each
+round follows EC2 tag discovery (new, stopped and terminated instances), a round under a
+held lock changes nothing, throttling backs off exponentially with jitter, and every round's
+outcome is recorded for ``status``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from provisioner.lock import Lock, ensure_table
+from provisioner.watch import CHANGED, FAILED, LOCKED, OK, Watcher
+from shardchat.aws.ec2 import resolve_instances
+
+from .conftest import REGION, CallRecorder, add_instances, make_config
+from .test_discovery import tags
+
+
+@pytest.fixture
+def lock(aws) -> Lock:
+    dynamodb = boto3.client("dynamodb", region_name=REGION)
+    ensure_table(dynamodb, "shardchat-locks")
+    return Lock(dynamodb, "shardchat-locks", "demo", lease=60)
+
+
+def watcher(aws, lock: Lock, **kw: Any) -> Watcher:
+    elbv2, _, net = aws
+    base = make_config(net, [1], aws={"discover": "ec2-tags"})
+    return Watcher(load=lambda: resolve_instances(base), elbv2=elbv2, lock=lock,
+                   interval=kw.pop("interval", 30.0), say=lambda _line: None, **kw)
+
+
+def rule_patterns(elbv2: Any) -> list[str]:
+    lb = elbv2.describe_load_balancers(Names=["demo-alb"])["LoadBalancers"][0]
+    ls = elbv2.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"][0]
+    return sorted(r["Conditions"][0]["PathPatternConfig"]["Values"][0]
+                  for r in elbv2.describe_rules(ListenerArn=ls["ListenerArn"])["Rules"]
+                  if not r["IsDefault"])
+
+
+def test_rounds_follow_new_stopped_and_terminated_instances(aws, lock):
+    elbv2, ec2, net = aws
+    add_instances(ec2, net, 1, tags("demo", 1))
+    w = watcher(aws, lock)
+    assert w.round().outcome == CHANGED
+    assert rule_patterns(elbv2) == ["/i1/*"]
+    recorder = CallRecorder(elbv2)
+    assert w.round().outcome == OK and recorder.mutating == []
+
+    two = add_instances(ec2, net, 1, tags("demo", 2))[0]
+    three = add_instances(ec2, net, 1, tags("demo", 3))[0]
+    assert w.round().outcome == CHANGED
+    assert rule_patterns(elbv2) == ["/i1/*", "/i2/*", "/i3/*"]
+
+    ec2.stop_instances(InstanceIds=[two])
+    ec2.terminate_instances(InstanceIds=[three])
+    done = w.round()
+    assert done.outcome == CHANGED and "deleted" in done.summary
+    assert rule_patterns(elbv2) == ["/i1/*"]
+    _, outcome, detail = lock.last()
+    assert outcome == CHANGED and detail["summary"] == done.summary
+    assert lock.holder() is None  # every round gives the lock back
+
+
+def test_a_round_under_a_held_lock_changes_nothing_and_is_not_recorded(aws, lock):
+    elbv2, ec2, net = aws
+    add_instances(ec2, net, 1, tags("demo", 1))
+    other = Lock(lock.dynamodb, lock.table, "demo", lease=60)
+    other.acquire("apply")
+    recorder = CallRecorder(elbv2)
+    done = watcher(aws, lock).round()
+    assert done.outcome == LOCKED and "(apply)" in done.summary
+    assert recorder.mutating == [] and lock.last() is None
+    other.release()
+    assert watcher(aws, lock).round().outcome == CHANGED
+
+
+def test_throttling_backs_off_exponentially_with_jitter_then_recovers(aws, lock):
+    elbv2, ec2, net = aws
+    add_instances(ec2, net, 1, tags("demo", 1))
+    throttled = {"left": 3}
+
+    def throttle(**_: Any) -> None:
+        if throttled["left"]:
+            throttled["left"] -= 1
+            raise ClientError({"Error": {"Code": "Throttling", "Message": "Rate exceeded"}},
+                              "DescribeLoadBalancers")
+    elbv2.meta.events.register("before-call.*.DescribeLoadBalancers",
+                               throttle)
+    w = watcher(aws, lock, interval=2.0)
+    delays = []
+    for expected in (4.0, 8.0, 16.0):
+        done = w.round()
+        assert done.outcome == FAILED and done.code == "Throttling", done
+        delays.append(w.delay())
+        assert expected * 0.8 <= delays[-1] <= expected * 1.2
+    assert lock.last()[1] == FAILED and "throttled" in lock.last()[2]["summary"]
+    assert w.round().outcome == CHANGED
+    assert 1.6 <= w.delay() <= 2.4  # back to the interval
+
+
+def test_run_stops_after_max_rounds(aws, lock):
+    _, ec2, net = aws
+    add_instances(ec2, net, 1, tags("demo", 1))
+    w = watcher(aws, lock, interval=0.1, max_rounds=3)
+    last = w.run()
+    assert [r.outcome for r in w.rounds] == [CHANGED, OK, OK] and last is w.rounds[-1]
+
+
+def test_a_broken_config_fails_the_round_naming_the_key(aws, lock):
+    _, ec2, net = aws
+    add_instances(ec2, net, 1, tags("demo", 1, port="70000"))
+    done = watcher(aws, lock).round()
+    assert done.outcome == FAILED and "instances[0].port" in done.summary
