@@ -1,9 +1,10 @@
 """Fault injection: a node that kills itself (SIGKILL) on reaching a named point.
 
-Crash safety of a multi-step protocol (the room handoff, ``node/handoff/``) can only be shown
-by crashing at each step. Sleeps and races would make such tests flaky and slow; a named
-point is exact: ``SHARDCHAT_FAULT=handoff.after_forward`` makes the node die the moment the
-forward row is durable and nothing after it has happened. SIGKILL, not an exception: nothing
+Crash safety of a multi-step protocol (the room handoff, ``node/handoff/``; a message's
+commit and its ack, ``store/writer.py``) can only be shown by crashing at each step. Sleeps
+and races would make such tests flaky and slow; a named point is exact:
+``SHARDCHAT_FAULT=handoff.after_forward`` makes the node die the moment the forward row is
+durable and nothing after it has happened. SIGKILL, not an exception: nothing
 may be flushed, answered or cleaned up, exactly as when the machine loses power.
 
 The switch is read once, when this module is imported; an unknown name is refused at node
@@ -37,9 +38,20 @@ TARGET_POINTS = (
     "handoff.target_after_copy",      # a copied page written, answer not sent
     "handoff.target_after_activate",  # room active, answer not sent
 )
-POINTS = frozenset(SOURCE_POINTS + TARGET_POINTS)
+HANDOFF_POINTS = frozenset(SOURCE_POINTS + TARGET_POINTS)
+# The store's writer thread, at a commit holding messages: before its COMMIT (nothing of
+# the batch is stored, nobody was acked) and after it (stored, nobody acked yet: the
+# batch has not been handed back to the loop). ``SHARDCHAT_FAULT_AT=n`` dies at the n-th.
+STORE_POINTS = (
+    "store.before_commit",
+    "store.after_commit",
+)
+POINTS = HANDOFF_POINTS | frozenset(STORE_POINTS)
+
+AT_ENV = "SHARDCHAT_FAULT_AT"  # die the n-th time the point is reached (default: the first)
 
 _armed: str | None = os.environ.get(ENV) or None
+_left = int(os.environ.get(AT_ENV) or "1")  # reaches of the armed point until it fires
 
 
 def check() -> None:
@@ -57,7 +69,12 @@ def armed() -> str | None:
 
 
 def reach(point: str) -> None:
-    """Die here, at once and without cleanup, when the switch names ``point``."""
+    """Die here, at once and without cleanup, when the switch names ``point`` (the
+    ``SHARDCHAT_FAULT_AT``-th time it is reached)."""
+    global _left
     if point == _armed:
+        _left -= 1
+        if _left > 0:
+            return
         log.warning("fault point %s reached: killing this process", point)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -29,7 +29,16 @@ from shardchat.cluster.directory import Directory
 from shardchat.cluster.load import node_load, room_presence
 from shardchat.cluster.placement import Placer
 from shardchat.config import Config
-from shardchat.node import engine, faults, fdlimit, gctune, idempotency, internal, shutdown
+from shardchat.node import (
+    engine,
+    faults,
+    fdlimit,
+    gctune,
+    gilswitch,
+    idempotency,
+    internal,
+    shutdown,
+)
 from shardchat.node.buckets import Buckets
 from shardchat.node.clientaddr import ClientAddresses
 from shardchat.node.handoff import Handoff
@@ -365,6 +374,7 @@ def run_node(cfg: Config, number: int) -> int:
     logging.basicConfig(level=cfg.node.log_level.upper(),
                         format=f"%(asctime)s i{number} %(levelname)s %(name)s: %(message)s")
     fdlimit.log_limit(*fdlimit.raise_soft_limit())  # one descriptor per client
+    gilswitch.install()  # the writer thread's commits wait less for the GIL
     try:
         import uvloop
 

@@ -57,11 +57,15 @@ class Limited:
 
 
 class _Bucket:
-    __slots__ = ("tokens", "updated")
+    __slots__ = ("key", "tokens", "updated")
 
-    def __init__(self, tokens: float, updated: float):
+    def __init__(self, tokens: float, updated: float, key: tuple[str, str, Hashable]):
         self.tokens = tokens
         self.updated = updated
+        self.key = key  # its key in the table (kind, scope, key)
+
+
+_SCOPES = {IDENTITY: 0, ADDRESS: 1}  # a scope's place in ``RateLimiter._index[kind]``
 
 
 class RateLimiter:
@@ -84,6 +88,9 @@ class RateLimiter:
         self._caps["rooms"] = (0, settings.rate_limit_rooms)
         self._caps["lookups"] = (0, settings.rate_limit_lookups)
         self._buckets: OrderedDict[tuple[str, str, Hashable], _Bucket] = OrderedDict()
+        # the same buckets by kind, then (by identity, by address): found without a key
+        self._index: dict[str, tuple[dict[Hashable, _Bucket], dict[Hashable, _Bucket]]] = {
+            kind: ({}, {}) for kind in self._caps}
         self.refused: Counter[str] = Counter()
         self._sweep_at = 0.0
         self.table_full = 0
@@ -91,8 +98,44 @@ class RateLimiter:
     def take(self, kind: str, *, identity: Hashable | None = None,
              address: str | None = None) -> Limited | None:
         """Spend one ``kind`` event of ``identity`` and of ``address``; None if allowed,
-        else why not (and then nothing is spent)."""
+        else why not (and then nothing is spent).
+
+        The common case (both buckets exist, both hold a token, no sweep due) is decided
+        here without building anything: the buckets are found by their key in the index
+        of their kind and scope, spent and moved to the end of the table (each knows its
+        own table key). Everything else takes ``_take`` (new buckets, refusals, sweeps)."""
         now = self.clock()
+        if now < self._sweep_at:
+            ids, addresses = self._index[kind]
+            id_cap, addr_cap = self._caps[kind]
+            window = self.window
+            ib = ids.get(identity) if identity is not None else None
+            ab = addresses.get(address) if address is not None else None
+            if (ib is not None or identity is None) and (ab is not None or address is None):
+                it = at = 0.0
+                if ib is not None:
+                    it = ib.tokens + (now - ib.updated) * id_cap / window
+                    if it < 1.0:
+                        return self._take(kind, identity, address, now)
+                if ab is not None:
+                    at = ab.tokens + (now - ab.updated) * addr_cap / window
+                    if at < 1.0:
+                        return self._take(kind, identity, address, now)
+                buckets = self._buckets
+                if ib is not None:
+                    ib.tokens = (id_cap if it > id_cap else it) - 1.0
+                    ib.updated = now
+                    buckets.move_to_end(ib.key)
+                if ab is not None:
+                    ab.tokens = (addr_cap if at > addr_cap else at) - 1.0
+                    ab.updated = now
+                    buckets.move_to_end(ab.key)
+                return None
+        return self._take(kind, identity, address, now)
+
+    def _take(self, kind: str, identity: Hashable | None, address: str | None,
+              now: float) -> Limited | None:
+        """``take``, every case: sweeps, new buckets, a full table, refusals."""
         if now >= self._sweep_at:
             self._expire(now)
         buckets, window = self._buckets, self.window
@@ -126,7 +169,8 @@ class RateLimiter:
             return worst
         for bkey, bucket, tokens in plan:
             if bucket is None:
-                buckets[bkey] = _Bucket(tokens - 1.0, now)
+                bucket = buckets[bkey] = _Bucket(tokens - 1.0, now, bkey)
+                self._index[kind][_SCOPES[bkey[1]]][bkey[2]] = bucket
             else:
                 bucket.tokens = tokens - 1.0
                 bucket.updated = now
@@ -153,7 +197,8 @@ class RateLimiter:
             if not buckets or next(iter(buckets.values())).updated > horizon:
                 self._sweep_at = now + self.window / SWEEPS_PER_WINDOW
                 return
-            buckets.popitem(last=False)
+            (kind, scope, key), _ = buckets.popitem(last=False)
+            del self._index[kind][_SCOPES[scope]][key]
         self._sweep_at = now
 
     def stats(self) -> dict[str, Any]:

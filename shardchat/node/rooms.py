@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,8 @@ TYPING_REPEAT_SECONDS = 2.0
 # at the gate) still reach them: a client drops an ack that follows the DISCONNECT.
 MOVED_GRACE = 0.3
 FROZEN_WAIT = 15.0  # seconds a message of a moving room waits for the move's outcome, at most
+UNSAVED = {"ok": False, "error": "unavailable",
+           "message": "The message could not be saved; send it again."}
 UNREADABLE_ROOM = Refusal("unavailable", "This room's history cannot be read on this server "
                           "right now (its log says why); try again later.")
 
@@ -109,6 +112,7 @@ class RoomService:
         self.activity = ActivityTracker()
         self.moves: MoveView = NO_MOVES  # rooms that left, arrive, or are frozen (handoff/)
         self.in_flight = 0
+        self._tails: set[asyncio.Task] = set()  # direct-path broadcasts that had to await
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -372,8 +376,7 @@ class RoomService:
         moved = self.moves.moved_to(room.record.id)
         if moved is not None:
             return moved.ack()
-        self.in_flight += 1
-        self._idle.clear()
+        self._begin_write()
         try:
             msg, duplicate = await self.store.append_message(
                 room.record.id, sender_sid=sid, sender_name=member.name,
@@ -381,16 +384,91 @@ class RoomService:
                 client_id=data.get("client_id"), ts=int(time.time() * 1000))
         except StoreError:
             log.exception("store refused a message in %s", room.record.id)
-            return {"ok": False, "error": "unavailable",
-                    "message": "The message could not be saved; send it again."}
+            return dict(UNSAVED)
         finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self._idle.set()
+            self._end_write()
         if not duplicate:
             self.activity.message(room.record.id)
             await self._broadcast(room, "message", payloads.message(msg))
         return {"ok": True, "seq": msg.seq, "ts": msg.ts}
+
+    def message_now(self, namespace: str, sid: str, data: Any,
+                    reply: Callable[[Any], None]) -> bool:
+        """``message`` for the engine's direct path (a websocket frame, in its own callback):
+        the same checks in the same order, the seq handed out now, and the broadcast and
+        ``reply(ack)`` once the commit is back, all without a task or a future.
+
+        What it leaves to ``message`` (False: nothing checked, spent or stored): a sender
+        that is not a member (the refusal, or ``moved``, is ``message``'s), and a room that
+        is frozen or gone, whose gate ``message`` awaits. The engine then runs ``message``
+        in a task, and the sender's next messages follow it there until it is done, so a
+        client's messages still get seqs in frame order."""
+        room, member = self._member(namespace, sid)
+        if member is None:
+            return False
+        rid = room.record.id
+        if self.moves.gate(rid) is not None or self.moves.moved_to(rid) is not None:
+            return False
+        bad = limits.check_message(data, self.settings)
+        if bad:
+            reply(bad.ack())
+            return True
+        limited = self.limiter.take("messages", identity=member.limit_key,
+                                    address=member.address)
+        if limited:
+            reply(ratelimit.refusal(limited, self.settings.rate_limit_window).ack())
+            return True
+        self._begin_write()
+        try:
+            self.store.append_now(rid, sender_sid=sid, sender_name=member.name,
+                                  sender_member=member.identity, text=data["text"],
+                                  client_id=data.get("client_id"), ts=int(time.time() * 1000),
+                                  done=functools.partial(self._stored, room, reply))
+        except StoreError:
+            self._end_write()
+            log.exception("store refused a message in %s", rid)
+            reply(dict(UNSAVED))
+        except BaseException:
+            self._end_write()
+            raise
+        return True
+
+    def _stored(self, room: Room, reply: Callable[[Any], None], msg: MessageRecord | None,
+                error: BaseException | None, duplicate: bool = False) -> None:
+        """A direct-path message is durable (or its commit failed): broadcast it, then
+        ack. Runs in the writer's commit callback, so it never raises into it."""
+        self._end_write()
+        if error is not None or msg is None:
+            log.error("store refused a message in %s: %s", room.record.id, error)
+            reply(dict(UNSAVED))
+            return
+        try:
+            if not duplicate:
+                self.activity.message(room.record.id)
+                data = payloads.message(msg)
+                if not self._broadcast_now(room, "message", data):
+                    # an engine that cannot emit now: the broadcast, then the ack, awaited
+                    task = asyncio.ensure_future(self._broadcast_then(room, data, msg, reply))
+                    self._tails.add(task)
+                    task.add_done_callback(self._tails.discard)
+                    return
+        except Exception:
+            log.exception("broadcasting message %s of room %s failed", msg.seq, room.record.id)
+        reply({"ok": True, "seq": msg.seq, "ts": msg.ts})
+
+    async def _broadcast_then(self, room: Room, data: dict[str, Any], msg: MessageRecord,
+                              reply: Callable[[Any], None]) -> None:
+        await self._broadcast(room, "message", data)
+        reply({"ok": True, "seq": msg.seq, "ts": msg.ts})
+
+    def _begin_write(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _end_write(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
 
     async def typing(self, namespace: str, sid: str, data: Any) -> None:
         room, member = self._member(namespace, sid)
@@ -537,6 +615,26 @@ class RoomService:
             elif seq is None or seq > m.floor:  # the welcome may already hold this one
                 ready.append((sid, m.eio_sid))
         await self.delivery.emit(room.namespace, event, data, ready)
+
+    def _broadcast_now(self, room: Room, event: str, data: Any,
+                       skip: Collection[str] = ()) -> bool:
+        """``_broadcast`` without awaiting (the direct path); False, and nothing done, when
+        the engine cannot emit now."""
+        ready = []
+        seq = data["seq"] if event == "message" else None
+        held = []
+        for sid, m in room.members.items():
+            if sid in skip:
+                continue
+            if not m.ready:
+                held.append(m)
+            elif seq is None or seq > m.floor:  # the welcome may already hold this one
+                ready.append((sid, m.eio_sid))
+        if not self.delivery.emit_now(room.namespace, event, data, ready):
+            return False
+        for m in held:  # joiners being welcomed get it after their welcome
+            m.buffered.append((event, data))
+        return True
 
     async def _tell_sids(self, room: Room, sids: list[str], data: Any) -> None:
         """A ``presence`` event to these members, those still in (buffered for any still

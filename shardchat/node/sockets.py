@@ -67,6 +67,13 @@ def register_events(sio: SocketServer, rooms: RoomService,
     async def message(namespace, sid, data=None, *_):
         return await rooms.message(namespace, sid, data)
 
+    # The websocket path's direct handler of ``message`` (fast engine): the same checks,
+    # store and broadcast as the handler above, with no task or future per message; it
+    # hands back to that handler (False) for what must await (a frozen room).
+    direct = getattr(sio, "direct_handlers", None)
+    if direct is not None:
+        direct["message"] = rooms.message_now
+
     @sio.on("typing", namespace="*")
     @answers_errors
     async def typing(namespace, sid, data=None, *_):

@@ -63,6 +63,11 @@ class Delivery(Protocol):
         """Send ``event`` with ``data`` to each recipient, in the order events are emitted
         (every member sees its events in emit order, whatever path each one took)."""
 
+    def emit_now(self, namespace: str, event: str, data: Any,
+                 recipients: list[tuple[str, str | None]]) -> bool:
+        """``emit`` done before it returns, in the same order as ``emit``; False (nothing
+        sent) when this engine cannot, and the caller then awaits ``emit``."""
+
     def transport_id(self, namespace: str, sid: str) -> str | None:
         """The Engine.IO session id of a connected member (None: not connected)."""
 
@@ -160,8 +165,6 @@ INTERNALS: tuple[Internal, ...] = (
              params=("eio_sid", "data")),
     Internal(_SERVER, "_get_event_handler", _SIO, "inbound.py calls it: the handler of an event",
              params=("event", "namespace", "args")),
-    Internal(_SERVER, "_send_eio_packet", _SIO, "delivery.py calls it: a broadcast's queued path",
-             params=("eio_sid", "eio_pkt")),
     Internal(_SERVER, "environ", _SIO, "session.py trims it after the handshake",
              probe=_server, optional=True),
     # python-socketio's client manager: manager.py keeps an index of each sid's rooms

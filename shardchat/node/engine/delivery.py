@@ -16,9 +16,14 @@ a connection that negotiated permessage-deflate (RSV1 clear), so the same bytes 
 browser clients too.
 
 What this bypasses, and reads of the libraries' internals to do it (each is in the
-engine's self-check list, ``engine/__init__.py``): python-socketio's ``_send_eio_packet``
-for the queued path of a broadcast (one encode for all slow recipients), and
+engine's self-check list, ``engine/__init__.py``): python-socketio's and engineio's
+``send`` for the queued path (one encode for all slow recipients, put straight on each
+Engine.IO socket's ``queue`` in the same tick, see ``_queue_now``), and
 ``asyncio.Queue._getters`` / ``_queue`` for a queue that is not our ``SessionQueue``.
+
+Nothing here awaits (``emit_now``, ``send_payload_now``): the message hot path
+(``inbound.py``'s direct handlers) broadcasts and acks from the store's commit callback,
+with no task and no future per message or per recipient.
 
 Back-pressure: a client is cut off only for a backlog it fails to drain, never for the size
 of one packet. Its backlog is what it has not taken yet: its transport's write buffer
@@ -163,11 +168,24 @@ class FastDelivery:
 
     async def emit(self, namespace: str, event: str, data: Any,
                    recipients: list[tuple[str, str | None]]) -> None:
-        """Send ``event`` with ``data`` to each (Socket.IO sid, Engine.IO sid) recipient.
+        """Send ``event`` with ``data`` to each (Socket.IO sid, Engine.IO sid) recipient:
+        ``emit_now``, or python-socketio's own emit per recipient for data with binary
+        attachments."""
+        if self.emit_now(namespace, event, data, recipients):
+            return
+        for sid, _eio_sid in recipients:
+            self.slow += 1
+            await self.sio.emit(event, data, to=sid, namespace=namespace)
+
+    def emit_now(self, namespace: str, event: str, data: Any,
+                 recipients: list[tuple[str, str | None]]) -> bool:
+        """``emit`` without awaiting: done when it returns (False, and nothing sent, for
+        data with binary attachments, which only python-socketio's emit can send).
 
         The room service keeps each member's Engine.IO sid, which saves a lookup per
         recipient. No task per recipient: fast recipients get one ``transport.write`` of a
-        shared frame; the rest are queued in order, one after the other.
+        shared frame; the rest get one shared Engine.IO packet put on their queue, in
+        order (``_queue_now``).
 
         Per recipient the hot path does: one socket lookup, the direct-write test (its
         websocket is known, its writer is parked on an empty queue), and either an append
@@ -179,33 +197,59 @@ class FastDelivery:
             encoded = self.sio.packet_class(sio_packet.EVENT, namespace=namespace,
                                             data=[event, data]).encode()
             if isinstance(encoded, list):  # binary attachments: leave them to python-socketio
-                for sid, _eio_sid in recipients:
-                    self.slow += 1
-                    await self.sio.emit(event, data, to=sid, namespace=namespace)
-                return
+                return False
             payload = ("4" + encoded).encode()
-        frame: bytes | None = None
-        slow: list[str] = []
+        frame = text_frame(payload)  # built once, shared by every recipient
+        slow: list[Any] | None = None
         sockets = self.sio.eio.sockets
+        ws_of = self._ws
+        pending = self._pending
+        fast = 0
+        # Once per member of the room: the session's own direct-write test and ``_write``,
+        # inlined (a call and a lookup fewer per recipient).
         for _sid, eio_sid in recipients:
+            ws = ws_of.get(eio_sid)
+            transport = ws.direct() if ws is not None else None
+            if transport is not None:
+                entry = pending.get(transport)
+                if entry is None:
+                    pending[transport] = [eio_sid, frame]
+                else:
+                    entry.append(frame)
+                fast += 1
+                continue
             sock = sockets.get(eio_sid) if eio_sid is not None else None
             if sock is None or sock.closing:
                 continue
-            transport = self._direct_transport(eio_sid, sock)
-            if transport is not None:
-                if frame is None:
-                    frame = text_frame(payload)  # built once, shared by every recipient
-                self._write(transport, eio_sid, frame)
-                self.fast += 1
+            if slow is None:
+                slow = [sock]
             else:
-                slow.append(eio_sid)
+                slow.append(sock)
+        if fast:
+            self.fast += fast
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
         if slow:
             pkt = eio_packet.Packet(eio_packet.MESSAGE, payload[1:].decode())
-            send = self.sio._send_eio_packet
-            for eio_sid in slow:
+            for sock in slow:
                 self.slow += 1
-                await send(eio_sid, pkt)
-                self._judge(eio_sid)
+                self._queue_now(sock, pkt)
+        return True
+
+    def _queue_now(self, sock: Any, pkt: Any) -> None:
+        """Put ``pkt`` on the client's Engine.IO queue, then judge its backlog.
+
+        What engineio's ``AsyncSocket.send`` does, without its await: the queue is
+        unbounded (``put_nowait`` never refuses), and its ping check is not needed here
+        (a websocket's pings are ``liveness.py``'s timers, a long-poll's engineio's own
+        service task), so a packet is queued in the same tick it was produced and nothing
+        produced later can overtake it. A closed socket gets nothing, as engineio's
+        ``send`` would refuse it."""
+        if sock.closed:
+            return
+        sock.queue.put_nowait(pkt)
+        self._judge(sock.sid)
 
     # -- one recipient -------------------------------------------------------------------
 
@@ -228,19 +272,20 @@ class FastDelivery:
         await self.send_payload(eio_sid, payload)
         return True
 
-    async def send_payload(self, eio_sid: str, payload: bytes, encoded: str | None = None
-                           ) -> None:
+    async def send_payload(self, eio_sid: str, payload: bytes) -> None:
+        """``send_payload_now``, for callers that await."""
+        self.send_payload_now(eio_sid, payload)
+
+    def send_payload_now(self, eio_sid: str, payload: bytes) -> None:
         """Send one Engine.IO MESSAGE payload (``4...``) to one client: written straight to
         the transport when that cannot reorder anything (see ``_direct_transport``), else
-        put on the client's Engine.IO queue like python-socketio does."""
+        put on the client's Engine.IO queue (``_queue_now``); dropped for a client that is
+        gone, as engineio's ``send_packet`` drops it."""
         sock = self.sio.eio.sockets.get(eio_sid)
-        if sock is not None and self.write_now(eio_sid, sock, payload):
+        if sock is None or self.write_now(eio_sid, sock, payload):
             return
-        if encoded is None:
-            encoded = payload[1:].decode()
         self.queued += 1
-        await self.sio.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, encoded))
-        self._judge(eio_sid)
+        self._queue_now(sock, eio_packet.Packet(eio_packet.MESSAGE, payload[1:].decode()))
 
     def transport_of(self, eio_sid: str) -> Any:
         """The asyncio transport under the client's websocket (None: not on websocket)."""

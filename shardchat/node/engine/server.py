@@ -67,6 +67,9 @@ class NodeSocketServer(socketio.AsyncServer):
         super().__init__(client_manager=IndexedManager(), **server_options(settings))
         self.delivery = FastDelivery(self, settings)
         self.on_connected: ConnectedHook | None = None
+        # event name -> a handler the websocket path runs in the frame's own callback,
+        # with no task (``inbound.DirectHandler``); set by the node, read by ``Inbound``
+        self.direct_handlers: dict[str, Any] = {}
 
     async def _send_packet(self, eio_sid, pkt):
         """CONNECT, CONNECT_ERROR, DISCONNECT, ACK: through the fan-out's direct path (it

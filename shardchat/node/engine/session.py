@@ -250,6 +250,22 @@ class EngineSession(WebSocketConnection):
     def idle(self) -> bool:
         return self._writer is None
 
+    def direct(self) -> Any:
+        """The transport, when a frame written to it now overtakes nothing: no write of
+        queued packets is scheduled or running (a fallback writer task counts as running),
+        nothing is queued, the socket is upgraded and not closing, our CLOSE is not out.
+        The broadcast loop's direct-write test, in one call per recipient; it implies
+        ``FastDelivery._direct_transport``'s rule (None: take the queue)."""
+        if self._writer is not None or self.close_sent:
+            return None
+        sock = self.sock
+        if sock.closing or not sock.upgraded or not sock.queue.empty():
+            return None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return None
+        return transport
+
     def wake(self) -> None:
         """Something was queued: write it in a callback of its own, after this tick's
         direct writes (``FastDelivery._flush`` was scheduled first), so order is kept."""

@@ -232,6 +232,11 @@ class StockDelivery:
         await self.sio.emit(event, data, to=[sid for sid, _ in recipients],
                             namespace=namespace)
 
+    def emit_now(self, namespace: str, event: str, data: Any,
+                 recipients: list[tuple[str, str | None]]) -> bool:
+        """Never: python-socketio's emit must be awaited (callers then ``emit``)."""
+        return False
+
     def transport_id(self, namespace: str, sid: str) -> str | None:
         return self.sio.manager.eio_sid_from_sid(sid, namespace)
 

@@ -37,6 +37,7 @@ Why the loop keeps seq and dedup:
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import time
 from collections.abc import Callable
@@ -70,6 +71,32 @@ __all__ = [
 ]
 
 
+# How an append ended, on the loop: (record, None, duplicate) or (None, error, False). The
+# writer calls it with two arguments (``MessageDone``), so ``duplicate`` defaults to False.
+AppendDone = Callable[..., None]
+
+
+def _settle_append(future: asyncio.Future[tuple[MessageRecord, bool]],
+                   record: MessageRecord | None, error: BaseException | None,
+                   duplicate: bool = False) -> None:
+    """``append_message``'s callback: its future gives (record, duplicate) or the error."""
+    if future.done():  # its caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result((record, duplicate))
+
+
+def _tell_all(first: AppendDone, copies: list[AppendDone], record: MessageRecord | None,
+              error: BaseException | None) -> None:
+    """A message with a ``client_id`` is settled: its sender first, then each copy of it
+    that arrived in flight (as a duplicate of it, or with its error)."""
+    first(record, error)
+    for copy in copies:
+        copy(record, error, error is None)
+
+
 def _check_text(what: str, value: object) -> None:
     """Reject what SQLite could not store, here, so one bad value never fails a batch."""
     if not isinstance(value, str):
@@ -98,7 +125,8 @@ class Store:
         self._pending_rooms: set[str] = set()
         self._assigned: dict[str, int] = {}  # last seq handed out, committed or in flight
         self._committed: dict[str, int] = {}  # last seq committed and known to the loop
-        self._inflight: dict[tuple, asyncio.Future[MessageRecord]] = {}  # by dedup key
+        # by dedup key: the callbacks of the copies that arrived while the first is in flight
+        self._inflight: dict[tuple, list[AppendDone]] = {}
         self._state = "new"  # new -> opening -> open -> closing -> closed
         self._closed_event: asyncio.Event | None = None
         self._lock = DirectoryLock(self.directory)
@@ -255,8 +283,24 @@ class Store:
         with ``duplicate=True`` and stores nothing, whether the earlier one is committed
         or still in flight. ``sender_member`` is the server-issued member identity: the
         same ``client_id`` under the same display name from another member is another
-        message.
+        message. ``append_now`` without the future: the same checks and order.
         """
+        future: asyncio.Future[tuple[MessageRecord, bool]] = (
+            asyncio.get_running_loop().create_future())
+        self.append_now(room_id, sender_sid=sender_sid, sender_name=sender_name,
+                        sender_member=sender_member, text=text, client_id=client_id, ts=ts,
+                        done=functools.partial(_settle_append, future))
+        # Each caller has a future of its own, so cancelling one only cancels its wait:
+        # the write still commits and a duplicate's waiter is still told.
+        return await future
+
+    def append_now(self, room_id: str, *, sender_sid: str, sender_name: str,
+                   sender_member: str, text: str, client_id: str | None, ts: int,
+                   done: AppendDone) -> None:
+        """``append_message`` for a caller that cannot wait (the message hot path): the seq
+        is handed out now, in call order, and ``done(record, error, duplicate)`` runs on the
+        loop once the message is durable (``error`` None) or its commit failed; at once for
+        a repeat of a committed message. Bad arguments raise here, before any seq."""
         self._require_open()
         if room_id not in self._rooms:
             raise ValueError(f"room {room_id!r} does not exist on this node.")
@@ -267,24 +311,25 @@ class Store:
         if client_id is not None:
             _check_text("client_id", client_id)
             key = (room_id, sender_member, client_id)
-            pending = self._inflight.get(key)
-            if pending is not None:
-                return await asyncio.shield(pending), True
+            waiters = self._inflight.get(key)
+            if waiters is not None:  # the first copy is in flight: told with it, after it
+                waiters.append(done)
+                return
             stored = self._reader.by_client_id(room_id, sender_member, client_id,
                                                self._committed.get(room_id, 0))
             if stored is not None:
-                return stored, True
+                done(stored, None, True)
+                return
         seq = self._assigned.get(room_id, 0) + 1
         self._assigned[room_id] = seq
-        future = self._writer.write_message(MessageRecord(
-            room_id, seq, sender_sid, sender_name, text, int(ts), client_id, sender_member))
+        record = MessageRecord(room_id, seq, sender_sid, sender_name, text, int(ts),
+                               client_id, sender_member)
         if key is None:
-            # Nobody else can wait on this future, so it needs no shield (a shield costs
-            # a second future and two callbacks per message); cancelling the caller only
-            # cancels its wait, the write still commits.
-            return await future, False
-        self._inflight[key] = future
-        return await asyncio.shield(future), False
+            # No copy can wait on it: the caller's callback is the writer's, nothing more.
+            self._writer.write_message_then(record, done)
+            return
+        waiters = self._inflight[key] = []
+        self._writer.write_message_then(record, functools.partial(_tell_all, done, waiters))
 
     async def history(self, room_id: str, *, before: int | None = None,
                       limit: int = 50) -> list[MessageRecord]:
@@ -382,8 +427,8 @@ class Store:
         self._assigned = dict(self._committed)
         for w in batch.messages:
             key = w.message.dedup_key
-            if key is not None and self._inflight.get(key) is w.future:
-                del self._inflight[key]
+            if key is not None:  # copies waiting on it are refused with it (``_tell_all``)
+                self._inflight.pop(key, None)
         for r in batch.rooms:
             self._pending_rooms.discard(r.room.id)
 

@@ -1,10 +1,13 @@
 """Group commit: one writer thread owns the write connection and commits batches.
 
 The event loop never waits for a disk flush. Every write is queued with the future its
-caller awaits; the writer thread takes *everything* queued, writes it in one transaction and
-commits once, then hands the batch back to the loop, which settles every future of it. While
-one commit is on disk, new writes pile up and share the next one, so a burst of N writes
-costs far fewer than N fsyncs, with no artificial delay added to a quiet room.
+caller awaits (a message: a callback, ``write_message_then``); the writer thread takes
+*everything* queued, writes it in one transaction and commits once, then hands the batch
+back to the loop, which settles every future of it. While one commit is on disk, new writes
+pile up and share the next one, so a burst of N writes costs far fewer than N fsyncs, with
+no artificial delay added to a quiet room. Messages reach the thread once per loop tick
+(staged, then one hand-off and one wake-up for all of the tick's), so the thread does not
+take the GIL mid-tick to commit a batch of one.
 
 The unit of work is the ``Batch``: the writes of one transaction, committed together or not
 at all. The owner learns of each one on the event loop, before any waiter wakes:
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import threading
@@ -38,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shardchat.node import faults
 from shardchat.node.buckets import COMMIT_BOUNDS, Buckets
 from shardchat.node.store import schema
 from shardchat.node.store.errors import MoveConflict, StoreError
@@ -58,12 +63,18 @@ class RoomWrite:
     future: asyncio.Future[None]
 
 
+# Told on the loop how a message write ended: (the record, None) once it is committed,
+# (None, the error) when its commit failed.
+MessageDone = Callable[[MessageRecord | None, BaseException | None], None]
+
+
 @dataclass(eq=False, slots=True)
 class MessageWrite:
-    """A new message, and who waits for its commit (the future gives the record back)."""
+    """A new message, and who is told of its commit: ``done`` (a callback, not a future,
+    so the message hot path needs no future per message)."""
 
     message: MessageRecord
-    future: asyncio.Future[MessageRecord]
+    done: MessageDone
 
 
 @dataclass(eq=False, slots=True)
@@ -157,6 +168,8 @@ class GroupCommitWriter:
         # shared with the writer thread, guarded by _cond
         self._cond = threading.Condition()
         self._queue: list[_Queued] = []
+        # loop side only: messages of this loop tick, handed to the thread in one go
+        self._staged: list[MessageWrite] = []
         self._halted = False  # a commit failed; the loop has not seen the refusal yet
         self._stopping = False
         self._done = False  # the thread took its last batch: nothing more is written
@@ -167,6 +180,7 @@ class GroupCommitWriter:
         """Open the write connection in a new thread; StoreError if it cannot be opened."""
         self._loop = asyncio.get_running_loop()
         self._queue, self._halted, self._stopping, self._done = [], False, False, False
+        self._staged = []
         started = threading.Event()
         failure: list[BaseException] = []
         self._thread = threading.Thread(target=self._main, args=(started, failure),
@@ -186,9 +200,25 @@ class GroupCommitWriter:
 
     def write_message(self, message: MessageRecord) -> asyncio.Future[MessageRecord]:
         """Queue a new message; the future gives it back once it is committed."""
-        write = MessageWrite(message, self._future())
-        self._enqueue(write)
-        return write.future
+        future = self._future()
+        self.write_message_then(message, functools.partial(_settle_message, future))
+        return future
+
+    def write_message_then(self, message: MessageRecord, done: MessageDone) -> None:
+        """Queue a new message; ``done`` runs on the loop once it is committed or refused.
+
+        Staged for the loop tick: the messages of one tick reach the thread in one
+        hand-off (``_hand_off``, one lock and one wake-up per tick instead of per message),
+        so the thread is not woken mid-tick to commit a batch of one while the rest of the
+        tick's messages wait for the next fsync. Anything else queued (a room, a job, a
+        barrier, ``close``) hands the staged messages off first, so queue order is kept."""
+        if self._done:
+            raise StoreError(f"the writer of {self.path} has stopped.")
+        staged = self._staged
+        staged.append(MessageWrite(message, done))
+        if len(staged) == 1:
+            assert self._loop is not None, "start() the writer first"
+            self._loop.call_soon(self._hand_off)
 
     def write_job(self, run: Callable[[sqlite3.Connection], object],
                   done: Callable[[object], None] | None = None) -> asyncio.Future:
@@ -205,6 +235,7 @@ class GroupCommitWriter:
             if self._done:
                 future.set_result(None)
             else:
+                self._take_staged()
                 self._queue.append(_Barrier(future))
                 self._cond.notify()
         return future
@@ -213,6 +244,7 @@ class GroupCommitWriter:
         """Commit everything queued (every future is settled), then stop the thread."""
         if self._thread is None:
             return
+        self._hand_off()
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -228,8 +260,30 @@ class GroupCommitWriter:
         with self._cond:
             if self._done:
                 raise StoreError(f"the writer of {self.path} has stopped.")
+            self._take_staged()
             self._queue.append(item)
             self._cond.notify()
+
+    def _take_staged(self) -> None:
+        """Under ``_cond``: the staged messages join the queue (before what comes next)."""
+        if self._staged:
+            self._queue += self._staged
+            self._staged = []
+
+    def _hand_off(self) -> None:
+        """Once per loop tick with messages staged: all of them to the thread, one wake-up.
+        A writer that stopped meanwhile refuses them (their callbacks run now)."""
+        if not self._staged:
+            return  # taken by an ``_enqueue`` or a refusal in the same tick
+        with self._cond:
+            if not self._done:
+                self._take_staged()
+                self._cond.notify()
+                return
+            staged, self._staged = self._staged, []
+        exc = StoreError(f"the writer of {self.path} has stopped.")
+        for m in staged:
+            m.done(None, exc)
 
     def _committed(self, batch: Batch) -> None:
         """Loop side of a commit: tell the owner, then wake every waiter of the batch."""
@@ -237,12 +291,13 @@ class GroupCommitWriter:
         for r in batch.rooms:
             _settle(r.future, None)
         for m in batch.messages:
-            _settle(m.future, m.message)
+            m.done(m.message, None)
 
     def _refused(self, batch: Batch, error: BaseException) -> None:
         """Loop side of a failed commit: refuse it and everything queued behind it, then let
         the writer take new work."""
         with self._cond:
+            self._take_staged()  # staged in this tick: their seqs were assigned ahead too
             batch.extend(Batch.of(self._queue))  # queued by the loop after the failure
             self._queue = []
             self._halted = False
@@ -252,7 +307,7 @@ class GroupCommitWriter:
         for r in batch.rooms:
             _settle(r.future, error=exc)
         for m in batch.messages:
-            _settle(m.future, error=exc)
+            m.done(None, exc)
         for j in batch.jobs:
             _settle(j.future, error=exc)
         _release(batch.barriers)
@@ -323,7 +378,10 @@ class GroupCommitWriter:
                 schema.insert_rooms(conn, ((r.room, r.key) for r in batch.rooms))
             if batch.messages:
                 schema.insert_messages(conn, (m.message for m in batch.messages))
+                faults.reach("store.before_commit")
             conn.execute("COMMIT")
+            if batch.messages:
+                faults.reach("store.after_commit")
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
@@ -371,6 +429,12 @@ def _job_done(job: Job, result: object) -> None:
     if job.done is not None:
         job.done(result)
     _settle(job.future, result)
+
+
+def _settle_message(future: asyncio.Future[MessageRecord], record: MessageRecord | None,
+                    error: BaseException | None) -> None:
+    """``write_message``'s callback: its future gives the record, or raises the error."""
+    _settle(future, record, error=error)
 
 
 def _fail(future: asyncio.Future, error: BaseException) -> None:
