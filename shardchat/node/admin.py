@@ -61,8 +61,9 @@ def follower_of(cfg: Config, number: int) -> int | None:
 
 
 def rule_url(cfg: Config, number: int) -> str:
-    """Where a client reaches instance N's health check through its path rule."""
-    return cfg.cluster.public_url.rstrip("/") + urls.healthz_path(number)
+    """Where a client reaches instance N's health check through its path rule: under its
+    shard's public URL (SPEC section 10), as its rooms' URLs are."""
+    return cfg.public_url_for(number).rstrip("/") + urls.healthz_path(number)
 
 
 async def check_rule(session: aiohttp.ClientSession, url: str, number: int) -> dict[str, Any]:
