@@ -49,7 +49,14 @@ from shardchat.node.invites import Invites
 from shardchat.node.members import MemberTokens
 from shardchat.node.ratelimit import RateLimiter, limit_identity
 from shardchat.node.roster import Member, Roster, UnknownCursor
-from shardchat.node.store import CreationKey, MessageRecord, RoomRecord, Store, StoreError
+from shardchat.node.store import (
+    AckRefused,
+    CreationKey,
+    MessageRecord,
+    RoomRecord,
+    Store,
+    StoreError,
+)
 from shardchat.refusal import Refusal
 
 log = logging.getLogger("shardchat.rooms")
@@ -379,6 +386,8 @@ class RoomService:
                 room.record.id, sender_sid=sid, sender_name=member.name,
                 sender_member=member.identity, text=data["text"],
                 client_id=data.get("client_id"), ts=int(time.time() * 1000))
+        except AckRefused as exc:  # stored here, its copy on the follower not confirmed
+            return await self._refuse_unconfirmed(room, exc)
         except StoreError:
             log.exception("store refused a message in %s", room.record.id)
             return {"ok": False, "error": "unavailable",
@@ -391,6 +400,15 @@ class RoomService:
             self.activity.message(room.record.id)
             await self._broadcast(room, "message", payloads.message(msg))
         return {"ok": True, "seq": msg.seq, "ts": msg.ts}
+
+    async def _refuse_unconfirmed(self, room: Room, refused: AckRefused) -> dict[str, Any]:
+        """Sync replication could not confirm the copy (``Store.ack_gate``): the message is
+        stored here, so the room sees it now (a resend is a duplicate and is not broadcast
+        again); the sender hears ``unavailable`` and may resend to learn when it is safe."""
+        if not refused.duplicate:
+            self.activity.message(room.record.id)
+            await self._broadcast(room, "message", payloads.message(refused.message))
+        return Refusal("unavailable", refused.reason).ack()
 
     async def typing(self, namespace: str, sid: str, data: Any) -> None:
         room, member = self._member(namespace, sid)

@@ -39,12 +39,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from shardchat.node.store import integrity, schema
 from shardchat.node.store.checkpoint import Checkpointer
-from shardchat.node.store.errors import MoveConflict, StoreError
+from shardchat.node.store.errors import AckRefused, MoveConflict, StoreError
 from shardchat.node.store.integrity import MARKER_NAME, RESTORE_DOC, StoreDamaged
 from shardchat.node.store.lock import LOCK_NAME, DirectoryLock
 from shardchat.node.store.moves import Moves
@@ -64,7 +64,7 @@ from shardchat.node.store.writer import Batch, GroupCommitWriter
 
 __all__ = [
     "DB_NAME", "KEY_TTL_MS", "LOCK_NAME", "LOOP_READ_ROWS", "MARKER_NAME", "RESTORE_DOC",
-    "CreationKey", "Forward", "Incoming", "KeyRow", "KeyedRoom", "MessageRecord",
+    "AckRefused", "CreationKey", "Forward", "Incoming", "KeyRow", "KeyedRoom", "MessageRecord",
     "MoveConflict", "Moves", "RoomRecord", "Store", "StoreDamaged", "StoreError",
 ]
 
@@ -111,6 +111,16 @@ class Store:
         self._checkpointer = Checkpointer(self.path, fsync=fsync, enabled=own_checkpoints)
         self.moves = Moves(self._writer, self._reader, owns=self._owns, adopt=self._adopt,
                            give_up=self._give_up)
+        # Sync replication's seam: awaited after a message's commit (and for a duplicate),
+        # before the caller hears of it; raises AckRefused when it cannot confirm the copy
+        # on the follower (``node/replication/gate.py``). None: acked at the commit.
+        self.ack_gate: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def writer(self) -> GroupCommitWriter:
+        """The writer thread's front, for what ships its commits (``writer.post_commit``)
+        and for jobs of the replication (a snapshot, an adoption)."""
+        return self._writer
 
     @property
     def retention(self) -> int:
@@ -263,11 +273,11 @@ class Store:
             key = (room_id, sender_member, client_id)
             pending = self._inflight.get(key)
             if pending is not None:
-                return await asyncio.shield(pending), True
+                return await self._gated(await asyncio.shield(pending), True)
             stored = self._reader.by_client_id(room_id, sender_member, client_id,
                                                self._committed.get(room_id, 0))
             if stored is not None:
-                return stored, True
+                return await self._gated(stored, True)
         seq = self._assigned.get(room_id, 0) + 1
         self._assigned[room_id] = seq
         future = self._writer.write_message(MessageRecord(
@@ -276,9 +286,24 @@ class Store:
             # Nobody else can wait on this future, so it needs no shield (a shield costs
             # a second future and two callbacks per message); cancelling the caller only
             # cancels its wait, the write still commits.
-            return await future, False
-        self._inflight[key] = future
-        return await asyncio.shield(future), False
+            record = await future
+        else:
+            self._inflight[key] = future
+            record = await asyncio.shield(future)
+        if self.ack_gate is None:
+            return record, False
+        return await self._gated(record, False)
+
+    async def _gated(self, record: MessageRecord, duplicate: bool
+                     ) -> tuple[MessageRecord, bool]:
+        """``(record, duplicate)`` once the ack gate lets it through (at once without one);
+        AckRefused, carrying both, when it does not."""
+        if self.ack_gate is not None:
+            try:
+                await self.ack_gate()
+            except AckRefused as exc:
+                raise AckRefused(record, duplicate, exc.reason) from None
+        return record, duplicate
 
     async def history(self, room_id: str, *, before: int | None = None,
                       limit: int = 50) -> list[MessageRecord]:
