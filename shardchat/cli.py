@@ -1,4 +1,4 @@
-"""``shardchat node | check | restore | up | router | move | drain | rebalance``: thin click
+"""``shardchat node | check | restore | up | router | move | drain | rebalance | adopt``: thin click
 wrappers that parse and hand over."""
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def _register_cluster_commands() -> None:
     drive."""
     from shardchat.cluster import commands
 
-    for name in ("up", "router", "move", "drain", "rebalance"):
+    for name in ("up", "router", "move", "drain", "rebalance", "adopt"):
         cmd = getattr(commands, name, None)
         if cmd is not None:
             main.add_command(cmd, name)
