@@ -1,0 +1,139 @@
+"""Helpers of the on-line replication tests: clusters with a follower per instance, the lag
+in metrics, ``shardchat adopt``, and a TCP proxy a test can cut.
+
+Cutting one link and only that one: every node reads the same config, except that a node
+may get its own copy in which one peer's ``internal_port`` is a ``Proxy`` in front of the
+real one. Stopping the proxy cuts exactly what that node says to that peer (the follower
+stream, its stats polls), as a broken network path would; the others see nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from shardchat.config import dump_toml
+from tests.support import ROOT, SECRET, NodeProcess, http_json, wait_until
+
+AUTH = {"Authorization": f"Bearer {SECRET}"}
+
+
+def metrics(node: NodeProcess) -> dict[str, Any]:
+    status, body = http_json("GET", f"{node.internal_url}/internal/metrics", headers=AUTH,
+                             timeout=5)
+    assert status == 200, body
+    return body["online_replication"]
+
+
+def caught_up(owner: NodeProcess) -> bool:
+    """The owner's follower acked everything the owner shipped."""
+    ship = metrics(owner).get("shipping", {})
+    return bool(ship) and ship["connected"] and ship["acked"] == ship["head"]
+
+
+def wait_caught_up(owner: NodeProcess, timeout: float = 30.0) -> None:
+    wait_until(lambda: caught_up(owner), timeout, what=f"instance {owner.number}'s follower "
+               "to catch up")
+
+
+def shardchat(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-m", "shardchat", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def adopt(config: Path, number: int) -> subprocess.CompletedProcess:
+    return shardchat("adopt", "--config", str(config), "--instance", str(number))
+
+
+def wipe(node: NodeProcess, data_dir: Path) -> None:
+    """The lost machine's disk: gone."""
+    shutil.rmtree(data_dir / f"i{node.number}", ignore_errors=True)
+
+
+def lookup(node: NodeProcess, room_id: str) -> tuple[int, Any]:
+    return http_json("GET", f"{node.base_url}/api/rooms/{room_id}", timeout=10)
+
+
+def config_with_proxy(config: Path, number: int, proxy_port: int, name: str) -> Path:
+    """A copy of ``config`` in which instance ``number``'s internal port is ``proxy_port``."""
+    data = tomllib.loads(config.read_text())
+    for inst in data["instances"]:
+        if inst["number"] == number:
+            inst["internal_port"] = proxy_port
+    out = config.with_name(name)
+    out.write_text(dump_toml(data) + "\n")
+    return out
+
+
+class Proxy:
+    """A TCP proxy on a loopback port in front of ``target``, in a thread of its own, that
+    the test stops (every connection through it closed, new ones refused) and restarts."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def retarget(self, port: int) -> None:
+        self.target_port = port
+
+    def start(self) -> Proxy:
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
+                                                  reuse_address=True)
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))
