@@ -108,28 +108,34 @@ class Follow:
                 continue
             if msg.type != aiohttp.WSMsgType.TEXT:
                 break
-            body = json.loads(msg.data)
-            kind = body.get("t")
-            if kind == records.HELLO:
-                self.owner_head = body["head"]
-                if not body["resume"]:
-                    log.info("instance %d follows instance %d from a snapshot (it holds "
-                             "epoch %s position %d)", self.number, self.owner,
-                             self.epoch or "-", self.pos)
-            elif kind == records.SNAPSHOT:
-                path = self.copy.path.with_suffix(".incoming")
-                # a local file written in 256 KiB frames: blocking writes this small are fine
-                snapshot = (body, open(path, "wb"), path)  # noqa: SIM115, ASYNC230
-            elif kind == records.SNAPSHOT_END and snapshot is not None:
-                head, f, path = snapshot
-                f.close()
-                snapshot = None
-                await self._install(path, head["epoch"], head["pos"], ws)
-            elif kind == records.RECORD:
-                self.owner_head = max(self.owner_head, body["pos"])
-                self._queue.put_nowait(body)
+            for line in msg.data.split("\n"):  # a frame may carry several records
+                snapshot = await self._on_text(json.loads(line), snapshot, ws)
         if snapshot is not None:
             snapshot[1].close()
+
+    async def _on_text(self, body: dict[str, Any], snapshot: Any,
+                       ws: aiohttp.ClientWebSocketResponse) -> Any:
+        """One text record of the stream; the snapshot being received, if any."""
+        kind = body.get("t")
+        if kind == records.RECORD:
+            self.owner_head = max(self.owner_head, body["pos"])
+            self._queue.put_nowait(body)
+        elif kind == records.HELLO:
+            self.owner_head = body["head"]
+            if not body["resume"]:
+                log.info("instance %d follows instance %d from a snapshot (it holds "
+                         "epoch %s position %d)", self.number, self.owner,
+                         self.epoch or "-", self.pos)
+        elif kind == records.SNAPSHOT:
+            path = self.copy.path.with_suffix(".incoming")
+            # a local file written in 256 KiB frames: blocking writes this small are fine
+            return (body, open(path, "wb"), path)  # noqa: ASYNC230
+        elif kind == records.SNAPSHOT_END and snapshot is not None:
+            head, f, path = snapshot
+            f.close()
+            await self._install(path, head["epoch"], head["pos"], ws)
+            return None
+        return snapshot
 
     async def _install(self, path: Path, epoch: str, pos: int,
                        ws: aiohttp.ClientWebSocketResponse) -> None:

@@ -44,6 +44,7 @@ log = logging.getLogger("shardchat.node.replication")
 
 SNAPSHOT_CHUNK = 256 * 1024  # bytes per binary frame of a snapshot
 SNAPSHOT_NAME = "replication-snapshot.sqlite3"
+FRAME_RECORDS = 256  # records one websocket frame carries at most
 HEARTBEAT = 2.0  # websocket pings: a cut connection is noticed within about twice this
 
 
@@ -153,6 +154,7 @@ class ShipLog:
         log.info("instance %s follows from epoch %s position %d (here: epoch %s, head %d)",
                  request.query.get("follower", "?"), epoch or "-", pos, self.epoch, self.head)
         acks = asyncio.get_running_loop().create_task(self._read_acks(ws, session))
+        acks.add_done_callback(lambda _t: self._wake.set())  # the follower went away
         self._set_connected(True)
         try:
             cursor = pos if epoch == self.epoch and self._holds_after(pos) else None
@@ -166,15 +168,12 @@ class ShipLog:
                 while cursor < self.head and session == self._session and not ws.closed:
                     if not self._holds_after(cursor):  # trimmed while sending: snapshot
                         break
-                    entry = self._ring[cursor + 1 - self._ring[0].pos]
-                    await ws.send_str(await self._payload(entry))
-                    cursor = entry.pos
-                if cursor >= self.head and session == self._session:
-                    waker = asyncio.ensure_future(self._wake.wait())
-                    await asyncio.wait({waker, acks}, return_when=asyncio.FIRST_COMPLETED)
-                    waker.cancel()
-                    if acks.done():
-                        break
+                    frame, cursor = await self._frame(cursor)
+                    await ws.send_str(frame)
+                if cursor >= self.head and session == self._session and not acks.done():
+                    await self._wake.wait()
+                if acks.done():
+                    break
         except (ConnectionError, RuntimeError) as exc:  # the follower went away mid-send
             log.info("replication stream to instance %d ended: %s", self.follower, exc)
         finally:
@@ -200,6 +199,20 @@ class ShipLog:
                 body = json.loads(msg.data)
                 if body["t"] == records.ACK and session == self._session:
                     self._acked(str(body["epoch"]), int(body["pos"]))
+
+    async def _frame(self, cursor: int) -> tuple[str, int]:
+        """The records after ``cursor`` the ring holds, up to ``FRAME_RECORDS``, as one
+        frame (one record per line: JSON never holds a raw newline), and the last one's
+        position. One frame per wake-up, not per commit, when commits come fast."""
+        first = self._ring[0].pos
+        lines = []
+        while cursor < self.head and len(lines) < FRAME_RECORDS:
+            entry = self._ring[cursor + 1 - first]
+            lines.append(await self._payload(entry))
+            cursor = entry.pos
+            if self._ring[0].pos != first:  # trimmed while an image was read
+                break
+        return "\n".join(lines), cursor
 
     async def _payload(self, entry: _Entry) -> str:
         if entry.payload is not None:
