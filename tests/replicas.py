@@ -18,11 +18,23 @@ import subprocess
 import sys
 import threading
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from shardchat.config import dump_toml
-from tests.support import ROOT, SECRET, NodeProcess, http_json, wait_until
+from tests.conftest import open_client
+from tests.moves import Sender
+from tests.support import (
+    ROOT,
+    SECRET,
+    NodeProcess,
+    async_wait_until,
+    http_json,
+    make_cluster_config,
+    start_nodes,
+    wait_until,
+)
 
 AUTH = {"Authorization": f"Bearer {SECRET}"}
 
@@ -137,3 +149,77 @@ class Proxy:
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers.difference_update((writer, up_writer))
+
+
+@contextlib.contextmanager
+def cluster(tmp: Path, mode: str, n: int = 3, cut: tuple[int, int] | None = None,
+            env: dict[int, dict[str, str]] | None = None, **node: Any
+            ) -> Iterator[tuple[Path, list[NodeProcess], Proxy | None]]:
+    """(config, nodes, proxy) of ``n`` nodes with ``node.replication = mode``: ``cut = (a,
+    b)`` puts a ``Proxy`` between node ``a`` and instance ``b``'s internal listener (``a``
+    gets a config of its own); ``env`` adds to a node's environment (a fault switch)."""
+    settings = {"replication": mode, "replication_ack_timeout": 3.0,
+                "rate_limit_messages": 100_000, **node}
+    path, instances = make_cluster_config(tmp, n, node=settings)
+    proxy = None
+    configs = {i["number"]: path for i in instances}
+    if cut is not None:
+        a, b = cut
+        proxy = Proxy(instances[b - 1]["internal_port"]).start()
+        configs[a] = config_with_proxy(path, b, proxy.port, f"via-proxy-{a}.toml")
+    nodes = [NodeProcess(configs[i["number"]], i, tmp, env=(env or {}).get(i["number"]))
+             for i in instances]
+    try:
+        start_nodes(nodes)
+        yield path, nodes, proxy
+    finally:
+        for node_ in nodes:
+            node_.stop()
+        if proxy is not None:
+            proxy.close()
+
+
+async def burst(owner: NodeProcess, room: dict[str, Any], senders: int = 3,
+                until_acked: int = 60) -> tuple[list[Sender], list[Any]]:
+    """Members sending at once until ``until_acked`` messages are acked in all."""
+    clients = [await open_client(owner, room, name=f"s{i}") for i in range(senders)]
+    running = [Sender(c, prefix=f"s{i}").start() for i, c in enumerate(clients)]
+    await async_wait_until(lambda: sum(len(s.acked) for s in running) >= until_acked,
+                           timeout=60, what="a burst of acked messages")
+    return running, clients
+
+
+async def stop_all(running: list[Sender], clients: list[Any]) -> dict[str, int]:
+    for s in running:
+        await s.stop()
+    for c in clients:
+        with contextlib.suppress(Exception):
+            await c.close()
+    acked: dict[str, int] = {}
+    for s in running:
+        acked.update(s.acked)
+    return acked
+
+
+async def check_adopted(adopter: NodeProcess, room: dict[str, Any], acked: dict[str, int],
+                        token: str) -> list[dict[str, Any]]:
+    """Every acked message on the adopter once, seqs gap-free, dedup and seq go on."""
+    member = await open_client(adopter, room["id"], name="s0", last_seq=0, token=token)
+    try:
+        welcome = member.welcome
+        assert welcome["recovered"] is True, welcome
+        history = welcome["history"]
+        seqs = [m["seq"] for m in history]
+        assert seqs == list(range(1, len(seqs) + 1)), f"seqs with a gap: {seqs}"
+        held = {m["client_id"]: m["seq"] for m in history}
+        missing = {cid: seq for cid, seq in acked.items() if held.get(cid) != seq}
+        assert not missing, f"acked and lost: {missing}"
+        mine = [cid for cid in acked if cid.startswith("s0-")]
+        if mine:
+            again = await member.send(mine[-1], client_id=mine[-1])
+            assert again.get("ok") is True and again["seq"] == acked[mine[-1]], again
+        fresh = await member.send_ok("after the adoption", client_id="after")
+        assert fresh["seq"] == len(seqs) + 1, fresh
+        return history
+    finally:
+        await member.close()

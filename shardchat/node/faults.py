@@ -37,7 +37,12 @@ TARGET_POINTS = (
     "handoff.target_after_copy",      # a copied page written, answer not sent
     "handoff.target_after_activate",  # room active, answer not sent
 )
-POINTS = frozenset(SOURCE_POINTS + TARGET_POINTS)
+# On-line replication (``node/replication/``): after each durable step, before what follows.
+REPLICATION_POINTS = (
+    "replication.after_adopt",   # the adopted rooms are durable here, the answer not sent
+    "replication.after_fence",   # the fenced rooms are forwards, the node not serving yet
+)
+POINTS = frozenset(SOURCE_POINTS + TARGET_POINTS + REPLICATION_POINTS)
 
 _armed: str | None = os.environ.get(ENV) or None
 

@@ -30,7 +30,7 @@ def _stored_by_target(point: str) -> bool:
                      "handoff.target_after_activate")
 
 
-@pytest.mark.parametrize("point", sorted(faults.POINTS))
+@pytest.mark.parametrize("point", sorted(faults.SOURCE_POINTS + faults.TARGET_POINTS))
 async def test_kill_at_every_step_leaves_one_owner_with_every_acked_message(tmp_path, point):
     cfg_path, instances = make_cluster_config(tmp_path, 2)
     armed = {faults.ENV: point}

@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 
 from shardchat.internal_api import ADOPTED_PATH
+from shardchat.node import faults
 from shardchat.node.store import Forward, RoomRecord, Store, schema
 
 log = logging.getLogger("shardchat.node.replication")
@@ -48,24 +49,31 @@ class AdoptRefused(Exception):
         self.message = message
 
 
-async def adopt(store: Store, copy_file: Path, owner: int) -> list[str]:
-    """Make every room of ``owner`` in ``copy_file`` a room of this node; their ids."""
+async def adopt(store: Store, copy_file: Path, owner: int) -> int:
+    """Make every room of ``owner`` in ``copy_file`` a room of this node; how many rooms of
+    the copy are this node's now (adopted by this call or an earlier one: running it again
+    adopts what is new in the copy and nothing twice)."""
     if not await asyncio.to_thread(copy_file.exists):
         raise AdoptRefused("no_copy", f"This node holds no copy of instance {owner} "
                            f"({copy_file} does not exist): it is not its follower, or "
                            "node.replication was off.")
-    adopted = await store.moves.adopt_rooms(lambda conn: _import(conn, copy_file, owner))
-    log.warning("adopted %d rooms of instance %d", len(adopted), owner)
-    return [room.id for room, _ in adopted]
+    held: list[str] = []
+    adopted = await store.moves.adopt_rooms(
+        lambda conn: _import(conn, copy_file, owner, held))
+    faults.reach("replication.after_adopt")
+    log.warning("adopted %d rooms of instance %d (%d were adopted before)", len(adopted),
+                owner, len(held))
+    return len(adopted) + len(held)
 
 
 _COPY_MESSAGES = (f"INSERT OR IGNORE INTO messages (room_id, {schema.MESSAGE_COLUMNS})"
                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
-def _import(conn: sqlite3.Connection, copy_file: Path, owner: int
+def _import(conn: sqlite3.Connection, copy_file: Path, owner: int, held: list[str]
             ) -> list[tuple[RoomRecord, int]]:
-    """Writer thread, inside its transaction (see the module docstring)."""
+    """Writer thread, inside its transaction (see the module docstring); the rooms that
+    are active here already go to ``held``."""
     src = schema.connect(copy_file, query_only=True)
     now = int(time.time() * 1000)
     out = []
@@ -76,8 +84,7 @@ def _import(conn: sqlite3.Connection, copy_file: Path, owner: int
                 (schema.ACTIVE,)).fetchall():
             mine = conn.execute("SELECT state FROM rooms WHERE id = ?", (rid,)).fetchone()
             if mine is not None and mine[0] == schema.ACTIVE:
-                log.error("room %s of instance %d is an active room here too: kept as it "
-                          "is here", rid, owner)
+                held.append(rid)  # adopted before (or a conflict: kept as it is here)
                 continue
             for table, column in (("rooms", "id"), ("messages", "room_id"),
                                   ("creation_keys", "room_id"), ("forwards", "room_id")):
@@ -155,6 +162,7 @@ async def fence_at_start(store: Store, number: int, follower: int | None,
     forwards = [Forward(rid, to, f"adopted-by-{to}", store.last_seq(rid), now, True)
                 for rid, to in sorted(where.items())]
     served = await store.moves.fence(forwards)
+    faults.reach("replication.after_fence")
     log.warning("instance %d was adopted while it was away: %d of its rooms now live "
                 "elsewhere (%d were still on its disk) and are forwarded there", number,
                 len(forwards), served)

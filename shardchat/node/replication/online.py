@@ -64,7 +64,7 @@ class OnlineReplication:
         self.gate: AckGate | None = None
         self.follows: dict[int, Follow] = {}
         self.auto: AutoAdopt | None = None
-        self.adopted: dict[int, int] = {}  # owner -> rooms adopted, this run
+        self.adopted: dict[int, int] = {}  # owner -> rooms of its copy held here
         self._adopting = asyncio.Lock()
         if self.mode == "off":
             return
@@ -130,21 +130,24 @@ class OnlineReplication:
                 "not_follower", f"Instance {self.number} does not follow instance {owner} "
                 f"(its follower is instance {self.cfg.follower_of(owner)}); ask that one.")
         async with self._adopting:
-            if owner in self.adopted:
-                return self._adoption(owner, self.adopted[owner])
             if not force and await self._answers(owner):
                 raise adoption.AdoptRefused(
                     "owner_alive", f"Instance {owner} still answers on its internal "
                     "listener, so it is not lost: stop it first, or empty it with "
                     f"shardchat drain --instance {owner}.")
             await follow.stop()
-            rooms = await adoption.adopt(self.store, follow.copy.path, owner)
-            self.adopted[owner] = len(rooms)
+            try:
+                rooms = await adoption.adopt(self.store, follow.copy.path, owner)
+            finally:
+                # Followed again from a snapshot once it is back (fenced): its new rooms
+                # need a copy too, and a later loss adopts only what is new.
+                await follow.start()
+            self.adopted[owner] = rooms
             if self.auto is not None and owner in self.auto.owners:
                 self.auto.owners.remove(owner)
             if self.ship is not None:
                 self.ship.reset(f"adopted instance {owner}")
-        return self._adoption(owner, len(rooms))
+        return self._adoption(owner, rooms)
 
     def _adoption(self, owner: int, rooms: int) -> dict[str, Any]:
         return {"instance": owner, "by": self.number, "rooms": rooms,
