@@ -42,6 +42,7 @@ class AutoAdopt:
         self._adopt = adopt
         self._headers = headers
         self._timeout = timeout
+        self.adopted: set[int] = set()  # watched again once they are reachable again
         self.votes: dict[int, tuple[int, int, int]] = {}  # owner -> agreeing, needed, rounds
         self._task: asyncio.Task[None] | None = None
 
@@ -56,8 +57,11 @@ class AutoAdopt:
 
     async def _run(self) -> None:
         async with aiohttp.ClientSession(headers=self._headers) as session:
-            while self.owners:
+            while True:
                 await asyncio.sleep(CHECK_INTERVAL)
+                for owner in [o for o in self.adopted if self._unreached_for(o) == 0]:
+                    self.adopted.discard(owner)  # back (fenced): watched again
+                    self.owners.append(owner)
                 for owner in list(self.owners):
                     try:
                         if await self._majority_lost(session, owner):
@@ -65,9 +69,15 @@ class AutoAdopt:
                                         "instance %d for %g s: adopting its rooms", owner,
                                         self.after)
                             await self._adopt(owner)
-                            self.owners.remove(owner)
+                            self.forget(owner)
                     except Exception:
                         log.exception("automatic adoption of instance %d failed", owner)
+
+    def forget(self, owner: int) -> None:
+        """``owner`` was adopted: not again until it has been seen back."""
+        if owner in self.owners:
+            self.owners.remove(owner)
+            self.adopted.add(owner)
 
     async def _majority_lost(self, session: aiohttp.ClientSession, owner: int) -> bool:
         if self._unreached_for(owner) < self.after:

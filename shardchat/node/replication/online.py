@@ -135,6 +135,7 @@ class OnlineReplication:
                     "owner_alive", f"Instance {owner} still answers on its internal "
                     "listener, so it is not lost: stop it first, or empty it with "
                     f"shardchat drain --instance {owner}.")
+            before = self.store.room_count()
             await follow.stop()
             try:
                 rooms = await adoption.adopt(self.store, follow.copy.path, owner)
@@ -143,9 +144,10 @@ class OnlineReplication:
                 # need a copy too, and a later loss adopts only what is new.
                 await follow.start()
             self.adopted[owner] = rooms
-            if self.auto is not None and owner in self.auto.owners:
-                self.auto.owners.remove(owner)
-            if self.ship is not None:
+            rooms_now = self.store.room_count()
+            if self.auto is not None:
+                self.auto.forget(owner)
+            if self.ship is not None and rooms_now > before:
                 self.ship.reset(f"adopted instance {owner}")
         return self._adoption(owner, rooms)
 

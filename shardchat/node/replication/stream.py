@@ -43,7 +43,7 @@ from shardchat.node.store.writer import Batch
 log = logging.getLogger("shardchat.node.replication")
 
 SNAPSHOT_CHUNK = 256 * 1024  # bytes per binary frame of a snapshot
-SNAPSHOT_NAME = "replication-snapshot.sqlite3"
+SNAPSHOT_NAME = "replication-snapshot-{session}.sqlite3"  # one per stream served
 FRAME_RECORDS = 256  # records one websocket frame carries at most
 HEARTBEAT = 2.0  # websocket pings: a cut connection is noticed within about twice this
 
@@ -162,7 +162,7 @@ class ShipLog:
                                           "head": self.head, "resume": cursor is not None}))
             while session == self._session and not ws.closed:
                 if cursor is None or not self._holds_after(cursor):
-                    cursor = await self._send_snapshot(ws)
+                    cursor = await self._send_snapshot(ws, session)
                     continue
                 self._wake.clear()
                 while cursor < self.head and session == self._session and not ws.closed:
@@ -220,9 +220,9 @@ class ShipLog:
         image = await asyncio.to_thread(_read_image, self.store.path, entry.room_id)
         return records.image_record(entry.pos, image)
 
-    async def _send_snapshot(self, ws: web.WebSocketResponse) -> int:
+    async def _send_snapshot(self, ws: web.WebSocketResponse, session: int) -> int:
         """A copy of the store at a known position, sent; that position."""
-        path = self.store.directory / SNAPSHOT_NAME
+        path = self.store.directory / SNAPSHOT_NAME.format(session=session)
         pos = await self._snapshot(path)
         self.snapshots += 1
         size = path.stat().st_size
