@@ -79,22 +79,26 @@ class FollowedCopy:
     def apply(self, epoch: str, records: list[dict[str, Any]]) -> int:
         """Apply records (ascending positions) in one transaction; the position now held."""
         conn = self.conn
-        touched: set[str] = set()
+        tops: dict[str, int | None] = {}  # room -> newest seq applied (None: look it up)
         conn.execute("BEGIN IMMEDIATE")
         try:
             for record in records:
                 image = record.get("image")
                 if image is not None:
                     _apply_image(conn, image)
-                    touched.add(image["id"])
+                    tops[image["id"]] = None
                     continue
                 conn.executemany(_INSERT_ROOM, record["rooms"])
                 conn.executemany(_INSERT_KEY, record["keys"])
                 conn.executemany(_INSERT_MESSAGE, record["messages"])
-                touched.update(m[0] for m in record["messages"])
-            for room_id in touched:
-                (top,) = conn.execute("SELECT MAX(seq) FROM messages WHERE room_id = ?",
-                                      (room_id,)).fetchone()
+                for m in record["messages"]:
+                    top = tops.get(m[0], 0)
+                    if top is not None and m[1] > top:
+                        tops[m[0]] = m[1]
+            for room_id, top in tops.items():
+                if top is None:
+                    (top,) = conn.execute("SELECT MAX(seq) FROM messages WHERE room_id = ?",
+                                          (room_id,)).fetchone()
                 if top is not None and top > self.retention:
                     schema.delete_through(conn, room_id, top - self.retention)
             pos = records[-1]["pos"]
