@@ -95,6 +95,12 @@ def check(config_path: str) -> None:
         where = replica_target.parse(cfg.node.replicate_to).pattern()
         click.echo(f"  stores replicated (Litestream) to {where} every "
                    f"{cfg.node.replicate_sync_interval:g} s")
+    if cfg.node.replication != "off":
+        ring = ", ".join(f"{i.number} -> {cfg.follower_of(i.number)}" for i in cfg.instances)
+        auto = (f", auto-adopt after {cfg.node.adopt_after:g} s" if cfg.node.auto_adopt
+                else "")
+        click.echo(f"  on-line replication {cfg.node.replication} to each follower ({ring})"
+                   f"{auto}")
 
 
 @main.command()
