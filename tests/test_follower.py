@@ -12,7 +12,7 @@ import pytest
 
 from shardchat.cli_common import EXIT_OK, EXIT_REFUSED
 from tests.conftest import Refused, acreate_room, open_client
-from tests.moves import room_state
+from tests.moves import move_room, room_state
 from tests.replicas import (
     adopt,
     burst,
@@ -222,3 +222,25 @@ async def test_auto_adopt_needs_a_majority(tmp_path):
                                          == 2), timeout=60,
                                what="instance 2 to adopt instance 1 by itself")
         assert metrics(two)["adopted"] == {"1": 1}
+
+
+@pytest.mark.timeout(240)
+async def test_a_room_that_moved_away_just_before_the_loss_is_not_adopted(tmp_path):
+    """The forward never reached the follower (its link is cut): the copy still holds the
+    room as the lost owner's, but its new owner serves it, so the adopter leaves it."""
+    with cluster(tmp_path, "async", cut=(2, 1)) as (path, (one, two, three), proxy):
+        room = await acreate_room(one, "Moved away")
+        stays = await acreate_room(one, "Stays")
+        member = await open_client(one, room, name="m")
+        await member.send_ok("hello", client_id="c0")
+        await member.close()
+        await async_wait_until(in_thread(lambda: caught_up(one)), timeout=30)
+        proxy.stop()
+        status, report = await asyncio.to_thread(move_room, one, room["id"], 3)
+        assert status == 200, report
+        one.kill()
+        run = await asyncio.to_thread(adopt, path, 1)
+        assert run.returncode == EXIT_OK and "adopted 1 rooms" in run.stdout, run.stdout
+        assert (await asyncio.to_thread(lookup, two, room["id"]))[1]["instance"] == 3
+        assert (await asyncio.to_thread(room_state, two, room["id"]))[0] == 404
+        assert (await asyncio.to_thread(lookup, three, stays["id"]))[1]["instance"] == 2

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ class AdoptRefused(Exception):
         self.message = message
 
 
-async def adopt(store: Store, copy_file: Path, owner: int) -> int:
+async def adopt(store: Store, copy_file: Path, owner: int,
+                elsewhere: Collection[str] = ()) -> int:
     """Make every room of ``owner`` in ``copy_file`` a room of this node; how many rooms of
     the copy are this node's now (adopted by this call or an earlier one: running it again
     adopts what is new in the copy and nothing twice)."""
@@ -59,7 +60,7 @@ async def adopt(store: Store, copy_file: Path, owner: int) -> int:
                            "node.replication was off.")
     held: list[str] = []
     adopted = await store.moves.adopt_rooms(
-        lambda conn: _import(conn, copy_file, owner, held))
+        lambda conn: _import(conn, copy_file, owner, held, elsewhere))
     faults.reach("replication.after_adopt")
     log.warning("adopted %d rooms of instance %d (%d were adopted before)", len(adopted),
                 owner, len(held))
@@ -70,10 +71,11 @@ _COPY_MESSAGES = (f"INSERT OR IGNORE INTO messages (room_id, {schema.MESSAGE_COL
                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
-def _import(conn: sqlite3.Connection, copy_file: Path, owner: int, held: list[str]
-            ) -> list[tuple[RoomRecord, int]]:
+def _import(conn: sqlite3.Connection, copy_file: Path, owner: int, held: list[str],
+            elsewhere: Collection[str]) -> list[tuple[RoomRecord, int]]:
     """Writer thread, inside its transaction (see the module docstring); the rooms that
-    are active here already go to ``held``."""
+    are active here already go to ``held``; those in ``elsewhere`` (owned by another
+    instance now) are left out."""
     src = schema.connect(copy_file, query_only=True)
     now = int(time.time() * 1000)
     out = []
@@ -82,6 +84,10 @@ def _import(conn: sqlite3.Connection, copy_file: Path, owner: int, held: list[st
         for rid, name, private, created_at in src.execute(
                 "SELECT id, name, private, created_at FROM rooms WHERE state = ?",
                 (schema.ACTIVE,)).fetchall():
+            if rid in elsewhere:
+                log.warning("room %s of instance %d's copy is owned by another instance "
+                            "now (it moved just before the loss): not adopted", rid, owner)
+                continue
             mine = conn.execute("SELECT state FROM rooms WHERE id = ?", (rid,)).fetchone()
             if mine is not None and mine[0] == schema.ACTIVE:
                 held.append(rid)  # adopted before (or a conflict: kept as it is here)

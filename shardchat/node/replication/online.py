@@ -32,6 +32,7 @@ from shardchat.internal_api import (
     ADOPTED_PATH,
     REACHABILITY_PATH,
     REPLICATION_STREAM_PATH,
+    ROOMS_PATH,
     STATS_PATH,
     auth_header,
 )
@@ -136,9 +137,10 @@ class OnlineReplication:
                     "listener, so it is not lost: stop it first, or empty it with "
                     f"shardchat drain --instance {owner}.")
             before = self.store.room_count()
+            elsewhere = await self._owned_elsewhere(owner)
             await follow.stop()
             try:
-                rooms = await adoption.adopt(self.store, follow.copy.path, owner)
+                rooms = await adoption.adopt(self.store, follow.copy.path, owner, elsewhere)
             finally:
                 # Followed again from a snapshot once it is back (fenced): its new rooms
                 # need a copy too, and a later loss adopts only what is new.
@@ -154,6 +156,26 @@ class OnlineReplication:
     def _adoption(self, owner: int, rooms: int) -> dict[str, Any]:
         return {"instance": owner, "by": self.number, "rooms": rooms,
                 "follower": self.cfg.follower_of(self.number)}
+
+    async def _owned_elsewhere(self, owner: int) -> set[str]:
+        """The rooms the other reachable instances own now. A room ``owner`` moved away just
+        before it was lost may still be its own in the copy (the forward had not reached
+        the follower yet); its new owner serves it, so it is not adopted."""
+        out: set[str] = set()
+        peers = {n: url for n, url in self._others().items() if n != owner}
+        async with aiohttp.ClientSession(headers=self._headers) as session:
+            for number, base in peers.items():
+                try:
+                    async with session.get(f"{base}{ROOMS_PATH}", timeout=aiohttp.ClientTimeout(
+                            total=max(5.0, self.cfg.node.peer_timeout))) as resp:
+                        body = await resp.json() if resp.status == 200 else {}
+                except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                    log.warning("adopting instance %d: instance %d could not list its rooms",
+                                owner, number)
+                    continue
+                out.update(r["room_id"] for r in body.get("active", []))
+                out.update(body.get("idle", []))
+        return out
 
     async def _answers(self, owner: int) -> bool:
         base = self._locate(owner)
