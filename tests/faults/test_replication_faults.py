@@ -17,7 +17,8 @@ from shardchat.cli_common import EXIT_OK
 from shardchat.node import faults
 from tests.conftest import Refused, acreate_room, open_client
 from tests.moves import room_state
-from tests.replicas import adopt, burst, check_adopted, cluster, lookup, stop_all
+from tests.replicas import adopt, burst, caught_up, check_adopted, cluster, lookup, stop_all
+from tests.support import async_wait_until, in_thread
 
 
 @pytest.mark.timeout(240)
@@ -50,9 +51,11 @@ async def test_fenced_owner_killed_after_fencing_stays_fenced(tmp_path):
         member = await open_client(one, room, name="m")
         await member.send_ok("hello", client_id="c0")
         await member.close()
+        # async: the follower must hold the room before the loss (else it is in the window)
+        await async_wait_until(in_thread(lambda: caught_up(one)), timeout=30)
         one.kill()
         run = await asyncio.to_thread(adopt, path, 1)
-        assert run.returncode == EXIT_OK, (run.stdout, run.stderr)
+        assert run.returncode == EXIT_OK and "adopted 1 rooms" in run.stdout, run
         one.spawn()  # back with its disk: fences, then dies before serving
         await asyncio.to_thread(one.proc.wait, 60)
         assert one.proc.returncode == -signal.SIGKILL, one.log()
