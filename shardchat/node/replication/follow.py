@@ -109,7 +109,7 @@ class Follow:
             if msg.type != aiohttp.WSMsgType.TEXT:
                 break
             for line in msg.data.split("\n"):  # a frame may carry several records
-                snapshot = await self._on_text(json.loads(line), snapshot, ws)
+                snapshot = await self._on_text(records.decode(line), snapshot, ws)
         if snapshot is not None:
             snapshot[1].close()
 
@@ -169,8 +169,8 @@ class Follow:
                                            f"{self.pos} to {fresh[0]['pos']}")
                     self.pos = await asyncio.to_thread(self.copy.apply, self.epoch, fresh)
                     self.applied_at = time.monotonic()
-            await ws.send_str(json.dumps({"t": records.ACK, "epoch": self.epoch,
-                                          "pos": self.pos}))
+            await ws.send_str(records.encode({"t": records.ACK, "epoch": self.epoch,
+                                              "pos": self.pos}))
 
     def stats(self) -> dict[str, Any]:
         return {"owner": self.owner, "connected": self.connected, "epoch": self.epoch,

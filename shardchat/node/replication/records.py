@@ -19,9 +19,10 @@ of the room (its ``private`` flag) is all the follower needs for them to keep wo
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from typing import Any
+
+import orjson
 
 from shardchat.node.store import schema
 from shardchat.node.store.writer import Batch
@@ -38,12 +39,22 @@ def batch_record(pos: int, batch: Batch) -> str:
             for w in batch.rooms if w.key is not None]
     messages = [[m.room_id, m.seq, m.sender_sid, m.sender_name, m.text, m.ts, m.client_id,
                  m.sender_member] for m in (w.message for w in batch.messages)]
-    return json.dumps({"t": RECORD, "pos": pos, "rooms": rooms, "keys": keys,
-                       "messages": messages}, ensure_ascii=False)
+    return encode({"t": RECORD, "pos": pos, "rooms": rooms, "keys": keys,
+                   "messages": messages})
 
 
 def image_record(pos: int, image: dict[str, Any]) -> str:
-    return json.dumps({"t": RECORD, "pos": pos, "image": image}, ensure_ascii=False)
+    return encode({"t": RECORD, "pos": pos, "image": image})
+
+
+def encode(frame: dict[str, Any]) -> str:
+    """One record as a line of JSON (orjson: the stream's encoding is on the loop of both
+    ends, once per commit; it never writes a raw newline)."""
+    return orjson.dumps(frame).decode()
+
+
+def decode(line: str) -> dict[str, Any]:
+    return orjson.loads(line)
 
 
 def read_image(conn: sqlite3.Connection, room_id: str) -> dict[str, Any]:
