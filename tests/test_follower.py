@@ -244,3 +244,27 @@ async def test_a_room_that_moved_away_just_before_the_loss_is_not_adopted(tmp_pa
         assert (await asyncio.to_thread(lookup, two, room["id"]))[1]["instance"] == 3
         assert (await asyncio.to_thread(room_state, two, room["id"]))[0] == 404
         assert (await asyncio.to_thread(lookup, three, stays["id"]))[1]["instance"] == 2
+
+
+@pytest.mark.timeout(240)
+async def test_sync_with_the_async_fallback_acks_while_the_follower_is_away(tmp_path):
+    with cluster(tmp_path, "sync", cut=(2, 1), replication_ack_timeout=1.0,
+                 replication_fallback="async") as (_path, (one, _two, _three), proxy):
+        room = await acreate_room(one, "Fallback room")
+        member = await open_client(one, room, name="m")
+        await member.send_ok("before", client_id="c0")
+        proxy.stop()
+        await async_wait_until(in_thread(lambda: not metrics(one)["shipping"]["connected"]),
+                               timeout=15, what="the owner to see its follower gone")
+        for i in range(1, 6):  # the first waits out the timeout, the rest go at once
+            await member.send_ok(f"away {i}", client_id=f"c{i}")
+        ship = metrics(one)["shipping"]
+        assert ship["fallback_acks"] >= 5 and ship["degraded"] is True, ship
+        assert ship["refused"] == 0, ship
+        assert "acking after the local commit only" in one.log()
+        proxy.start()
+        await async_wait_until(in_thread(lambda: caught_up(one)), timeout=30)
+        await member.send_ok("back", client_id="c6")
+        assert metrics(one)["shipping"]["degraded"] is False
+        assert "caught up: acks are sync again" in one.log()
+        await member.close()
