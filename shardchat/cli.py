@@ -1,4 +1,4 @@
-"""``shardchat node | check | restore | up | router | move | drain | rebalance``: thin click
+"""``shardchat node | check | restore | up | router | move | drain | rebalance | adopt``: thin click
 wrappers that parse and hand over."""
 
 from __future__ import annotations
@@ -137,6 +137,12 @@ def check(config_path: str) -> None:
         where = replica_target.parse(cfg.node.replicate_to).pattern()
         click.echo(f"  stores replicated (Litestream) to {where} every "
                    f"{cfg.node.replicate_sync_interval:g} s")
+    if cfg.node.replication != "off":
+        ring = ", ".join(f"{i.number} -> {cfg.follower_of(i.number)}" for i in cfg.instances)
+        auto = (f", auto-adopt after {cfg.node.adopt_after:g} s" if cfg.node.auto_adopt
+                else "")
+        click.echo(f"  on-line replication {cfg.node.replication} to each follower ({ring})"
+                   f"{auto}")
 
 
 @main.command()
@@ -200,7 +206,7 @@ def _register_cluster_commands() -> None:
     drive."""
     from shardchat.cluster import commands
 
-    for name in ("up", "router", "move", "drain", "rebalance"):
+    for name in ("up", "router", "move", "drain", "rebalance", "adopt"):
         cmd = getattr(commands, name, None)
         if cmd is not None:
             main.add_command(cmd, name)

@@ -49,6 +49,10 @@ class Instance:
     port: int = 9001
     internal_port: int = 9101
     ec2_instance_id: str | None = None
+    # The instance that keeps an on-line copy of this one's rooms (SPEC section 9); None:
+    # the next instance number of the cluster, the highest wrapping round to the lowest
+    # (``Config.follower_of``).
+    follower: int | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,15 @@ class NodeSettings:
     replicate_endpoint: str = ""  # S3-compatible server (MinIO, moto); "" for AWS S3
     replicate_region: str = ""  # the bucket's region; "": aws.region
     replicate_sync_interval: float = 1.0  # seconds between uploads: the loss window's size
+    # On-line copy on the follower (shardchat/node/replication/, SPEC section 9): "off",
+    # "async" (acked after the owner's commit, shipped at once) or "sync" (acked once on
+    # the owner's and the follower's disk).
+    replication: str = "off"
+    replication_ack_timeout: float = 2.0  # sync: seconds an ack waits for the follower
+    replication_fallback: str = "none"  # sync: "none" (refuse, unavailable) or "async"
+    replication_backlog: int = 10_000  # batches kept for a follower that fell behind
+    auto_adopt: bool = False  # the follower adopts a lost instance on its own
+    adopt_after: float = 30.0  # seconds a majority must not reach the lost instance
 
 
 @dataclass(frozen=True)
@@ -170,6 +183,24 @@ class Config:
     @property
     def data_dir(self) -> Path:
         return Path(self.cluster.data_dir)
+
+    def follower_of(self, number: int) -> int | None:
+        """The instance that follows ``number``: its ``follower`` key, else the next
+        instance number, the highest wrapping round to the lowest; None in a cluster of
+        one."""
+        inst = self.instance(number)
+        if inst.follower is not None:
+            return inst.follower
+        numbers = sorted(i.number for i in self.instances)
+        if len(numbers) < 2:
+            return None
+        later = [n for n in numbers if n > number]
+        return later[0] if later else numbers[0]
+
+    def followed_by(self, number: int) -> list[int]:
+        """The instances whose follower ``number`` is."""
+        return [i.number for i in self.instances if i.number != number
+                and self.follower_of(i.number) == number]
 
     def instance_data_dir(self, number: int) -> Path:
         return self.data_dir / storage_name(number)
@@ -271,7 +302,9 @@ def _build(cls: type, table: Any, prefix: str) -> Any:
         if key not in known:
             raise ConfigError(full, f"unknown key (known keys: {', '.join(sorted(known))})")
         ftype = known[key].type
-        if ftype in ("str | None", str | None):
+        if ftype in ("int | None", int | None):
+            kwargs[key] = None if value is None else _check_type(full, value, int)
+        elif ftype in ("str | None", str | None):
             kwargs[key] = None if value in ("", None) else _check_type(full, value, str)
         elif ftype in ("tuple[str, ...]",):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -442,7 +475,42 @@ def validate(cfg: Config) -> Config:
     _check_aws(cfg.aws, n)
     _check_shards(cfg)
     _check_replication(cfg)
+    _check_followers(cfg)
     return cfg
+
+
+REPLICATION_MODES = ("off", "async", "sync")
+FALLBACKS = ("none", "async")
+
+
+def _check_followers(cfg: Config) -> None:
+    """Each ``follower`` names another instance of the cluster; the on-line replication
+    keys fit together."""
+    numbers = {i.number for i in cfg.instances}
+    for idx, inst in enumerate(cfg.instances):
+        if inst.follower is None:
+            continue
+        key = f"instances[{idx}].follower"
+        if inst.follower == inst.number:
+            raise ConfigError(key, f"instance {inst.number} cannot follow itself: name "
+                              "another instance, or remove the key for the next one")
+        if inst.follower not in numbers:
+            known = ", ".join(str(n) for n in sorted(numbers))
+            raise ConfigError(key, f"names instance {inst.follower}, which is not in the "
+                              f"cluster (configured: {known})")
+    n = cfg.node
+    if n.replication not in REPLICATION_MODES:
+        raise ConfigError("node.replication", "must be \"off\", \"async\" or \"sync\", "
+                          f"got {n.replication!r}")
+    if n.replication_fallback not in FALLBACKS:
+        raise ConfigError("node.replication_fallback", "must be \"none\" (sync acks fail "
+                          "with unavailable while the follower is away) or \"async\", got "
+                          f"{n.replication_fallback!r}")
+    for name in ("replication_ack_timeout", "replication_backlog", "adopt_after"):
+        _positive(f"node.{name}", getattr(n, name))
+    if n.auto_adopt and n.replication == "off":
+        raise ConfigError("node.auto_adopt", "needs node.replication = \"async\" or "
+                          "\"sync\": with replication off no follower holds a copy to adopt")
 
 
 SYNC_INTERVAL_RANGE = (0.1, 3600.0)  # node.replicate_sync_interval, seconds

@@ -19,6 +19,8 @@ cluster never imports the node):
 * the paths of moves (``MOVE_PATH``, ``HANDOFF_*``; ``ROOM_STATE_PATH`` says where a room
   is during and after one); what they carry is
   ``node/handoff/api.py``'s;
+* the paths of the follower stream, adoption and reachability (``REPLICATION_*``,
+  ``ADOPT*_PATH``, ``REACHABILITY_PATH``); what they carry is ``node/replication/``'s;
 * how a creation ends when it does not end in a room (``CreationFailed``): each kind carries
   the HTTP answer it becomes, whichever listener gives it.
 
@@ -80,6 +82,17 @@ HANDOFF_ABORT_PATH = "/internal/handoff/abort"
 def move_path(room_id: str) -> str:
     """``POST {"to": N}`` to this on the room's owner: move it, live, to instance N."""
     return MOVE_PATH.format(room_id=room_id)
+
+
+# On-line replication (SPEC section 9; ``node/replication/``). The follower opens the
+# stream (a websocket) on its owner; an operator (``shardchat adopt``) or the follower
+# itself POSTs ``{"instance": N}`` to adopt N; a starting node asks its peers which of its
+# rooms they adopted (``?instance=N`` -> ``{"rooms": {room id: instance now}}``); peers
+# tell how long they have not reached each instance (``{"unreached_for": {N: seconds}}``).
+REPLICATION_STREAM_PATH = "/internal/replication/stream"
+ADOPT_PATH = "/internal/replication/adopt"
+ADOPTED_PATH = "/internal/replication/adopted"
+REACHABILITY_PATH = "/internal/reachability"
 
 
 AUTH_HEADER = "Authorization"

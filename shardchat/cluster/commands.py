@@ -228,12 +228,43 @@ def rebalance(config_path: str, dry_run: bool, timeout: float, parallel: int,
                                            concurrency=parallel, say=say), as_json)
 
 
+@click.command("adopt")
+@CONFIG_OPTION
+@click.option("--instance", "number", required=True, type=int,
+              help="The lost instance whose rooms its follower takes over.")
+@click.option("--force", is_flag=True,
+              help="Adopt even though the instance still answers (it must then never "
+                   "serve again: it is fenced at its next start).")
+@JSON_OPTION
+def adopt(config_path: str, number: int, force: bool, as_json: bool) -> None:
+    """The follower of lost instance N becomes the owner of every room of N (SPEC section
+    9); lookups and redirects then send N's clients there, and N, back, serves none of them.
+
+    Exit codes: 0 adopted; 1 the follower could not be reached or failed; 2 config error;
+    3 refused (N still answers, replication is off, ...), nothing changed."""
+    from shardchat.cluster.adoption import adopt as run_adopt
+
+    cfg = _cluster_config(config_path)
+    with config_errors_exit():
+        cfg.instance(number)
+    code, answer = asyncio.run(run_adopt(cfg, number, force))
+    if as_json:
+        click.echo(json.dumps(answer))
+    elif code == EXIT_OK:
+        click.echo(f"instance {answer['by']} adopted {answer['rooms']} rooms of instance "
+                   f"{number}; they are replicated to instance {answer['follower']} from "
+                   "a snapshot")
+    else:
+        click.echo(f"refused: {answer.get('message', answer)}", err=True)
+    sys.exit(code)
+
+
 @click.group()
 def _standalone() -> None:
     """Cluster commands, runnable before they are wired into `shardchat`."""
 
 
-for _command in (up, router, move, drain, rebalance):
+for _command in (up, router, move, drain, rebalance, adopt):
     _standalone.add_command(_command)
 
 if __name__ == "__main__":

@@ -46,7 +46,12 @@ STORE_POINTS = (
     "store.before_commit",
     "store.after_commit",
 )
-POINTS = HANDOFF_POINTS | frozenset(STORE_POINTS)
+# On-line replication (``node/replication/``): after each durable step, before what follows.
+REPLICATION_POINTS = (
+    "replication.after_adopt",   # the adopted rooms are durable here, the answer not sent
+    "replication.after_fence",   # the fenced rooms are forwards, the node not serving yet
+)
+POINTS = HANDOFF_POINTS | frozenset(STORE_POINTS) | frozenset(REPLICATION_POINTS)
 
 AT_ENV = "SHARDCHAT_FAULT_AT"  # die the n-th time the point is reached (default: the first)
 

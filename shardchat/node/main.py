@@ -46,6 +46,7 @@ from shardchat.node.handoff.routes import add_routes as add_move_routes
 from shardchat.node.http import PublicApp
 from shardchat.node.loads import NodeLoads
 from shardchat.node.replication import litestream
+from shardchat.node.replication.online import OnlineReplication
 from shardchat.node.replication.restore import holds_store
 from shardchat.node.replication.supervisor import STOP_TIMEOUT as REPLICA_STOP_TIMEOUT
 from shardchat.node.replication.supervisor import Supervisor
@@ -86,6 +87,10 @@ class Node:
         self.placer = Placer(cfg, self)  # the cluster's part: this node is its LocalNode
         self.directory = Directory(number, self.room_state, self.placer.peers,
                                    cfg.node.peer_timeout)
+        self.started_at = time.monotonic()
+        # the follower stream, adoption and fencing (node.replication, SPEC section 9)
+        self.online = OnlineReplication(cfg, number, self.store, self._peer_url,
+                                        self.unreached_for)
         self.public_app = PublicApp(cfg.node, number, self.sio, self.store, self.rooms,
                                     self.addresses, self.placer, self.directory,
                                     self.room_state)
@@ -120,6 +125,16 @@ class Node:
         peer = self.placer.peers.get(number)
         return peer.base_url if peer is not None else None
 
+    def unreached_for(self, number: int) -> float:
+        """Seconds since this node last reached instance ``number`` (its stats poll), 0
+        while it answers; since this node started when it never answered."""
+        peer = self.placer.peers.get(number)
+        if peer is None:
+            return 0.0
+        if peer.healthy:
+            return 0.0
+        return time.monotonic() - (peer.fetched_at or self.started_at)
+
     def room_state(self, room_id: str) -> dict[str, Any] | None:
         """What this node is to ``room_id`` (``GET /internal/rooms/<room_id>``, and the
         directory's first question): owner, forwarded or incoming (``Handoff.state``), or
@@ -135,6 +150,7 @@ class Node:
                "gc": gctune.WATCH.stats()}
         if self.replica is not None:
             out["replication"] = self.replica.stats()
+        out["online_replication"] = self.online.stats()
         return out
 
     def commit_seconds(self) -> Buckets:
@@ -199,6 +215,7 @@ class Node:
         inst = self.instance
         peer_app = internal.build_app(self.cfg, self)
         add_move_routes(peer_app, self.handoff)
+        self.online.add_routes(peer_app)
         self.runners = [
             web.AppRunner(self.public_app.build_app(), access_log=None, handle_signals=False,
                           shutdown_timeout=shutdown.HTTP_TIMEOUT),
@@ -209,6 +226,10 @@ class Node:
         public, private = self.runners
         timeouts = listener.ListenerTimeouts.from_config(self.cfg)  # header and idle bounds
         await listener.start_site(private, inst.host, inst.internal_port, timeouts)
+        # Peers answer which of this node's rooms they adopted before it serves any: the
+        # internal listener is up, so peers starting at the same time can ask it too.
+        await self.online.fence()
+        await self.online.start()
         await listener.start_site(public, inst.host, inst.port, timeouts)
 
     def _replication_plan(self) -> tuple[Path, Path]:
@@ -253,6 +274,7 @@ class Node:
             ("presence batches", self.rooms.batches.close, shutdown.PRESENCE_TIMEOUT),
             ("closing sessions", self._close_sessions, shutdown.CLOSE_TIMEOUT + 1),
             ("public listener", public.cleanup, shutdown.LISTENER_TIMEOUT),
+            ("replication streams", self.online.close, shutdown.PEERS_TIMEOUT),
             ("internal listener", private.cleanup, shutdown.LISTENER_TIMEOUT),
             ("moves", self.handoff.close, shutdown.PEERS_TIMEOUT),
             ("placement", self.placer.close, shutdown.PEERS_TIMEOUT),

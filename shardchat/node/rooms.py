@@ -50,7 +50,14 @@ from shardchat.node.invites import Invites
 from shardchat.node.members import MemberTokens
 from shardchat.node.ratelimit import RateLimiter, limit_identity
 from shardchat.node.roster import Member, Roster, UnknownCursor
-from shardchat.node.store import CreationKey, MessageRecord, RoomRecord, Store, StoreError
+from shardchat.node.store import (
+    AckRefused,
+    CreationKey,
+    MessageRecord,
+    RoomRecord,
+    Store,
+    StoreError,
+)
 from shardchat.refusal import Refusal
 
 log = logging.getLogger("shardchat.rooms")
@@ -382,6 +389,8 @@ class RoomService:
                 room.record.id, sender_sid=sid, sender_name=member.name,
                 sender_member=member.identity, text=data["text"],
                 client_id=data.get("client_id"), ts=int(time.time() * 1000))
+        except AckRefused as exc:  # stored here, its copy on the follower not confirmed
+            return await self._refuse_unconfirmed(room, exc)
         except StoreError:
             log.exception("store refused a message in %s", room.record.id)
             return dict(UNSAVED)
@@ -399,10 +408,13 @@ class RoomService:
         ``reply(ack)`` once the commit is back, all without a task or a future.
 
         What it leaves to ``message`` (False: nothing checked, spent or stored): a sender
-        that is not a member (the refusal, or ``moved``, is ``message``'s), and a room that
-        is frozen or gone, whose gate ``message`` awaits. The engine then runs ``message``
-        in a task, and the sender's next messages follow it there until it is done, so a
-        client's messages still get seqs in frame order."""
+        that is not a member (the refusal, or ``moved``, is ``message``'s), a room that
+        is frozen or gone, whose gate ``message`` awaits, and every message under sync
+        replication, whose ack awaits the follower's (``Store.ack_gate``). The engine then
+        runs ``message`` in a task, and the sender's next messages follow it there until it
+        is done, so a client's messages still get seqs in frame order."""
+        if self.store.ack_gate is not None:  # sync replication: the ack awaits the follower
+            return False
         room, member = self._member(namespace, sid)
         if member is None:
             return False
@@ -469,6 +481,15 @@ class RoomService:
         self.in_flight -= 1
         if not self.in_flight:
             self._idle.set()
+
+    async def _refuse_unconfirmed(self, room: Room, refused: AckRefused) -> dict[str, Any]:
+        """Sync replication could not confirm the copy (``Store.ack_gate``): the message is
+        stored here, so the room sees it now (a resend is a duplicate and is not broadcast
+        again); the sender hears ``unavailable`` and may resend to learn when it is safe."""
+        if not refused.duplicate:
+            self.activity.message(room.record.id)
+            await self._broadcast(room, "message", payloads.message(refused.message))
+        return Refusal("unavailable", refused.reason).ack()
 
     async def typing(self, namespace: str, sid: str, data: Any) -> None:
         room, member = self._member(namespace, sid)

@@ -40,13 +40,13 @@ import asyncio
 import functools
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from shardchat.node.buckets import Buckets
 from shardchat.node.store import integrity, schema
 from shardchat.node.store.checkpoint import Checkpointer
-from shardchat.node.store.errors import MoveConflict, StoreError
+from shardchat.node.store.errors import AckRefused, MoveConflict, StoreError
 from shardchat.node.store.integrity import MARKER_NAME, RESTORE_DOC, StoreDamaged
 from shardchat.node.store.lock import LOCK_NAME, DirectoryLock
 from shardchat.node.store.moves import Moves
@@ -66,7 +66,7 @@ from shardchat.node.store.writer import Batch, GroupCommitWriter
 
 __all__ = [
     "DB_NAME", "KEY_TTL_MS", "LOCK_NAME", "LOOP_READ_ROWS", "MARKER_NAME", "RESTORE_DOC",
-    "CreationKey", "Forward", "Incoming", "KeyRow", "KeyedRoom", "MessageRecord",
+    "AckRefused", "CreationKey", "Forward", "Incoming", "KeyRow", "KeyedRoom", "MessageRecord",
     "MoveConflict", "Moves", "RoomRecord", "Store", "StoreDamaged", "StoreError",
 ]
 
@@ -140,6 +140,16 @@ class Store:
         self._checkpointer = Checkpointer(self.path, fsync=fsync, enabled=own_checkpoints)
         self.moves = Moves(self._writer, self._reader, owns=self._owns, adopt=self._adopt,
                            give_up=self._give_up)
+        # Sync replication's seam: awaited after a message's commit (and for a duplicate),
+        # before the caller hears of it; raises AckRefused when it cannot confirm the copy
+        # on the follower (``node/replication/gate.py``). None: acked at the commit.
+        self.ack_gate: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def writer(self) -> GroupCommitWriter:
+        """The writer thread's front, for what ships its commits (``writer.post_commit``)
+        and for jobs of the replication (a snapshot, an adoption)."""
+        return self._writer
 
     @property
     def retention(self) -> int:
@@ -292,7 +302,21 @@ class Store:
                         done=functools.partial(_settle_append, future))
         # Each caller has a future of its own, so cancelling one only cancels its wait:
         # the write still commits and a duplicate's waiter is still told.
-        return await future
+        record, duplicate = await future
+        if self.ack_gate is None:
+            return record, duplicate
+        return await self._gated(record, duplicate)
+
+    async def _gated(self, record: MessageRecord, duplicate: bool
+                     ) -> tuple[MessageRecord, bool]:
+        """``(record, duplicate)`` once the ack gate lets it through (at once without one);
+        AckRefused, carrying both, when it does not."""
+        if self.ack_gate is not None:
+            try:
+                await self.ack_gate()
+            except AckRefused as exc:
+                raise AckRefused(record, duplicate, exc.reason) from None
+        return record, duplicate
 
     def append_now(self, room_id: str, *, sender_sid: str, sender_name: str,
                    sender_member: str, text: str, client_id: str | None, ts: int,

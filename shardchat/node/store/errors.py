@@ -28,3 +28,17 @@ class MoveConflict(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+class AckRefused(StoreError):
+    """A message is committed here, but the ack gate (``Store.ack_gate``: sync replication,
+    ``node/replication/gate.py``) could not confirm its copy elsewhere in time. ``message``
+    is the record as stored (a resend with its ``client_id`` is a duplicate of it),
+    ``duplicate`` whether it was stored before this call, ``reason`` a sentence for the
+    person who sent it."""
+
+    def __init__(self, message: object, duplicate: bool, reason: str):
+        super().__init__(reason)
+        self.message = message
+        self.duplicate = duplicate
+        self.reason = reason

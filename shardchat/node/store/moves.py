@@ -15,6 +15,12 @@ A move of room R from node A to node B leaves two kinds of durable state (the pr
 ``Moves`` is the event loop's side (what arrives, what left, published when a write is
 durable); each write is a ``Job`` of the writer thread, one transaction running one of the
 functions below. A step the state does not allow raises ``MoveConflict``, nothing written.
+
+Rooms also change hands without a move when an instance is lost (SPEC section 9,
+``node/replication/``): its follower *adopts* them (``adopt_rooms``: copies become active
+rooms here), and the lost instance, back, is *fenced* (``fence``: its adopted rooms become
+forwards to the adopter). ``changed`` callbacks hear of every room a committed job changed,
+in commit order, so the follower stream ships the room's new state.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class Moves:
         self._give_up = give_up
         self._incoming: dict[str, Incoming] = {}
         self._forwards: dict[str, Forward] = {}
+        self.changed: list[Callable[[str], None]] = []  # room ids, after a job's commit
 
     def loaded(self, incoming: dict[str, Incoming], forwards: dict[str, Forward]) -> None:
         """At open: what ``schema.load_moves`` found."""
@@ -118,7 +125,8 @@ class Moves:
             self._forwards.pop(room_id, None)
             self._adopt(incoming.room, last_seq)
 
-        return await self._job(lambda c: activate(c, room_id, move_id, last_seq), done)
+        return await self._job(lambda c: activate(c, room_id, move_id, last_seq), done,
+                               rooms=[room_id])
 
     async def drop_incoming(self, room_id: str, move_id: str) -> bool:
         def done(dropped: object) -> None:
@@ -139,7 +147,7 @@ class Moves:
             self._give_up(room_id)
             self._forwards[room_id] = forward
 
-        await self._job(lambda c: write_forward(c, forward), done)
+        await self._job(lambda c: write_forward(c, forward), done, rooms=[room_id])
         return forward
 
     async def finish_forward(self, room_id: str, move_id: str) -> bool:
@@ -151,11 +159,52 @@ class Moves:
                     room_id, current.instance, move_id, current.last_seq, current.moved_at,
                     True)
 
-        return await self._job(lambda c: finish_forward(c, room_id, move_id), done)
+        return await self._job(lambda c: finish_forward(c, room_id, move_id), done,
+                               rooms=[room_id])
+
+    # -- an instance lost and adopted (``node/replication/adopt.py``) -----------------------
+
+    async def adopt_rooms(self, run: Callable[[sqlite3.Connection],
+                                              list[tuple[RoomRecord, int]]]
+                          ) -> list[tuple[RoomRecord, int]]:
+        """Run ``run`` (it writes the adopted rooms as active rooms and returns each with
+        its last seq) in one transaction; once durable they are rooms of this node."""
+        def done(adopted: object) -> None:
+            for room, last_seq in adopted:  # type: ignore[attr-defined]
+                self._incoming.pop(room.id, None)
+                self._forwards.pop(room.id, None)
+                self._adopt(room, last_seq)
+
+        return await self._job(run, done)  # type: ignore[return-value]
+
+    async def fence(self, forwards: list[Forward]) -> int:
+        """Rooms adopted away from this node become forwards to their adopter, and what
+        was left of them here goes, in one transaction; how many rooms were served here."""
+        def done(_count: object) -> None:
+            for f in forwards:
+                self._give_up(f.room_id)
+                self._incoming.pop(f.room_id, None)
+                self._forwards[f.room_id] = f
+
+        return await self._job(lambda c: fence(c, forwards), done,  # type: ignore[return-value]
+                               rooms=[f.room_id for f in forwards])
 
     async def _job(self, run: Callable[[sqlite3.Connection], object],
-                   done: Callable[[object], None] | None = None) -> object:
-        return await asyncio.shield(self._writer.write_job(run, done))
+                   done: Callable[[object], None] | None = None,
+                   rooms: list[str] | None = None) -> object:
+        """One write of its own transaction; ``rooms`` (or the room id of the step, read
+        from the move functions' first argument) are told to ``changed`` once durable."""
+        if rooms is None or not self.changed:
+            return await asyncio.shield(self._writer.write_job(run, done))
+
+        def done_and_tell(result: object) -> None:
+            if done is not None:
+                done(result)
+            for tell in self.changed:
+                for room_id in rooms:
+                    tell(room_id)
+
+        return await asyncio.shield(self._writer.write_job(run, done_and_tell))
 
 
 # -- the writes, in the writer thread inside a transaction --------------------------------
@@ -285,3 +334,18 @@ def finish_forward(conn: sqlite3.Connection, room_id: str, move_id: str) -> bool
     if _room_row(conn, room_id) is None:
         _delete_room_data(conn, room_id)
     return True
+
+
+def fence(conn: sqlite3.Connection, forwards: list[Forward]) -> int:
+    """Each room a forward to its adopter, its data here gone; how many were active here."""
+    served = 0
+    for f in forwards:
+        found = _room_row(conn, f.room_id)
+        served += found is not None and found[0] == ACTIVE
+        conn.execute("DELETE FROM rooms WHERE id = ?", (f.room_id,))
+        _delete_room_data(conn, f.room_id)
+        conn.execute("INSERT OR REPLACE INTO forwards (room_id, instance, move_id, last_seq,"
+                     " moved_at, activated) VALUES (?, ?, ?, ?, ?, ?)",
+                     (f.room_id, f.instance, f.move_id, f.last_seq, f.moved_at,
+                      int(f.activated)))
+    return served

@@ -21,8 +21,9 @@ from shardchat.node.store.records import CreationKey, Forward, Incoming, Message
 
 DB_NAME = "store.sqlite3"
 # 2: dedup keyed by sender_member instead of sender_name; 3: rooms that move (the room's
-# state, source and move, and the forwards table)
-SCHEMA_VERSION = 3
+# state, source and move, and the forwards table); 4: adopted_rooms, the rooms this node took
+# over from a lost instance (node/replication/adopt.py), which that instance must not serve
+SCHEMA_VERSION = 4
 ACTIVE, INCOMING = "active", "incoming"  # rooms.state: served here / arriving by a move
 # An Idempotency-Key is remembered this long (docs/protocol.md); older ones are pruned
 # whenever a keyed room is written, in the same transaction.
@@ -60,6 +61,11 @@ CREATE TABLE IF NOT EXISTS forwards (
     last_seq    INTEGER NOT NULL,
     moved_at    INTEGER NOT NULL,
     activated   INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS adopted_rooms (
+    room_id     TEXT PRIMARY KEY,
+    instance    INTEGER NOT NULL,
+    adopted_at  INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
 # Added to ``rooms`` by ``migrate_moves`` (a room of schema 2 is an active room).

@@ -27,6 +27,10 @@ exactly when the job is durable. Jobs in a refused batch are refused with it.
 
 The writer knows rooms and messages only as the rows of the batch it commits: counters,
 dedup and which rooms exist are the owner's (``Store``).
+
+``post_commit``: the replication seam. Each callback added there receives every committed
+batch on the loop, right after ``on_committed`` and before any waiter wakes, in commit
+order: the follower stream ships exactly these batches (``node/replication/stream.py``).
 """
 
 from __future__ import annotations
@@ -161,6 +165,7 @@ class GroupCommitWriter:
         self.fsync = fsync
         self.stats = WriterStats()
         self._on_committed = on_committed
+        self.post_commit: list[Callable[[Batch], None]] = []  # see the module docstring
         self._on_refused = on_refused
         self._housekeeping = housekeeping
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -288,6 +293,8 @@ class GroupCommitWriter:
     def _committed(self, batch: Batch) -> None:
         """Loop side of a commit: tell the owner, then wake every waiter of the batch."""
         self._on_committed(batch)
+        for tap in self.post_commit:
+            tap(batch)
         for r in batch.rooms:
             _settle(r.future, None)
         for m in batch.messages:
