@@ -13,7 +13,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shardchat.node.buckets import Buckets
 from tests.conftest import acreate_room
-from tests.support import AUTH, http_json, running_nodes, wait_until
+from tests.support import (
+    AUTH,
+    async_wait_until,
+    http_json,
+    in_thread,
+    running_nodes,
+    wait_until,
+)
 
 
 def scrape(node, headers=AUTH) -> dict[tuple[str, tuple], float]:
@@ -91,3 +98,20 @@ def test_a_duration_counts_in_the_first_bucket_at_or_above_it(observed, bucket):
     pairs, total = b.snapshot()
     first = next(le for le, count in pairs if count == 1)
     assert first == bucket and total == observed and pairs[-1] == ("+Inf", 1)
+
+
+async def test_replication_lag_is_scraped_from_the_owner_and_the_follower(tmp_path, connect):
+    with running_nodes(tmp_path, 2, node={"replication": "async"}) as (one, two):
+        wait_until(lambda: value(scrape(one), "shardchat_replication_follower_connected") == 1,
+                   timeout=20, what="instance 2 reading instance 1's stream")
+        room = await acreate_room(one, "replicated")
+        alice = await connect(one, room, name="alice")
+        for i in range(3):
+            await alice.send_ok(f"copied {i}")
+        await async_wait_until(in_thread(
+            lambda: value(scrape(one), "shardchat_replication_lag_records") == 0),
+            timeout=20, what="the follower caught up")
+        follower = await asyncio.to_thread(scrape, two)
+        assert value(follower, "shardchat_following_lag_records", owner="1") == 0
+        assert value(await asyncio.to_thread(scrape, one),
+                     "shardchat_replication_lag_seconds") == 0

@@ -31,7 +31,7 @@ import aiohttp
 from aiohttp import web
 
 from shardchat import urls
-from shardchat.config import Config
+from shardchat.config import Config, ConfigError
 from shardchat.internal_api import ADMIN_DATA_PATH, ADMIN_PATH, METRICS_PATH, auth_header
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -50,14 +50,6 @@ class Inspected(Protocol):
     def metrics(self) -> dict[str, Any]: ...
 
     def peer_health(self) -> list[dict[str, Any]]: ...
-
-
-def follower_of(cfg: Config, number: int) -> int | None:
-    """The follower the config names for instance ``number`` (SPEC section 9), if any."""
-    for inst in cfg.instances:
-        if inst.number == number:
-            return getattr(inst, "follower", None)
-    return None
 
 
 def rule_url(cfg: Config, number: int) -> str:
@@ -103,6 +95,7 @@ def _row(number: int, here: bool, address: str, seen: dict[str, Any],
     """One instance's line on the page."""
     store = (metrics or {}).get("store", {})
     replica = (metrics or {}).get("replication")
+    ship = (metrics or {}).get("online_replication", {}).get("shipping")
     reachable = bool(seen.get("healthy", here))
     known = seen if reachable else {}  # a down peer's last numbers would mislead
     return {"instance": number, "this": here, "address": address,
@@ -112,6 +105,9 @@ def _row(number: int, here: bool, address: str, seen: dict[str, Any],
             "draining": bool(seen.get("draining")),
             "messages": store.get("messages"), "commits": store.get("commits"),
             "follower": follower,
+            "follower_lag": None if ship is None else {
+                "connected": ship["connected"], "records": ship["records_behind"],
+                "seconds": ship["seconds_behind"]},
             "offsite": None if replica is None else {
                 "running": replica.get("running"), "target": replica.get("target"),
                 "last_upload_age": replica.get("last_upload_age")},
@@ -145,10 +141,20 @@ async def cluster_view(cfg: Config, node: Inspected) -> dict[str, Any]:
             seen = next(p for p in peers if p["instance"] == n)
             counters = peer_counters[n]
             address = f"{seen['host']}:{seen['internal_port']}"
-        rows.append(_row(n, n == node.number, address, seen, counters, follower_of(cfg, n),
+        rows.append(_row(n, n == node.number, address, seen, counters, _follower(cfg, n),
                          rules[n]))
     return {"cluster": cfg.cluster.name, "asked": node.number,
             "public_url": cfg.cluster.public_url, "at": time.time(), "instances": rows}
+
+
+def _follower(cfg: Config, number: int) -> int | None:
+    """Instance N's follower when on-line replication is on (SPEC section 9), else None."""
+    if cfg.node.replication == "off":
+        return None
+    try:
+        return cfg.follower_of(number)
+    except ConfigError:  # an instance known by discovery alone
+        return None
 
 
 def _address(inst: Any) -> str:

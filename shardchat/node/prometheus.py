@@ -77,6 +77,8 @@ class NodeCollector(Collector):
         yield from _peer_families(node.peer_health())
         if "replication" in m:
             yield from _replication_families(m["replication"])
+        if "online_replication" in m:
+            yield from _online_families(m["online_replication"])
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -179,6 +181,32 @@ def _replication_families(rep: Mapping[str, Any]) -> Iterator[Metric]:
     if rep.get("last_upload_age") is not None:
         yield _gauge("litestream_last_upload_age_seconds", "Seconds since Litestream last "
                      "shipped WAL to the replica.", rep["last_upload_age"])
+
+
+def _online_families(online: Mapping[str, Any]) -> Iterator[Metric]:
+    """The follower stream (SPEC section 9): how far this node's follower is behind it, and
+    how far this node is behind each owner it follows."""
+    ship = online.get("shipping")
+    if ship is not None:
+        yield _gauge("replication_follower_connected", "1 while this node's follower reads "
+                     "its stream.", int(bool(ship["connected"])))
+        yield _gauge("replication_lag_records", "Committed batches the follower has not "
+                     "acknowledged yet.", ship["records_behind"])
+        yield _gauge("replication_lag_bytes", "Bytes of those batches.", ship["bytes_behind"])
+        yield _gauge("replication_lag_seconds", "Age of the oldest batch the follower has not "
+                     "acknowledged (0 when it has them all).", ship["seconds_behind"])
+        yield _counter("replication_snapshots_sent", "Snapshots sent to a follower too far "
+                       "behind (or after a restart).", ship["snapshots"])
+        for key, doc in (("refused", "Sync acks refused unavailable: the follower did not "
+                          "confirm in time."),
+                         ("fallback_acks", "Sync acks given as async (replication_fallback).")):
+            if key in ship:
+                yield _counter(f"replication_acks_{key}", doc, ship[key])
+    behind = GaugeMetricFamily("shardchat_following_lag_records", "Batches of an owner this "
+                               "node follows that it has not applied yet.", labels=["owner"])
+    for owner, f in sorted(online.get("following", {}).items()):
+        behind.add_metric([owner], f["records_behind"])
+    yield behind
 
 
 def registry_for(node: Observed) -> CollectorRegistry:

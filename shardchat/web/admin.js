@@ -53,6 +53,16 @@ function offsite(copy) {
   return pill("streaming", "ok", `${copy.target} – ${age}`);
 }
 
+function follower(inst) {
+  if (inst.follower === null) return "–";
+  const lag = inst.follower_lag;
+  if (!lag) return `i${inst.follower}`;
+  if (!lag.connected) return pill(`i${inst.follower} · not reading`, "bad", "the follower is not connected");
+  const kind = lag.records > 0 && lag.seconds > 1 ? "warn" : "ok";
+  return pill(`i${inst.follower} · ${lag.records} behind`, kind,
+    `oldest unacknowledged batch ${lag.seconds.toFixed(2)} s old`);
+}
+
 function rule(r) {
   const kind = { "ok": "ok", "draining": "warn" }[r.status] || "bad";
   return pill(r.status, kind, r.detail);
@@ -87,7 +97,7 @@ function draw(data) {
     cell(tr, number(inst.rooms), "num rooms");
     cell(tr, loadBar(inst.load, highest), "load-cell");
     cell(tr, number(inst.messages), "num messages");
-    cell(tr, inst.follower === null ? "–" : `i${inst.follower}`, "follower");
+    cell(tr, follower(inst), "follower");
     cell(tr, offsite(inst.offsite), "offsite");
     cell(tr, rule(inst.rule), "rule");
     fresh.appendChild(tr);

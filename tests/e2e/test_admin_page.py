@@ -38,6 +38,9 @@ expect = playwright_sync.expect
 @pytest.fixture
 def cluster(tmp_path) -> Iterator[dict[str, Any]]:
     """``shardchat up --nodes 3``: its URL, its ready file (nodes, pids, ports), its secret."""
+    # on-line replication on, so the page has followers and their lag to show
+    (tmp_path / ".shardchat").mkdir()
+    (tmp_path / ".shardchat" / "shardchat.toml").write_text('[node]\nreplication = "async"\n')
     with running_up(tmp_path, nodes=3) as base:
         ready = json.loads((tmp_path / "up-ready.json").read_text())
         config = tomllib.loads((tmp_path / ready["config"]).read_text())
@@ -84,6 +87,8 @@ def test_the_page_shows_every_instance_and_follows_a_kill(cluster, tmp_path):
                 expect(row(page, n).locator(".health")).to_contain_text("up")
                 expect(row(page, n).locator(".rule")).to_have_text("ok")
             expect(page.locator("#t-rules")).to_have_text("3 / 3")
+            for n, follower in ((1, 2), (2, 3), (3, 1)):  # the ring: the next, wrapping round
+                expect(row(page, n).locator(".follower")).to_have_text(f"i{follower} · 0 behind")
 
             # a room created through the router shows on its instance's row
             status, room = http_json("POST", cluster["url"] + "/api/rooms", {"name": "Ops"})
