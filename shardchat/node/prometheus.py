@@ -197,11 +197,13 @@ def _online_families(online: Mapping[str, Any]) -> Iterator[Metric]:
                      "acknowledged (0 when it has them all).", ship["seconds_behind"])
         yield _counter("replication_snapshots_sent", "Snapshots sent to a follower too far "
                        "behind (or after a restart).", ship["snapshots"])
-        for key, doc in (("refused", "Sync acks refused unavailable: the follower did not "
-                          "confirm in time."),
-                         ("fallback_acks", "Sync acks given as async (replication_fallback).")):
+        for key, name, doc in (
+                ("refused", "replication_acks_refused",
+                 "Sync acks refused unavailable: the follower did not confirm in time."),
+                ("fallback_acks", "replication_fallback_acks",
+                 "Sync acks given as async (replication_fallback).")):
             if key in ship:
-                yield _counter(f"replication_acks_{key}", doc, ship[key])
+                yield _counter(name, doc, ship[key])
     behind = GaugeMetricFamily("shardchat_following_lag_records", "Batches of an owner this "
                                "node follows that it has not applied yet.", labels=["owner"])
     for owner, f in sorted(online.get("following", {}).items()):
