@@ -10,7 +10,9 @@ PY_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 NODES ?= 3
 PORT ?= 8080
-PYTEST_WORKERS ?= 2
+# three workers on two cores: most tests wait on real nodes (the suite keeps a 2-core machine
+# about half busy with two), and every test has its own ports and data directory
+PYTEST_WORKERS ?= 3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install run test lint bench system-deps clean

@@ -140,7 +140,10 @@ def test_a_child_that_cannot_start_makes_the_command_exit_non_zero(tmp_path):
     log = group.log()
     assert code == 1, log
     assert "instance 2 (pid" in log and "exited with code" in log
-    assert "stopped, not cleanly: instance 2" in log
+    # instance 1 may still be starting when it is told to stop (then SIGTERM ends it before
+    # its handler is in place and it is listed too): what matters is that 2 is named
+    assert "stopped, not cleanly: " in log
+    assert "instance 2 exited with code 1" in log.split("stopped, not cleanly: ", 1)[1]
 
 
 def test_one_instance_runs_in_the_command_itself_as_before(tmp_path):
