@@ -311,15 +311,33 @@ def start_nodes(nodes: Iterable[NodeProcess], timeout: float = HEALTHY_TIMEOUT) 
         try:
             for node in nodes:
                 node.wait_ready(timeout)
+            for node in nodes:  # a ready check may have reached whatever took its port
+                node.check()
             return
-        except nodeproc.Exited as exc:
-            if not exc.address_in_use:
+        except (nodeproc.Exited, nodeproc.NotReady) as exc:
+            if not _lost_a_port(nodes, exc):
                 raise
             for node in nodes:
                 node.stop()
             if attempt == PORT_ATTEMPTS:
                 raise
             repick_ports(nodes)
+
+
+def _lost_a_port(nodes: list[NodeProcess], exc: Exception) -> bool:
+    """Whether a start failed because a node could not bind: said by its own exit, or, when
+    another node timed out waiting for it (a node that fences waits for its peers), by the
+    exit of any node of the group. A node whose port another test's node holds can even
+    pass its ready check against that node, and die later."""
+    if isinstance(exc, nodeproc.Exited):
+        return exc.address_in_use
+    for node in nodes:
+        try:
+            node.check()
+        except nodeproc.Exited as exited:
+            if exited.address_in_use:
+                return True
+    return False
 
 
 def repick_ports(nodes: Iterable[NodeProcess]) -> None:
