@@ -363,13 +363,9 @@ class RoomService:
             if moved is not None:
                 return moved.ack()
             return Refusal("bad_request", "You are not in this room; reconnect.").ack()
-        bad = limits.check_message(data, self.settings)
-        if bad:
-            return bad.ack()
-        limited = self.limiter.take("messages", identity=member.limit_key,
-                                    address=member.address)
-        if limited:
-            return ratelimit.refusal(limited, self.settings.rate_limit_window).ack()
+        refused = self._refuse_message(member, data)
+        if refused is not None:
+            return refused
         # A moving room is frozen while its last messages are copied: a message waits for
         # the outcome, and is stored here only if the room stays. Nothing may be awaited
         # between the last look at the gate and append_message, which hands out the seq.
@@ -401,6 +397,18 @@ class RoomService:
             await self._broadcast(room, "message", payloads.message(msg))
         return {"ok": True, "seq": msg.seq, "ts": msg.ts}
 
+    def _refuse_message(self, member: Member, data: Any) -> dict[str, Any] | None:
+        """The ack refusing a message for its content or its sender's rate, else None (and
+        one of the sender's message tokens spent): both message paths ask this."""
+        bad = limits.check_message(data, self.settings)
+        if bad:
+            return bad.ack()
+        limited = self.limiter.take("messages", identity=member.limit_key,
+                                    address=member.address)
+        if limited:
+            return ratelimit.refusal(limited, self.settings.rate_limit_window).ack()
+        return None
+
     def message_now(self, namespace: str, sid: str, data: Any,
                     reply: Callable[[Any], None]) -> bool:
         """``message`` for the engine's direct path (a websocket frame, in its own callback):
@@ -421,14 +429,9 @@ class RoomService:
         rid = room.record.id
         if self.moves.gate(rid) is not None or self.moves.moved_to(rid) is not None:
             return False
-        bad = limits.check_message(data, self.settings)
-        if bad:
-            reply(bad.ack())
-            return True
-        limited = self.limiter.take("messages", identity=member.limit_key,
-                                    address=member.address)
-        if limited:
-            reply(ratelimit.refusal(limited, self.settings.rate_limit_window).ack())
+        refused = self._refuse_message(member, data)
+        if refused is not None:
+            reply(refused)
             return True
         self._begin_write()
         try:
