@@ -127,8 +127,8 @@ async def cluster_view(cfg: Config, node: Inspected) -> dict[str, Any]:
                         for p in peers]
         rule_calls = [check_rule(public_session, rule_url(cfg, n), n) for n in numbers]
         results = await asyncio.gather(*metric_calls, *rule_calls)
-    peer_counters = dict(zip((p["instance"] for p in peers), results[:len(peers)],
-                             strict=True))
+    by_number = {p["instance"]: p for p in peers}
+    peer_counters = dict(zip(by_number, results[:len(peers)], strict=True))
     rules = dict(zip(numbers, results[len(peers):], strict=True))
     inst = {i.number: i for i in cfg.instances}
     rows = []
@@ -138,7 +138,7 @@ async def cluster_view(cfg: Config, node: Inspected) -> dict[str, Any]:
             counters: dict[str, Any] | None = node.metrics()
             address = _address(inst.get(n))
         else:
-            seen = next(p for p in peers if p["instance"] == n)
+            seen = by_number[n]
             counters = peer_counters[n]
             address = f"{seen['host']}:{seen['internal_port']}"
         rows.append(_row(n, n == node.number, address, seen, counters, _follower(cfg, n),
