@@ -198,6 +198,20 @@ class RoomClient:
             await eio.disconnect(abort=True)
 
 
+async def all_history(client: RoomClient) -> list[dict[str, Any]]:
+    """Every stored message of the client's room, oldest first (pages of 100)."""
+    out: list[dict[str, Any]] = []
+    before = client.welcome["last_seq"] + 1
+    for _ in range(1000):
+        page = await client.call("history", {"before": before, "limit": 100})
+        assert page["ok"] is True, page
+        if not page["messages"]:
+            break
+        out = page["messages"] + out
+        before = page["messages"][0]["seq"]
+    return out
+
+
 class Refused(Exception):
     """A connect the node refused; ``data`` is the CONNECT_ERROR payload."""
 

@@ -26,8 +26,8 @@ from shardchat.config import dump_toml
 from tests.conftest import open_client
 from tests.moves import Sender
 from tests.support import (
+    AUTH,
     ROOT,
-    SECRET,
     NodeProcess,
     async_wait_until,
     http_json,
@@ -35,8 +35,6 @@ from tests.support import (
     start_nodes,
     wait_until,
 )
-
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 
 def metrics(node: NodeProcess) -> dict[str, Any]:

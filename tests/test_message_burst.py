@@ -20,7 +20,14 @@ from typing import Any
 import pytest
 
 from shardchat.node import faults
-from tests.conftest import ENGINES, EVENT_TIMEOUT, RoomClient, acreate_room, open_client
+from tests.conftest import (
+    ENGINES,
+    EVENT_TIMEOUT,
+    RoomClient,
+    acreate_room,
+    all_history,
+    open_client,
+)
 from tests.support import NodeProcess, in_thread, make_cluster_config, start_nodes
 
 pytestmark = pytest.mark.timeout(180)
@@ -54,19 +61,6 @@ async def burst(client: RoomClient, tag: str, count: int, repeats: int = 0,
     results = await asyncio.gather(*calls, return_exceptions=True)
     return list(zip(ids, results, strict=True))
 
-
-async def all_history(client: RoomClient) -> list[dict]:
-    """Every stored message of the client's room, oldest first."""
-    out: list[dict] = []
-    before = client.welcome["last_seq"] + 1
-    for _ in range(100):
-        page = await client.call("history", {"before": before, "limit": 100})
-        assert page["ok"] is True, page
-        if not page["messages"]:
-            break
-        out = page["messages"] + out
-        before = page["messages"][0]["seq"]
-    return out
 
 
 def assert_gap_free_and_once(messages: list[dict]) -> None:

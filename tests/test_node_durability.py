@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import ENGINES, acreate_room, open_client
+from tests.conftest import ENGINES, acreate_room, all_history, open_client
 from tests.support import NodeProcess, make_cluster_config, running_nodes
 
 pytestmark = pytest.mark.timeout(120)
@@ -20,20 +20,6 @@ async def restart(node: NodeProcess) -> None:
     """Start the same node again on the same config and data directory."""
     await asyncio.to_thread(node.start)
 
-
-async def all_history(client) -> list[dict]:
-    """Every stored message of the client's room, oldest first (pages of 100)."""
-    top = client.welcome["last_seq"]
-    out: list[dict] = []
-    before = top + 1
-    for _ in range(1000):
-        page = await client.call("history", {"before": before, "limit": 100})
-        assert page["ok"] is True, page
-        if not page["messages"]:
-            break
-        out = page["messages"] + out
-        before = page["messages"][0]["seq"]
-    return out
 
 
 async def test_acked_messages_survive_kill_9_with_the_same_seq(tmp_path, connect, transport,
