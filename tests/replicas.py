@@ -167,8 +167,16 @@ def cluster(tmp: Path, mode: str, n: int = 3, cut: tuple[int, int] | None = None
         configs[a] = config_with_proxy(path, b, proxy.port, f"via-proxy-{a}.toml")
     nodes = [NodeProcess(configs[i["number"]], i, tmp, env=(env or {}).get(i["number"]))
              for i in instances]
+
+    def through_the_proxy_again() -> None:
+        """After fresh ports (a clash at start): the proxy goes to ``b``'s new port, and
+        ``a``'s config names the proxy again in place of it."""
+        if proxy is not None and cut is not None:
+            proxy.retarget(instances[cut[1] - 1]["internal_port"])
+            config_with_proxy(path, cut[1], proxy.port, f"via-proxy-{cut[0]}.toml")
+
     try:
-        start_nodes(nodes)
+        start_nodes(nodes, repicked=through_the_proxy_again)
         yield path, nodes, proxy
     finally:
         for node_ in nodes:

@@ -300,9 +300,11 @@ class NodeProcess(nodeproc.NodeProcess):
             return ""
 
 
-def start_nodes(nodes: Iterable[NodeProcess], timeout: float = HEALTHY_TIMEOUT) -> None:
+def start_nodes(nodes: Iterable[NodeProcess], timeout: float = HEALTHY_TIMEOUT,
+                repicked: Callable[[], None] | None = None) -> None:
     """Start nodes of one config together and wait until each is healthy. When one lost a
-    port to another process, all of them get fresh ports (the config file is rewritten)
+    port to another process, all of them get fresh ports (every config file of the group
+    is rewritten, then ``repicked`` runs, for a caller whose configs differ on purpose)
     and start again; see the module docstring."""
     nodes = list(nodes)
     for attempt in range(1, PORT_ATTEMPTS + 1):
@@ -322,6 +324,8 @@ def start_nodes(nodes: Iterable[NodeProcess], timeout: float = HEALTHY_TIMEOUT) 
             if attempt == PORT_ATTEMPTS:
                 raise
             repick_ports(nodes)
+            if repicked is not None:
+                repicked()
 
 
 def _lost_a_port(nodes: list[NodeProcess], exc: Exception) -> bool:
@@ -341,14 +345,14 @@ def _lost_a_port(nodes: list[NodeProcess], exc: Exception) -> bool:
 
 
 def repick_ports(nodes: Iterable[NodeProcess]) -> None:
-    """Fresh ports for ``nodes``, written to their instance dicts and their config file."""
-    by_config: dict[Path, list[NodeProcess]] = {}
+    """Fresh ports for ``nodes``, written to their instance dicts and to every config file
+    of the group (each file names every instance, so each gets all the new ports)."""
+    nodes = list(nodes)
     for node in nodes:
         node.instance["port"], node.instance["internal_port"] = distinct_free_ports(2)
-        by_config.setdefault(node.config_path, []).append(node)
-    for path, group in by_config.items():
+    ports = {n.number: n.instance for n in nodes}
+    for path in dict.fromkeys(n.config_path for n in nodes):
         data = tomllib.loads(path.read_text())
-        ports = {n.number: n.instance for n in group}
         for inst in data.get("instances", []):
             if inst.get("number") in ports:
                 inst["port"] = ports[inst["number"]]["port"]

@@ -7,9 +7,11 @@ Cluster of three: instance 1's follower is 2, 2's is 3, 3's is 1 (the default ri
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
+import tests.replicas as replicas
 from shardchat.cli_common import EXIT_OK, EXIT_REFUSED
 from tests.conftest import Refused, acreate_room, open_client
 from tests.moves import move_room, room_state
@@ -268,3 +270,39 @@ async def test_sync_with_the_async_fallback_acks_while_the_follower_is_away(tmp_
         assert metrics(one)["shipping"]["degraded"] is False
         assert "caught up: acks are sync again" in one.log()
         await member.close()
+
+
+@pytest.mark.timeout(240)
+async def test_a_cut_cluster_that_needed_fresh_ports_still_goes_through_its_proxy(
+        tmp_path, monkeypatch):
+    """Another process takes the cut instances' ports after they were picked: the nodes
+    start again on fresh ports, and the link the test cuts still runs through the proxy
+    (the proxy follows instance 1's new port; node 2's own config names the proxy)."""
+    squatters: list[socket.socket] = []
+    picked = replicas.make_cluster_config
+
+    def then_taken(*args, **kwargs):
+        path, instances = picked(*args, **kwargs)
+        for inst in instances[:2]:
+            squatter = socket.socket()
+            squatter.bind(("127.0.0.1", inst["internal_port"]))
+            squatter.listen()
+            squatters.append(squatter)
+        return path, instances
+
+    monkeypatch.setattr(replicas, "make_cluster_config", then_taken)
+    try:
+        with cluster(tmp_path, "sync", cut=(2, 1)) as (_path, (one, _two, _three), proxy):
+            assert all(one.internal_port != s.getsockname()[1] for s in squatters)
+            room = await acreate_room(one, "Fresh ports")
+            member = await open_client(one, room, name="m")
+            await member.send_ok("through the proxy", client_id="c0")
+            await async_wait_until(in_thread(lambda: caught_up(one)), timeout=30,
+                                   what="the follower to copy through the proxy")
+            proxy.stop()
+            await async_wait_until(in_thread(lambda: not metrics(one)["shipping"]["connected"]),
+                                   timeout=15, what="the cut to reach the owner")
+            await member.close()
+    finally:
+        for squatter in squatters:
+            squatter.close()
