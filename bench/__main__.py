@@ -10,7 +10,8 @@ bench/results/results.{json,md,png}.
     python -m bench --scenario soak       the soak (bench/soak.py, 5 minutes; not in the
                                           default run): --soak-seconds, --soak-clients
     python -m bench --scenario multicore  1 node vs 2 nodes on 2 cores (bench/multicore.py;
-                                          not in the default run)
+                                          not in the default run), with the compiled load
+                                          generator (--loadgen c, python or both)
     python -m bench --scenario idle_50k   50,000 idle connections on one server, or as many
                                           as the fd limits allow (bench/manyconn.py; not in
                                           the default run)
@@ -224,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of each throughput and join scenario; the "
                              "median is reported (default 3, 1 with --quick)")
+    parser.add_argument("--loadgen", choices=["c", "python", "both"], default="c",
+                        help="the multicore scenario's load generator: the compiled one "
+                             "(bench/cloadgen, default; built with cc), the Python one, or "
+                             "both in turn in every round")
     parser.add_argument("--profile", type=Path, default=None,
                         help="write a cProfile of each shardchat node into this directory")
     parser.add_argument("--soak-seconds", type=float, default=300.0,

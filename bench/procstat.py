@@ -23,6 +23,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of ``pid`` in seconds: its own code, and the kernel's on its behalf
+    (system calls: the sockets' reads and writes, the store's writes)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    fields = raw[raw.rindex(b")") + 2:].split()
+    return int(fields[11]) / _TICKS, int(fields[12]) / _TICKS
+
+
+def kernel_threads_cpu() -> float:
+    """CPU seconds of every kernel thread so far (kthreadd, pid 2, and its children): the
+    kernel's own workers, which serve the processes' I/O (a disk's writes after an fsync,
+    freeing memory after RCU) on whatever core has room, and are charged to no process."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        fields = raw[raw.rindex(b")") + 2:].split()
+        if pid == "2" or fields[1] == b"2":  # the parent's pid
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICKS
+
+
 def thread_cpu(pid: int) -> dict[str, float]:
     """utime + stime per thread name of ``pid`` (threads of one name summed), so a run
     shows how the work splits between the event loop and helper threads."""

@@ -120,9 +120,9 @@ class ClosedLoop:
     connections alive and waits; ``pid`` is there so its priority can be set."""
 
     def __init__(self, binary: Path, endpoints: list[list[Endpoint]], messages: int,
-                 window: int, timeout: float) -> None:
+                 window: int, timeout: float, extra: tuple[str, ...] = ()) -> None:
         self.binary, self.endpoints = binary, endpoints
-        self.args = ["--messages", str(messages), "--window", str(window),
+        self.args = [*extra, "--messages", str(messages), "--window", str(window),
                      "--timeout", str(timeout), "--connect-timeout", str(CONNECT_TIMEOUT),
                      "--client-timeout", str(CLIENT_TIMEOUT)]
         self.timeout = timeout

@@ -97,7 +97,7 @@ static unsigned char *scratch;
 static size_t scratch_cap;
 static enum phase phase = PH_CONNECT;
 static int started, ready, rooms_done;
-static long sent_total, acks_ok, acks_bad, other_events, reads, frames;
+static long sent_total, acks_ok, acks_bad, other_events, reads, frames, wakeups, ready_events;
 static char first_error[MAX_FIELD * 3 + 600];
 static uint64_t rng;
 
@@ -723,6 +723,7 @@ static int loop(int (*until)(void), double deadline, int sweep_handshakes) {
         if (ms > 100) ms = 100;
         int n = epoll_wait(epfd, evs, EVENTS, ms);
         if (n < 0 && errno != EINTR) die(1, "epoll_wait: %s", strerror(errno));
+        if (n > 0) wakeups++, ready_events += n;
         for (int i = 0; i < n; i++) on_event(evs[i].data.u32, evs[i].events);
         if (phase == PH_RUN && first_error[0]) return 1;  /* a room can no longer complete */
     }
@@ -746,9 +747,11 @@ static void print_result(double wall, int complete, double cpu_user, double cpu_
     }
     printf("{\"sent\": %ld, \"delivered\": %ld, \"expected\": %ld, \"acks_failed\": %ld, "
            "\"wall\": %.6f, \"complete\": %s, \"cpu_user_s\": %.6f, \"cpu_sys_s\": %.6f, "
-           "\"reads\": %ld, \"frames\": %ld, \"other_events\": %ld, \"error\": ",
+           "\"reads\": %ld, \"frames\": %ld, \"wakeups\": %ld, \"ready_events\": %ld, "
+           "\"other_events\": %ld, \"error\": ",
            sent_total, delivered, expected, sent_total - acks_ok, wall,
-           complete ? "true" : "false", cpu_user, cpu_sys, reads, frames, other_events);
+           complete ? "true" : "false", cpu_user, cpu_sys, reads, frames, wakeups, ready_events,
+           other_events);
     if (first_error[0]) {
         putchar('"');
         for (const char *s = first_error; *s; s++) {
@@ -798,6 +801,7 @@ int main(int argc, char **argv) {
     cpu_now(&u0, &s0);
     double start = now(), deadline = start + opt.timeout;
     for (int r = 0; r < nrooms; r++) rooms[r].base = rooms[r].delivered;
+    reads = frames = wakeups = ready_events = other_events = 0;  /* the run's own */
     for (int r = 0; r < nrooms; r++) {
         room_check_done(&rooms[r]);  /* --messages 0 */
         pump(&rooms[r]);
