@@ -30,12 +30,14 @@ $(NPM_STAMP): package.json package-lock.json
 	touch $@
 
 # Debian packages the tests and the benchmark need: Chromium (browser tests, driven by
-# Playwright against /usr/bin/chromium; never a downloaded browser) and redis-server (the
-# Redis-adapter peer of the benchmark).
+# Playwright against /usr/bin/chromium; never a downloaded browser), redis-server (the
+# Redis-adapter peer of the benchmark) and gcc (the benchmark's compiled load generator,
+# bench/cloadgen, built from source at bench time).
 system-deps:
 	@missing=""; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v cc >/dev/null || missing="$$missing gcc"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \

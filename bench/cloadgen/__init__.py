@@ -93,6 +93,7 @@ class Outcome:
     cpu_s: float                 # the program's own user + system CPU over the run
     cpu_sys_s: float
     delivered_per_room: list[int]
+    delivered_per_member: list[list[int]] | None  # with ``--per-member``, room by room
     reads: int                   # read() calls that returned data
     frames: int
     error: str | None
@@ -103,7 +104,8 @@ class Outcome:
         return cls(sent=d["sent"], delivered=d["delivered"], expected=d["expected"],
                    acks_failed=d["acks_failed"], wall=d["wall"], complete=d["complete"],
                    cpu_s=d["cpu_user_s"] + d["cpu_sys_s"], cpu_sys_s=d["cpu_sys_s"],
-                   delivered_per_room=d["delivered_per_room"], reads=d["reads"],
+                   delivered_per_room=d["delivered_per_room"],
+                   delivered_per_member=d.get("delivered_per_member"), reads=d["reads"],
                    frames=d["frames"], error=d["error"])
 
 

@@ -19,8 +19,11 @@
  *     {"connected": N, "connect_s": S}
  * and waits for a line `go` on stdin (answering pings meanwhile). Then each room sends
  * --messages messages from its members in turn and the program prints one JSON line:
- * sent, delivered, expected, acks_failed, wall, complete, the deliveries of every room and
- * its own CPU over the run. Every wait is bounded by a deadline and every loop by a count;
+ * sent, delivered, expected, acks_failed, wall, complete, the deliveries of every room (and
+ * with --per-member of every member) and its own CPU over the run.
+ * Options: --messages K (200), --window W (2), --timeout S (180, the run), --connect-timeout
+ * S (120, every member), --client-timeout S (10, one member's handshake), --go-timeout S
+ * (300), --concurrency N (100 handshakes at a time), --per-member. Every wait is bounded by a deadline and every loop by a count;
  * a failure is one line on stderr and a non-zero exit (1: connecting, 2: usage or input,
  * 3: the run did not complete; its JSON line is printed first).
  *
@@ -69,6 +72,7 @@ typedef struct {
     size_t out_len, out_cap;
     int want_out;
     uint32_t next_ack;       /* ack ids 1, 2, ... */
+    long delivered, base;    /* messages this member received; before the run */
     unsigned char *acked;    /* per ack id: answered */
     uint32_t acked_cap;
     char *msg_prefix, *ack_prefix, *ns_part;  /* 42/ns,["message"  43/ns,  /ns, */
@@ -84,9 +88,9 @@ typedef struct {
 } room_t;
 
 static struct {
-    int messages, window, concurrency;
+    int messages, window, concurrency, per_member;
     double timeout, connect_timeout, client_timeout, go_timeout;
-} opt = {200, 2, 100, 180.0, 120.0, 10.0, 300.0};
+} opt = {200, 2, 100, 0, 180.0, 120.0, 10.0, 300.0};
 
 static conn_t *conns;
 static int nconns;
@@ -301,6 +305,7 @@ static void pump(room_t *r) {
 static void on_delivery(conn_t *c) {
     room_t *r = &rooms[c->room];
     r->delivered++;
+    c->delivered++;
     if (phase == PH_RUN) {
         room_check_done(r);
         pump(r);
@@ -670,6 +675,7 @@ static void parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--connect-timeout")) opt.connect_timeout = arg_num(argc, argv, &i);
         else if (!strcmp(a, "--client-timeout")) opt.client_timeout = arg_num(argc, argv, &i);
         else if (!strcmp(a, "--go-timeout")) opt.go_timeout = arg_num(argc, argv, &i);
+        else if (!strcmp(a, "--per-member")) opt.per_member = 1;
         else if (!strcmp(a, "--concurrency")) opt.concurrency = (int)arg_num(argc, argv, &i);
         else die(2, "unknown argument %s (see the comment at the top of loadgen.c)", a);
     }
@@ -765,7 +771,20 @@ static void print_result(double wall, int complete, double cpu_user, double cpu_
     fputs(", \"delivered_per_room\": [", stdout);
     for (int r = 0; r < nrooms; r++)
         printf("%s%ld", r ? ", " : "", rooms[r].delivered - rooms[r].base);
-    fputs("]}\n", stdout);
+    fputs("]", stdout);
+    if (opt.per_member) {  /* --per-member: every member's deliveries, room by room */
+        fputs(", \"delivered_per_member\": [", stdout);
+        for (int r = 0; r < nrooms; r++) {
+            fputs(r ? ", [" : "[", stdout);
+            for (int j = 0; j < rooms[r].size; j++) {
+                const conn_t *c = &conns[rooms[r].members[j]];
+                printf("%s%ld", j ? ", " : "", c->delivered - c->base);
+            }
+            fputs("]", stdout);
+        }
+        fputs("]", stdout);
+    }
+    fputs("}\n", stdout);
     fflush(stdout);
 }
 
@@ -801,6 +820,7 @@ int main(int argc, char **argv) {
     cpu_now(&u0, &s0);
     double start = now(), deadline = start + opt.timeout;
     for (int r = 0; r < nrooms; r++) rooms[r].base = rooms[r].delivered;
+    for (int i = 0; i < nconns; i++) conns[i].base = conns[i].delivered;
     reads = frames = wakeups = ready_events = other_events = 0;  /* the run's own */
     for (int r = 0; r < nrooms; r++) {
         room_check_done(&rooms[r]);  /* --messages 0 */
