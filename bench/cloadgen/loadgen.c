@@ -11,7 +11,9 @@
  * Why it reads the way it does: one shared scratch buffer takes each read (up to 1 MiB), so
  * a burst of deliveries to one connection is parsed from one syscall; only a frame cut by
  * the end of a read is kept per connection. A delivery is counted from the frame's prefix
- * alone (`42/ns,["message"`), never parsed as JSON.
+ * alone (`42/ns,["message"`), never parsed as JSON. Sockets are edge-triggered: a read that
+ * returns less than it asked for has drained its socket, and the next data brings a new
+ * event, so a ready socket costs one read and epoll never polls it again to ask.
  *
  * Input (stdin), one line per member, then `end`:
  *     M <room index> <host> <port> <engine.io path> <namespace>
@@ -194,7 +196,7 @@ static void fail(conn_t *c, const char *fmt, ...) {
 /* writing */
 
 static void watch(conn_t *c, int out) {
-    struct epoll_event ev = {.events = EPOLLIN | (out ? EPOLLOUT : 0),
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLET | (out ? EPOLLOUT : 0),
                              .data.u32 = (uint32_t)(c - conns)};
     if (epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0) die(1, "epoll_ctl: %s", strerror(errno));
     c->want_out = out;
@@ -504,6 +506,8 @@ static void on_readable(conn_t *c) {
         c->left_len = rest;
         if ((size_t)got < scratch_cap - have) return;  /* the socket is drained */
     }
+    /* still more to read: edge-triggered, no new event would come for it, so ask again */
+    if (c->state != ST_DEAD) watch(c, c->want_out);
 }
 
 /* ------------------------------------------------------------------------------------- */
@@ -524,7 +528,8 @@ static void start_connect(conn_t *c) {
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  /* no Nagle delay */
     if (connect(c->fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS)
         die(1, "%s: connect: %s", who(c), strerror(errno));
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.u32 = (uint32_t)(c - conns)};
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLET,
+                             .data.u32 = (uint32_t)(c - conns)};
     if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) die(1, "epoll_ctl: %s", strerror(errno));
     c->want_out = 1;
     c->state = ST_CONNECTING;
