@@ -25,9 +25,11 @@
  * with --per-member of every member) and its own CPU over the run.
  * Options: --messages K (200), --window W (2), --timeout S (180, the run), --connect-timeout
  * S (120, every member), --client-timeout S (10, one member's handshake), --go-timeout S
- * (300), --concurrency N (100 handshakes at a time), --per-member. Every wait is bounded by a deadline and every loop by a count;
- * a failure is one line on stderr and a non-zero exit (1: connecting, 2: usage or input,
- * 3: the run did not complete; its JSON line is printed first).
+ * (300), --concurrency N (100 handshakes at a time), --per-member.
+ * Every wait is bounded by a deadline and every loop by a count; a failure is one line on
+ * stderr and a non-zero exit (1: connecting, 2: usage or input, 3: the run did not
+ * complete; its JSON line is printed first). Room r's message i is sent by its member
+ * i % size with the text "m<i> of room <r>", as loadgen.closed_loop sends it.
  *
  * Build: cc -O2 -std=c11 -o cloadgen loadgen.c   (Linux; no library beyond libc)
  */
