@@ -24,8 +24,9 @@ elsewhere and a host's cores serve only its nodes. Here they share the machine, 
 * with two nodes there is no spare core: the load generator goes where the kernel puts it
   and takes its CPU from the nodes. So the ratio per wall second can reach 2 only if the
   load generator cost nothing; with a load generator that spends a share ``s`` of the
-  nodes' CPU it is at most about 2 / (1 + s) (1.6x at the compiled one's ~25-30 %, 1.1x at
-  the Python one's ~85 %), less whatever else runs;
+  nodes' CPU it is at most about 2 / (1 + s) (1.5-1.6x at the compiled one's ~30 %, 1.1x
+  at the Python one's ~85 %, whose one thread cannot even take that: it reads two nodes'
+  deliveries no faster than one's), less whatever else runs;
 * while it measures, the load generator runs at nice ``LOADGEN_NICE`` (where allowed, i.e.
   as root; each row says which): it stands for clients elsewhere, which never wait for a
   core, so it gets one as soon as it has work and a node waits less for its input. The
