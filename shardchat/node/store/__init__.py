@@ -101,6 +101,8 @@ def _check_text(what: str, value: object) -> None:
     """Reject what SQLite could not store, here, so one bad value never fails a batch."""
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a string, got {type(value).__name__}.")
+    if value.isascii():  # the common case, and no surrogate is ASCII: no copy to encode
+        return
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
