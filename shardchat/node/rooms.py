@@ -477,7 +477,8 @@ class RoomService:
 
     def _begin_write(self) -> None:
         self.in_flight += 1
-        self._idle.clear()
+        if self.in_flight == 1:  # it is set only at 0: clear it once, not per message
+            self._idle.clear()
 
     def _end_write(self) -> None:
         self.in_flight -= 1
