@@ -146,3 +146,74 @@ async def test_slow_reader_is_disconnected_and_others_keep_receiving(tmp_path):
             stalled.close()
             carol.close()
             await alice.close()
+
+
+class Member:
+    """A raw client that records what a member sees of a room: its welcome (the last seq
+    it carried and the seqs of its history) and every live ``message`` after it."""
+
+    def __init__(self) -> None:
+        self.inbox = Inbox()
+        self.welcome: dict[str, Any] | None = None
+        self.client: SioClient | None = None
+
+    def on_event(self, client: SioClient, packet: bytes) -> None:
+        try:
+            event, data = json.loads(packet[packet.index(b"["):])
+        except ValueError:
+            return
+        if event == "welcome":
+            self.welcome = data
+
+    async def join(self, node: Any, room: dict, name: str) -> Member:
+        self.client = await raw_connect("127.0.0.1", node.port, room["socketio_path"],
+                                        room["namespace"], {"name": name},
+                                        on_message=self.inbox, on_event=self.on_event)
+        await async_wait_until(lambda: self.welcome is not None, EVENT_TIMEOUT)
+        return self
+
+    def seen(self) -> list[int]:
+        """Seqs of the welcome's history, then of the live messages, as they came."""
+        assert self.welcome is not None
+        return [m["seq"] for m in self.welcome["history"]] + [
+            m["seq"] for m in self.inbox.messages]
+
+
+async def test_members_joining_and_leaving_mid_stream_see_each_message_once(tmp_path):
+    """A room that sends without pause while members join and leave: each joiner sees
+    every message once, in seq order, its welcome's history first and then the live ones
+    from just after the welcome's last seq; the members who stay see every message; and
+    the sender hears its own message before the ack that says it is stored."""
+    total, joins_at, leave_at = 40, (5, 15, 25), 20
+    settings = {"rate_limit_messages": 100_000}
+    with running_nodes(tmp_path, 1, node=settings) as (node,):
+        room = await acreate_room(node)
+        first = [await Member().join(node, room, f"first{i}") for i in range(3)]
+        sender, leaver = first[0], first[2]
+        joined: list[Member] = []
+        echo_before_ack: list[bool] = []
+        try:
+            for k in range(1, total + 1):
+                ack = await asyncio.wait_for(sender.client.emit(
+                    "message", {"text": f"m{k}"}, ack=True), EVENT_TIMEOUT)
+                assert ack[0]["ok"] is True, ack
+                echo_before_ack.append(ack[0]["seq"] in
+                                       [m["seq"] for m in sender.inbox.messages])
+                if k in joins_at:
+                    joined.append(await Member().join(node, room, f"late{k}"))
+                if k == leave_at:
+                    leaver.client.close()
+            assert all(echo_before_ack)
+            for m in (first[0], first[1]):
+                await m.inbox.wait_for(total)
+                assert m.seen() == list(range(1, total + 1))
+                assert m.inbox.unexpected == []
+            for m in joined:
+                top = m.welcome["last_seq"]
+                await m.inbox.wait_for(total - top)
+                history = [h["seq"] for h in m.welcome["history"]]
+                assert history == list(range(1, top + 1))  # 50 fit in a welcome
+                assert [x["seq"] for x in m.inbox.messages] == list(range(top + 1, total + 1))
+        finally:
+            for m in first + joined:
+                m.client.close()

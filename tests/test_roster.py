@@ -32,6 +32,32 @@ def sids(members) -> list[str]:
     return [m.sid for m in members]
 
 
+def test_the_recipient_list_follows_joins_readiness_floors_and_leaves():
+    """A message goes to the roster's list of every member only while all are ready and
+    none was welcomed with that message already; the list changes with every join, leave
+    and welcome (a stale one would leave out a joiner or keep a member who left)."""
+    roster = Roster()
+    a, b = member(1), member(2)
+    for m in (a, b):
+        m.eio_sid = f"eio-{m.sid}"
+        roster.add(m)
+    assert roster.recipients(1) is None  # nobody welcomed yet: each member is looked at
+    roster.mark_ready(a, 0)
+    assert roster.recipients(1) is None  # b is still being welcomed
+    roster.mark_ready(b, 3)
+    assert roster.recipients(3) is None  # b's welcome already holds message 3
+    assert roster.recipients(4) == [("sid-1", "eio-sid-1"), ("sid-2", "eio-sid-2")]
+    c = member(3)
+    roster.add(c)
+    assert roster.recipients(5) is None  # c joined and is not ready
+    roster.mark_ready(c, 5)
+    assert [sid for sid, _ in roster.recipients(6)] == ["sid-1", "sid-2", "sid-3"]
+    roster.remove("sid-2")
+    assert [sid for sid, _ in roster.recipients(6)] == ["sid-1", "sid-3"]
+    roster.clear()
+    assert roster.recipients(7) == []
+
+
 def test_members_come_in_join_order_and_pages_go_on_from_any_member():
     roster = roster_of(10)
     assert sids(roster.values()) == [f"sid-{n}" for n in range(10)]

@@ -280,8 +280,7 @@ class RoomService:
         welcome["you"] = {**welcome["you"], "token": joining.token}
         me = [(sid, member.eio_sid)]
         await self.delivery.emit(namespace, "welcome", welcome, me)
-        member.floor = welcome["last_seq"]
-        member.ready = True
+        room.members.mark_ready(member, welcome["last_seq"])
         for event, data in member.buffered:
             if event != "message" or data["seq"] > member.floor:
                 await self.delivery.emit(namespace, event, data, me)
@@ -478,7 +477,8 @@ class RoomService:
 
     def _begin_write(self) -> None:
         self.in_flight += 1
-        self._idle.clear()
+        if self.in_flight == 1:  # it is set only at 0: clear it once, not per message
+            self._idle.clear()
 
     def _end_write(self) -> None:
         self.in_flight -= 1
@@ -643,9 +643,17 @@ class RoomService:
     def _broadcast_now(self, room: Room, event: str, data: Any,
                        skip: Collection[str] = ()) -> bool:
         """``_broadcast`` without awaiting (the direct path); False, and nothing done, when
-        the engine cannot emit now."""
-        ready = []
+        the engine cannot emit now.
+
+        A message to a room whose members are all ready takes the roster's recipient list
+        as it is (``Roster.recipients``: built once per change of members, not per
+        message); otherwise each member is looked at, as ``_broadcast`` does."""
         seq = data["seq"] if event == "message" else None
+        if seq is not None and not skip:
+            everyone = room.members.recipients(seq)
+            if everyone is not None:
+                return self.delivery.emit_now(room.namespace, event, data, everyone)
+        ready = []
         held = []
         for sid, m in room.members.items():
             if sid in skip:

@@ -18,6 +18,11 @@ Every welcome lists the same first members, and in a large room that list change
 the one who leaves is in it). So the roster keeps the head's JSON, encoded once per
 change (``head``), and a welcome splices those bytes in: a join no longer builds and
 encodes ``welcome_members`` member objects for its welcome.
+
+Every message goes to every member, and the members of a room change far less often than
+it gets messages: so the roster also keeps the broadcast's recipient list, (sid, Engine.IO
+sid) of every member in join order, built once per change of who is in or who is ready
+(``recipients``), instead of a loop over the members building it for each message.
 """
 
 from __future__ import annotations
@@ -81,6 +86,10 @@ class Roster:
         self._departed: OrderedDict[str, int] = OrderedDict()  # sid -> join number
         self._joins = 0
         self._head: _Head | None = None  # the welcome's first members, encoded (``head``)
+        # (sid, Engine.IO sid) of every member while all are ready, and the highest seq a
+        # welcome of theirs carried; None until asked for after a change (``recipients``)
+        self._recipients: list[tuple[str, str | None]] | None = None
+        self._floor = 0
 
     def __len__(self) -> int:
         return len(self._by_sid)
@@ -103,6 +112,7 @@ class Roster:
         """``member`` joins: it comes last in join order."""
         self._joins += 1
         member.joined = self._joins
+        self._recipients = None
         self._by_sid[member.sid] = member
         self._order[member.joined] = member
         head = self._head
@@ -114,6 +124,7 @@ class Roster:
         member = self._by_sid.pop(sid, None)
         if member is None:
             return None
+        self._recipients = None
         del self._order[member.joined]
         head = self._head
         if head is not None and member.joined <= head.last:
@@ -134,7 +145,29 @@ class Roster:
         self._order.clear()
         self._departed.clear()
         self._head = None
+        self._recipients = None
         return members
+
+    def mark_ready(self, member: Member, floor: int) -> None:
+        """``member`` was welcomed with the messages up to ``floor``: from now on it gets
+        broadcasts (the only place a member becomes ready, so the recipient list follows)."""
+        member.floor = floor
+        member.ready = True
+        self._recipients = None
+
+    def recipients(self, seq: int) -> list[tuple[str, str | None]] | None:
+        """(sid, Engine.IO sid) of every member, in join order, for the broadcast of
+        message ``seq``; None when some member is not ready yet or its welcome may already
+        hold ``seq`` (then the caller looks at each member). The list is shared: read it,
+        never change it."""
+        ready = self._recipients
+        if ready is None:
+            members = self._by_sid.values()
+            if not all(m.ready for m in members):
+                return None
+            ready = self._recipients = [(m.sid, m.eio_sid) for m in members]
+            self._floor = max((m.floor for m in members), default=0)
+        return ready if seq > self._floor else None
 
     def first(self, n: int) -> list[Member]:
         """The ``n`` earliest members still in the room."""

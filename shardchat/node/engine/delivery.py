@@ -281,6 +281,13 @@ class FastDelivery:
         the transport when that cannot reorder anything (see ``_direct_transport``), else
         put on the client's Engine.IO queue (``_queue_now``); dropped for a client that is
         gone, as engineio's ``send_packet`` drops it."""
+        ws = self._ws.get(eio_sid)
+        if ws is not None:  # on the websocket transport: the one-call direct test first
+            transport = ws.direct()
+            if transport is not None:
+                self._write(transport, eio_sid, text_frame(payload))
+                self.direct += 1
+                return
         sock = self.sio.eio.sockets.get(eio_sid)
         if sock is None or self.write_now(eio_sid, sock, payload):
             return
@@ -295,9 +302,16 @@ class FastDelivery:
     def write_now(self, eio_sid: str, sock: Any, payload: bytes) -> bool:
         """Write ``payload`` to the client's socket now if the direct rule allows it, at any
         size (the flush judges the backlog); False: use the Engine.IO queue."""
-        if sock.closing:
+        ws = self._ws.get(eio_sid)
+        if ws is not None and ws.sock is sock:
+            # The broadcast loop's one-call test (``EngineSession.direct``: no write of
+            # queued packets scheduled or running, nothing queued, upgraded, not closing),
+            # which implies ``_direct_transport``'s rule for the session's own queue.
+            transport = ws.direct()
+        elif sock.closing:
             return False
-        transport = self._direct_transport(eio_sid, sock)
+        else:
+            transport = self._direct_transport(eio_sid, sock)
         if transport is None:
             return False
         self._write(transport, eio_sid, text_frame(payload))

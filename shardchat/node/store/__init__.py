@@ -101,6 +101,8 @@ def _check_text(what: str, value: object) -> None:
     """Reject what SQLite could not store, here, so one bad value never fails a batch."""
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a string, got {type(value).__name__}.")
+    if value.isascii():  # the common case, and no surrogate is ASCII: no copy to encode
+        return
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -328,9 +330,13 @@ class Store:
         self._require_open()
         if room_id not in self._rooms:
             raise ValueError(f"room {room_id!r} does not exist on this node.")
-        for what, value in (("sender sid", sender_sid), ("sender name", sender_name),
-                            ("sender member", sender_member), ("text", text)):
-            _check_text(what, value)
+        if not (type(text) is str and type(sender_name) is str and type(sender_sid) is str
+                and type(sender_member) is str and text.isascii() and sender_name.isascii()
+                and sender_sid.isascii() and sender_member.isascii()):
+            # ASCII strings (nearly every message) need no look; anything else is checked
+            for what, value in (("sender sid", sender_sid), ("sender name", sender_name),
+                                ("sender member", sender_member), ("text", text)):
+                _check_text(what, value)
         key = None
         if client_id is not None:
             _check_text("client_id", client_id)
@@ -441,9 +447,8 @@ class Store:
             m = w.message
             if m.seq > committed.get(m.room_id, 0):
                 committed[m.room_id] = m.seq
-            key = m.dedup_key
-            if key is not None:
-                inflight.pop(key, None)
+            if m.client_id is not None:  # ``dedup_key`` is None without one
+                inflight.pop(m.dedup_key, None)
 
     def _on_refused(self, batch: Batch) -> None:
         """A commit failed, and ``batch`` is every write that was queued: nothing is in
