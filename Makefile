@@ -2,7 +2,11 @@
 #   make run    install everything, then start a 3-node cluster with its router on :8080
 #   make test   install everything, then run the whole test suite
 SHELL := /bin/bash
-PYTHON ?= python3
+# The virtualenv's interpreter: the distribution's CPython 3.11+ when it can make a venv
+# (Debian's and Ubuntu's are built with profile-guided optimisation; a plain source build,
+# such as pyenv's default, ran the node's Python about 15 % slower here: docs/performance.md,
+# "Which CPython"), else the first python3 on PATH. `make PYTHON=...` picks another.
+PYTHON ?= $(shell /usr/bin/python3 -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
