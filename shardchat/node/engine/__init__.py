@@ -37,7 +37,7 @@ from shardchat.config import NodeSettings
 from shardchat.node.engine import closing, liveness, session, sessionqueue
 from shardchat.node.engine.delivery import FastDelivery
 from shardchat.node.engine.inbound import Inbound
-from shardchat.node.engine.server import ConnectedHook, NodeSocketServer
+from shardchat.node.engine.server import ConnectedHook, NodeSocketServer, session_counts
 from shardchat.node.engine.stock import StockEngine, StockServer
 from shardchat.node.engine.wire import json_size
 from shardchat.refusal import Refusal
@@ -96,7 +96,8 @@ class Engine(Protocol):
     delivery: Delivery
 
     def stats(self) -> dict[str, Any]:
-        """``{"engine": kind, "fanout": {...}, "inbound": {...}}`` for the metrics."""
+        """``{"engine": kind, "fanout": {...}, "inbound": {...}, "sessions": {...}}`` for the
+        metrics (``sessions``: ``server.session_counts``)."""
 
     def websocket_count(self) -> int:
         """Sessions on the websocket transport now (for the shutdown watchdog's log)."""
@@ -321,7 +322,7 @@ class FastEngine:
 
     def stats(self) -> dict[str, Any]:
         return {"engine": self.kind, "fanout": self.delivery.stats(),
-                "inbound": self.inbound.stats()}
+                "inbound": self.inbound.stats(), "sessions": session_counts(self.sio)}
 
     def websocket_count(self) -> int:
         return len(self.delivery.websocket_sids())

@@ -58,6 +58,15 @@ def server_options(settings: NodeSettings) -> dict[str, Any]:
             "cors_allowed_origins": None, "logger": False, "engineio_logger": False}
 
 
+def session_counts(sio: Any) -> dict[str, int]:
+    """What the Socket.IO server holds now, whichever engine: Engine.IO sessions and
+    namespaces with a member (each room with someone here is one). Through public
+    attributes only; both fall back to what they were once everyone left, so the metrics
+    show a leave that left something behind."""
+    return {"engineio_sessions": len(sio.eio.sockets),
+            "namespaces": len(sio.manager.get_namespaces())}
+
+
 class NodeSocketServer(socketio.AsyncServer):
     """AsyncServer with the fast engine's delivery and a hook that runs once a namespace
     CONNECT has been sent.
