@@ -336,7 +336,7 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[dict]) -> dict[str, Pa
           f"Command: `{meta.get('command', 'python -m bench')}`  ",
           f"Machine: {meta.get('machine', '')}  ",
           f"Started: {meta.get('started', '')}, took {meta.get('duration_s', 0):.0f} s  ",
-          f"Throughput and join rows: the median of {meta.get('rounds', 1)} interleaved "
+          f"Throughput, join and leave rows: the median of {meta.get('rounds', 1)} interleaved "
           "round(s) per server (every round's figure is in results.json under `rounds`)", "",
           markdown_table(rows), "", "## Targets", "", targets_table(tg), ""]
     joins = join_table(rows)
@@ -420,14 +420,15 @@ def _plot_sizes(path: Path, rows: list[dict], prefix: str, panels: list[tuple[st
                     label=server)
             for x, y in pts:  # the higher of the two points labelled above, the lower below
                 dy = 6 if y >= other.get(x, 0) else -12
-                ax.annotate(f"{y:.2f}" if y < 10 else f"{y:.0f}", (x, y),
+                label = f"{y:.3f}" if y < 0.1 else f"{y:.2f}" if y < 10 else f"{y:.0f}"
+                ax.annotate(label, (x, y),
                             textcoords="offset points", xytext=(0, dy), ha="center",
                             fontsize=8)
         ax.set_xscale("log")
         if key != "cpu_ms_per_member":  # CPU per member stays within a decade: linear reads better
             ax.set_yscale("log")
             values = [y for pts in series.values() for _, y in pts]
-            ticks = [t for t in (0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200)
+            ticks = [t for t in (0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200)
                      if values and min(values) / 2 <= t <= max(values) * 2]
             ax.set_yticks(ticks)
             ax.set_yticklabels([f"{t:g}" for t in ticks])

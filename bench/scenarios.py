@@ -41,6 +41,8 @@ class Scenario:
 
     @property
     def clients(self) -> int:
+        if self.kind == "leave":  # one room of room_size, the others of one member each
+            return self.room_size + self.rooms - 1
         return self.rooms * self.room_size
 
 
