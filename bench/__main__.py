@@ -5,6 +5,7 @@ bench/results/results.{json,md,png}.
     python -m bench --quick               ~1 minute smoke run, smaller everything
     python -m bench --scenario large      one scenario (repeatable)
     python -m bench --scenario join       N members join one room, N = 500 ... 5,000
+    python -m bench --scenario leave      N members of one room disconnect at once
     python -m bench --server shardchat    only some servers (repeatable)
     python -m bench --profile DIR         also write a cProfile of each shardchat node
     python -m bench --scenario soak       the soak (bench/soak.py, 5 minutes; not in the
@@ -146,7 +147,8 @@ async def run_one(key: str, sc: scenarios.Scenario, cores: set[int] | None,
 
 
 # The kinds of scenario that run in rounds, and the figure that picks the median round.
-MEDIAN_OF = {"throughput": "deliveries_per_cpu_s", "join": "wall_s"}
+MEDIAN_OF = {"throughput": "deliveries_per_cpu_s", "join": "wall_s",
+             "leave": "cpu_ms_per_member"}
 
 
 def median_row(runs: list[dict[str, Any]], key: str = "deliveries_per_cpu_s"
@@ -154,7 +156,7 @@ def median_row(runs: list[dict[str, Any]], key: str = "deliveries_per_cpu_s"
     """The run with the median ``key``, carrying every round's figure (``rounds``). A join
     run that did not complete counts as the slowest."""
     def value(r: dict[str, Any]) -> float:
-        slowest = key == "wall_s" and not r.get("complete", True)
+        slowest = key in ("wall_s", "cpu_ms_per_member") and not r.get("complete", True)
         return float("inf") if slowest else r[key]
 
     ok = [r for r in runs if "error" not in r and r.get(key) is not None]
@@ -199,7 +201,12 @@ def summary(row: dict[str, Any]) -> str:
         parts.append(f"{row['joined']:,} joined in {row['wall_s']} s, {row['server_cpu_s']} "
                      f"CPU-s ({row['cpu_ms_per_member']} ms/member), "
                      f"{row['listen_overflows']} SYNs dropped")
-    if row.get("complete") is False and "joined" in row:
+    if row.get("leaves_per_s") is not None:
+        parts.append(f"{row['left']:,} left, room empty after {row['empty_s']} s, "
+                     f"{row['server_cpu_s']} CPU-s ({row['cpu_ms_per_member']} ms/member)")
+    if row.get("complete") is False and "left" in row:
+        parts.append(f"INCOMPLETE ({row.get('first_error') or 'the room did not empty'})")
+    elif row.get("complete") is False and "joined" in row:
         parts.append(f"INCOMPLETE ({row['joined']}/{row['members']}: {row.get('first_error')})")
     elif row.get("complete") is False:
         parts.append(f"INCOMPLETE ({row['deliveries']}/{row['expected']})")
@@ -283,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     if joins:
         print()
         print(joins)
+    leaves = report.leave_table(rows)
+    if leaves:
+        print()
+        print(leaves)
     many = report.many_table(rows)
     if many:
         print()

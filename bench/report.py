@@ -90,6 +90,15 @@ def targets(rows: list[dict]) -> list[dict[str, Any]]:
     add(f"join CPU per member flat from {small:,} to {big:,} members "
         f"(CPU/member at {big:,} over at {small:,})", join_flatness(rows, SHARDCHAT),
         JOIN_FLAT_GOAL, higher_is_better=False)
+    sizes = leave_sizes(rows)
+    if sizes:
+        big, small = sizes[-1], sizes[0]
+        add(f"{big:,} members leave one room at once: time until it is empty vs Node "
+            "socket.io", _ratio(rows, f"{LEAVE}{big}", SHARDCHAT, NODE, "empty_s"),
+            LEAVE_TIME_GOAL, higher_is_better=False)
+        add(f"leave CPU per member flat from {small:,} to {big:,} members "
+            f"(CPU/member at {big:,} over at {small:,})",
+            join_flatness(rows, SHARDCHAT, LEAVE), LEAVE_FLAT_GOAL, higher_is_better=False)
     return out
 
 
@@ -101,21 +110,35 @@ JOIN_TIME_GOAL = 1.5  # the largest join scenario's wall time, shardchat over No
 # grows (a welcome's member list up to node.welcome_members, batches of presence), and for
 # the 10 ms ticks of /proc's CPU counts.
 JOIN_FLAT_GOAL = 1.5
+LEAVE = "leave_"  # the leave scenarios' names: leave_500 ... leave_5000
+# The same flatness for leaves: a leave that scans the room's members or the node's rooms
+# makes the ratio grow with the room; one that touches only the member's own rooms keeps it
+# at 1 (1.5 for noise, /proc's 10 ms ticks and the bounded presence batches).
+LEAVE_FLAT_GOAL = 1.5
+# The largest leave scenario's time until the room is empty, shardchat over Node socket.io
+# (Node tells nobody of a leave; shardchat's batches are part of its time).
+LEAVE_TIME_GOAL = 1.5
 
 
-def join_sizes(rows: list[dict]) -> list[int]:
-    """The member counts of the join scenarios that ran, smallest first."""
+def join_sizes(rows: list[dict], prefix: str = "join_") -> list[int]:
+    """The member counts of the join (or, with ``prefix`` "leave_", leave) scenarios that
+    ran, smallest first."""
     return sorted({r["members"] for r in rows
-                   if r["scenario"].startswith("join_") and "members" in r})
+                   if r["scenario"].startswith(prefix) and "members" in r})
 
 
-def join_flatness(rows: list[dict], server: str) -> float | None:
-    """CPU per member at the largest join size over that at the smallest, for ``server``;
-    None unless both ran to completion."""
-    sizes = join_sizes(rows)
+def leave_sizes(rows: list[dict]) -> list[int]:
+    return join_sizes(rows, LEAVE)
+
+
+def join_flatness(rows: list[dict], server: str, prefix: str = "join_") -> float | None:
+    """CPU per member at the largest join (or leave) size over that at the smallest, for
+    ``server``; None unless both ran to completion."""
+    sizes = join_sizes(rows, prefix)
     if len(sizes) < 2:
         return None
-    lo, hi = _row(rows, f"join_{sizes[0]}", server), _row(rows, f"join_{sizes[-1]}", server)
+    lo = _row(rows, f"{prefix}{sizes[0]}", server)
+    hi = _row(rows, f"{prefix}{sizes[-1]}", server)
     if not lo or not hi or not lo.get("complete") or not hi.get("complete") \
             or not lo.get("cpu_ms_per_member") or hi.get("cpu_ms_per_member") is None:
         return None
@@ -146,7 +169,7 @@ MOVING = ("move", "drain")  # scenarios of rooms that move: tables of their own
 
 def _own_table(row: dict) -> bool:
     """Rows shown in a table of their own, not in the fan-out table."""
-    return row["scenario"] in MOVING or row["scenario"].startswith("join_")
+    return row["scenario"] in MOVING or row["scenario"].startswith(("join_", LEAVE))
 
 MOVE_COLUMNS = [("server", "server"), ("clients", "members"), ("history", "messages held"),
                 ("rate_msgs_per_s", "msg/s sent"), ("took_ms", "took ms (node)"),
@@ -211,14 +234,39 @@ def join_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _join_cell(row: dict | None, key: str) -> str:
+def leave_table(rows: list[dict]) -> str:
+    """The leave scenarios, one line per room size: both servers side by side (empty when
+    none ran)."""
+    sizes = leave_sizes(rows)
+    if not sizes:
+        return ""
+    lines = ["| members | shardchat s to empty | Node socket.io s to empty | ratio | shardchat "
+             "CPU ms/member | Node CPU ms/member | shardchat CPU s | Node CPU s | bystander "
+             "rooms |", "|" + "---|" * 9]
+    for n in sizes:
+        a, b = _row(rows, f"{LEAVE}{n}", SHARDCHAT), _row(rows, f"{LEAVE}{n}", NODE)
+        cells = [f"{n:,}", _join_cell(a, "empty_s"), _join_cell(b, "empty_s")]
+        ratio = _ratio(rows, f"{LEAVE}{n}", SHARDCHAT, NODE, "empty_s")
+        both = a and b and a.get("complete") and b.get("complete")
+        cells.append(f"{ratio:.2f}x" if ratio is not None and both else "-")
+        for key in ("cpu_ms_per_member", "server_cpu_s"):  # tens of us: three decimals
+            cells += [_join_cell(a, key, 3), _join_cell(b, key, 3)]
+        cells.append(_fmt((a or b or {}).get("bystanders")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _join_cell(row: dict | None, key: str, decimals: int = 2) -> str:
     if row is None:
         return "-"
     if "error" in row:
         return "failed"
     if not row.get("complete"):
+        if "left" in row:
+            return "incomplete"
         return f"incomplete ({row.get('joined', 0):,} joined)"
-    return _fmt(row.get(key))
+    value = row.get(key)
+    return f"{value:,.{decimals}f}" if isinstance(value, float) else _fmt(value)
 
 
 def moving_tables(rows: list[dict]) -> str:
@@ -280,13 +328,15 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[dict]) -> dict[str, Pa
              "png": out_dir / "results.png"}
     if join_sizes(rows):
         paths["join_png"] = out_dir / "join.png"
+    if leave_sizes(rows):
+        paths["leave_png"] = out_dir / "leave.png"
     paths["json"].write_text(json.dumps({"meta": meta, "results": rows, "targets": tg},
                                         indent=2) + "\n")
     md = [f"# Benchmark results ({meta.get('mode', 'full')} run)", "",
           f"Command: `{meta.get('command', 'python -m bench')}`  ",
           f"Machine: {meta.get('machine', '')}  ",
           f"Started: {meta.get('started', '')}, took {meta.get('duration_s', 0):.0f} s  ",
-          f"Throughput and join rows: the median of {meta.get('rounds', 1)} interleaved "
+          f"Throughput, join and leave rows: the median of {meta.get('rounds', 1)} interleaved "
           "round(s) per server (every round's figure is in results.json under `rounds`)", "",
           markdown_table(rows), "", "## Targets", "", targets_table(tg), ""]
     joins = join_table(rows)
@@ -298,6 +348,15 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[dict]) -> dict[str, Pa
                "is pending and the server is idle after it (ratio: shardchat's time over "
                "Node socket.io's, same run; Node's peer sends no presence)", "", joins, "",
                "![joining](join.png)", ""]
+    leaves = leave_table(rows)
+    if leaves:
+        md += ["## Leaving one room", "",
+               "N members of one room disconnect at once (their connections closed in one "
+               "loop), other rooms of one member each staying; time from the first close "
+               "until the server counts none of them, server CPU until no presence batch is "
+               "pending and the server is idle after it (ratio: shardchat's time over Node "
+               "socket.io's, same run; Node's peer sends no presence)", "", leaves, "",
+               "![leaving](leave.png)", ""]
     many = many_table(rows)
     if many:
         md += ["## Many connections", "", many, ""]
@@ -308,6 +367,8 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[dict]) -> dict[str, Pa
     plot(paths["png"], rows)
     if "join_png" in paths:
         plot_join(paths["join_png"], rows)
+    if "leave_png" in paths:
+        plot_leave(paths["leave_png"], rows)
     return paths
 
 
@@ -319,18 +380,36 @@ def _join_concurrency(rows: list[dict]) -> str:
 def plot_join(path: Path, rows: list[dict]) -> None:
     """Joining one room: CPU per member and wall time against the room's size, per server
     (log-log: a flat line is a constant cost per member, a slope of 1 a quadratic total)."""
+    _plot_sizes(path, rows, "join_", [("cpu_ms_per_member", "server CPU per member, ms"),
+                                      ("wall_s", "first connect to last welcome, s")],
+                "members joining one room",
+                "N members join one room, each until its welcome (lower is better; "
+                "incomplete runs are left out)")
+
+
+def plot_leave(path: Path, rows: list[dict]) -> None:
+    """Leaving one room: CPU per leaving member and the time until the room is empty."""
+    _plot_sizes(path, rows, LEAVE, [("cpu_ms_per_member", "server CPU per leaving member, ms"),
+                                    ("empty_s", "first close until the room is empty, s")],
+                "members of one room disconnecting at once",
+                "N members of one room disconnect at once (lower is better; incomplete runs "
+                "are left out)")
+
+
+def _plot_sizes(path: Path, rows: list[dict], prefix: str, panels: list[tuple[str, str]],
+                xlabel: str, title: str) -> None:
+    """Two panels against the room's size, one line per server: CPU per member (linear)
+    and a time (log)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    panels = [("cpu_ms_per_member", "server CPU per member, ms"),
-              ("wall_s", "first connect to last welcome, s")]
-    sizes = join_sizes(rows)
-    for ax, (key, title) in zip(axes, panels, strict=True):
+    sizes = join_sizes(rows, prefix)
+    for ax, (key, panel) in zip(axes, panels, strict=True):
         series = {server: [(n, r[key]) for n in sizes
-                           if (r := _row(rows, f"join_{n}", server)) and r.get("complete")
+                           if (r := _row(rows, f"{prefix}{n}", server)) and r.get("complete")
                            and r.get(key)] for server in (SHARDCHAT, NODE)}
         for server, color, marker in ((SHARDCHAT, "#2a7ab9", "o"), (NODE, "#808080", "s")):
             pts = series[server]
@@ -341,14 +420,15 @@ def plot_join(path: Path, rows: list[dict]) -> None:
                     label=server)
             for x, y in pts:  # the higher of the two points labelled above, the lower below
                 dy = 6 if y >= other.get(x, 0) else -12
-                ax.annotate(f"{y:.2f}" if y < 10 else f"{y:.0f}", (x, y),
+                label = f"{y:.3f}" if y < 0.1 else f"{y:.2f}" if y < 10 else f"{y:.0f}"
+                ax.annotate(label, (x, y),
                             textcoords="offset points", xytext=(0, dy), ha="center",
                             fontsize=8)
         ax.set_xscale("log")
-        if key == "wall_s":  # CPU per member stays within a decade: a linear axis reads better
+        if key != "cpu_ms_per_member":  # CPU per member stays within a decade: linear reads better
             ax.set_yscale("log")
             values = [y for pts in series.values() for _, y in pts]
-            ticks = [t for t in (0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200)
+            ticks = [t for t in (0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200)
                      if values and min(values) / 2 <= t <= max(values) * 2]
             ax.set_yticks(ticks)
             ax.set_yticklabels([f"{t:g}" for t in ticks])
@@ -357,12 +437,11 @@ def plot_join(path: Path, rows: list[dict]) -> None:
         ax.set_xticks(sizes)
         ax.set_xticklabels([f"{n:,}" for n in sizes])
         ax.minorticks_off()
-        ax.set_xlabel("members joining one room")
-        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_title(panel, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("N members join one room, each until its welcome (lower is better; "
-                 "incomplete runs are left out)", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

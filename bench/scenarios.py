@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bench import joining, loadgen, manyconn, moving, procstat
+from bench import joining, leaving, loadgen, manyconn, moving, procstat
 from bench.servers import Server, ShardchatServer
 from shardchat.node import gctune
 
@@ -23,7 +23,7 @@ from shardchat.node import gctune
 class Scenario:
     name: str
     kind: str  # "throughput" | "idle" | "latency" | "move" | "drain" (bench/moving.py)
-    #          | "join" (bench/joining.py)
+    #          | "join" (bench/joining.py) | "leave" (bench/leaving.py)
     rooms: int
     room_size: int
     messages: int = 0  # per room (throughput) or for the peak probe (latency)
@@ -34,13 +34,15 @@ class Scenario:
     # idle only: clients held by worker processes and sized to the fd limits
     # (bench/manyconn.py), source addresses spread over 127.0.0.2-254
     fleet: bool = False
-    concurrency: int = 0  # joins in flight at a time, connect to welcome (join)
+    concurrency: int = 0  # joins in flight at a time, connect to welcome (join, leave)
     timeout: float = 0.0  # seconds the measured phase may take at most (join)
     servers: tuple[str, ...] = ("shardchat", "stock", "node", "rawws")
     title: str = ""
 
     @property
     def clients(self) -> int:
+        if self.kind == "leave":  # one room of room_size, the others of one member each
+            return self.room_size + self.rooms - 1
         return self.rooms * self.room_size
 
 
@@ -66,6 +68,11 @@ def servers_of(sc: Scenario, named: set[str]) -> list[str]:
 JOIN_SIZES = (500, 1000, 2000, 5000)
 JOIN_CONCURRENCY = 200
 JOIN_TIMEOUT = 120.0
+# The leave scenarios: the members of one room of these sizes disconnect at once, while
+# other rooms of one member each stay connected, one per LEAVE_MEMBERS_PER_BYSTANDER members
+# of that room (``rooms`` counts them too): 100 ... 1,000 rooms.
+LEAVE_SIZES = JOIN_SIZES
+LEAVE_MEMBERS_PER_BYSTANDER = 5
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("large", "throughput", rooms=1, room_size=500, messages=400, window=8,
@@ -89,6 +96,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                timeout=JOIN_TIMEOUT, servers=("shardchat", "node"),
                title=f"{n:,} members join one room, each until its welcome")
       for n in JOIN_SIZES),
+    *(Scenario(f"leave_{n}", "leave", rooms=1 + n // LEAVE_MEMBERS_PER_BYSTANDER, room_size=n,
+               concurrency=JOIN_CONCURRENCY, servers=("shardchat", "node"),
+               title=f"{n:,} members of one room disconnect at once "
+                     f"({n // LEAVE_MEMBERS_PER_BYSTANDER:,} other rooms stay)")
+      for n in LEAVE_SIZES),
     Scenario("move", "move", rooms=1, room_size=500, messages=10_000, rate=50.0,
              servers=("shardchat-2",),
              title="a room of 500 holding 10,000 messages moved to another node at 50 msg/s"),
@@ -99,7 +111,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 
 
 # Names that stand for several scenarios on the command line.
-GROUPS: dict[str, tuple[str, ...]] = {"join": tuple(f"join_{n}" for n in JOIN_SIZES)}
+GROUPS: dict[str, tuple[str, ...]] = {"join": tuple(f"join_{n}" for n in JOIN_SIZES),
+                                      "leave": tuple(f"leave_{n}" for n in LEAVE_SIZES)}
 
 
 def quick(s: Scenario) -> Scenario:
@@ -107,6 +120,10 @@ def quick(s: Scenario) -> Scenario:
     if s.kind == "join":  # a fifth of the members, named by its size: join_100 ... join_1000
         size = max(20, s.room_size // 5)
         return replace(s, name=f"join_{size}", room_size=size, timeout=min(s.timeout, 60.0))
+    if s.kind == "leave":  # the same, with a fifth of the bystanders
+        size = max(20, s.room_size // 5)
+        return replace(s, name=f"leave_{size}", room_size=size,
+                       rooms=1 + (s.rooms - 1) // 5)
     return replace(s, rooms=max(1, s.rooms // 4), room_size=min(s.room_size, 200),
                    messages=max(20, s.messages // 4), duration=min(s.duration, 1.5),
                    servers=tuple(x for x in s.servers if x != "shardchat-nofsync"))
@@ -120,6 +137,11 @@ async def run(server: Server, sc: Scenario, log: Any = print) -> dict[str, Any]:
     if sc.kind == "join":
         with _Counters(server, row):  # also the node's GC over the joins
             row.update(await joining.run_join(server, sc, log))
+        server.check()
+        return row
+    if sc.kind == "leave":
+        with _Counters(server, row):
+            row.update(await leaving.run_leave(server, sc, log))
         server.check()
         return row
     if sc.kind in ("move", "drain"):

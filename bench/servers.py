@@ -25,7 +25,13 @@ from typing import Any
 from shardchat.cluster.nodeproc import ChildProcess, NodeProcess
 from shardchat.cluster.up import free_port
 from shardchat.config import dump_toml
-from shardchat.internal_api import METRICS_PATH, ROOMS_PATH, auth_header, move_path
+from shardchat.internal_api import (
+    METRICS_PATH,
+    ROOMS_PATH,
+    STATS_PATH,
+    auth_header,
+    move_path,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-" + secrets.token_hex(8)
@@ -131,6 +137,11 @@ class Server:
         """Internal counters of each server process, where the server has them."""
         return []
 
+    def connected(self) -> int | None:
+        """Clients connected to the server now, as it counts them (None: it does not say).
+        The leave scenario polls it to see when a room has emptied."""
+        return None
+
     def check(self) -> None:
         """Raise ``nodeproc.Exited`` (a ``ChildError``) if a server process has exited."""
         for p in self.procs:
@@ -179,6 +190,11 @@ class NodeJsServer(Server):
 
     def endpoint(self, room: Any, member: int) -> Endpoint:
         return Endpoint("127.0.0.1", self.port, "/socket.io", f"/room/{room}")
+
+    def connected(self) -> int | None:
+        """Members of every room the peer holds now (its ``/stats``)."""
+        status, body = _http("GET", f"http://127.0.0.1:{self.port}/stats")
+        return body.get("members") if status == 200 and isinstance(body, dict) else None
 
 
 class RawWsServer(Server):
@@ -321,6 +337,18 @@ class ShardchatServer(Server):
             if status == 200 and isinstance(body, dict):
                 out.append(body)
         return out
+
+    def connected(self) -> int | None:
+        """Members connected to every node (SPEC section 5's ``connections``), or None when
+        a node did not answer."""
+        total = 0
+        for inst in self.instances:
+            status, body = _http("GET", f"http://127.0.0.1:{inst['internal_port']}{STATS_PATH}",
+                                 headers=auth_header(SECRET))
+            if status != 200 or not isinstance(body, dict):
+                return None
+            total += body["connections"]
+        return total
 
     def endpoint(self, room: Any, member: int) -> Endpoint:
         port, path, namespace = room

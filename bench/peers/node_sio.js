@@ -18,6 +18,13 @@ const server = http.createServer((req, res) => {
     res.end('{"status":"ok"}');
     return;
   }
+  if (req.url === "/stats") {  // the leave scenario watches a room empty through this
+    let inRooms = 0;
+    for (const here of members.values()) inRooms += here.size;
+    res.writeHead(200, { "Content-Type": "application/json" });
+    res.end(JSON.stringify({ members: inRooms, connections: io.engine.clientsCount }));
+    return;
+  }
   res.writeHead(404);
   res.end();
 });

@@ -162,8 +162,9 @@ class Batches:
             log.exception("the presence batch of room %s failed", room.record.id)
 
     def drop(self, room_id: str) -> None:
-        """Forget a room's pending batch: the room moved, its members are told at their
-        next welcome, wherever the room is then."""
+        """Forget a room's pending batch: the room moved (its members are told at their
+        next welcome, wherever the room is then) or its last member left (nobody is left to
+        tell, and the next joiner's welcome says who is in)."""
         pending = self._pending.pop(room_id, None)
         if pending is not None and pending.task is not None:
             pending.task.cancel()

@@ -334,7 +334,14 @@ class RoomService:
         if room is None:
             return
         member = room.members.remove(sid)
-        if member is not None and self.batches.announce(room, member.public(), joined=False):
+        if member is None:
+            return
+        if not room.members:
+            # the last one out: a pending batch has nobody left to tell, and a member who
+            # joins next is welcomed with the room as it is (the roster, not the batch)
+            self.batches.drop(room.record.id)
+            return
+        if self.batches.announce(room, member.public(), joined=False):
             await self._broadcast(room, "presence", {"event": "leave",
                                                      "member": member.public(),
                                                      "count": len(room.members)})

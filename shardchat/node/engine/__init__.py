@@ -6,8 +6,9 @@ and memory: broadcasts written straight to sockets (``delivery.py``), incoming e
 parsed once (``inbound.py``), websocket connections it takes from aiohttp after the
 handshake and speaks itself (``session.py``, ``websocket.py``), its own queue and ping
 timers (``sessionqueue.py``, ``liveness.py``, ``closing.py``), a server
-subclass with four overrides (``server.py``) and a client manager whose leaves do not scan
-the namespace (``manager.py``). Every private attribute or method it relies
+subclass with five overrides (``server.py``) and a client manager whose leaves and lost
+connections cost O(the member's own rooms), not a scan of the namespace or of every
+namespace of the node (``manager.py``). Every private attribute or method it relies
 on is in ``INTERNALS`` below, and ``build`` checks them all before the node serves: a
 library upgrade that renames one stops the node at start-up with a line naming it and the
 installed version, instead of failing deep inside a request later. ``pyproject.toml`` pins
@@ -36,7 +37,7 @@ from shardchat.config import NodeSettings
 from shardchat.node.engine import closing, liveness, session, sessionqueue
 from shardchat.node.engine.delivery import FastDelivery
 from shardchat.node.engine.inbound import Inbound
-from shardchat.node.engine.server import ConnectedHook, NodeSocketServer
+from shardchat.node.engine.server import ConnectedHook, NodeSocketServer, session_counts
 from shardchat.node.engine.stock import StockEngine, StockServer
 from shardchat.node.engine.wire import json_size
 from shardchat.refusal import Refusal
@@ -95,7 +96,8 @@ class Engine(Protocol):
     delivery: Delivery
 
     def stats(self) -> dict[str, Any]:
-        """``{"engine": kind, "fanout": {...}, "inbound": {...}}`` for the metrics."""
+        """``{"engine": kind, "fanout": {...}, "inbound": {...}, "sessions": {...}}`` for the
+        metrics (``sessions``: ``server.session_counts``)."""
 
     def websocket_count(self) -> int:
         """Sessions on the websocket transport now (for the shutdown watchdog's log)."""
@@ -165,7 +167,14 @@ INTERNALS: tuple[Internal, ...] = (
              params=("eio_sid", "data")),
     Internal(_SERVER, "_get_event_handler", _SIO, "inbound.py calls it: the handler of an event",
              params=("event", "namespace", "args")),
-    Internal(_SERVER, "environ", _SIO, "session.py trims it after the handshake",
+    Internal(_SERVER, "_handle_eio_disconnect", _SIO,
+             "server.py overrides it: a lost connection visits its own namespaces only",
+             params=("eio_sid", "reason")),
+    Internal(_SERVER, "_handle_disconnect", _SIO,
+             "server.py calls it for each namespace of a lost connection",
+             params=("eio_sid", "namespace", "reason")),
+    Internal(_SERVER, "environ", _SIO,
+             "session.py trims it after the handshake, server.py forgets a lost session's",
              probe=_server, optional=True),
     # python-socketio's client manager: manager.py keeps an index of each sid's rooms
     *(Internal(_MANAGER, name, _SIO, "manager.py overrides it: leaves without a scan",
@@ -175,7 +184,10 @@ INTERNALS: tuple[Internal, ...] = (
                            ("basic_disconnect", ("sid", "namespace")))),
     *(Internal(_MANAGER, name, _SIO, "manager.py's disconnect reads and updates it",
                probe=lambda cls: cls())
-      for name in ("rooms", "callbacks", "pending_connect", "pending_disconnect")),
+      for name in ("rooms", "callbacks")),
+    *(Internal(_MANAGER, name, _SIO, "manager.py keeps it as counted sets (O(1) lookups)",
+               probe=lambda cls: cls())
+      for name in ("pending_connect", "pending_disconnect")),
     # python-engineio: the websocket driver, the queue, the pings
     Internal("engineio.async_server.AsyncServer", "_async", _EIO,
              "session.py replaces the websocket driver in it", probe=_server),
@@ -310,7 +322,7 @@ class FastEngine:
 
     def stats(self) -> dict[str, Any]:
         return {"engine": self.kind, "fanout": self.delivery.stats(),
-                "inbound": self.inbound.stats()}
+                "inbound": self.inbound.stats(), "sessions": session_counts(self.sio)}
 
     def websocket_count(self) -> int:
         return len(self.delivery.websocket_sids())

@@ -50,7 +50,7 @@ from shardchat.node.engine.refusals import (
     UNREADABLE_EVENT,
     refused_event_ack,
 )
-from shardchat.node.engine.server import ConnectedHook, server_options
+from shardchat.node.engine.server import ConnectedHook, server_options, session_counts
 from shardchat.node.engine.wire import packet_head, sio_payload
 from shardchat.refusal import Refusal
 
@@ -268,7 +268,7 @@ class StockEngine:
 
     def stats(self) -> dict[str, Any]:
         return {"engine": self.kind, "fanout": self.delivery.stats(),
-                "inbound": {"fast_events": 0}}
+                "inbound": {"fast_events": 0}, "sessions": session_counts(self.sio)}
 
     def websocket_count(self) -> int:
         return sum(1 for sock in list(self.sio.eio.sockets.values())
