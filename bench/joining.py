@@ -116,19 +116,21 @@ async def run_join(server: Server, sc: Any, log: Callable[[str], None]) -> dict[
     rss0 = procstat.total_rss(pids)
     drops0, retries0 = procstat.listen_overflows(), procstat.syn_retransmits()
     waits0 = procstat.total_runqueue_wait(pids), procstat.runqueue_wait(os.getpid())
-    cpu0, own0 = procstat.total_cpu(pids), time.process_time()
+    # the scheduler's nanoseconds, not /proc's 10 ms ticks: a small room's joins take a
+    # few ms (the server's threads stay for the whole phase, as total_exec needs)
+    cpu0, own0 = procstat.total_exec(pids), time.process_time()
     t0 = time.perf_counter()
     res = await join_members(endpoints, sc.concurrency, sc.timeout)
     try:
         end = res.last_at if res.complete else time.perf_counter()
-        cpu_at_last = procstat.total_cpu(pids) - cpu0
+        cpu_at_last = procstat.total_exec(pids) - cpu0
         own = time.process_time() - own0
         queued = (procstat.total_runqueue_wait(pids) - waits0[0],
                   procstat.runqueue_wait(os.getpid()) - waits0[1])
         out = await presence_out(server, SETTLE_TIMEOUT)
         presence_out_s = time.perf_counter() - t0 if out else None
         settled = out is not False and await procstat.wait_idle(pids, timeout=SETTLE_TIMEOUT)
-        cpu = procstat.total_cpu(pids) - cpu0
+        cpu = procstat.total_exec(pids) - cpu0
         drops1, retries1 = procstat.listen_overflows(), procstat.syn_retransmits()
         rss1 = procstat.total_rss(pids)
         wall = end - t0
