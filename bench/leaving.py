@@ -96,7 +96,7 @@ async def _measure(server: Server, sc: Any, res: JoinResult, before: int | None,
         # first close to the moment the server counted none of the room's members
         "empty_s": round(empty_s, 3) if empty else None,
         "leaves_per_s": round(leaving / empty_s) if empty and empty_s > 0 else None,
-        "server_cpu_s": round(cpu, 4), "cpu_at_empty_s": round(cpu_at_empty, 4),
+        "server_cpu_s": round(cpu, 6), "cpu_at_empty_s": round(cpu_at_empty, 6),
         "cpu_ms_per_member": round(cpu / leaving * 1000, 4) if leaving else None,
         "server_busy": round(cpu_at_empty / empty_s, 2) if empty and empty_s > 0 else None,
         # time the server's and the load generator's threads were runnable but waited
