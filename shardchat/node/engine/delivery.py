@@ -281,13 +281,6 @@ class FastDelivery:
         the transport when that cannot reorder anything (see ``_direct_transport``), else
         put on the client's Engine.IO queue (``_queue_now``); dropped for a client that is
         gone, as engineio's ``send_packet`` drops it."""
-        ws = self._ws.get(eio_sid)
-        if ws is not None:  # on the websocket transport: the one-call direct test first
-            transport = ws.direct()
-            if transport is not None:
-                self._write(transport, eio_sid, text_frame(payload))
-                self.direct += 1
-                return
         sock = self.sio.eio.sockets.get(eio_sid)
         if sock is None or self.write_now(eio_sid, sock, payload):
             return
