@@ -23,15 +23,9 @@ from bench.servers import Endpoint
 
 
 @dataclass
-class LoopRun:
+class LoopRun(loadgen.TrafficResult):
     """One closed loop's figures, whichever load generator ran it."""
 
-    sent: int
-    delivered: int
-    expected: int
-    acks_failed: int
-    wall: float
-    complete: bool
     per_room: list[int]      # deliveries of each room, in the endpoints' order
     cpu_s: float             # the load generator's CPU over the loop (user + system)
     nice: int                # the priority it ran at

@@ -221,9 +221,7 @@ def join_table(rows: list[dict]) -> str:
         cells = [f"{n:,}"]
         for key in ("wall_s",):
             cells += [_join_cell(a, key), _join_cell(b, key)]
-        ratio = _ratio(rows, f"join_{n}", SHARDCHAT, NODE, "wall_s")
-        both = a and b and a.get("complete") and b.get("complete")
-        cells.append(f"{ratio:.2f}x" if ratio is not None and both else "-")
+        cells.append(_side_by_side(rows, f"join_{n}", a, b, "wall_s"))
         cells.append(_join_cell(a, "presence_out_s"))
         for key in ("cpu_ms_per_member", "server_cpu_s"):
             cells += [_join_cell(a, key), _join_cell(b, key)]
@@ -246,14 +244,21 @@ def leave_table(rows: list[dict]) -> str:
     for n in sizes:
         a, b = _row(rows, f"{LEAVE}{n}", SHARDCHAT), _row(rows, f"{LEAVE}{n}", NODE)
         cells = [f"{n:,}", _join_cell(a, "empty_s"), _join_cell(b, "empty_s")]
-        ratio = _ratio(rows, f"{LEAVE}{n}", SHARDCHAT, NODE, "empty_s")
-        both = a and b and a.get("complete") and b.get("complete")
-        cells.append(f"{ratio:.2f}x" if ratio is not None and both else "-")
+        cells.append(_side_by_side(rows, f"{LEAVE}{n}", a, b, "empty_s"))
         for key in ("cpu_ms_per_member", "server_cpu_s"):  # tens of us: three decimals
             cells += [_join_cell(a, key, 3), _join_cell(b, key, 3)]
         cells.append(_fmt((a or b or {}).get("bystanders")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _side_by_side(rows: list[dict], scenario: str, a: dict | None, b: dict | None,
+                  key: str) -> str:
+    """The ratio cell of a size table: shardchat's ``key`` over Node's, when both ran to
+    the end ("-" otherwise)."""
+    ratio = _ratio(rows, scenario, SHARDCHAT, NODE, key)
+    both = a and b and a.get("complete") and b.get("complete")
+    return f"{ratio:.2f}x" if ratio is not None and both else "-"
 
 
 def _join_cell(row: dict | None, key: str, decimals: int = 2) -> str:

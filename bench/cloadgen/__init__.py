@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.loadgen import TrafficResult
 from bench.servers import Endpoint
 
 SOURCE = Path(__file__).with_name("loadgen.c")
@@ -81,15 +82,10 @@ def build(cache: Path | None = None) -> Path:
 
 
 @dataclass
-class Outcome:
-    """The closed loop's figures, as the program printed them (see ``loadgen.c``)."""
+class Outcome(TrafficResult):
+    """The closed loop's figures, as the program printed them (see ``loadgen.c``): the
+    Python load generator's, and what only the program counts."""
 
-    sent: int
-    delivered: int
-    expected: int
-    acks_failed: int
-    wall: float
-    complete: bool
     cpu_s: float                 # the program's own user + system CPU over the run
     cpu_sys_s: float
     delivered_per_room: list[int]
