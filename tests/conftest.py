@@ -183,19 +183,29 @@ class RoomClient:
             with contextlib.suppress(Exception):
                 await sio.disconnect()
             return
-        with contextlib.suppress(Exception):
+        await close_polling(sio, EVENT_TIMEOUT)
+
+
+async def close_polling(sio: socketio.AsyncClient, timeout: float,
+                        leave: bool = True) -> None:
+    """End a long-polling client's Engine.IO session without waiting for its pending GET:
+    the Socket.IO DISCONNECT of each namespace first (unless ``leave`` is False: the server
+    then disconnects them itself), the Engine.IO CLOSE flushed, then the GET abandoned."""
+    eio = sio.eio
+    with contextlib.suppress(Exception):
+        if leave:
             for ns in list(sio.namespaces):
                 await sio._send_packet(sio.packet_class(socketio.packet.DISCONNECT,
                                                         namespace=ns))
-            await eio._send_packet(engineio.packet.Packet(engineio.packet.CLOSE))
-            await asyncio.wait_for(eio.queue.join(), EVENT_TIMEOUT)
-        task = getattr(eio, "read_loop_task", None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(task, EVENT_TIMEOUT)
-        with contextlib.suppress(Exception):
-            await eio.disconnect(abort=True)
+        await eio._send_packet(engineio.packet.Packet(engineio.packet.CLOSE))
+        await asyncio.wait_for(eio.queue.join(), timeout)
+    task = getattr(eio, "read_loop_task", None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(task, timeout)
+    with contextlib.suppress(Exception):
+        await eio.disconnect(abort=True)
 
 
 async def all_history(client: RoomClient) -> list[dict[str, Any]]:

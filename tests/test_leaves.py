@@ -22,12 +22,11 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import engineio
 import pytest
 import socketio
 
 from tests import crowd
-from tests.conftest import ENGINES, RoomClient, acreate_room
+from tests.conftest import ENGINES, RoomClient, acreate_room, close_polling
 from tests.support import AUTH, NodeProcess, async_wait_until, http_json, running_nodes
 
 pytestmark = pytest.mark.timeout(120)
@@ -104,21 +103,11 @@ async def drop_session(sio: socketio.AsyncClient) -> None:
     """End the client's Engine.IO session (a CLOSE packet, no Socket.IO DISCONNECT of any
     namespace first): the server disconnects every namespace of that session itself. Over
     polling the last GET is abandoned, as ``RoomClient.close`` does."""
-    eio = sio.eio
-    if eio.current_transport == "websocket":
+    if sio.eio.current_transport == "websocket":
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(eio.disconnect(), WAIT)
+            await asyncio.wait_for(sio.eio.disconnect(), WAIT)
         return
-    with contextlib.suppress(Exception):
-        await eio._send_packet(engineio.packet.Packet(engineio.packet.CLOSE))
-        await asyncio.wait_for(eio.queue.join(), WAIT)
-    task = getattr(eio, "read_loop_task", None)
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(task, WAIT)
-    with contextlib.suppress(Exception):
-        await eio.disconnect(abort=True)
+    await close_polling(sio, WAIT, leave=False)
 
 
 async def test_a_room_emptying_at_once_tells_who_stays_and_leaves_nothing_behind(
