@@ -216,13 +216,14 @@ class _Counters:
 
 async def _throughput(rooms: list[loadgen.Room], sc: Scenario, pids: list[int]
                       ) -> dict[str, Any]:
-    cpu0, own0 = procstat.total_cpu(pids), time.process_time()
+    window, own0 = procstat.CpuWindow(pids), time.process_time()
     res = await loadgen.closed_loop(rooms, sc.messages, sc.window, timeout=120)
-    cpu = procstat.total_cpu(pids) - cpu0
+    cpu = window.seconds()
     own = time.process_time() - own0
     return {"messages": res.sent, "deliveries": res.delivered, "expected": res.expected,
             "complete": res.complete, "acks_failed": res.acks_failed,
-            "server_cpu_s": round(cpu, 2), "wall_s": round(res.wall, 2),
+            "server_cpu_s": round(cpu, 3), "cpu_counter": window.counter,
+            "wall_s": round(res.wall, 2),
             "deliveries_per_cpu_s": round(res.delivered / cpu) if cpu > 0 else None,
             "deliveries_per_s": round(res.delivered / res.wall) if res.wall > 0 else None,
             "loadgen_busy": round(own / res.wall, 2) if res.wall > 0 else None}
@@ -253,14 +254,14 @@ async def _latency(rooms: list[loadgen.Room], sc: Scenario, pids: list[int],
     counters: dict[str, Any] = {}
     own_gc = gctune.WATCH.stats()
     with _Counters(server, counters):
-        cpu0, own0 = procstat.total_cpu(pids), time.process_time()
+        window, own0 = procstat.CpuWindow(pids), time.process_time()
         waits0 = procstat.total_runqueue_wait(pids), procstat.runqueue_wait(os.getpid())
         res, lat = await loadgen.open_loop(rooms, rate, sc.duration, timeout=60)
         counters["server_runqueue_wait_ms"] = round(
             (procstat.total_runqueue_wait(pids) - waits0[0]) * 1000, 1)
         counters["loadgen_runqueue_wait_ms"] = round(
             (procstat.runqueue_wait(os.getpid()) - waits0[1]) * 1000, 1)
-        cpu = procstat.total_cpu(pids) - cpu0
+        cpu = window.seconds()
         own = time.process_time() - own0
     gc_after = gctune.WATCH.stats()
     counters["loadgen_gc_collections"] = [a - b for a, b in zip(
@@ -273,7 +274,8 @@ async def _latency(rooms: list[loadgen.Room], sc: Scenario, pids: list[int],
             "rate_msgs_per_s": round(rate, 1),
             "messages": res.sent, "deliveries": res.delivered, "expected": res.expected,
             "complete": res.complete, "acks_failed": res.acks_failed,
-            "server_cpu_s": round(cpu, 2), "wall_s": round(res.wall, 2),
+            "server_cpu_s": round(cpu, 3), "cpu_counter": window.counter,
+            "wall_s": round(res.wall, 2),
             "p50_ms": round(_pct(ms, 50), 2), "p99_ms": round(_pct(ms, 99), 2),
             "max_ms": round(ms[-1], 2) if ms else None,
             "mean_ms": round(statistics.fmean(ms), 2) if ms else None,
