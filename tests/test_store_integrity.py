@@ -63,18 +63,22 @@ def leaf_rows(data: bytes) -> dict[int, list[tuple[str, int]]]:
     """(room key, seq) of the live rows on each b-tree leaf page, by 0-based page number.
 
     Only live cells count: free space keeps stale copies of moved rows, so a plain search
-    of the file would aim at the wrong pages. The messages table has no rowid, so its rows
-    sit in an index b-tree, whose leaf pages have type 0x0A."""
+    of the file would aim at the wrong pages. The messages table is a rowid table, whose
+    leaf pages have type 0x0D and whose cells are a payload size, the rowid, then the row
+    (a store of schema 4 kept its rows in an index b-tree, leaf type 0x0A, with no rowid);
+    the rows' text is only in the table, so index pages never match."""
     pattern = re.compile(rb"(intact|olddamage|gone)-(\d{5})-")
     out: dict[int, list[tuple[str, int]]] = {}
     for page in range(1, len(data) // PAGE):
         base = page * PAGE
-        if data[base] != 0x0A:
+        if data[base] not in (0x0A, 0x0D):
             continue
         rows = []
         for i in range(int.from_bytes(data[base + 3:base + 5], "big")):
             ptr = base + int.from_bytes(data[base + 8 + 2 * i:base + 10 + 2 * i], "big")
             size, used = varint(data, ptr)
+            if data[base] == 0x0D:  # the rowid comes next
+                used += varint(data, ptr + used)[1]
             found = pattern.search(data[ptr + used:ptr + used + size])
             if found:
                 rows.append((found.group(1).decode(), int(found.group(2))))

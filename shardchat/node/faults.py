@@ -45,6 +45,9 @@ HANDOFF_POINTS = frozenset(SOURCE_POINTS + TARGET_POINTS)
 STORE_POINTS = (
     "store.before_commit",
     "store.after_commit",
+    # opening a store of schema 4 or older: every message copied into the new layout, the
+    # transaction not committed (``schema.migrate_layout``)
+    "store.layout_copied",
 )
 # On-line replication (``node/replication/``): after each durable step, before what follows.
 REPLICATION_POINTS = (
