@@ -10,6 +10,7 @@ the counts are checked here, never a speed.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -45,6 +46,18 @@ def test_the_program_is_built_once_per_source_and_again_when_it_changes(
     assert rebuilt != binary and rebuilt.exists()
     assert sorted(p.name for p in binary.parent.iterdir()) == sorted([binary.name,
                                                                        rebuilt.name])
+
+
+def test_the_cache_keeps_only_the_newest_builds(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, built = tmp_path / "cache", []
+    for n in range(cloadgen.KEEP_BUILDS + 2):  # one build per edit of the source
+        edited = tmp_path / f"loadgen-{n}.c"
+        edited.write_text(cloadgen.SOURCE.read_text() + f"\n/* edit {n} */\n")
+        monkeypatch.setattr(cloadgen, "SOURCE", edited)
+        built.append(cloadgen.build(cache))
+        os.utime(built[-1], (n, n))  # ordered by age whatever the clock's resolution
+    assert sorted(cache.iterdir()) == sorted(built[-cloadgen.KEEP_BUILDS:])
 
 
 async def _observe(endpoints: list[list[Endpoint]]) -> tuple[list[SioClient], list[list]]:

@@ -47,6 +47,9 @@ class LoadgenError(RuntimeError):
     """The C load generator failed: its message (from stderr) says why."""
 
 
+KEEP_BUILDS = 3  # builds of other sources left in the cache
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "shardchat-bench"
@@ -78,7 +81,18 @@ def build(cache: Path | None = None) -> Path:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+    _prune(out_dir, keep=binary)
     return binary
+
+
+def _prune(out_dir: Path, keep: Path) -> None:
+    """Leave the ``KEEP_BUILDS`` newest builds (``keep`` among them): every edit of the
+    source or its flags makes one, and nothing else removes them."""
+    builds = sorted((p for p in out_dir.glob("cloadgen-*") if "." not in p.name),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [p for p in builds if p != keep][KEEP_BUILDS - 1:]:
+        with contextlib.suppress(FileNotFoundError):  # another build pruned it first
+            old.unlink()
 
 
 @dataclass
