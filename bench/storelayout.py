@@ -11,8 +11,9 @@ then commits, with fsync on, the shape of the small-room benchmark: 175 commits 
 messages, each commit to 69 of 200 busy rooms, a WAL checkpoint every 50 commits as the
 node's checkpointer would make. It reports the committing thread's CPU per message (user
 and kernel: SQLite's b-tree work, the WAL's page writes and fsyncs) and the CPU of reading
-the newest 50 messages of 1,000 rooms. Layouts alternate within each round; the figures are
-each layout's median round.
+the newest 50 messages of 1,000 rooms, and of the same pages from the node's memory
+(``store/recent.py``), where a join finds them once its room was read. Layouts alternate
+within each round; the figures are each layout's median round.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import time
 from pathlib import Path
 
 from shardchat.node.store import schema
+from shardchat.node.store.reader import newest_within
+from shardchat.node.store.recent import RecentMessages
 from shardchat.node.store.records import MessageRecord
 
 # The messages table of earlier releases, as they created it.
@@ -92,9 +95,26 @@ def one(layout: str, history: int, seed: int) -> dict[str, float]:
                          " AND seq <= ? ORDER BY seq DESC LIMIT 50", (r.id, r.seq)).fetchall()
         read_us = (time.thread_time() - t0) / 1000 * 1e6
         conn.close()
-        return {"write_us_per_message": write_us, "read_us_per_page": read_us}
+        return {"write_us_per_message": write_us, "read_us_per_page": read_us,
+                "memory_us_per_page": _from_memory(rooms[:1000])}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _from_memory(rooms: list[_Room]) -> float:
+    """CPU µs of the same pages from the node's memory (``store/recent.py``), as a join's
+    welcome is served once its room was read: the lookup and the byte bound's walk."""
+    recent = RecentMessages()
+    for r in rooms:
+        recent.seed(r.id, [MessageRecord(r.id, s, "sid", "member name", "x" * 120, s, None,
+                                         "member") for s in range(max(1, r.seq - 49),
+                                                                  r.seq + 1)], False)
+    t0 = time.thread_time()
+    for r in rooms:
+        page = recent.get(r.id, max(1, r.seq - 49), r.seq)
+        if page is not None:
+            newest_within(reversed(page), 10**6, lambda m: len(m.text))
+    return (time.thread_time() - t0) / len(rooms) * 1e6
 
 
 def main() -> None:
@@ -114,6 +134,9 @@ def main() -> None:
     for layout in LAYOUTS:
         m = med[layout]
         print(f"| {layout} | {m['write_us_per_message']:.1f} | {m['read_us_per_page']:.0f} |")
+    memory = statistics.median(x["memory_us_per_page"] for v in runs.values() for x in v)
+    print(f"| the newest 50 from memory (a join's welcome once its room was read) | - "
+          f"| {memory:.0f} |")
     new, old = med[LAYOUTS[0]], med[LAYOUTS[1]]
     writes = new["write_us_per_message"] / old["write_us_per_message"]
     reads = new["read_us_per_page"] / old["read_us_per_page"]

@@ -107,7 +107,7 @@ def _node_families(stats: Mapping[str, Any]) -> Iterator[Metric]:
                  int(bool(stats["draining"])))
 
 
-def _store_families(store: Mapping[str, int], commits: Buckets) -> Iterator[Metric]:
+def _store_families(store: Mapping[str, Any], commits: Buckets) -> Iterator[Metric]:
     yield _counter("messages_stored", "Messages committed to this node's store.",
                    store["messages"])
     yield _counter("rooms_created", "Rooms committed to this node's store.", store["rooms"])
@@ -118,6 +118,16 @@ def _store_families(store: Mapping[str, int], commits: Buckets) -> Iterator[Metr
     yield _histogram("store_commit_seconds",
                      "BEGIN to COMMIT of each group commit, fsync included: what every ack "
                      "and broadcast waits on.", commits)
+    recent = store["recent"]
+    pages = CounterMetricFamily("shardchat_newest_pages",
+                                "Pages of a room's newest messages (welcomes, short "
+                                "reconnect gaps) by where they came from: memory or the "
+                                "store's file.", labels=["source"])
+    pages.add_metric(["memory"], recent["hits"])
+    pages.add_metric(["store"], recent["misses"])
+    yield pages
+    yield _gauge("recent_messages_bytes", "Bytes of the newest messages kept in memory "
+                 "(at most 8 MiB).", recent["bytes"])
 
 
 def _fanout_families(fanout: Mapping[str, int]) -> Iterator[Metric]:

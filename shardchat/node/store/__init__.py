@@ -42,6 +42,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from shardchat.node.buckets import Buckets
 from shardchat.node.store import integrity, schema
@@ -50,7 +51,9 @@ from shardchat.node.store.errors import AckRefused, MoveConflict, StoreError
 from shardchat.node.store.integrity import MARKER_NAME, RESTORE_DOC, StoreDamaged
 from shardchat.node.store.lock import LOCK_NAME, DirectoryLock
 from shardchat.node.store.moves import Moves
-from shardchat.node.store.reader import LOOP_READ_ROWS, Reader
+from shardchat.node.store.reader import LOOP_READ_ROWS, Reader, newest_within
+from shardchat.node.store.recent import KEEP as RECENT_KEEP
+from shardchat.node.store.recent import RecentMessages
 from shardchat.node.store.records import (
     CreationKey,
     Forward,
@@ -129,6 +132,8 @@ class Store:
         self._committed: dict[str, int] = {}  # last seq committed and known to the loop
         # by dedup key: the callbacks of the copies that arrived while the first is in flight
         self._inflight: dict[tuple, list[AppendDone]] = {}
+        # the newest messages of rooms read lately (``recent.py``): welcomes without a read
+        self.recent = RecentMessages(keep=min(RECENT_KEEP, retention))
         self._state = "new"  # new -> opening -> open -> closing -> closed
         self._closed_event: asyncio.Event | None = None
         self._lock = DirectoryLock(self.directory)
@@ -142,6 +147,7 @@ class Store:
         self._checkpointer = Checkpointer(self.path, fsync=fsync, enabled=own_checkpoints)
         self.moves = Moves(self._writer, self._reader, owns=self._owns, adopt=self._adopt,
                            give_up=self._give_up)
+        self.moves.changed.append(self.recent.drop)  # a move's step, a fence: read again
         # Sync replication's seam: awaited after a message's commit (and for a duplicate),
         # before the caller hears of it; raises AckRefused when it cannot confirm the copy
         # on the follower (``node/replication/gate.py``). None: acked at the commit.
@@ -209,12 +215,14 @@ class Store:
         """How long each commit took, fsync included (``GET /metrics``' histogram)."""
         return self._writer.stats.commit_seconds
 
-    def stats(self) -> dict[str, int]:
-        """Counters of the writer: commits, messages and rooms written, largest batch."""
+    def stats(self) -> dict[str, Any]:
+        """Counters of the writer (commits, messages and rooms written, largest batch) and
+        of the newest messages kept in memory (``recent``: rooms, bytes, pages served from
+        memory and read from the file)."""
         s = self._writer.stats
         return {"commits": s.commits, "messages": s.messages, "rooms": s.rooms,
                 "failed_commits": s.failed_commits, "max_batch": s.max_batch,
-                "pruned": self._pruner.pruned}
+                "pruned": self._pruner.pruned, "recent": self.recent.stats()}
 
     def _bootstrap(self) -> None:
         """Runs in a worker thread: lock the directory, check and create the schema, load
@@ -429,7 +437,14 @@ class Store:
             top = min(top, before - 1)
         if limit <= 0 or top <= after:
             return [], False
-        return await self._reader.newest(room_id, after, top, limit, max_bytes, size)
+        cached = self.recent.get(room_id, max(after + 1, top - limit + 1), top)
+        if cached is not None:
+            return newest_within(reversed(cached), max_bytes, size)
+        records, cut = await self._reader.newest(room_id, after, top, limit, max_bytes, size)
+        if (not cut and records and records[-1].seq == top
+                and top == self._committed.get(room_id)):  # nothing committed meanwhile
+            self.recent.seed(room_id, records, complete=after == 0 and len(records) < limit)
+        return records, cut
 
     # -- the writer's callbacks (event loop) ---------------------------------------------
 
@@ -442,11 +457,12 @@ class Store:
             self._rooms[rid] = w.room
             self._assigned.setdefault(rid, 0)
             self._committed.setdefault(rid, 0)
-        committed, inflight = self._committed, self._inflight
+        committed, inflight, recent = self._committed, self._inflight, self.recent.committed
         for w in batch.messages:
             m = w.message
             if m.seq > committed.get(m.room_id, 0):
                 committed[m.room_id] = m.seq
+            recent(m)
             if m.client_id is not None:  # ``dedup_key`` is None without one
                 inflight.pop(m.dedup_key, None)
 
@@ -454,6 +470,7 @@ class Store:
         """A commit failed, and ``batch`` is every write that was queued: nothing is in
         flight any more, so every counter falls back to what is stored."""
         self._assigned = dict(self._committed)
+        self.recent.clear()  # nothing of the batch is stored: no entry may run ahead
         for w in batch.messages:
             key = w.message.dedup_key
             if key is not None:  # copies waiting on it are refused with it (``_tell_all``)
@@ -470,6 +487,7 @@ class Store:
         """An activated room is a room of this node, its seq going on from ``last_seq``."""
         self._rooms[room.id] = room
         self._assigned[room.id] = self._committed[room.id] = last_seq
+        self.recent.drop(room.id)
 
     def _give_up(self, room_id: str) -> None:
         """A forwarded room is not one of this node's any more (nothing of it is in flight:
@@ -477,6 +495,7 @@ class Store:
         self._rooms.pop(room_id, None)
         self._assigned.pop(room_id, None)
         self._committed.pop(room_id, None)
+        self.recent.drop(room_id)
 
     def _require_open(self) -> None:
         if self._state != "open":

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -167,15 +167,22 @@ def _fetch_all(conn: sqlite3.Connection, sql: str, params: tuple) -> list[tuple]
 def _read_newest(conn: sqlite3.Connection, sql: str, params: tuple, room_id: str,
                  max_bytes: int, size: Callable[[MessageRecord], int]
                  ) -> tuple[list[MessageRecord], bool]:
+    with contextlib.closing(conn.execute(sql, params)) as cursor:
+        return newest_within((MessageRecord(room_id, *row) for row in cursor), max_bytes,
+                             size)
+
+
+def newest_within(newest_first: Iterable[MessageRecord], max_bytes: int,
+                  size: Callable[[MessageRecord], int]) -> tuple[list[MessageRecord], bool]:
+    """Messages taken newest first while they fit in ``max_bytes`` of ``size`` (the newest
+    always), oldest first; and whether one was left out. Reading stops at the bound."""
     out: list[MessageRecord] = []
     used = 0
-    with contextlib.closing(conn.execute(sql, params)) as cursor:
-        for row in cursor:
-            msg = MessageRecord(room_id, *row)
-            used += size(msg)
-            if out and used > max_bytes:
-                out.reverse()
-                return out, True
-            out.append(msg)
+    for msg in newest_first:
+        used += size(msg)
+        if out and used > max_bytes:
+            out.reverse()
+            return out, True
+        out.append(msg)
     out.reverse()
     return out, False

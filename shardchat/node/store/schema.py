@@ -206,11 +206,11 @@ def migrate_layout(conn: sqlite3.Connection,
     twenty or so messages of their room, rewriting their neighbours. In arrival order a
     commit appends to the table's last pages, and per room it touches one leaf of the
     (room_id, seq) index, whose entries are a tenth the size. The writer thread's CPU per
-    message fell by a quarter in a store holding 400,000 messages and by half in a new one
+    message fell by 25-30 % in a store holding 400,000 messages and by half in a new one
     (``python -m bench.storelayout``; docs/performance.md, "The store's layout"). What it
     costs: a history page of 50 messages reads them from 50 places instead of two or three
-    leaves, 1.8-2.7 times the CPU (about 0.1 ms, once per join and per ``history``
-    request), where every message is written once.
+    leaves, 1.4-3.2 times the CPU (about 0.1 ms), which is why a room's newest messages
+    are also kept in memory (``recent.py``) for the joins that read them.
 
     The rebuild copies every row, in the order they were committed (ts, then room and
     seq), into the new table, then puts it in the old one's place and builds the dedup
