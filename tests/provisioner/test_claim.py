@@ -11,7 +11,9 @@ interleaving of whole calls (read, write, wait, read) is as free as on AWS.
 from __future__ import annotations
 
 import http.server
+import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -24,7 +26,7 @@ from moto import mock_aws
 from moto.core.botocore_stubber import BotocoreStubber
 
 from shardchat.aws import imds
-from shardchat.aws.claim import claim_number, claims
+from shardchat.aws.claim import ClaimError, claim_number, claims
 from shardchat.aws.ec2 import discover_instances
 from shardchat.aws.tags import TAG_CLUSTER, TAG_INSTANCE_NUMBER
 from tests.support import (
@@ -115,6 +117,47 @@ def test_stopped_instances_keep_their_number_terminated_ones_free_it(ec2):
     client.terminate_instances(InstanceIds=[one])
     newest = add_instances(client, net, 1, CLUSTER)[0]
     assert claim(client, newest) == 1
+
+
+def claim_statement() -> dict[str, Any]:
+    """The ``ShardchatClaimNumber`` IAM statement as docs/aws.md prints it."""
+    text = (ROOT / "docs" / "aws.md").read_text()
+    for block in re.findall(r"```json\n(.*?)```", text, flags=re.S):
+        if '"ShardchatClaimNumber"' in block:
+            return json.loads(block)
+    raise AssertionError("docs/aws.md has no ShardchatClaimNumber statement")
+
+
+def test_a_claim_writes_only_what_the_documented_iam_statement_allows(ec2):
+    """On AWS the statement is all a node's role may tag with: every CreateTags of a claim
+    must pass its conditions, or every node of the fleet fails at boot."""
+    client, net = ec2
+    me = add_instances(client, net, 1, CLUSTER)[0]
+    written: list[dict[str, Any]] = []
+    client.meta.events.register("before-parameter-build.ec2.CreateTags",
+                                lambda params, **_: written.append(dict(params)))
+    assert claim(client, me) == 1
+    statement = claim_statement()
+    assert statement["Action"] == "ec2:CreateTags"
+    allowed = set(statement["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"])
+    resource_tags = statement["Condition"]["StringEquals"]
+    assert written, "the claim wrote no tag"
+    for call in written:
+        assert call["Resources"] == [me]  # only itself
+        assert {t["Key"] for t in call["Tags"]} <= allowed, call
+    # the condition on the instance's own tags is one the claimant meets before it writes
+    assert list(resource_tags) == [f"ec2:ResourceTag/{TAG_CLUSTER}"]
+
+
+def test_an_instance_without_the_cluster_tag_is_refused_before_it_writes(ec2):
+    client, net = ec2
+    stray = add_instances(client, net, 1, [{"Key": TAG_CLUSTER, "Value": "other"}])[0]
+    bare = add_instances(client, net, 1)[0]
+    for me, says in ((stray, "shardchat:cluster = 'other'"), (bare, "no such tag")):
+        with pytest.raises(ClaimError, match="PropagateAtLaunch") as err:
+            claim(client, me)
+        assert says in str(err.value) and me in str(err.value)
+    assert claims(client, "demo") == {} and claims(client, "other") == {}
 
 
 # -- the metadata service ----------------------------------------------------------------
