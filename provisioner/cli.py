@@ -3,7 +3,8 @@
 Exit codes: 0 done, 1 AWS refused (or holds something in the way, or the state lock is
 held), 2 bad config (the key at fault is printed). Everything is checked before the first
 call that changes anything. plan, apply, destroy and every watch round hold the cluster's
-state lock (``lock.py``) from their first read of the load balancers to their last change.
+state lock (``lock.py``) from their first read of the load balancers to their last change;
+``scale-in`` and the scale-in part of each watch round hold the scale-in lock instead.
 """
 
 from __future__ import annotations
@@ -90,9 +91,10 @@ def _guard(fn: Callable[[], None]) -> None:
         sys.exit(EXIT_AWS)
 
 
-def _lock(cfg: config_mod.Config, clients: Clients) -> lock_mod.Lock:
+def _lock(cfg: config_mod.Config, clients: Clients, name: str = lock_mod.STATE
+          ) -> lock_mod.Lock:
     return lock_mod.Lock(clients.dynamodb, cfg.aws.lock_table, cfg.cluster.name,
-                         cfg.aws.lock_lease)
+                         cfg.aws.lock_lease, name=name)
 
 
 @contextmanager
@@ -251,7 +253,10 @@ def watch_cmd(ctx: click.Context, config_path: str, region: str | None,
         lock_mod.ensure_table(clients.dynamodb, cfg.aws.lock_table)
 
         def leaving(round_cfg: config_mod.Config) -> None:
-            _scale_in(round_cfg, obj["endpoint_url"])
+            try:
+                _scale_in(round_cfg, obj["endpoint_url"], clients)
+            except lock_mod.LockHeld as exc:  # another watcher drains; this one goes on
+                click.echo(f"scale-in skipped this round: {exc.message}")
 
         watcher = Watcher(
             # re-read every round: an edited file or a new instance counts at once, and a
@@ -270,10 +275,13 @@ def watch_cmd(ctx: click.Context, config_path: str, region: str | None,
     _guard(run)
 
 
-def _scale_in(cfg: config_mod.Config, endpoint_url: str | None) -> bool:
-    """One scale-in round, each leaving instance reported; False when one was kept."""
+def _scale_in(cfg: config_mod.Config, endpoint_url: str | None, clients: Clients) -> bool:
+    """One scale-in round under the scale-in lock (LockHeld when another runs one), each
+    leaving instance reported; False when one was kept."""
     autoscaling = client("autoscaling", cfg.aws.region, endpoint_url)
-    outcomes = asyncio.run(scalein.scale_in_round(autoscaling, cfg, say=click.echo))
+    with _lock(cfg, clients, lock_mod.SCALE_IN).held("scale-in") as held:
+        outcomes = asyncio.run(scalein.scale_in_round(autoscaling, cfg, say=click.echo,
+                                                      keep=held.renew))
     if not outcomes:
         click.echo("No instance of " + ", ".join(cfg.aws.autoscaling_groups) + " is leaving.")
     for o in outcomes:
@@ -290,14 +298,17 @@ def _scale_in(cfg: config_mod.Config, endpoint_url: str | None) -> bool:
 def scale_in_cmd(ctx: click.Context, config_path: str, region: str | None,
                  endpoint_url: str | None) -> None:
     """Drain the instances a termination lifecycle hook holds, then let them go (one round;
-    watch runs one every interval). Exit 1 when one could not be let go yet."""
+    watch runs one every interval). Exit 1 when one could not be let go yet, or when
+    another scale-in holds the scale-in lock."""
     def run() -> None:
         obj = _obj(ctx, region, endpoint_url)
         cfg = resolve_instances(_load(config_path, obj["region"]), obj["endpoint_url"])
         if not cfg.aws.autoscaling_groups:
             click.echo("aws.autoscaling_groups is empty: no group's scale-in is watched.")
             return
-        if not _scale_in(cfg, obj["endpoint_url"]):
+        clients = make_clients(cfg.aws.region, obj["endpoint_url"])
+        lock_mod.ensure_table(clients.dynamodb, cfg.aws.lock_table)
+        if not _scale_in(cfg, obj["endpoint_url"], clients):
             raise Failure(EXIT_FAILED)
     _guard(run)
 

@@ -58,8 +58,9 @@ class Watcher:
     max_rounds: int | None = None
     say: Callable[[str], None] = print
     # after each round's reconcile: drain the instances a termination lifecycle hook holds
-    # (``scalein.py``), outside the lock (a drain moves rooms, not ALB resources, and may
-    # take minutes); None when no Auto Scaling group is watched
+    # (``scalein.py``), outside the state lock, under the scale-in lock the callable takes
+    # (a drain moves rooms, not ALB resources, and may take minutes); run in LOCKED rounds
+    # too; None when no Auto Scaling group is watched
     scale_in: Callable[[Config], None] | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     failures: int = 0  # rounds in a row that failed

@@ -28,6 +28,7 @@ from moto.autoscaling import responses as asg_responses
 from moto.core.responses import EmptyResult
 
 from provisioner import cli, reconcile
+from provisioner.lock import SCALE_IN, Lock, ensure_table
 from provisioner.scalein import TERMINATING_HOOK, TERMINATING_WAIT, scale_in_round
 from shardchat import config as config_mod
 from shardchat.aws.clients import make_clients
@@ -243,3 +244,34 @@ def test_every_round_of_watch_lets_the_drained_instances_go(fleet, lifecycle):
     assert "(instance 3 of chat-nodes): let go, 1 room moved" in result.output
     assert lifecycle.completed == [(fleet["ids"][2], "CONTINUE")]
     assert stats(three)["rooms"] == 0
+
+
+def test_one_scale_in_at_a_time_a_second_one_touches_nothing(fleet, lifecycle):
+    """Two watchers (or a watcher and the command) must never drain one instance at once:
+    while another run holds the scale-in lock, the command is refused and a watch round
+    reconciles but leaves the leaving instance alone; once it is free, the next one drains."""
+    three = fleet["nodes"][2]
+    create_room(three, "Twice?", False)
+    lifecycle.scale_in(_backend(), fleet["ids"][2])
+    cfg = fleet["cfg"]
+    dynamodb = make_clients(cfg.aws.region, None).dynamodb
+    ensure_table(dynamodb, cfg.aws.lock_table)
+    other = Lock(dynamodb, cfg.aws.lock_table, CLUSTER, lease=120, name=SCALE_IN)
+    other.acquire("scale-in")
+
+    refused = CliRunner().invoke(cli.main, ["scale-in", "--config", cfg.source])
+    assert refused.exit_code == 1, refused.output
+    assert "Refused (Locked): the scale-in lock of cluster scalein" in refused.output
+    assert str(other.id) in refused.output
+    watched = CliRunner().invoke(cli.main, ["watch", "--once", "--config", cfg.source])
+    assert watched.exit_code == 0, watched.output
+    assert "round 1: changed" in watched.output  # the ALB part does not wait for a drain
+    assert "scale-in skipped this round: the scale-in lock" in watched.output
+    assert lifecycle.completed == [] and lifecycle.heartbeats == []
+    assert stats(three)["rooms"] == 1 and not stats(three)["drained"]
+
+    other.release()
+    done = CliRunner().invoke(cli.main, ["scale-in", "--config", cfg.source])
+    assert done.exit_code == 0, done.output
+    assert lifecycle.completed == [(fleet["ids"][2], "CONTINUE")]
+    assert other.holder() is None  # given back at the end of the round
