@@ -98,6 +98,10 @@ def test_throttling_backs_off_exponentially_with_jitter_then_recovers(aws, lock)
         delays.append(w.delay())
         assert expected * 0.8 <= delays[-1] <= expected * 1.2
     assert lock.last()[1] == FAILED and "throttled" in lock.last()[2]["summary"]
+    # jittered, not merely inside the band: watchers throttled together must not retry in
+    # step (50 draws none of them below, or none above, 5 % of the base: 1 run in 10**10)
+    spread = [w.delay() / 16.0 for _ in range(50)]
+    assert min(spread) < 0.95 and max(spread) > 1.05 and all(0.8 <= f <= 1.2 for f in spread)
     assert w.round().outcome == CHANGED
     assert 1.6 <= w.delay() <= 2.4  # back to the interval
 
