@@ -206,3 +206,38 @@ def test_an_apply_killed_midway_holds_the_lock_only_until_its_lease_ends(setup):
              if not r["IsDefault"]]
     patterns = sorted(r["Conditions"][0]["PathPatternConfig"]["Values"][0] for r in rules)
     assert patterns == sorted(f"/i{n}/*" for n in range(1, 25))  # each once
+
+
+def test_sigterm_ends_watch_between_rounds_at_once_with_the_lock_given_back(setup):
+    """systemd stops the watch service with SIGTERM: it must not sit out the interval it is
+    waiting, and it leaves the lock free and its last round recorded."""
+    import os
+    import signal
+
+    from provisioner.lock import Lock
+    from tests.support import wait_until
+
+    from .conftest import PROVISION, ROOT
+
+    server, elbv2, net, tmp = setup
+    cfg = write_provision_config(tmp / "c.toml", net, [1])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([str(PROVISION), "watch", "--interval", "300", "--config",
+                             str(cfg), "--endpoint-url", server.url], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = Lock(server.client("dynamodb"), "shardchat-locks", "demo", lease=120)
+    try:
+        wait_until(lambda: proc.poll() is None and lock.last() is not None, timeout=60,
+                   what="the first round recorded")
+        assert lock.last()[1] == "changed"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)  # the wait was 300 s (at least 240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 0, err
+    assert "round 1: changed" in out and "round 2" not in out
+    assert lock.holder() is None
+    assert [lb["LoadBalancerName"] for lb in elbv2.describe_load_balancers()["LoadBalancers"]
+            ] == ["demo-alb"]
