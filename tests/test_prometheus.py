@@ -83,10 +83,10 @@ async def test_rate_limit_refusals_are_counted_by_kind(tmp_path, connect):
 
 def test_a_peer_that_stops_answering_shows_as_down(tmp_path):
     with running_nodes(tmp_path, 2) as (one, two):
-        wait_until(lambda: value(scrape(one), "shardchat_peer_up", instance="2") == 1,
+        wait_until(lambda: value(scrape(one), "shardchat_peer_up", peer="2") == 1,
                    timeout=20, what="instance 2 seen up by instance 1")
         two.kill()
-        wait_until(lambda: value(scrape(one), "shardchat_peer_up", instance="2") == 0,
+        wait_until(lambda: value(scrape(one), "shardchat_peer_up", peer="2") == 0,
                    timeout=20, what="instance 2 seen down by instance 1")
 
 
