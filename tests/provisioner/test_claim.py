@@ -267,3 +267,52 @@ def test_two_nodes_booting_at_once_claim_1_and_2_and_serve(moto_server, tmp_path
         for fake in fakes:
             fake.shutdown()
             fake.server_close()
+
+
+# -- what `node --auto` refuses ------------------------------------------------------------
+
+
+def node_cmd(path, *args: str, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardchat", "node", "--config", str(path),
+                           *args], cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                      **(env or {})},
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def auto_config(tmp_path, **aws: Any):
+    return write_config(tmp_path / "shardchat.toml", instances=[],
+                        cluster={"name": "demo", "secret": SECRET,
+                                 "data_dir": str(tmp_path / "data")},
+                        aws={"region": REGION, "discover": "ec2-tags", **aws})
+
+
+def test_node_wants_exactly_one_of_instance_and_auto(tmp_path):
+    path = auto_config(tmp_path)
+    for args in ((), ("--auto", "--instance", "1")):
+        done = node_cmd(path, *args)
+        assert done.returncode == 2, done.stderr
+        assert "give either --instance N or --auto" in done.stderr
+
+
+def test_auto_off_ec2_exits_1_with_a_sentence_not_a_hang(tmp_path):
+    done = node_cmd(auto_config(tmp_path), "--auto", env={imds.IMDS_URL_ENV: "http://127.0.0.1:9"})
+    assert done.returncode == 1, done.stderr
+    assert "node --auto: no instance number claimed" in done.stderr and "IMDSv2" in done.stderr
+
+
+def test_auto_on_an_instance_without_the_cluster_tag_exits_1_naming_the_tag(moto_server,
+                                                                            tmp_path):
+    client = moto_server.client("ec2")
+    net = build_network(client, count=0)
+    me = add_instances(client, net, 1)[0]
+    fake = FakeImds(me, "127.0.0.2")
+    try:
+        done = node_cmd(auto_config(tmp_path, claim_settle=0.1), "--auto", "--endpoint-url",
+                        moto_server.url, env={imds.IMDS_URL_ENV: fake.url})
+    finally:
+        fake.shutdown()
+        fake.server_close()
+    assert done.returncode == 1, done.stderr
+    assert f"EC2 instance {me} has no such tag: tag it {TAG_CLUSTER} = demo" in done.stderr
+    assert claims(client, "demo") == {}
