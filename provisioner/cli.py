@@ -21,8 +21,8 @@ from typing import Any
 import click
 from botocore.exceptions import BotoCoreError, ClientError
 
+from provisioner import faults, reconcile, scalein, status
 from provisioner import lock as lock_mod
-from provisioner import reconcile, scalein, status
 from provisioner.actions import Action
 from provisioner.plan import ConflictError
 from provisioner.reconcile import FleetPlan, checked_desired, destroy_plan_for, plan_for
@@ -30,7 +30,13 @@ from provisioner.watch import FAILED, Watcher
 from shardchat import config as config_mod
 from shardchat.aws.clients import Clients, client, error_code, error_message, make_clients
 from shardchat.aws.ec2 import resolve_instances
-from shardchat.cli_common import EXIT_FAILED, EXIT_OK, config_errors_exit, load_config
+from shardchat.cli_common import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    config_errors_exit,
+    load_config,
+)
 from shardchat.cluster.mover import plural
 
 EXIT_AWS = EXIT_FAILED  # AWS refused, or holds something in the way
@@ -151,6 +157,11 @@ config_option = click.option("--config", "config_path", required=True,
 @click.pass_context
 def main(ctx: click.Context, region: str | None, endpoint_url: str | None) -> None:
     """Make an AWS Application Load Balancer route /i<N>/* to instance N."""
+    try:
+        faults.check()
+    except ValueError as exc:  # a misspelt point in a test must fail loudly
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_CONFIG)
     ctx.ensure_object(dict)
     ctx.obj.setdefault("region", region)
     ctx.obj.setdefault("endpoint_url", endpoint_url)
