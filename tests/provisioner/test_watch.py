@@ -5,14 +5,18 @@ outcome is recorded for ``status``."""
 
 from __future__ import annotations
 
+import itertools
+import threading
+import time
 from typing import Any
 
 import boto3
 import pytest
 from botocore.exceptions import ClientError
+from moto.core.botocore_stubber import BotocoreStubber
 
 from provisioner.lock import Lock, ensure_table
-from provisioner.watch import CHANGED, FAILED, LOCKED, OK, Watcher
+from provisioner.watch import CHANGED, FAILED, LOCKED, OK, Round, Watcher
 from shardchat.aws.ec2 import resolve_instances
 
 from .conftest import REGION, CallRecorder, add_instances, make_config
@@ -119,3 +123,65 @@ def test_a_broken_config_fails_the_round_naming_the_key(aws, lock):
     add_instances(ec2, net, 1, tags("demo", 1, port="70000"))
     done = watcher(aws, lock).round()
     assert done.outcome == FAILED and "instances[0].port" in done.summary
+
+
+class Timed(Watcher):
+    """A watcher that notes when each of its reconciles (the part under the lock) ran."""
+
+    spans: list[tuple[float, float, str]]
+
+    def _reconcile(self, cfg):  # type: ignore[no-untyped-def]
+        began = time.monotonic()
+        try:
+            return super()._reconcile(cfg)
+        finally:
+            self.spans.append((began, time.monotonic(), self.lock.id or "?"))
+
+
+def test_two_watchers_at_once_take_turns_and_build_the_alb_once(aws, lock, monkeypatch):
+    """Two watchers (two hosts, for availability) started at the same moment: their
+    reconciles never overlap, one round builds the ALB, every other round finds it done or
+    the lock held, and nothing fails. Each moto call is made one step, as each AWS call is
+    (see test_claim.py); the interleaving of whole rounds is free."""
+    guard = threading.Lock()
+    original = BotocoreStubber.__call__
+
+    def one_at_a_time(self: BotocoreStubber, *args: Any, **kwargs: Any) -> Any:
+        with guard:
+            return original(self, *args, **kwargs)
+    monkeypatch.setattr(BotocoreStubber, "__call__", one_at_a_time)
+
+    elbv2, ec2, net = aws
+    for n in (1, 2, 3):
+        add_instances(ec2, net, 1, tags("demo", n))
+    base = make_config(net, [1], aws={"discover": "ec2-tags"})
+    spans: list[tuple[float, float, str]] = []
+    start = threading.Barrier(2)
+    watchers = []
+    for _ in range(2):
+        w = Timed(load=lambda: resolve_instances(base),
+                  elbv2=boto3.client("elbv2", region_name=REGION),
+                  lock=Lock(lock.dynamodb, lock.table, "demo", lease=60),
+                  interval=0.01, max_rounds=8, say=lambda _line: None)
+        w.spans = spans
+        watchers.append(w)
+    done: list[Round | None] = []
+
+    def run(w: Watcher) -> None:
+        start.wait(timeout=30)
+        done.append(w.run())
+    threads = [threading.Thread(target=run, args=(w,)) for w in watchers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(done) == 2
+    outcomes = [r.outcome for w in watchers for r in w.rounds]
+    assert FAILED not in outcomes, [r for w in watchers for r in w.rounds]
+    assert outcomes.count(CHANGED) == 1 and set(outcomes) <= {CHANGED, OK, LOCKED}
+    ordered = sorted(spans)
+    assert len(ordered) == outcomes.count(CHANGED) + outcomes.count(OK)
+    for (_, ended, who), (began, _, other) in itertools.pairwise(ordered):
+        assert ended <= began, f"{who} and {other} reconciled at the same time"
+    assert rule_patterns(elbv2) == ["/i1/*", "/i2/*", "/i3/*"]
+    assert lock.holder() is None
