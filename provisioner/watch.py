@@ -106,8 +106,11 @@ class Watcher:
         self._cfg = None
         try:
             cfg = self.load()
-            reconcile.checked_desired(cfg)
+            # scale-in needs only the instances: a round the provisioner refuses (an
+            # instance past the shard tables, a quota) must still drain the leaving ones,
+            # or their hooks time out and AWS terminates them with their rooms
             self._cfg = cfg
+            reconcile.checked_desired(cfg)
         except ConfigError as exc:
             return self._failed("config", f"config error at {exc.key}: {exc.message}")
         except (ClientError, BotoCoreError) as exc:

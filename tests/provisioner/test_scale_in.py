@@ -275,3 +275,30 @@ def test_one_scale_in_at_a_time_a_second_one_touches_nothing(fleet, lifecycle):
     assert done.exit_code == 0, done.output
     assert lifecycle.completed == [(fleet["ids"][2], "CONTINUE")]
     assert other.holder() is None  # given back at the end of the round
+
+
+def test_a_round_refused_for_its_shard_tables_still_drains_the_leaving_instance(
+        fleet, lifecycle, tmp_path):
+    """The 100th instance joined before the [[aws.shards]] tables: every round's reconcile
+    is refused (naming aws.shards) until they exist, but a leaving instance must still be
+    drained, or its hook times out and AWS terminates it with its rooms."""
+    three = fleet["nodes"][2]
+    create_room(three, "Still drained", False)
+    cfg = fleet["cfg"]
+    spare_port, spare_internal = distinct_free_ports(2)
+    instances = [{"number": i.number, "host": i.host, "port": i.port,
+                  "internal_port": i.internal_port, "ec2_instance_id": i.ec2_instance_id}
+                 for i in cfg.instances]
+    instances.append({"number": 100, "host": "127.0.0.1", "port": spare_port,
+                      "internal_port": spare_internal, "ec2_instance_id": fleet["ids"][0]})
+    path = write_config(tmp_path / "past-99.toml", instances=instances,
+                        cluster={"name": CLUSTER, "secret": SECRET}, node=dict(TEST_RATE_LIMITS),
+                        aws=fleet["aws_table"])
+    lifecycle.scale_in(_backend(), fleet["ids"][2])
+    result = CliRunner().invoke(cli.main, ["watch", "--once", "--config", str(path)])
+    assert result.exit_code == 1, result.output  # the round failed ...
+    assert "round 1: failed: config error at aws.shards: instance 100" in result.output
+    # ... and the leaving instance was drained and let go all the same
+    assert "(instance 3 of chat-nodes): let go, 1 room moved" in result.output
+    assert lifecycle.completed == [(fleet["ids"][2], "CONTINUE")]
+    assert stats(three)["rooms"] == 0
