@@ -316,3 +316,25 @@ def test_auto_on_an_instance_without_the_cluster_tag_exits_1_naming_the_tag(moto
     assert done.returncode == 1, done.stderr
     assert f"EC2 instance {me} has no such tag: tag it {TAG_CLUSTER} = demo" in done.stderr
     assert claims(client, "demo") == {}
+
+
+def test_auto_refuses_the_100th_number_without_a_shard_table(moto_server, tmp_path):
+    """Instance 100 belongs to shard 2: without [[aws.shards]] tables no ALB would route it,
+    so its node must not serve (placement would give it rooms nobody can reach)."""
+    client = moto_server.client("ec2")
+    net = build_network(client, count=0)
+    held = add_instances(client, net, 99, CLUSTER)
+    for n, iid in enumerate(held, start=1):
+        client.create_tags(Resources=[iid], Tags=[{"Key": TAG_INSTANCE_NUMBER,
+                                                   "Value": str(n)}])
+    me = add_instances(client, net, 1, CLUSTER)[0]
+    fake = FakeImds(me, "127.0.0.2")
+    try:
+        done = node_cmd(auto_config(tmp_path, claim_settle=2.0), "--auto", "--endpoint-url",
+                        moto_server.url, env={imds.IMDS_URL_ENV: fake.url})
+    finally:
+        fake.shutdown()
+        fake.server_close()
+    assert done.returncode == 2, done.stderr
+    assert "Config error at aws.shards: instance 100" in done.stderr
+    assert claims(client, "demo")[me] == 100  # kept: it starts once the tables exist
