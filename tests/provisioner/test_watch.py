@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 from moto.core.botocore_stubber import BotocoreStubber
 
 from provisioner.lock import Lock, ensure_table
-from provisioner.watch import CHANGED, FAILED, LOCKED, OK, Round, Watcher
+from provisioner.watch import CHANGED, FAILED, JITTER, LOCKED, OK, Round, Watcher
 from shardchat.aws.ec2 import resolve_instances
 
 from .conftest import REGION, CallRecorder, add_instances, make_config
@@ -108,6 +108,36 @@ def test_throttling_backs_off_exponentially_with_jitter_then_recovers(aws, lock)
     assert min(spread) < 0.95 and max(spread) > 1.05 and all(0.8 <= f <= 1.2 for f in spread)
     assert w.round().outcome == CHANGED
     assert 1.6 <= w.delay() <= 2.4  # back to the interval
+
+
+def test_a_backed_off_reconcile_still_drains_leaving_instances_every_interval(aws, lock):
+    """AWS keeps throttling the load balancer calls, so reconcile rounds back off to
+    minutes apart; a termination hook waits only its heartbeat timeout, so the leaving
+    instances must still be looked at every interval. Time is the watcher's own clock here,
+    advanced by its waits: no real waiting."""
+    elbv2, ec2, net = aws
+    add_instances(ec2, net, 1, tags("demo", 1))
+
+    def throttle(**_: Any) -> None:
+        raise ClientError({"Error": {"Code": "Throttling", "Message": "Rate exceeded"}},
+                          "DescribeLoadBalancers")
+    elbv2.meta.events.register("before-call.*.DescribeLoadBalancers", throttle)
+    now = [0.0]
+
+    def wait(seconds: float) -> bool:
+        now[0] += seconds
+        return False
+    drained_at: list[float] = []
+    found = resolve_instances(make_config(net, [1], aws={"discover": "ec2-tags"}))
+    w = Watcher(load=lambda: found, elbv2=elbv2, lock=lock, interval=10.0, max_rounds=5,
+                say=lambda _line: None, clock=lambda: now[0], wait=wait,
+                scale_in=lambda _cfg: drained_at.append(now[0]))
+    w.run()
+    assert [r.outcome for r in w.rounds] == [FAILED] * 5
+    assert now[0] > 10.0 * (2 + 4 + 8 + 16) * (1 - JITTER)  # the reconcile did back off
+    gaps = [b - a for a, b in itertools.pairwise(drained_at)]
+    assert drained_at[0] == 0.0 and max(gaps) <= 10.0 + 1e-9, drained_at
+    assert len(drained_at) > 5  # more drains than rounds
 
 
 def test_run_stops_after_max_rounds(aws, lock):
