@@ -240,6 +240,9 @@ def status_cmd(ctx: click.Context, config_path: str, region: str | None,
         holder = lock.holder()
         if holder is not None:
             last += f"; the lock is held by {holder.describe(time.time())}"
+        draining = _lock(cfg, clients, lock_mod.SCALE_IN).holder()
+        if draining is not None:
+            last += f"; the scale-in lock is held by {draining.describe(time.time())}"
         click.echo(status.render(cfg, reconcile.observe_fleet(cfg, clients.elbv2), last))
     _guard(run)
 

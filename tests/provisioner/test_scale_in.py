@@ -269,6 +269,9 @@ def test_one_scale_in_at_a_time_a_second_one_touches_nothing(fleet, lifecycle):
     assert "scale-in skipped this round: the scale-in lock" in watched.output
     assert lifecycle.completed == [] and lifecycle.heartbeats == []
     assert stats(three)["rooms"] == 1 and not stats(three)["drained"]
+    status = CliRunner().invoke(cli.main, ["status", "--config", cfg.source])
+    assert status.exit_code == 0, status.output
+    assert f"the scale-in lock is held by {other.id} (scale-in) until" in status.output
 
     other.release()
     done = CliRunner().invoke(cli.main, ["scale-in", "--config", cfg.source])
