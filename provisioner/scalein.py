@@ -157,14 +157,20 @@ async def scale_in_round(autoscaling: Any, cfg: Config, say: Say | None = None,
                          keep: Callable[[], None] | None = None) -> list[Outcome]:
     """One round: every leaving instance, one after the other (each drain already moves
     rooms in parallel, and two drains at once would fight over the same targets).
-    ``keep`` renews the caller's scale-in lock; it is called every third of
-    ``aws.lock_lease`` while the round runs."""
+    ``keep`` renews the caller's scale-in lock (LockLost when it is no longer ours); it is
+    called before each instance and every third of ``aws.lock_lease`` while one drains."""
     outcomes: list[Outcome] = []
     lost = asyncio.Event()
     keeper = (asyncio.create_task(_keeping(keep, cfg.aws.lock_lease / 3, lost))
               if keep is not None else None)
     try:
         for leaving in await asyncio.to_thread(leaving_instances, autoscaling, cfg):
+            if keep is not None and not lost.is_set():  # still ours before each drain
+                try:
+                    await asyncio.to_thread(keep)
+                except LockLost as exc:
+                    log.warning("%s", exc.message)
+                    lost.set()
             if lost.is_set():
                 outcomes.append(Outcome(leaving, False, 0, None, "the scale-in lock was "
                                         "taken over: left to its new holder"))

@@ -28,7 +28,7 @@ from moto.autoscaling import responses as asg_responses
 from moto.core.responses import EmptyResult
 
 from provisioner import cli, reconcile
-from provisioner.lock import SCALE_IN, Lock, ensure_table
+from provisioner.lock import SCALE_IN, Lock, LockLost, ensure_table
 from provisioner.scalein import TERMINATING_HOOK, TERMINATING_WAIT, scale_in_round
 from shardchat import config as config_mod
 from shardchat.aws.clients import make_clients
@@ -305,3 +305,21 @@ def test_a_round_refused_for_its_shard_tables_still_drains_the_leaving_instance(
     assert "(instance 3 of chat-nodes): let go, 1 room moved" in result.output
     assert lifecycle.completed == [(fleet["ids"][2], "CONTINUE")]
     assert stats(three)["rooms"] == 0
+
+
+async def test_a_round_whose_scale_in_lock_was_taken_over_drains_nothing_more(fleet, lifecycle):
+    """Its lease ran out (a stalled host) and another watcher holds the lock now: the
+    leaving instances are that one's to drain, so this round touches none of them."""
+    two, three = fleet["nodes"][1:]
+    for node in (two, three):
+        await asyncio.to_thread(create_room, node, "Not mine", False)
+    for iid in fleet["ids"][1:]:
+        lifecycle.scale_in(_backend(), iid)
+
+    def taken_over() -> None:
+        raise LockLost(CLUSTER, SCALE_IN)
+    outcomes = await scale_in_round(fleet["autoscaling"], fleet["cfg"], keep=taken_over)
+    assert sorted((o.leaving.number, o.completed) for o in outcomes) == [(2, False), (3, False)]
+    assert all("taken over" in o.note for o in outcomes)
+    assert lifecycle.completed == [] and lifecycle.heartbeats == []
+    assert stats(two)["rooms"] == 1 and stats(three)["rooms"] == 1
