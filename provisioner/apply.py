@@ -15,6 +15,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from provisioner import faults
 from provisioner.actions import Action, Plan
 from provisioner.desired import ListenerSpec, TargetGroupSpec
 from provisioner.observed import ObservedState
@@ -278,3 +279,4 @@ def run(plan: Plan, elbv2: Any, ctx: Context,
         if progress:
             progress(idx, total, action)
         HANDLERS[action.op](elbv2, ctx, action.args)
+        faults.reach("provision.after_action")

@@ -3,7 +3,8 @@
 Exit codes: 0 done, 1 AWS refused (or holds something in the way, or the state lock is
 held), 2 bad config (the key at fault is printed). Everything is checked before the first
 call that changes anything. plan, apply, destroy and every watch round hold the cluster's
-state lock (``lock.py``) from their first read of the load balancers to their last change.
+state lock (``lock.py``) from their first read of the load balancers to their last change;
+``scale-in`` and the scale-in part of each watch round hold the scale-in lock instead.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Any
 import click
 from botocore.exceptions import BotoCoreError, ClientError
 
+from provisioner import faults, reconcile, scalein, status
 from provisioner import lock as lock_mod
-from provisioner import reconcile, scalein, status
 from provisioner.actions import Action
 from provisioner.plan import ConflictError
 from provisioner.reconcile import FleetPlan, checked_desired, destroy_plan_for, plan_for
@@ -29,7 +30,13 @@ from provisioner.watch import FAILED, Watcher
 from shardchat import config as config_mod
 from shardchat.aws.clients import Clients, client, error_code, error_message, make_clients
 from shardchat.aws.ec2 import resolve_instances
-from shardchat.cli_common import EXIT_FAILED, EXIT_OK, config_errors_exit, load_config
+from shardchat.cli_common import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    config_errors_exit,
+    load_config,
+)
 from shardchat.cluster.mover import plural
 
 EXIT_AWS = EXIT_FAILED  # AWS refused, or holds something in the way
@@ -90,9 +97,10 @@ def _guard(fn: Callable[[], None]) -> None:
         sys.exit(EXIT_AWS)
 
 
-def _lock(cfg: config_mod.Config, clients: Clients) -> lock_mod.Lock:
+def _lock(cfg: config_mod.Config, clients: Clients, name: str = lock_mod.STATE
+          ) -> lock_mod.Lock:
     return lock_mod.Lock(clients.dynamodb, cfg.aws.lock_table, cfg.cluster.name,
-                         cfg.aws.lock_lease)
+                         cfg.aws.lock_lease, name=name)
 
 
 @contextmanager
@@ -149,6 +157,11 @@ config_option = click.option("--config", "config_path", required=True,
 @click.pass_context
 def main(ctx: click.Context, region: str | None, endpoint_url: str | None) -> None:
     """Make an AWS Application Load Balancer route /i<N>/* to instance N."""
+    try:
+        faults.check()
+    except ValueError as exc:  # a misspelt point in a test must fail loudly
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_CONFIG)
     ctx.ensure_object(dict)
     ctx.obj.setdefault("region", region)
     ctx.obj.setdefault("endpoint_url", endpoint_url)
@@ -227,6 +240,9 @@ def status_cmd(ctx: click.Context, config_path: str, region: str | None,
         holder = lock.holder()
         if holder is not None:
             last += f"; the lock is held by {holder.describe(time.time())}"
+        draining = _lock(cfg, clients, lock_mod.SCALE_IN).holder()
+        if draining is not None:
+            last += f"; the scale-in lock is held by {draining.describe(time.time())}"
         click.echo(status.render(cfg, reconcile.observe_fleet(cfg, clients.elbv2), last))
     _guard(run)
 
@@ -251,7 +267,10 @@ def watch_cmd(ctx: click.Context, config_path: str, region: str | None,
         lock_mod.ensure_table(clients.dynamodb, cfg.aws.lock_table)
 
         def leaving(round_cfg: config_mod.Config) -> None:
-            _scale_in(round_cfg, obj["endpoint_url"])
+            try:
+                _scale_in(round_cfg, obj["endpoint_url"], clients)
+            except lock_mod.LockHeld as exc:  # another watcher drains; this one goes on
+                click.echo(f"scale-in skipped this round: {exc.message}")
 
         watcher = Watcher(
             # re-read every round: an edited file or a new instance counts at once, and a
@@ -270,10 +289,13 @@ def watch_cmd(ctx: click.Context, config_path: str, region: str | None,
     _guard(run)
 
 
-def _scale_in(cfg: config_mod.Config, endpoint_url: str | None) -> bool:
-    """One scale-in round, each leaving instance reported; False when one was kept."""
+def _scale_in(cfg: config_mod.Config, endpoint_url: str | None, clients: Clients) -> bool:
+    """One scale-in round under the scale-in lock (LockHeld when another runs one), each
+    leaving instance reported; False when one was kept."""
     autoscaling = client("autoscaling", cfg.aws.region, endpoint_url)
-    outcomes = asyncio.run(scalein.scale_in_round(autoscaling, cfg, say=click.echo))
+    with _lock(cfg, clients, lock_mod.SCALE_IN).held("scale-in") as held:
+        outcomes = asyncio.run(scalein.scale_in_round(autoscaling, cfg, say=click.echo,
+                                                      keep=held.renew))
     if not outcomes:
         click.echo("No instance of " + ", ".join(cfg.aws.autoscaling_groups) + " is leaving.")
     for o in outcomes:
@@ -290,14 +312,17 @@ def _scale_in(cfg: config_mod.Config, endpoint_url: str | None) -> bool:
 def scale_in_cmd(ctx: click.Context, config_path: str, region: str | None,
                  endpoint_url: str | None) -> None:
     """Drain the instances a termination lifecycle hook holds, then let them go (one round;
-    watch runs one every interval). Exit 1 when one could not be let go yet."""
+    watch runs one every interval). Exit 1 when one could not be let go yet, or when
+    another scale-in holds the scale-in lock."""
     def run() -> None:
         obj = _obj(ctx, region, endpoint_url)
         cfg = resolve_instances(_load(config_path, obj["region"]), obj["endpoint_url"])
         if not cfg.aws.autoscaling_groups:
             click.echo("aws.autoscaling_groups is empty: no group's scale-in is watched.")
             return
-        if not _scale_in(cfg, obj["endpoint_url"]):
+        clients = make_clients(cfg.aws.region, obj["endpoint_url"])
+        lock_mod.ensure_table(clients.dynamodb, cfg.aws.lock_table)
+        if not _scale_in(cfg, obj["endpoint_url"], clients):
             raise Failure(EXIT_FAILED)
     _guard(run)
 

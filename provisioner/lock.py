@@ -8,6 +8,11 @@ renewing and anyone may take the lock once its expiry has passed, so nothing wai
 A holder renews before each step of a long apply and each watch round, and gives the lock
 up at the end with a delete conditional on still holding it.
 
+Scale-in (``scalein.py``) has a lock of its own in the same table, ``<cluster>/scale-in``:
+it drains nodes rather than changing the ALB, and a drain may take minutes, so it must not
+hold the state lock (apply would wait for it), but two watchers must not drain the same
+leaving instance at once either.
+
 The same table keeps the last reconcile of ``watch`` (when, how it ended, what it changed)
 in an item of its own, so ``status`` can show it whoever holds the lock. The table is
 created (on demand billing) when absent. Expiry compares wall clocks of different hosts:
@@ -32,8 +37,14 @@ from botocore.exceptions import ClientError
 from shardchat.aws.clients import error_code
 
 KEY = "lock_id"
+STATE = "lock"  # the state lock's item: plan, apply, destroy, a watch round
+SCALE_IN = "scale-in"  # the scale-in lock's item: draining the instances hooks hold
 TABLE_ACTIVE_WAIT = 60.0  # seconds a new table may take to become usable
 Clock = Callable[[], float]
+
+
+def _label(name: str) -> str:
+    return "lock" if name == STATE else f"{name} lock"
 
 
 def _when(epoch: float) -> str:
@@ -60,10 +71,12 @@ class LockHeld(Exception):
 
     code = "Locked"
 
-    def __init__(self, cluster: str, table: str, holder: Holder | None, now: float):
+    def __init__(self, cluster: str, table: str, holder: Holder | None, now: float,
+                 name: str = STATE):
         self.holder = holder
         who = holder.describe(now) if holder else "another run (it just changed hands)"
-        super().__init__(f"the lock of cluster {cluster} (DynamoDB table {table}) is held by "
+        super().__init__(f"the {_label(name)} of cluster {cluster} (DynamoDB table {table}) "
+                         "is held by "
                          f"{who}: wait for it to finish and run again; a holder that died "
                          "gives the lock up by itself when its lease ends")
         self.message = str(self)
@@ -74,10 +87,10 @@ class LockLost(Exception):
 
     code = "LockLost"
 
-    def __init__(self, cluster: str):
-        self.message = (f"the lock of cluster {cluster} was taken over after this run's lease "
-                        "ran out (raise aws.lock_lease if steps take that long): stopped "
-                        "before the next change; run again")
+    def __init__(self, cluster: str, name: str = STATE):
+        self.message = (f"the {_label(name)} of cluster {cluster} was taken over after this "
+                        "run's lease ran out (raise aws.lock_lease if steps take that "
+                        "long): stopped before the next change; run again")
         super().__init__(self.message)
 
 
@@ -115,18 +128,18 @@ def ensure_table(dynamodb: Any, table: str, sleep: Callable[[float], None] = tim
 
 
 class Lock:
-    """The lock of one cluster in one table."""
+    """One lock (``name``: STATE or SCALE_IN) of one cluster in one table."""
 
     def __init__(self, dynamodb: Any, table: str, cluster: str, lease: float,
-                 clock: Clock = time.time):
-        self.dynamodb, self.table, self.cluster = dynamodb, table, cluster
+                 clock: Clock = time.time, name: str = STATE):
+        self.dynamodb, self.table, self.cluster, self.name = dynamodb, table, cluster, name
         self.lease, self.clock = lease, clock
         self.id: str | None = None  # our holder id while we hold it
         self.renewed = 0.0  # when we last took or renewed it
 
     @property
     def key(self) -> dict[str, Any]:
-        return {KEY: {"S": f"{self.cluster}/lock"}}
+        return {KEY: {"S": f"{self.cluster}/{self.name}"}}
 
     def _get(self, key: dict[str, Any]) -> dict[str, Any] | None:
         """The item at ``key``; None when absent or when the table does not exist yet."""
@@ -162,7 +175,8 @@ class Lock:
         except ClientError as exc:
             if error_code(exc) != "ConditionalCheckFailedException":
                 raise
-            raise LockHeld(self.cluster, self.table, self.holder(), self.clock()) from None
+            raise LockHeld(self.cluster, self.table, self.holder(), self.clock(),
+                           self.name) from None
         self.id, self.renewed = holder, now
 
     def renew_if_due(self) -> None:
@@ -173,7 +187,7 @@ class Lock:
     def renew(self) -> None:
         """Push our expiry a lease ahead, or raise LockLost when the lock is not ours."""
         if self.id is None:
-            raise LockLost(self.cluster)
+            raise LockLost(self.cluster, self.name)
         now = self.clock()
         try:
             self.dynamodb.update_item(
@@ -186,7 +200,7 @@ class Lock:
             if error_code(exc) != "ConditionalCheckFailedException":
                 raise
             self.id = None
-            raise LockLost(self.cluster) from None
+            raise LockLost(self.cluster, self.name) from None
         self.renewed = now
 
     def release(self) -> None:

@@ -24,6 +24,12 @@ round tries again. So no room is ever stranded by a scale-in that this module se
 instance that is down loses nothing more by waiting (its follower can adopt its rooms, SPEC
 section 9). An instance of the group that is no shardchat instance has nothing to drain and
 is completed at once. Groups not in the config are never touched.
+
+A round holds the scale-in lock (``lock.py``, ``SCALE_IN``), renewed while it drains, so two
+watchers (or a watcher and the ``scale-in`` command) never drain the same instance at once;
+the caller takes it, this module keeps it (``keep``). A round whose lock was taken over
+meanwhile finishes the instance under way (its completion is still right: the instance owns
+no room) and leaves the others to the new holder.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from provisioner.lock import LockLost
 from shardchat.aws.clients import error_code, paginate
 from shardchat.cluster.moves import Refused, drain
 from shardchat.config import Config
@@ -132,15 +139,50 @@ async def handle(autoscaling: Any, cfg: Config, leaving: Leaving,
     return Outcome(leaving, True, moved, 0, "drained; lifecycle action completed")
 
 
-async def scale_in_round(autoscaling: Any, cfg: Config, say: Say | None = None
-                         ) -> list[Outcome]:
-    """One round: every leaving instance, one after the other (each drain already moves
-    rooms in parallel, and two drains at once would fight over the same targets)."""
-    outcomes = []
-    for leaving in await asyncio.to_thread(leaving_instances, autoscaling, cfg):
+async def _keeping(keep: Callable[[], None], every: float, lost: asyncio.Event) -> None:
+    """Renew the scale-in lock every ``every`` seconds until cancelled or lost."""
+    while True:
+        await asyncio.sleep(every)
         try:
-            outcomes.append(await handle(autoscaling, cfg, leaving, say))
-        except ClientError as exc:  # this instance waits for the next round; the others go on
-            outcomes.append(Outcome(leaving, False, 0, None,
-                                    f"AWS refused: {error_code(exc)}: {exc}"))
+            await asyncio.to_thread(keep)
+        except LockLost as exc:
+            log.warning("%s", exc.message)
+            lost.set()
+            return
+        except Exception as exc:  # an AWS hiccup: the lease has two more tries before it ends
+            log.warning("could not renew the scale-in lock: %s", exc)
+
+
+async def scale_in_round(autoscaling: Any, cfg: Config, say: Say | None = None,
+                         keep: Callable[[], None] | None = None) -> list[Outcome]:
+    """One round: every leaving instance, one after the other (each drain already moves
+    rooms in parallel, and two drains at once would fight over the same targets).
+    ``keep`` renews the caller's scale-in lock (LockLost when it is no longer ours); it is
+    called before each instance and every third of ``aws.lock_lease`` while one drains."""
+    outcomes: list[Outcome] = []
+    lost = asyncio.Event()
+    keeper = (asyncio.create_task(_keeping(keep, cfg.aws.lock_lease / 3, lost))
+              if keep is not None else None)
+    try:
+        for leaving in await asyncio.to_thread(leaving_instances, autoscaling, cfg):
+            if keep is not None and not lost.is_set():  # still ours before each drain
+                try:
+                    await asyncio.to_thread(keep)
+                except LockLost as exc:
+                    log.warning("%s", exc.message)
+                    lost.set()
+            if lost.is_set():
+                outcomes.append(Outcome(leaving, False, 0, None, "the scale-in lock was "
+                                        "taken over: left to its new holder"))
+                continue
+            try:
+                outcomes.append(await handle(autoscaling, cfg, leaving, say))
+            except ClientError as exc:  # this one waits for the next round; the others go on
+                outcomes.append(Outcome(leaving, False, 0, None,
+                                        f"AWS refused: {error_code(exc)}: {exc}"))
+    finally:
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
     return outcomes

@@ -11,12 +11,17 @@ Throttling: botocore's adaptive retry mode (``shardchat/aws/clients.py``) slows 
 client down while AWS throttles; a round that still fails on throttling, or on any AWS
 error, waits an exponentially longer, jittered time before the next, up to
 ``MAX_BACKOFF``. A round that finds the lock held just waits for the next one.
+
+Scale-in does not back off with the reconcile: while a long wait runs, the leaving
+instances are still drained every interval (``_pause``), because a termination hook only
+waits its heartbeat timeout (minutes) before AWS terminates the instance, drained or not.
 """
 
 from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,10 +63,14 @@ class Watcher:
     max_rounds: int | None = None
     say: Callable[[str], None] = print
     # after each round's reconcile: drain the instances a termination lifecycle hook holds
-    # (``scalein.py``), outside the lock (a drain moves rooms, not ALB resources, and may
-    # take minutes); None when no Auto Scaling group is watched
+    # (``scalein.py``), outside the state lock, under the scale-in lock the callable takes
+    # (a drain moves rooms, not ALB resources, and may take minutes); run in LOCKED rounds
+    # too; None when no Auto Scaling group is watched
     scale_in: Callable[[Config], None] | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    clock: Callable[[], float] = time.monotonic
+    # waits up to its argument, True when stopped meanwhile; None: ``stop.wait``
+    wait: Callable[[float], bool] | None = None
     failures: int = 0  # rounds in a row that failed
     rounds: list[Round] = field(default_factory=list)
     _cfg: Config | None = None  # this round's config, once it loaded and checked
@@ -81,18 +90,46 @@ class Watcher:
             self.say(f"round {len(self.rounds)}: {done.outcome}: {done.summary}")
             if self.max_rounds is not None and len(self.rounds) >= self.max_rounds:
                 break
-            self.stop.wait(self.delay())
+            self._pause(self.delay())
         return self.rounds[-1] if self.rounds else None
+
+    def _pause(self, total: float) -> None:
+        """Wait ``total`` seconds before the next round. A wait longer than one jittered
+        interval (a backoff) is cut into intervals, and after each the leaving instances
+        are drained, so a failing reconcile never starves a termination hook."""
+        wait = self.wait or self.stop.wait
+        if self.scale_in is None or total <= self.interval * (1 + JITTER):
+            wait(total)
+            return
+        deadline = self.clock() + total
+        while (left := deadline - self.clock()) > 0:
+            if wait(min(left, self.interval)):
+                return
+            if deadline - self.clock() > 0:
+                self._scale_in_only()
+
+    def _scale_in_only(self) -> None:
+        try:
+            cfg = self.load()
+        except (ConfigError, ClientError, BotoCoreError) as exc:
+            self.say(f"could not read the instances for the leaving ones: {exc}")
+            return
+        self._drain(cfg)
+
+    def _drain(self, cfg: Config) -> None:
+        if self.scale_in is None:
+            return
+        try:
+            self.scale_in(cfg)
+        except (ClientError, BotoCoreError) as exc:
+            self.say(f"could not handle the leaving instances: {exc}")
 
     def round(self) -> Round:
         """One reconcile; its outcome is recorded for ``status`` unless the lock was held
         (then the holder's round is the one that counts)."""
         done = self._round()
-        if self.scale_in is not None and self._cfg is not None:
-            try:
-                self.scale_in(self._cfg)
-            except (ClientError, BotoCoreError) as exc:
-                self.say(f"could not handle the leaving instances: {exc}")
+        if self._cfg is not None:
+            self._drain(self._cfg)
         if done.outcome != LOCKED:
             try:
                 self.lock.record(done.outcome, {"summary": done.summary, "code": done.code,
@@ -105,8 +142,11 @@ class Watcher:
         self._cfg = None
         try:
             cfg = self.load()
-            reconcile.checked_desired(cfg)
+            # scale-in needs only the instances: a round the provisioner refuses (an
+            # instance past the shard tables, a quota) must still drain the leaving ones,
+            # or their hooks time out and AWS terminates them with their rooms
             self._cfg = cfg
+            reconcile.checked_desired(cfg)
         except ConfigError as exc:
             return self._failed("config", f"config error at {exc.key}: {exc.message}")
         except (ClientError, BotoCoreError) as exc:

@@ -6,19 +6,27 @@ Prometheus server would read: names, labels, counter and histogram shapes."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shardchat.node import prometheus
 from shardchat.node.buckets import Buckets
 from tests.conftest import acreate_room
 from tests.support import (
     AUTH,
+    ROOT,
+    NodeProcess,
     async_wait_until,
     http_json,
     in_thread,
+    make_cluster_config,
     running_nodes,
+    start_nodes,
     wait_until,
 )
 
@@ -47,6 +55,7 @@ async def test_a_scrape_counts_messages_deliveries_commits_and_connections(node1
                                                                            transport):
     room = await acreate_room(node1, "scraped")
     before = await asyncio.to_thread(scrape, node1)
+    await acreate_room(node1, "one more")
     alice = await connect(node1, room, name="alice", transport=transport)
     bob = await connect(node1, room, name="bob", transport=transport)
     for i in range(4):
@@ -64,6 +73,7 @@ async def test_a_scrape_counts_messages_deliveries_commits_and_connections(node1
     was = sum(value(before, "shardchat_deliveries_total", path=p) for p in ("fast", "slow"))
     assert delivered - was >= 8  # 4 messages to 2 members
     assert value(after, "shardchat_connections") >= 2
+    assert value(after, "shardchat_rooms") - value(before, "shardchat_rooms") == 1
     assert value(after, "process_resident_memory_bytes") > 10_000_000
     assert value(after, "process_open_fds") > 0
 
@@ -83,10 +93,10 @@ async def test_rate_limit_refusals_are_counted_by_kind(tmp_path, connect):
 
 def test_a_peer_that_stops_answering_shows_as_down(tmp_path):
     with running_nodes(tmp_path, 2) as (one, two):
-        wait_until(lambda: value(scrape(one), "shardchat_peer_up", instance="2") == 1,
+        wait_until(lambda: value(scrape(one), "shardchat_peer_up", peer="2") == 1,
                    timeout=20, what="instance 2 seen up by instance 1")
         two.kill()
-        wait_until(lambda: value(scrape(one), "shardchat_peer_up", instance="2") == 0,
+        wait_until(lambda: value(scrape(one), "shardchat_peer_up", peer="2") == 0,
                    timeout=20, what="instance 2 seen down by instance 1")
 
 
@@ -115,3 +125,111 @@ async def test_replication_lag_is_scraped_from_the_owner_and_the_follower(tmp_pa
         assert value(follower, "shardchat_following_lag_records", owner="1") == 0
         assert value(await asyncio.to_thread(scrape, one),
                      "shardchat_replication_lag_seconds") == 0
+
+        # the follower dies: what it has not acknowledged shows on the owner, and ages
+        two.kill()
+        await async_wait_until(in_thread(
+            lambda: value(scrape(one), "shardchat_replication_follower_connected") == 0),
+            timeout=20, what="instance 1 seeing its follower gone")
+        for i in range(2):
+            await alice.send_ok(f"not copied {i}")
+        await async_wait_until(in_thread(
+            lambda: value(scrape(one), "shardchat_replication_lag_seconds") > 0),
+            timeout=20, what="the oldest unacknowledged batch ageing")
+        owner = await asyncio.to_thread(scrape, one)
+        assert value(owner, "shardchat_replication_lag_records") >= 1
+        assert value(owner, "shardchat_replication_lag_bytes") > 0
+
+
+def test_gc_pauses_are_counted_and_timed(tmp_path):
+    """A node told to run a full collection every 0.1 s (SHARDCHAT_GC_FULL_INTERVAL):
+    each shows as a generation-2 collection and as one more timed pause."""
+    path, instances = make_cluster_config(tmp_path, 1)
+    node = NodeProcess(path, instances[0], tmp_path,
+                       env={**os.environ, "SHARDCHAT_GC_FULL_INTERVAL": "0.1"})
+    start_nodes([node])
+    try:
+        first = scrape(node)
+        wait_until(lambda: value(scrape(node), "shardchat_gc_collections_total",
+                                 generation="2")
+                   >= value(first, "shardchat_gc_collections_total", generation="2") + 3,
+                   timeout=20, what="three more full collections")
+        later = scrape(node)
+        full = (value(later, "shardchat_gc_collections_total", generation="2")
+                - value(first, "shardchat_gc_collections_total", generation="2"))
+        timed = (value(later, "shardchat_gc_pause_seconds_count")
+                 - value(first, "shardchat_gc_pause_seconds_count"))
+        assert timed >= full >= 3
+        assert value(later, "shardchat_gc_pause_seconds_sum") > \
+            value(first, "shardchat_gc_pause_seconds_sum")
+        assert value(later, "shardchat_gc_pause_seconds_bucket", le="+Inf") == \
+            value(later, "shardchat_gc_pause_seconds_count")
+    finally:
+        node.stop()
+
+
+METRIC = re.compile(r"\b((?:shardchat|process)_[a-z0-9_]*[a-z0-9])\b")
+
+
+def documented_metrics() -> set[str]:
+    """Every metric name docs/operations.md's Prometheus section mentions."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text[text.index("### Prometheus: `GET /metrics`"):text.index("### The ops page")]
+    return set(METRIC.findall(section))
+
+
+def dashboard_metrics() -> set[str]:
+    """Every metric name a query of docs/grafana-dashboard.json uses."""
+    exprs: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            exprs.extend(v for k, v in node.items() if k == "expr")
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text()))
+    return {name for e in exprs for name in METRIC.findall(e)}
+
+
+def served_families(node) -> set[str]:
+    """The families one scrape announces, named as they are queried: a counter with its
+    ``_total``, a histogram by its base name (a family may have no sample yet)."""
+    req = urllib.request.Request(f"{node.internal_url}/metrics", headers=AUTH)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    return {f.name + "_total" if f.type == "counter" else f.name
+            for f in text_string_to_metric_families(text)}
+
+
+def family_of(name: str, families: set[str]) -> str:
+    """A histogram's series name (``_bucket``, ``_sum``, ``_count``) as its family's."""
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix) and name.removesuffix(suffix) in families:
+            return name.removesuffix(suffix)
+    return name
+
+
+def test_the_docs_and_the_dashboard_name_only_metrics_a_node_serves(tmp_path):
+    """An empty Grafana panel or a documented metric nobody serves is a broken promise:
+    every name the docs' table and the dashboard's queries use is in a real scrape (two
+    nodes replicating in sync mode, so the follower's and the sync acks' metrics are there;
+    the off-machine copy's come from the collector's own code, as they need Litestream),
+    and every ``shardchat_`` family a node serves is documented."""
+    with running_nodes(tmp_path, 2, node={"replication": "sync"}) as (one, two):
+        wait_until(lambda: value(scrape(one), "shardchat_replication_follower_connected") == 1,
+                   timeout=20, what="instance 2 reading instance 1's stream")
+        served = served_families(one) | served_families(two)
+    served |= {f.name + "_total" if f.type == "counter" else f.name
+               for f in prometheus._replication_families(
+                   {"running": True, "restarts": 0, "last_upload_age": 1.0})}
+    documented = documented_metrics()
+    assert {"shardchat_replication_lag_seconds", "shardchat_gc_pause_seconds",
+            "shardchat_store_commit_seconds", "shardchat_peer_up"} <= documented
+    for name in documented | dashboard_metrics():
+        assert family_of(name, served) in served, f"{name} is not served"
+    undocumented = {f for f in served if f.startswith("shardchat_")} - documented
+    assert not undocumented, f"served but not in docs/operations.md: {sorted(undocumented)}"
+    assert "shardchat_replication_lag_seconds" in dashboard_metrics()

@@ -6,6 +6,10 @@ the lowest free instance number through EC2 tags (``claim.py``), and takes its p
 its ``shardchat:port`` / ``shardchat:internal-port`` tags, else the config's defaults
 (``ec2.default_ports``). The result is the config with this instance added, validated like
 a config file.
+
+A number whose shard has no ``[[aws.shards]]`` table (the 100th instance of a config
+without them) is refused, naming ``aws.shards``: the provisioner would give it no rule, and
+a node serving anyway would take new rooms whose URLs no load balancer routes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from shardchat.aws.claim import claim_number
 from shardchat.aws.clients import client
 from shardchat.aws.ec2 import default_ports
 from shardchat.aws.tags import TAG_INTERNAL_PORT, TAG_PORT, tag_map
-from shardchat.config import Config, ConfigError, Instance, validate
+from shardchat.config import Config, ConfigError, Instance, check_shard_tables, validate
 
 
 def _ports(ec2: Any, me: str, defaults: tuple[int, int]) -> tuple[int, int]:
@@ -45,4 +49,6 @@ def auto_instance(cfg: Config, *, endpoint_url: str | None = None,
     inst = Instance(number=number, host=me.private_ip, port=port, internal_port=internal,
                     ec2_instance_id=me.instance_id)
     others = tuple(i for i in cfg.instances if i.number != number)
-    return validate(cfg.with_instances((*others, inst))), number
+    mine = validate(cfg.with_instances((*others, inst)))
+    check_shard_tables(mine.with_instances((inst,)))
+    return mine, number

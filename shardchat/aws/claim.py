@@ -1,7 +1,8 @@
 """An instance number claimed at boot through EC2 tags (``shardchat node --auto``).
 
 EC2 tags have no conditional write, so a claim is made safe by reading again: write
-``shardchat:instance-number = N`` on yourself, wait ``settle`` seconds, re-read every
+``shardchat:instance-number = N`` on yourself (the only tag a claim writes, so the IAM
+statement of ``docs/aws.md`` can allow that key alone), wait ``settle`` seconds, re-read every
 instance of the cluster. If another instance claims N as well, the lowest instance id keeps
 it and every other claimant tries the next free number. Two instances that choose the same
 number both read before either wrote; each then sees the other's claim on its second read
@@ -12,7 +13,9 @@ settle wait starts that attempt over, so the condition holds by construction, no
 Numbers held by instances that are pending, running, stopping or stopped are taken (a
 stopped instance comes back with its number and its data); a terminated instance's number
 is free again. An instance that already holds a number (a reboot) keeps it unless it loses
-it to a lower instance id.
+it to a lower instance id. The claimant must carry ``shardchat:cluster = <name>`` already
+(its launch template's tags): the other claimants find claims by that tag, so a claim
+without it would be invisible to them, and it is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -54,6 +57,18 @@ def claims(ec2: Any, cluster: str) -> dict[str, int]:
     return out
 
 
+def check_member(ec2: Any, cluster: str, me: str) -> None:
+    """Refuse to claim for an instance not tagged as the cluster's: nobody would see it."""
+    found = ec2.describe_instances(InstanceIds=[me])["Reservations"][0]["Instances"][0]
+    tagged = tag_map(found.get("Tags", [])).get(TAG_CLUSTER)
+    if tagged != cluster:
+        now = "no such tag" if tagged is None else f"{TAG_CLUSTER} = {tagged!r}"
+        raise ClaimError(f"EC2 instance {me} has {now}: tag it {TAG_CLUSTER} = {cluster} "
+                         "at launch (launch template tag specifications, or the Auto "
+                         "Scaling group's tags with PropagateAtLaunch), so that the other "
+                         "instances see its claim")
+
+
 def _pick(held: dict[str, int], me: str, lost: set[int], rank: int) -> int:
     """Our number if nobody else holds it, else the ``rank``-th free one (0: the lowest).
     Claimants that lost one tie see the same claims, and each takes its place in the tie
@@ -79,13 +94,13 @@ def claim_number(ec2: Any, cluster: str, me: str, *, settle: float,
                  say: Callable[[str], None] = lambda _line: None) -> int:
     """Claim the lowest free instance number for EC2 instance ``me``; returns it once no
     lower instance id claims it too."""
+    check_member(ec2, cluster, me)
     lost: set[int] = set()
     rank = 0
     for _attempt in range(MAX_ATTEMPTS):
         began = clock()
         n = _pick(claims(ec2, cluster), me, lost, rank)
-        ec2.create_tags(Resources=[me], Tags=[{"Key": TAG_CLUSTER, "Value": cluster},
-                                              {"Key": TAG_INSTANCE_NUMBER, "Value": str(n)}])
+        ec2.create_tags(Resources=[me], Tags=[{"Key": TAG_INSTANCE_NUMBER, "Value": str(n)}])
         if clock() - began > settle / 2:
             say(f"claim of {n} took {clock() - began:.2f} s to write: reading again")
             continue

@@ -170,10 +170,13 @@ def _gc_families(watch: gctune.GcWatch) -> Iterator[Metric]:
 
 
 def _peer_families(peers: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Labelled ``peer`` (its instance number), not ``instance``: Prometheus gives every
+    scraped sample an ``instance`` label of its own (the target) and renames a clashing one
+    to ``exported_instance``, so a label called ``instance`` could never be queried as such."""
     up = GaugeMetricFamily("shardchat_peer_up", "1 when the peer's last stats poll "
-                           "succeeded.", labels=["instance"])
+                           "succeeded.", labels=["peer"])
     age = GaugeMetricFamily("shardchat_peer_stats_age_seconds", "Seconds since the peer's "
-                            "stats were last taken.", labels=["instance"])
+                            "stats were last taken.", labels=["peer"])
     for peer in peers:
         up.add_metric([str(peer["instance"])], int(peer["healthy"]))
         if peer["age"] is not None:

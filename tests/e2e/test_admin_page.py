@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import tomllib
 from collections.abc import Iterator
@@ -86,6 +87,7 @@ def test_the_page_shows_every_instance_and_follows_a_kill(cluster, tmp_path):
             for n in (1, 2, 3):
                 expect(row(page, n).locator(".health")).to_contain_text("up")
                 expect(row(page, n).locator(".rule")).to_have_text("ok")
+                expect(row(page, n).locator(".load")).to_have_text(re.compile(r"^\d+\.\d\d$"))
             expect(page.locator("#t-rules")).to_have_text("3 / 3")
             for n, follower in ((1, 2), (2, 3), (3, 1)):  # the ring: the next, wrapping round
                 expect(row(page, n).locator(".follower")).to_have_text(f"i{follower} · 0 behind")
@@ -102,6 +104,7 @@ def test_the_page_shows_every_instance_and_follows_a_kill(cluster, tmp_path):
             expect(row(page, 3).locator(".health")).to_have_text("unreachable")
             expect(row(page, 3).locator(".rule")).to_have_text("unreachable")
             expect(row(page, 3).locator(".rooms")).to_have_text("–")  # not its last numbers
+            expect(row(page, 3).locator(".load")).to_have_text("–")
             expect(page.locator("#t-reachable")).to_have_text("2 / 3")
             expect(row(page, 1).locator(".health")).to_contain_text("up")
             shoot(page, tmp_path)

@@ -11,7 +11,9 @@ interleaving of whole calls (read, write, wait, read) is as free as on AWS.
 from __future__ import annotations
 
 import http.server
+import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -24,7 +26,7 @@ from moto import mock_aws
 from moto.core.botocore_stubber import BotocoreStubber
 
 from shardchat.aws import imds
-from shardchat.aws.claim import claim_number, claims
+from shardchat.aws.claim import ClaimError, claim_number, claims
 from shardchat.aws.ec2 import discover_instances
 from shardchat.aws.tags import TAG_CLUSTER, TAG_INSTANCE_NUMBER
 from tests.support import (
@@ -115,6 +117,47 @@ def test_stopped_instances_keep_their_number_terminated_ones_free_it(ec2):
     client.terminate_instances(InstanceIds=[one])
     newest = add_instances(client, net, 1, CLUSTER)[0]
     assert claim(client, newest) == 1
+
+
+def claim_statement() -> dict[str, Any]:
+    """The ``ShardchatClaimNumber`` IAM statement as docs/aws.md prints it."""
+    text = (ROOT / "docs" / "aws.md").read_text()
+    for block in re.findall(r"```json\n(.*?)```", text, flags=re.S):
+        if '"ShardchatClaimNumber"' in block:
+            return json.loads(block)
+    raise AssertionError("docs/aws.md has no ShardchatClaimNumber statement")
+
+
+def test_a_claim_writes_only_what_the_documented_iam_statement_allows(ec2):
+    """On AWS the statement is all a node's role may tag with: every CreateTags of a claim
+    must pass its conditions, or every node of the fleet fails at boot."""
+    client, net = ec2
+    me = add_instances(client, net, 1, CLUSTER)[0]
+    written: list[dict[str, Any]] = []
+    client.meta.events.register("before-parameter-build.ec2.CreateTags",
+                                lambda params, **_: written.append(dict(params)))
+    assert claim(client, me) == 1
+    statement = claim_statement()
+    assert statement["Action"] == "ec2:CreateTags"
+    allowed = set(statement["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"])
+    resource_tags = statement["Condition"]["StringEquals"]
+    assert written, "the claim wrote no tag"
+    for call in written:
+        assert call["Resources"] == [me]  # only itself
+        assert {t["Key"] for t in call["Tags"]} <= allowed, call
+    # the condition on the instance's own tags is one the claimant meets before it writes
+    assert list(resource_tags) == [f"ec2:ResourceTag/{TAG_CLUSTER}"]
+
+
+def test_an_instance_without_the_cluster_tag_is_refused_before_it_writes(ec2):
+    client, net = ec2
+    stray = add_instances(client, net, 1, [{"Key": TAG_CLUSTER, "Value": "other"}])[0]
+    bare = add_instances(client, net, 1)[0]
+    for me, says in ((stray, "shardchat:cluster = 'other'"), (bare, "no such tag")):
+        with pytest.raises(ClaimError, match="PropagateAtLaunch") as err:
+            claim(client, me)
+        assert says in str(err.value) and me in str(err.value)
+    assert claims(client, "demo") == {} and claims(client, "other") == {}
 
 
 # -- the metadata service ----------------------------------------------------------------
@@ -224,3 +267,74 @@ def test_two_nodes_booting_at_once_claim_1_and_2_and_serve(moto_server, tmp_path
         for fake in fakes:
             fake.shutdown()
             fake.server_close()
+
+
+# -- what `node --auto` refuses ------------------------------------------------------------
+
+
+def node_cmd(path, *args: str, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardchat", "node", "--config", str(path),
+                           *args], cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                      **(env or {})},
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def auto_config(tmp_path, **aws: Any):
+    return write_config(tmp_path / "shardchat.toml", instances=[],
+                        cluster={"name": "demo", "secret": SECRET,
+                                 "data_dir": str(tmp_path / "data")},
+                        aws={"region": REGION, "discover": "ec2-tags", **aws})
+
+
+def test_node_wants_exactly_one_of_instance_and_auto(tmp_path):
+    path = auto_config(tmp_path)
+    for args in ((), ("--auto", "--instance", "1")):
+        done = node_cmd(path, *args)
+        assert done.returncode == 2, done.stderr
+        assert "give either --instance N or --auto" in done.stderr
+
+
+def test_auto_off_ec2_exits_1_with_a_sentence_not_a_hang(tmp_path):
+    done = node_cmd(auto_config(tmp_path), "--auto", env={imds.IMDS_URL_ENV: "http://127.0.0.1:9"})
+    assert done.returncode == 1, done.stderr
+    assert "node --auto: no instance number claimed" in done.stderr and "IMDSv2" in done.stderr
+
+
+def test_auto_on_an_instance_without_the_cluster_tag_exits_1_naming_the_tag(moto_server,
+                                                                            tmp_path):
+    client = moto_server.client("ec2")
+    net = build_network(client, count=0)
+    me = add_instances(client, net, 1)[0]
+    fake = FakeImds(me, "127.0.0.2")
+    try:
+        done = node_cmd(auto_config(tmp_path, claim_settle=0.1), "--auto", "--endpoint-url",
+                        moto_server.url, env={imds.IMDS_URL_ENV: fake.url})
+    finally:
+        fake.shutdown()
+        fake.server_close()
+    assert done.returncode == 1, done.stderr
+    assert f"EC2 instance {me} has no such tag: tag it {TAG_CLUSTER} = demo" in done.stderr
+    assert claims(client, "demo") == {}
+
+
+def test_auto_refuses_the_100th_number_without_a_shard_table(moto_server, tmp_path):
+    """Instance 100 belongs to shard 2: without [[aws.shards]] tables no ALB would route it,
+    so its node must not serve (placement would give it rooms nobody can reach)."""
+    client = moto_server.client("ec2")
+    net = build_network(client, count=0)
+    held = add_instances(client, net, 99, CLUSTER)
+    for n, iid in enumerate(held, start=1):
+        client.create_tags(Resources=[iid], Tags=[{"Key": TAG_INSTANCE_NUMBER,
+                                                   "Value": str(n)}])
+    me = add_instances(client, net, 1, CLUSTER)[0]
+    fake = FakeImds(me, "127.0.0.2")
+    try:
+        done = node_cmd(auto_config(tmp_path, claim_settle=2.0), "--auto", "--endpoint-url",
+                        moto_server.url, env={imds.IMDS_URL_ENV: fake.url})
+    finally:
+        fake.shutdown()
+        fake.server_close()
+    assert done.returncode == 2, done.stderr
+    assert "Config error at aws.shards: instance 100" in done.stderr
+    assert claims(client, "demo")[me] == 100  # kept: it starts once the tables exist

@@ -158,8 +158,9 @@ def test_a_held_lock_refuses_apply_naming_the_holder_and_watch_records_its_round
 
 
 def test_an_apply_killed_midway_holds_the_lock_only_until_its_lease_ends(setup):
-    """kill -9 of an apply in the middle of its plan: the next apply is refused while the
-    dead holder's lease runs, then takes the lock and finishes from what exists."""
+    """kill -9 of an apply in the middle of its plan (the fault switch kills it once its
+    5th action is done): the next apply is refused while the dead holder's lease runs, then
+    takes the lock and finishes from what exists."""
     import os
     import signal
     import time
@@ -173,28 +174,21 @@ def test_an_apply_killed_midway_holds_the_lock_only_until_its_lease_ends(setup):
     cfg = write_provision_config(tmp / "c.toml", net, list(range(1, 25)),
                                  aws={"target_type": "ip", "lock_lease": 10})
     common = ("--config", str(cfg), "--endpoint-url", server.url)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([str(PROVISION), "apply", "--auto-approve", *common], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SHARDCHAT_FAULT": "provision.after_action",
+           "SHARDCHAT_FAULT_AT": "5"}
+    killed = subprocess.run([str(PROVISION), "apply", "--auto-approve", *common], env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert "[5/" in killed.stdout and "[6/" not in killed.stdout  # died after step 5
     lock = Lock(server.client("dynamodb"), "shardchat-locks", "demo", lease=10)
-
-    def midway() -> bool:
-        groups = elbv2.describe_target_groups()["TargetGroups"]
-        holder = lock.holder()
-        return len(groups) >= 5 and holder is not None and f":{proc.pid}:" in holder.holder
-    try:
-        wait_until(midway, timeout=60, interval=0.02, what="apply half way")
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    made = len(elbv2.describe_target_groups()["TargetGroups"])
-    assert made < 25, "the apply finished before it was killed"
     dead = lock.holder()
-    assert dead is not None and f":{proc.pid}:" in dead.holder  # never released
+    assert dead is not None and dead.command == "apply"  # never released
+    made = len(elbv2.describe_target_groups()["TargetGroups"])
+    assert elbv2.describe_load_balancers()["LoadBalancers"] and made < 25  # half way
 
     refused = provision("apply", "--auto-approve", *common)
     assert refused.returncode == 1 and "Refused (Locked)" in refused.stderr
-    assert f":{proc.pid}:" in refused.stderr and "(apply) until" in refused.stderr
+    assert dead.holder in refused.stderr and "(apply) until" in refused.stderr
 
     wait_until(lambda: time.time() > dead.expires + 0.2, timeout=20, what="the lease ends")
     done = provision("apply", "--auto-approve", *common)
@@ -206,3 +200,49 @@ def test_an_apply_killed_midway_holds_the_lock_only_until_its_lease_ends(setup):
              if not r["IsDefault"]]
     patterns = sorted(r["Conditions"][0]["PathPatternConfig"]["Values"][0] for r in rules)
     assert patterns == sorted(f"/i{n}/*" for n in range(1, 25))  # each once
+
+
+def test_a_misspelt_fault_point_is_refused_before_anything_runs(tmp_path):
+    import os
+
+    from .conftest import PROVISION, ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SHARDCHAT_FAULT": "provision.after_acton"}
+    done = subprocess.run([str(PROVISION), "plan", "--config", str(tmp_path / "none.toml")],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "provision.after_acton" in done.stderr, done.stderr
+
+
+def test_sigterm_ends_watch_between_rounds_at_once_with_the_lock_given_back(setup):
+    """systemd stops the watch service with SIGTERM: it must not sit out the interval it is
+    waiting, and it leaves the lock free and its last round recorded."""
+    import os
+    import signal
+
+    from provisioner.lock import Lock
+    from tests.support import wait_until
+
+    from .conftest import PROVISION, ROOT
+
+    server, elbv2, net, tmp = setup
+    cfg = write_provision_config(tmp / "c.toml", net, [1])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([str(PROVISION), "watch", "--interval", "300", "--config",
+                             str(cfg), "--endpoint-url", server.url], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = Lock(server.client("dynamodb"), "shardchat-locks", "demo", lease=120)
+    try:
+        wait_until(lambda: proc.poll() is None and lock.last() is not None, timeout=60,
+                   what="the first round recorded")
+        assert lock.last()[1] == "changed"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)  # the wait was 300 s (at least 240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 0, err
+    assert "round 1: changed" in out and "round 2" not in out
+    assert lock.holder() is None
+    assert [lb["LoadBalancerName"] for lb in elbv2.describe_load_balancers()["LoadBalancers"]
+            ] == ["demo-alb"]

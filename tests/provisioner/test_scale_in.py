@@ -28,6 +28,7 @@ from moto.autoscaling import responses as asg_responses
 from moto.core.responses import EmptyResult
 
 from provisioner import cli, reconcile
+from provisioner.lock import SCALE_IN, Lock, LockLost, ensure_table
 from provisioner.scalein import TERMINATING_HOOK, TERMINATING_WAIT, scale_in_round
 from shardchat import config as config_mod
 from shardchat.aws.clients import make_clients
@@ -243,3 +244,82 @@ def test_every_round_of_watch_lets_the_drained_instances_go(fleet, lifecycle):
     assert "(instance 3 of chat-nodes): let go, 1 room moved" in result.output
     assert lifecycle.completed == [(fleet["ids"][2], "CONTINUE")]
     assert stats(three)["rooms"] == 0
+
+
+def test_one_scale_in_at_a_time_a_second_one_touches_nothing(fleet, lifecycle):
+    """Two watchers (or a watcher and the command) must never drain one instance at once:
+    while another run holds the scale-in lock, the command is refused and a watch round
+    reconciles but leaves the leaving instance alone; once it is free, the next one drains."""
+    three = fleet["nodes"][2]
+    create_room(three, "Twice?", False)
+    lifecycle.scale_in(_backend(), fleet["ids"][2])
+    cfg = fleet["cfg"]
+    dynamodb = make_clients(cfg.aws.region, None).dynamodb
+    ensure_table(dynamodb, cfg.aws.lock_table)
+    other = Lock(dynamodb, cfg.aws.lock_table, CLUSTER, lease=120, name=SCALE_IN)
+    other.acquire("scale-in")
+
+    refused = CliRunner().invoke(cli.main, ["scale-in", "--config", cfg.source])
+    assert refused.exit_code == 1, refused.output
+    assert "Refused (Locked): the scale-in lock of cluster scalein" in refused.output
+    assert str(other.id) in refused.output
+    watched = CliRunner().invoke(cli.main, ["watch", "--once", "--config", cfg.source])
+    assert watched.exit_code == 0, watched.output
+    assert "round 1: changed" in watched.output  # the ALB part does not wait for a drain
+    assert "scale-in skipped this round: the scale-in lock" in watched.output
+    assert lifecycle.completed == [] and lifecycle.heartbeats == []
+    assert stats(three)["rooms"] == 1 and not stats(three)["drained"]
+    status = CliRunner().invoke(cli.main, ["status", "--config", cfg.source])
+    assert status.exit_code == 0, status.output
+    assert f"the scale-in lock is held by {other.id} (scale-in) until" in status.output
+
+    other.release()
+    done = CliRunner().invoke(cli.main, ["scale-in", "--config", cfg.source])
+    assert done.exit_code == 0, done.output
+    assert lifecycle.completed == [(fleet["ids"][2], "CONTINUE")]
+    assert other.holder() is None  # given back at the end of the round
+
+
+def test_a_round_refused_for_its_shard_tables_still_drains_the_leaving_instance(
+        fleet, lifecycle, tmp_path):
+    """The 100th instance joined before the [[aws.shards]] tables: every round's reconcile
+    is refused (naming aws.shards) until they exist, but a leaving instance must still be
+    drained, or its hook times out and AWS terminates it with its rooms."""
+    three = fleet["nodes"][2]
+    create_room(three, "Still drained", False)
+    cfg = fleet["cfg"]
+    spare_port, spare_internal = distinct_free_ports(2)
+    instances = [{"number": i.number, "host": i.host, "port": i.port,
+                  "internal_port": i.internal_port, "ec2_instance_id": i.ec2_instance_id}
+                 for i in cfg.instances]
+    instances.append({"number": 100, "host": "127.0.0.1", "port": spare_port,
+                      "internal_port": spare_internal, "ec2_instance_id": fleet["ids"][0]})
+    path = write_config(tmp_path / "past-99.toml", instances=instances,
+                        cluster={"name": CLUSTER, "secret": SECRET}, node=dict(TEST_RATE_LIMITS),
+                        aws=fleet["aws_table"])
+    lifecycle.scale_in(_backend(), fleet["ids"][2])
+    result = CliRunner().invoke(cli.main, ["watch", "--once", "--config", str(path)])
+    assert result.exit_code == 1, result.output  # the round failed ...
+    assert "round 1: failed: config error at aws.shards: instance 100" in result.output
+    # ... and the leaving instance was drained and let go all the same
+    assert "(instance 3 of chat-nodes): let go, 1 room moved" in result.output
+    assert lifecycle.completed == [(fleet["ids"][2], "CONTINUE")]
+    assert stats(three)["rooms"] == 0
+
+
+async def test_a_round_whose_scale_in_lock_was_taken_over_drains_nothing_more(fleet, lifecycle):
+    """Its lease ran out (a stalled host) and another watcher holds the lock now: the
+    leaving instances are that one's to drain, so this round touches none of them."""
+    two, three = fleet["nodes"][1:]
+    for node in (two, three):
+        await asyncio.to_thread(create_room, node, "Not mine", False)
+    for iid in fleet["ids"][1:]:
+        lifecycle.scale_in(_backend(), iid)
+
+    def taken_over() -> None:
+        raise LockLost(CLUSTER, SCALE_IN)
+    outcomes = await scale_in_round(fleet["autoscaling"], fleet["cfg"], keep=taken_over)
+    assert sorted((o.leaving.number, o.completed) for o in outcomes) == [(2, False), (3, False)]
+    assert all("taken over" in o.note for o in outcomes)
+    assert lifecycle.completed == [] and lifecycle.heartbeats == []
+    assert stats(two)["rooms"] == 1 and stats(three)["rooms"] == 1
