@@ -2,6 +2,7 @@
 Not part of ``python -m bench``; run it on its own:
 
     python -m bench.online              2 rounds of every mode, 8 s each (~3 minutes)
+    python -m bench.online --rounds 3   what bench/results/online.md holds (~4 minutes)
     python -m bench.online --quick      1 round, 4 s each
     python -m bench.online --mode sync --mode async
 
@@ -229,8 +230,9 @@ async def lose_and_adopt(cluster: Cluster, run: Run, room: dict[str, Any],
     run.lost = sum(cid not in held for cid in acked)
 
 
-def report(runs: list[Run], members: int, senders: int) -> str:
+def report(runs: list[Run], members: int, senders: int, command: str) -> str:
     out = ["# Replication side by side: off, Litestream, async, sync", "",
+           f"Command: `{command}`", "",
            f"Two nodes (instance 2 follows 1), one room on instance 1, {members} members, "
            f"{senders} of them sending one message after the other. CPU: every server "
            "process of the run (both nodes, Litestream where it runs). Loss and adopt: "
@@ -252,6 +254,11 @@ def report(runs: list[Run], members: int, senders: int) -> str:
                    f"{statistics.median(r.p50_ms for r in rs):g} ms, p99 "
                    f"{statistics.median(r.p99_ms for r in rs):g} ms")
     return "\n".join(out) + "\n"
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that gives these figures, so that a reader can run it again."""
+    return " ".join(["python -m bench.online", *argv])
 
 
 def _v(value: object) -> str:
@@ -282,7 +289,7 @@ def main() -> int:
                     print(runs[-1], flush=True)
                 finally:
                     cluster.stop()
-    text = report(runs, args.members, args.senders)
+    text = report(runs, args.members, args.senders, command_line(sys.argv[1:]))
     print(text)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
