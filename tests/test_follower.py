@@ -199,6 +199,35 @@ async def test_a_fenced_owner_that_comes_back_serves_none_of_its_adopted_rooms(t
 
 
 @pytest.mark.timeout(240)
+async def test_an_owner_back_while_its_adopter_is_down_waits_before_serving(tmp_path):
+    """Instance 1 comes back while instance 2, which adopted its rooms, is down: 3 alone
+    is no majority of 1's peers, so 1 keeps its public listener closed and says why, and
+    serves only once 2 is back and told it which rooms are no longer its own."""
+    with cluster(tmp_path, "sync") as (path, (one, two, _three), _):
+        room = await acreate_room(one, "Adopted while away")
+        member = await open_client(one, room, name="m")
+        await member.send_ok("hello", client_id="c0")
+        await member.close()
+        one.kill()
+        run = await asyncio.to_thread(adopt, path, 1)
+        assert run.returncode == EXIT_OK and "adopted 1 rooms" in run.stdout, run
+        two.kill()
+        one.spawn()  # back with its old disk, the adopter away
+        await async_wait_until(lambda: "instance 1 waits before serving" in one.log(),
+                               timeout=60, what="instance 1 to say it waits")
+        assert one.proc.poll() is None
+        with pytest.raises(OSError):  # the public listener is not open
+            socket.create_connection(("127.0.0.1", one.port), timeout=2).close()
+        await asyncio.to_thread(two.start)
+        await one.wait_ready_async(60)
+        status, state = await asyncio.to_thread(room_state, one, room["id"])
+        assert status == 200 and state["state"] == "forwarded" and state["to"] == 2, state
+        with pytest.raises(Refused) as refused:
+            await open_client(one, room, name="m")
+        assert refused.value.code == "moved"
+
+
+@pytest.mark.timeout(240)
 async def test_an_owner_adopted_while_it_runs_stops_at_once_and_is_fenced_at_its_restart(
         tmp_path):
     """``shardchat adopt --force`` while instance 1 serves (as ``auto_adopt`` does when a

@@ -73,6 +73,9 @@ class OnlineReplication:
         self.adopted_away = asyncio.Event()
         self.adopted_away_reason = ""
         self._checks: set[asyncio.Task[None]] = set()
+        # The follower may connect while the start-up fence still waits for answers (the
+        # internal listener is up): the rooms that fence takes are not "still served".
+        self._fenced = asyncio.Event()
         self._adopting = asyncio.Lock()
         if self.mode == "off":
             return
@@ -107,9 +110,11 @@ class OnlineReplication:
         """Before serving: rooms adopted away from this node become forwards."""
         if self.mode == "off":
             return 0
-        return await adoption.fence_at_start(
+        fenced = await adoption.fence_at_start(
             self.store, self.number, self.cfg.follower_of(self.number), self._others(),
             self._headers, self.cfg.node.peer_timeout)
+        self._fenced.set()
+        return fenced
 
     async def start(self) -> None:
         for follow in self.follows.values():
@@ -226,6 +231,7 @@ class OnlineReplication:
         to its follower is back: the adopter follows it again after an adoption. Its rooms
         then have two owners, so it stops serving at once (``adopted_away``) and its next
         start fences them, as for any instance that comes back."""
+        await self._fenced.wait()
         base = self._locate(follower)
         if base is None:
             return
