@@ -2,10 +2,11 @@
 refusals, on real processes with a directory replica.
 
 Litestream that dies is restarted and counted while the node serves on; the node leaves
-the WAL checkpoints to it; Litestream never outlives its node; a node stopped with SIGTERM leaves every acked message in the replica;
-a node refuses to start empty over a replica that holds a backup; ``shardchat restore``
-refuses a directory that holds a store or that a node uses (3), finds nothing in an empty
-replica (4), needs ``replicate_to`` (2) and puts nothing in place from a damaged replica (1).
+the WAL checkpoints to it; Litestream never outlives its node; a node stopped with SIGTERM
+leaves every acked message in the replica; a node refuses to start empty over a replica
+that holds a backup; ``shardchat restore`` refuses a directory that holds a store or that a
+node uses (3), finds nothing in an empty replica (4), needs ``replicate_to`` (2) and puts
+nothing in place from a damaged replica (1).
 """
 
 from __future__ import annotations
