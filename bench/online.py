@@ -2,6 +2,7 @@
 Not part of ``python -m bench``; run it on its own:
 
     python -m bench.online              2 rounds of every mode, 8 s each (~3 minutes)
+    python -m bench.online --rounds 3   what bench/results/online.md holds (~4 minutes)
     python -m bench.online --quick      1 round, 4 s each
     python -m bench.online --mode sync --mode async
 
@@ -13,9 +14,12 @@ run (both nodes, and Litestream where it runs), ack latency p50/p99.
 
 Then, for async and sync, the loss window and the time to adopt: the senders go on, instance
 1 is SIGKILLed at a random moment (its disk counts as lost), ``shardchat adopt --instance 1``
-is timed, and every acked ``client_id`` is looked for in the adopter's store. Modes run
-alternating, so the machine's noise falls on all of them. Results go to
-bench/results/online.{json,md}.
+is timed, then a client looks the room up (``GET /api/rooms/<id>``), connects where it
+says and sends: the times from the start of the adoption to its welcome and to that first
+ack are the RTO of a client that retries at once (sync refuses that message here, since
+the adopter's follower is the lost instance in a cluster of two). Every acked
+``client_id`` is looked for in the adopter's store. Modes run alternating, so the
+machine's noise falls on all of them. Results go to bench/results/online.{json,md}.
 """
 
 from __future__ import annotations
@@ -66,6 +70,11 @@ class Run:
     lost: int | None = None  # acked messages missing on the adopter (async, sync)
     kill_acked: int | None = None  # acked messages of the burst the kill cut
     adopt_seconds: float | None = None  # `shardchat adopt` end to end
+    # from the start of `shardchat adopt` until a client that finds the room by lookup is
+    # welcomed on the adopter, and until its first message is acked there (None when it is
+    # refused: in sync mode with two nodes the adopter's follower is the lost instance)
+    back_seconds: float | None = None
+    first_ack_seconds: float | None = None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -218,6 +227,17 @@ async def lose_and_adopt(cluster: Cluster, run: Run, room: dict[str, Any],
     run.adopt_seconds = round(time.monotonic() - t0, 2)
     if done.returncode != 0:
         raise RuntimeError(f"adopt failed: {done.stdout}{done.stderr}")
+    public = cluster.ports[2]  # instance 2's public listener
+    found = await asyncio.to_thread(http, "GET", public, f"/api/rooms/{room['id']}")
+    back = await member(f"http://127.0.0.1:{public}", found, "back", [0])
+    run.back_seconds = round(time.monotonic() - t0, 2)
+    try:
+        ack = await back.call("message", {"text": "back", "client_id": "back"},
+                              namespace=found["namespace"], timeout=ACK_TIMEOUT)
+    finally:
+        await back.disconnect()
+    if isinstance(ack, dict) and ack.get("ok"):
+        run.first_ack_seconds = round(time.monotonic() - t0, 2)
     store = cluster.workdir / "data" / storage_name(2) / "store.sqlite3"
     conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
     try:
@@ -229,21 +249,24 @@ async def lose_and_adopt(cluster: Cluster, run: Run, room: dict[str, Any],
     run.lost = sum(cid not in held for cid in acked)
 
 
-def report(runs: list[Run], members: int, senders: int) -> str:
+def report(runs: list[Run], members: int, senders: int, command: str) -> str:
     out = ["# Replication side by side: off, Litestream, async, sync", "",
+           f"Command: `{command}`", "",
            f"Two nodes (instance 2 follows 1), one room on instance 1, {members} members, "
            f"{senders} of them sending one message after the other. CPU: every server "
            "process of the run (both nodes, Litestream where it runs). Loss and adopt: "
            "instance 1 SIGKILLed mid burst, `shardchat adopt` timed, acked messages "
            "looked for on the adopter.", "",
            "| mode | s | acked | deliveries | CPU s | deliveries / CPU s | ack p50 ms | "
-           "ack p99 ms | refused | acked in kill burst | lost | adopt s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "ack p99 ms | refused | acked in kill burst | lost | adopt s | adopt to welcome s | "
+           "adopt to first ack s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         out.append(f"| {r.mode} | {r.seconds:g} | {r.acked} | {r.deliveries} | "
                    f"{r.cpu_seconds} | {r.deliveries_per_cpu_second} | {r.p50_ms} | "
                    f"{r.p99_ms} | {r.refused} | {_v(r.kill_acked)} | {_v(r.lost)} | "
-                   f"{_v(r.adopt_seconds)} |")
+                   f"{_v(r.adopt_seconds)} | {_v(r.back_seconds)} | "
+                   f"{_v(r.first_ack_seconds)} |")
     out += ["", "Medians per mode:", ""]
     for mode in dict.fromkeys(r.mode for r in runs):
         rs = [r for r in runs if r.mode == mode]
@@ -252,6 +275,11 @@ def report(runs: list[Run], members: int, senders: int) -> str:
                    f"{statistics.median(r.p50_ms for r in rs):g} ms, p99 "
                    f"{statistics.median(r.p99_ms for r in rs):g} ms")
     return "\n".join(out) + "\n"
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that gives these figures, so that a reader can run it again."""
+    return " ".join(["python -m bench.online", *argv])
 
 
 def _v(value: object) -> str:
@@ -282,7 +310,7 @@ def main() -> int:
                     print(runs[-1], flush=True)
                 finally:
                     cluster.stop()
-    text = report(runs, args.members, args.senders)
+    text = report(runs, args.members, args.senders, command_line(sys.argv[1:]))
     print(text)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)

@@ -62,8 +62,8 @@ def shardchat(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def adopt(config: Path, number: int) -> subprocess.CompletedProcess:
-    return shardchat("adopt", "--config", str(config), "--instance", str(number))
+def adopt(config: Path, number: int, *extra: str) -> subprocess.CompletedProcess:
+    return shardchat("adopt", "--config", str(config), "--instance", str(number), *extra)
 
 
 def wipe(node: NodeProcess, data_dir: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 import tests.replicas as replicas
 from shardchat.cli_common import EXIT_OK, EXIT_REFUSED
+from shardchat.node.main import EXIT_ADOPTED_AWAY
 from tests.conftest import Refused, acreate_room, open_client
 from tests.moves import move_room, room_state
 from tests.replicas import (
@@ -102,8 +103,9 @@ async def test_sync_cut_to_the_follower_refuses_within_the_timeout_then_recovers
         assert ack["ok"] is False and ack["error"] == "unavailable", ack
         assert "instance 2" in ack["message"] and "client_id" in ack["message"], ack
         assert took < 2.0 + 1.5, f"the refusal took {took:.2f} s"
-        seen = await watcher.next("message")  # stored here, so the room saw it
-        assert seen["client_id"] in ("c0", "c1")
+        # refused, but stored here and broadcast: the room saw it after the one before
+        assert (await watcher.next("message"))["client_id"] == "c0"
+        assert (await watcher.next("message"))["client_id"] == "c1"
         assert metrics(one)["shipping"]["refused"] >= 1
         proxy.start()
         await async_wait_until(in_thread(lambda: caught_up(one)), timeout=30,
@@ -195,6 +197,70 @@ async def test_a_fenced_owner_that_comes_back_serves_none_of_its_adopted_rooms(t
         # instance 1 answers again: adopting it now is refused, nothing changes
         again = await asyncio.to_thread(adopt, path, 1)
         assert again.returncode == EXIT_REFUSED and "still answers" in again.stderr, again
+
+
+@pytest.mark.timeout(240)
+async def test_an_owner_back_while_its_adopter_is_down_waits_before_serving(tmp_path):
+    """Instance 1 comes back while instance 2, which adopted its rooms, is down: 3 alone
+    is no majority of 1's peers, so 1 keeps its public listener closed and says why, and
+    serves only once 2 is back and told it which rooms are no longer its own."""
+    with cluster(tmp_path, "sync") as (path, (one, two, _three), _):
+        room = await acreate_room(one, "Adopted while away")
+        member = await open_client(one, room, name="m")
+        await member.send_ok("hello", client_id="c0")
+        await member.close()
+        one.kill()
+        run = await asyncio.to_thread(adopt, path, 1)
+        assert run.returncode == EXIT_OK and "adopted 1 rooms" in run.stdout, run
+        two.kill()
+        one.spawn()  # back with its old disk, the adopter away
+        await async_wait_until(lambda: "instance 1 waits before serving" in one.log(),
+                               timeout=60, what="instance 1 to say it waits")
+        assert one.proc.poll() is None
+        with pytest.raises(OSError):  # the public listener is not open
+            socket.create_connection(("127.0.0.1", one.port), timeout=2).close()
+        await asyncio.to_thread(two.start)
+        await one.wait_ready_async(60)
+        status, state = await asyncio.to_thread(room_state, one, room["id"])
+        assert status == 200 and state["state"] == "forwarded" and state["to"] == 2, state
+        with pytest.raises(Refused) as refused:
+            await open_client(one, room, name="m")
+        assert refused.value.code == "moved"
+
+
+@pytest.mark.timeout(240)
+async def test_an_owner_adopted_while_it_runs_stops_at_once_and_is_fenced_at_its_restart(
+        tmp_path):
+    """``shardchat adopt --force`` while instance 1 serves (as ``auto_adopt`` does when a
+    partition cut 1 off from the others but not from its clients): the adopter follows 1
+    again, 1 learns from it that its rooms have a second owner and stops without a grace
+    period (exit 3); restarted, it fences them like any instance that comes back."""
+    with cluster(tmp_path, "sync") as (path, (one, two, _three), _):
+        room = await acreate_room(one, "Two owners")
+        member = await open_client(one, room, name="m")
+        token = member.token
+        for i in range(3):
+            await member.send_ok(f"m{i}", client_id=f"c{i}")
+        run = await asyncio.to_thread(adopt, path, 1, "--force")
+        assert run.returncode == EXIT_OK and "adopted 1 rooms" in run.stdout, run
+        code = await asyncio.to_thread(one.proc.wait, 30)
+        assert code == EXIT_ADOPTED_AWAY, one.log()
+        assert "instance 2 adopted 1 rooms that instance 1 still serves" in one.log()
+        await member.close()
+        await asyncio.to_thread(one.start)
+        status, state = await asyncio.to_thread(room_state, one, room["id"])
+        assert status == 200 and state["state"] == "forwarded" and state["to"] == 2, state
+        with pytest.raises(Refused) as refused:
+            await open_client(one, room, name="m")
+        assert refused.value.code == "moved"
+        moved = await open_client(two, room["id"], name="m", token=token, last_seq=0)
+        assert [m["client_id"] for m in moved.welcome["history"]] == ["c0", "c1", "c2"]
+        await moved.send_ok("on the adopter", client_id="c3")
+        await moved.close()
+        # once fenced, the follower's next connection finds nothing to stop for
+        await async_wait_until(in_thread(lambda: caught_up(one)), timeout=30,
+                               what="instance 2 to follow instance 1 again")
+        assert one.proc.poll() is None
 
 
 @pytest.mark.timeout(300)

@@ -1,11 +1,12 @@
 """A node's Litestream (``node/replication/supervisor.py``) and ``shardchat restore``'s
 refusals, on real processes with a directory replica.
 
-Litestream that dies is restarted and counted while the node serves on; Litestream never
-outlives its node; a node stopped with SIGTERM leaves every acked message in the replica;
-a node refuses to start empty over a replica that holds a backup; ``shardchat restore``
-refuses a directory that holds a store or that a node uses (3), finds nothing in an empty
-replica (4), needs ``replicate_to`` (2) and puts nothing in place from a damaged replica (1).
+Litestream that dies is restarted and counted while the node serves on; the node leaves
+the WAL checkpoints to it; Litestream never outlives its node; a node stopped with SIGTERM
+leaves every acked message in the replica; a node refuses to start empty over a replica
+that holds a backup; ``shardchat restore`` refuses a directory that holds a store or that a
+node uses (3), finds nothing in an empty replica (4), needs ``replicate_to`` (2) and puts
+nothing in place from a damaged replica (1).
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ async def test_a_dead_litestream_is_restarted_and_counted_while_the_node_serves(
     assert "litestream exited with code -9" in replicated.node.log()
     # what was committed while it was down is uploaded by the new one
     await asyncio.to_thread(replicated.replica_holds, {room["id"]: ack["seq"]})
+
+
+async def test_a_replicating_node_leaves_the_wal_checkpoints_to_litestream(replicated):
+    """The node's own checkpointer could truncate WAL frames Litestream has not shipped
+    yet (``store/checkpoint.py``); with ``replicate_to`` it does not start, and says so."""
+    assert "are left to Litestream (replication is on)" in replicated.node.run_log()
+    assert replicated.replication()["running"]
 
 
 async def test_litestream_does_not_outlive_its_node(replicated):

@@ -233,8 +233,8 @@ def rebalance(config_path: str, dry_run: bool, timeout: float, parallel: int,
 @click.option("--instance", "number", required=True, type=int,
               help="The lost instance whose rooms its follower takes over.")
 @click.option("--force", is_flag=True,
-              help="Adopt even though the instance still answers (it must then never "
-                   "serve again: it is fenced at its next start).")
+              help="Adopt even though the instance still answers (it then stops as soon "
+                   "as its follower reaches it, and is fenced at its next start).")
 @JSON_OPTION
 def adopt(config_path: str, number: int, force: bool, as_json: bool) -> None:
     """The follower of lost instance N becomes the owner of every room of N (SPEC section

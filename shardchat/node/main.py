@@ -56,6 +56,10 @@ from shardchat.node.store import Store, StoreError
 
 log = logging.getLogger("shardchat.node")
 
+# The exit code of a node that stopped because its follower adopted rooms it still served
+# (it was adopted while it ran): restart it, and its start fences them.
+EXIT_ADOPTED_AWAY = 3
+
 
 class Node:
     """Everything of instance N inside one process."""
@@ -346,9 +350,10 @@ class StopRequest:
 
 async def serve(cfg: Config, number: int) -> int:
     """Run node N until SIGTERM/SIGINT (or its supervisor is gone); drain and return the
-    exit code (0 after a clean drain). A store that cannot be opened (damaged, or in use by
-    another process), or installed libraries the fast engine cannot run on, is one logged
-    line and exit code 1."""
+    exit code (0 after a clean drain; ``EXIT_ADOPTED_AWAY`` when it stopped, without a
+    grace period, because its follower adopted rooms it served). A store that cannot be
+    opened (damaged, or in use by another process), or installed libraries the fast engine
+    cannot run on, is one logged line and exit code 1."""
     try:
         node = Node(cfg, number)
     except engine.EngineIncompatible as exc:  # the fast engine's self-check, before serving
@@ -378,16 +383,22 @@ async def serve(cfg: Config, number: int) -> int:
     if parent is not None:
         watcher = asyncio.create_task(
             lifecycle.watch_parent(parent, lambda why: stop(why, False)), name="parent")
-    await stop.requested.wait()
-    for task in (watcher, sweeper):
+    requested = asyncio.create_task(stop.requested.wait(), name="stop-requested")
+    adopted_away = asyncio.create_task(node.online.adopted_away.wait(), name="adopted-away")
+    await asyncio.wait({requested, adopted_away}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (watcher, sweeper, requested, adopted_away):
         if task is not None:
             task.cancel()
+    fenced = node.online.adopted_away.is_set()
+    if fenced:  # two owners from now on: no grace period, clients go at once
+        stop(node.online.adopted_away_reason)
+        stop.hurry.set()
     code = await node.drain(stop.hurry)
     if code == 0:
         log.info("instance %d stopped cleanly", number)
     else:
         log.error("instance %d stopped, but its store could not be closed in time", number)
-    return code
+    return EXIT_ADOPTED_AWAY if fenced else code
 
 
 def run_node(cfg: Config, number: int) -> int:

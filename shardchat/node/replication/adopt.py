@@ -16,7 +16,8 @@ answered; until then it keeps asking, with its internal listener up so that peer
 at the same time can ask it too. Each adopted room becomes a forward to wherever the room is
 now (``Moves.fence``), so N's clients get ``moved`` and its pages redirect, exactly as after
 a move; N never serves them again. A room that has since come back to N (the adopter
-forwards it to N) is left alone.
+forwards it to N) is left alone. An instance adopted while it ran learns it from its
+follower instead, and stops so that this runs (``OnlineReplication._check_adopted_away``).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ async def fence_at_start(store: Store, number: int, follower: int | None,
     async with aiohttp.ClientSession(headers=headers) as session:
         while True:
             asked += 1
-            answers = await _ask_all(session, peers, number, timeout)
+            answers = await ask_adopted(session, peers, number, timeout)
             if (follower in answers or follower is None
                     or len(answers) * 2 > len(peers)):
                 break
@@ -175,8 +176,9 @@ async def fence_at_start(store: Store, number: int, follower: int | None,
     return len(forwards)
 
 
-async def _ask_all(session: aiohttp.ClientSession, peers: dict[int, str], number: int,
-                   timeout: float) -> dict[int, dict[str, int]]:
+async def ask_adopted(session: aiohttp.ClientSession, peers: dict[int, str], number: int,
+                      timeout: float) -> dict[int, dict[str, int]]:
+    """Each peer that answered: the rooms it adopted from ``number`` and where they are."""
     async def ask(peer: int, base: str) -> tuple[int, dict[str, int] | None]:
         try:
             async with session.get(f"{base}{ADOPTED_PATH}", params={"instance": number},

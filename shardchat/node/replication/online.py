@@ -10,7 +10,8 @@
 * ``adopt``: the copy of a lost instance becomes rooms of this node (``adopt.py``), by an
   operator's ``shardchat adopt`` or by ``AutoAdopt`` (``auto.py``);
 * ``fence``: at start, before serving, the rooms adopted away from this node become
-  forwards.
+  forwards; and while it runs, each time its follower connects, it asks the follower
+  whether it adopted rooms this node still serves (``adopted_away``, below).
 
 With ``replication = "off"`` nothing of this runs (the routes answer 409, saying so).
 """
@@ -66,6 +67,15 @@ class OnlineReplication:
         self.follows: dict[int, Follow] = {}
         self.auto: AutoAdopt | None = None
         self.adopted: dict[int, int] = {}  # owner -> rooms of its copy held here
+        # Set when this node learns, while it serves, that its follower adopted rooms it
+        # still serves (see ``_check_adopted_away``): the node then stops at once, and its
+        # next start fences them. ``adopted_away_reason`` is the sentence it logs.
+        self.adopted_away = asyncio.Event()
+        self.adopted_away_reason = ""
+        self._checks: set[asyncio.Task[None]] = set()
+        # The follower may connect while the start-up fence still waits for answers (the
+        # internal listener is up): the rooms that fence takes are not "still served".
+        self._fenced = asyncio.Event()
         self._adopting = asyncio.Lock()
         if self.mode == "off":
             return
@@ -100,9 +110,11 @@ class OnlineReplication:
         """Before serving: rooms adopted away from this node become forwards."""
         if self.mode == "off":
             return 0
-        return await adoption.fence_at_start(
+        fenced = await adoption.fence_at_start(
             self.store, self.number, self.cfg.follower_of(self.number), self._others(),
             self._headers, self.cfg.node.peer_timeout)
+        self._fenced.set()
+        return fenced
 
     async def start(self) -> None:
         for follow in self.follows.values():
@@ -111,6 +123,8 @@ class OnlineReplication:
             self.auto.start()
 
     async def close(self) -> None:
+        for check in list(self._checks):
+            check.cancel()
         if self.auto is not None:
             await self.auto.close()
         for follow in self.follows.values():
@@ -201,7 +215,39 @@ class OnlineReplication:
         if self.ship is None:
             return json_error(409, "replication_off", f"Instance {self.number} ships no "
                               "stream: node.replication is \"off\" (or it has no follower).")
+        if request.query.get("follower") == str(self.ship.follower):
+            check = asyncio.get_running_loop().create_task(
+                self._check_adopted_away(self.ship.follower), name="adopted-away")
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
         return await self.ship.serve(request)
+
+    async def _check_adopted_away(self, follower: int) -> None:
+        """The follower (re)connects: did it adopt rooms that this node still serves?
+
+        Fencing at start covers an instance that was down while it was adopted. One that
+        ran on meanwhile (``shardchat adopt --force``, or ``auto_adopt`` while a partition
+        cut it off from the others but not from its clients) learns it here, when the link
+        to its follower is back: the adopter follows it again after an adoption. Its rooms
+        then have two owners, so it stops serving at once (``adopted_away``) and its next
+        start fences them, as for any instance that comes back."""
+        await self._fenced.wait()
+        base = self._locate(follower)
+        if base is None:
+            return
+        async with aiohttp.ClientSession(headers=self._headers) as session:
+            answers = await adoption.ask_adopted(session, {follower: base}, self.number,
+                                                 self.cfg.node.peer_timeout)
+        served = sorted(r for r in answers.get(follower, {}) if self.store.get_room(r))
+        if not served or self.adopted_away.is_set():
+            return
+        self.adopted_away_reason = (
+            f"instance {follower} adopted {len(served)} rooms that instance {self.number} "
+            f"still serves (e.g. {served[0]}): it was adopted while it ran (shardchat adopt "
+            "--force, or auto_adopt while it was cut off). Stopping now; the next start "
+            "makes them forwards to their new owner")
+        log.error("%s", self.adopted_away_reason)
+        self.adopted_away.set()
 
     async def _adopt_route(self, request: web.Request) -> web.Response:
         try:
