@@ -45,16 +45,17 @@ HANDOFF_POINTS = frozenset(SOURCE_POINTS + TARGET_POINTS)
 STORE_POINTS = (
     "store.before_commit",
     "store.after_commit",
-    # opening a store of schema 4 or older: every message copied into the new layout, the
-    # transaction not committed (``schema.migrate_layout``)
-    "store.layout_copied",
 )
+# Opening a store of an earlier release: every message copied into the new layout, the
+# transaction not committed (``schema.migrate_layout``).
+LAYOUT_POINTS = ("store.layout_copied",)
 # On-line replication (``node/replication/``): after each durable step, before what follows.
 REPLICATION_POINTS = (
     "replication.after_adopt",   # the adopted rooms are durable here, the answer not sent
     "replication.after_fence",   # the fenced rooms are forwards, the node not serving yet
 )
-POINTS = HANDOFF_POINTS | frozenset(STORE_POINTS) | frozenset(REPLICATION_POINTS)
+POINTS = (HANDOFF_POINTS | frozenset(STORE_POINTS) | frozenset(LAYOUT_POINTS)
+          | frozenset(REPLICATION_POINTS))
 
 AT_ENV = "SHARDCHAT_FAULT_AT"  # die the n-th time the point is reached (default: the first)
 
