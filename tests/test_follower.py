@@ -265,8 +265,9 @@ async def test_an_owner_adopted_while_it_runs_stops_at_once_and_is_fenced_at_its
 
 @pytest.mark.timeout(300)
 async def test_auto_adopt_needs_a_majority(tmp_path):
-    with cluster(tmp_path, "async", cut=(2, 1), auto_adopt=True, adopt_after=2.0) as (
-            _path, (one, two, three), proxy):
+    # adopt_lease (adopt_after / 2) + stats_interval + peer_timeout < adopt_after
+    with cluster(tmp_path, "async", cut=(2, 1), auto_adopt=True, adopt_after=4.0,
+                 stats_interval=0.5, peer_timeout=1.0) as (_path, (one, two, three), proxy):
         room = await acreate_room(one, "Auto room")
         member = await open_client(one, room, name="m")
         await member.send_ok("hello", client_id="c0")
