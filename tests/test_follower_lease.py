@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from shardchat.node.main import EXIT_ADOPTED_AWAY
+from shardchat.node.replication.lease import Lease, needed_to_adopt
 from tests.conftest import Refused, acreate_room, open_client
 from tests.moves import room_state
 from tests.replicas import (
@@ -134,3 +135,20 @@ async def test_an_owner_that_loses_one_of_two_peers_keeps_serving(tmp_path):
         assert ack["seq"] == 2, ack
         await member.close()
         assert "could not reach a majority" not in one.log()
+
+
+@pytest.mark.parametrize(("instances", "stops_at"), [(3, 2), (4, 2), (5, 3), (6, 3), (7, 4)])
+def test_the_lease_holds_while_the_peers_out_of_reach_cannot_adopt(instances, stops_at):
+    """The lease is lost exactly when the unreached peers are as many as an adoption needs
+    (``auto.py`` counts the same): the owner and the peers it reaches are then no longer a
+    strict majority of the cluster."""
+    others = list(range(2, instances + 1))
+    assert needed_to_adopt(len(others)) == stops_at
+    for out in range(len(others) + 1):
+        stopped: list[str] = []
+        lease = Lease(1, lambda: others, lambda p, out=out: 9.0 if p - 2 < out else 0.0,
+                      LEASE, stopped.append)
+        lease._started -= 10  # held long enough for the peers' times to count
+        assert lease.check() is (out >= stops_at), (instances, out)
+        assert len(stopped) == (out >= stops_at)
+        assert ((1 + len(others) - out) * 2 > instances) is (out < stops_at)

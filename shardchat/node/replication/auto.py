@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from shardchat.internal_api import REACHABILITY_PATH
+from shardchat.node.replication.lease import needed_to_adopt
 
 log = logging.getLogger("shardchat.node.replication")
 
@@ -86,7 +87,8 @@ class AutoAdopt:
         voters = {n: url for n, url in self._others().items() if n != owner}
         agreeing = 1 + sum(await asyncio.gather(
             *(self._agrees(session, url, owner) for url in voters.values())))
-        needed = (len(voters) + 1) // 2 + 1  # strict majority of the others of ``owner``
+        # a strict majority of the others of ``owner`` (the count its lease is held by)
+        needed = needed_to_adopt(len(voters) + 1)
         rounds = self.votes.get(owner, (0, 0, 0))[2] + 1
         self.votes[owner] = (agreeing, needed, rounds)
         return agreeing >= needed

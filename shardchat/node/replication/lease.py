@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("shardchat.node.replication")
@@ -52,8 +53,15 @@ class Lease:
         self.reason = ""
         self.unreached: list[int] = []  # past the lease at the last look (metrics)
         self._task: asyncio.Task[None] | None = None
+        self._started = time.monotonic()
 
     def start(self) -> None:
+        """Begin with a fresh lease: the node has just been fenced by its follower or a
+        majority of the others (``fence_at_start``), and a peer its stats poll has not
+        reached yet since the start (it may have waited there for minutes) is counted from
+        now, not from the process's start, so a restart after a partition does not stop
+        again before its first poll."""
+        self._started = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="adopt-lease")
 
     async def close(self) -> None:
@@ -70,7 +78,9 @@ class Lease:
     def check(self) -> bool:
         """One look; True (and ``lost`` set, the reason logged once) when the lease is gone."""
         others = self._others()
-        self.unreached = [o for o in others if self._unreached_for(o) >= self.lease]
+        held = time.monotonic() - self._started
+        self.unreached = [o for o in others
+                          if min(self._unreached_for(o), held) >= self.lease]
         if not others or len(self.unreached) < needed_to_adopt(len(others)):
             return False
         if not self.lost.is_set():
