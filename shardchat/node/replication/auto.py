@@ -7,7 +7,8 @@ it has not reached N for ``node.adopt_after`` seconds itself *and* a strict majo
 instances other than N (M included) report the same. A peer M cannot ask counts as not
 agreeing, so a follower cut off from the rest of the cluster never adopts: at worst the
 cluster waits for an operator (``shardchat adopt``), it never has two owners because of a
-one-sided view.
+one-sided view. The owner's side of the same count is its lease (``lease.py``): cut off
+from that many, it stops before the first vote can pass.
 """
 
 from __future__ import annotations
