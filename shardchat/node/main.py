@@ -96,7 +96,7 @@ class Node:
         self.started_at = time.monotonic()
         # the follower stream, adoption and fencing (node.replication, SPEC section 9)
         self.online = OnlineReplication(cfg, number, self.store, self._peer_url,
-                                        self.unreached_for)
+                                        self.unreached_for, self.out_of_touch_for)
         self.public_app = PublicApp(cfg.node, number, self.sio, self.store, self.rooms,
                                     self.addresses, self.placer, self.directory,
                                     self.room_state)
@@ -140,6 +140,14 @@ class Node:
         if peer.healthy:
             return 0.0
         return time.monotonic() - (peer.fetched_at or self.started_at)
+
+    def out_of_touch_for(self, number: int) -> float:
+        """For the lease: the longer of how long this node has not reached instance
+        ``number`` and how long ``number``, in its last answer, said it had not reached this
+        node (so a cut one way only, that lets this node poll it, counts too)."""
+        peer = self.placer.peers.get(number)
+        said = peer.unreached_us if peer is not None and peer.healthy else 0.0
+        return max(self.unreached_for(number), said)
 
     def room_state(self, room_id: str) -> dict[str, Any] | None:
         """What this node is to ``room_id`` (``GET /internal/rooms/<room_id>``, and the

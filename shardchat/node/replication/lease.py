@@ -4,9 +4,11 @@ With ``auto_adopt`` a follower adopts its owner N once a strict majority of the 
 other than N have not reached N for ``adopt_after`` seconds (``auto.py``). A partition that
 cuts N off from them but not from its clients would leave N serving the rooms its follower
 now owns. So every node holds a lease on its own rooms: it reads the same stats-poll
-reachability the votes are made of (``Node.unreached_for``), and once the instances it has
-not reached for ``adopt_lease`` seconds are enough to form such a majority, no adoption of
-it can be ruled out any more and it stops at once, through the path of an owner that
+reachability the votes are made of (``Node.out_of_touch_for``: how long it has not reached
+a peer, or, from the peer's last answer to its poll, how long the peer has not reached it,
+which catches a cut one way only), and once the instances it has been out of touch with
+for ``adopt_lease`` seconds are enough to form such a majority, no adoption of it can be
+ruled out any more and it stops at once, through the path of an owner that
 learnt it was adopted away (``OnlineReplication.stop_now``: no grace period, exit code
 ``EXIT_ADOPTED_AWAY``), and its restart fences whatever was adopted meanwhile.
 
@@ -16,7 +18,8 @@ out of its reach, that is while N and the instances it reaches are a strict majo
 cluster. Config validation (``adopt_lease + stats_interval + peer_timeout < adopt_after``)
 makes the lease end before the first vote can pass: both sides measure from their last
 successful poll, which on N's side started before the cut, and on the others' side at
-most one interval and one timeout before it.
+most about one interval and one timeout before it; after a cut one way only, N learns a
+peer's count at its next poll of it, at most one interval and one answer late.
 """
 
 from __future__ import annotations
@@ -39,15 +42,16 @@ def needed_to_adopt(others: int) -> int:
 
 
 class Lease:
-    """Watches how long this node has not reached each other instance; sets ``lost``."""
+    """Watches how long this node has been out of touch with each other instance; stops the
+    node once those are enough to adopt it."""
 
     def __init__(self, number: int, others: Callable[[], list[int]],
-                 unreached_for: Callable[[int], float], lease: float,
+                 out_of_touch_for: Callable[[int], float], lease: float,
                  stop: Callable[[str], None]) -> None:
         self.number = number
         self._stop = stop  # called once, with the sentence to log, when the lease is gone
         self._others = others  # the other instances of the cluster, this node left out
-        self._unreached_for = unreached_for
+        self._out_of_touch_for = out_of_touch_for
         self.lease = lease
         self.lost = asyncio.Event()
         self.reason = ""
@@ -80,15 +84,16 @@ class Lease:
         others = self._others()
         held = time.monotonic() - self._started
         self.unreached = [o for o in others
-                          if min(self._unreached_for(o), held) >= self.lease]
+                          if min(self._out_of_touch_for(o), held) >= self.lease]
         if not others or len(self.unreached) < needed_to_adopt(len(others)):
             return False
         if not self.lost.is_set():
             reached = len(others) - len(self.unreached)
             self.reason = (
                 f"instance {self.number} could not reach a majority of the other instances "
-                f"for {self.lease:g} s (node.adopt_lease; reached {reached} of "
-                f"{len(others)}, not instances {', '.join(map(str, self.unreached))}) and "
+                f"(or they it) for {self.lease:g} s (node.adopt_lease; in touch with "
+                f"{reached} of {len(others)}, not with instances "
+                f"{', '.join(map(str, self.unreached))}) and "
                 "stopped before a follower could adopt its rooms. Restart it (systemd's "
                 "Restart=always does): its start waits until its follower or a majority "
                 "answers, and fences the rooms adopted meanwhile")

@@ -58,7 +58,8 @@ class OnlineReplication:
 
     def __init__(self, cfg: Config, number: int, store: Store,
                  locate: Callable[[int], str | None],
-                 unreached_for: Callable[[int], float]) -> None:
+                 unreached_for: Callable[[int], float],
+                 out_of_touch_for: Callable[[int], float]) -> None:
         n = cfg.node
         self.cfg = cfg
         self.number = number
@@ -87,8 +88,8 @@ class OnlineReplication:
         if self.mode == "off":
             return
         if n.auto_adopt:
-            self.lease = Lease(number, self._other_numbers, unreached_for, n.adopt_lease,
-                               self._stop)
+            self.lease = Lease(number, self._other_numbers, out_of_touch_for,
+                               n.adopt_lease, self._stop)
         follower = cfg.follower_of(number)
         if follower is not None:
             self.ship = ShipLog(store, follower, n.replication_backlog)
