@@ -121,6 +121,10 @@ class NodeSettings:
     replication_backlog: int = 10_000  # batches kept for a follower that fell behind
     auto_adopt: bool = False  # the follower adopts a lost instance on its own
     adopt_after: float = 30.0  # seconds a majority must not reach the lost instance
+    # With auto_adopt, an owner that has not reached enough of the others for this long
+    # stops itself (``replication/lease.py``) before a follower can adopt its rooms. When
+    # the key is not set: adopt_after / 2 (15.0 is that for the default adopt_after).
+    adopt_lease: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -506,11 +510,37 @@ def _check_followers(cfg: Config) -> None:
         raise ConfigError("node.replication_fallback", "must be \"none\" (sync acks fail "
                           "with unavailable while the follower is away) or \"async\", got "
                           f"{n.replication_fallback!r}")
-    for name in ("replication_ack_timeout", "replication_backlog", "adopt_after"):
+    for name in ("replication_ack_timeout", "replication_backlog", "adopt_after",
+                 "adopt_lease"):
         _positive(f"node.{name}", getattr(n, name))
     if n.auto_adopt and n.replication == "off":
         raise ConfigError("node.auto_adopt", "needs node.replication = \"async\" or "
                           "\"sync\": with replication off no follower holds a copy to adopt")
+    if n.auto_adopt:
+        _check_lease(cfg)
+
+
+def _check_lease(cfg: Config) -> None:
+    """``auto_adopt`` is safe only if an owner cut off from the majority stops itself
+    (``adopt_lease``) before any follower can adopt it: the lease, plus the time a
+    partition may go unseen by the stats poll (one interval and one timeout), must end
+    before ``adopt_after``; and only a third instance lets an owner tell its follower's
+    death from a partition."""
+    n = cfg.node
+    if cfg.aws.discover == "config" and len(cfg.instances) < 3:
+        raise ConfigError("node.auto_adopt", f"needs at least 3 instances, the config has "
+                          f"{len(cfg.instances)}: with 2, an owner cannot tell its "
+                          "follower's death from a partition, and its lease would stop it "
+                          "whenever its follower is down. Add an instance, or set "
+                          "auto_adopt = false and adopt with shardchat adopt")
+    margin = n.stats_interval + n.peer_timeout
+    if n.adopt_lease + margin >= n.adopt_after:
+        raise ConfigError("node.adopt_lease", f"adopt_lease + stats_interval + peer_timeout "
+                          f"({n.adopt_lease:g} + {n.stats_interval:g} + {n.peer_timeout:g} "
+                          f"s) must be less than adopt_after ({n.adopt_after:g} s), so that "
+                          "an owner cut off from the others has stopped before its follower "
+                          "may adopt its rooms: shorten adopt_lease (by default adopt_after "
+                          f"/ 2) or lengthen adopt_after beyond {n.adopt_lease + margin:g} s")
 
 
 SYNC_INTERVAL_RANGE = (0.1, 3600.0)  # node.replicate_sync_interval, seconds
@@ -732,6 +762,8 @@ def parse(data: dict[str, Any], source: str = "<dict>", env: dict[str, str] | No
     node = _build(NodeSettings, data.get("node"), "node")
     if "drain_grace_seconds" not in (data.get("node") or {}):
         node = replace(node, drain_grace_seconds=drain_grace_default(aws))
+    if "adopt_lease" not in (data.get("node") or {}):
+        node = replace(node, adopt_lease=node.adopt_after / 2)
     cfg = Config(
         cluster=cluster,
         instances=tuple(instances),

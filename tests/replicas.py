@@ -77,10 +77,15 @@ def lookup(node: NodeProcess, room_id: str) -> tuple[int, Any]:
 
 def config_with_proxy(config: Path, number: int, proxy_port: int, name: str) -> Path:
     """A copy of ``config`` in which instance ``number``'s internal port is ``proxy_port``."""
+    return config_with_proxies(config, {number: proxy_port}, name)
+
+
+def config_with_proxies(config: Path, ports: dict[int, int], name: str) -> Path:
+    """A copy of ``config`` in which each instance of ``ports`` has that internal port."""
     data = tomllib.loads(config.read_text())
     for inst in data["instances"]:
-        if inst["number"] == number:
-            inst["internal_port"] = proxy_port
+        if inst["number"] in ports:
+            inst["internal_port"] = ports[inst["number"]]
     out = config.with_name(name)
     out.write_text(dump_toml(data) + "\n")
     return out
@@ -151,38 +156,45 @@ class Proxy:
 
 @contextlib.contextmanager
 def cluster(tmp: Path, mode: str, n: int = 3, cut: tuple[int, int] | None = None,
-            env: dict[int, dict[str, str]] | None = None, **node: Any
-            ) -> Iterator[tuple[Path, list[NodeProcess], Proxy | None]]:
+            env: dict[int, dict[str, str]] | None = None,
+            cuts: list[tuple[int, int]] | None = None, **node: Any
+            ) -> Iterator[tuple[Path, list[NodeProcess], Any]]:
     """(config, nodes, proxy) of ``n`` nodes with ``node.replication = mode``: ``cut = (a,
     b)`` puts a ``Proxy`` between node ``a`` and instance ``b``'s internal listener (``a``
-    gets a config of its own); ``env`` adds to a node's environment (a fault switch)."""
+    gets a config of its own); ``cuts`` puts one on each link it lists, and the third item
+    is then ``{(a, b): Proxy}``; ``env`` adds to a node's environment (a fault switch)."""
     settings = {"replication": mode, "replication_ack_timeout": 3.0,
                 "rate_limit_messages": 100_000, **node}
     path, instances = make_cluster_config(tmp, n, node=settings)
-    proxy = None
-    configs = {i["number"]: path for i in instances}
-    if cut is not None:
-        a, b = cut
-        proxy = Proxy(instances[b - 1]["internal_port"]).start()
-        configs[a] = config_with_proxy(path, b, proxy.port, f"via-proxy-{a}.toml")
+    links = ([cut] if cut is not None else []) + list(cuts or [])
+    proxies = {(a, b): Proxy(instances[b - 1]["internal_port"]).start() for a, b in links}
+
+    def configs_through_proxies() -> dict[int, Path]:
+        out = {i["number"]: path for i in instances}
+        for a in sorted({a for a, _ in links}):
+            ports = {b: p.port for (a_, b), p in proxies.items() if a_ == a}
+            out[a] = config_with_proxies(path, ports, f"via-proxy-{a}.toml")
+        return out
+
+    configs = configs_through_proxies()
     nodes = [NodeProcess(configs[i["number"]], i, tmp, env=(env or {}).get(i["number"]))
              for i in instances]
 
     def through_the_proxy_again() -> None:
-        """After fresh ports (a clash at start): the proxy goes to ``b``'s new port, and
-        ``a``'s config names the proxy again in place of it."""
-        if proxy is not None and cut is not None:
-            proxy.retarget(instances[cut[1] - 1]["internal_port"])
-            config_with_proxy(path, cut[1], proxy.port, f"via-proxy-{cut[0]}.toml")
+        """After fresh ports (a clash at start): each proxy goes to its instance's new
+        port, and the configs of the nodes behind proxies name them again in place of it."""
+        for (_a, b), p in proxies.items():
+            p.retarget(instances[b - 1]["internal_port"])
+        configs_through_proxies()
 
     try:
         start_nodes(nodes, repicked=through_the_proxy_again)
-        yield path, nodes, proxy
+        yield path, nodes, (proxies[cut] if cut is not None else proxies or None)
     finally:
         for node_ in nodes:
             node_.stop()
-        if proxy is not None:
-            proxy.close()
+        for p in proxies.values():
+            p.close()
 
 
 async def burst(owner: NodeProcess, room: dict[str, Any], senders: int = 3,

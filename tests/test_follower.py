@@ -265,13 +265,16 @@ async def test_an_owner_adopted_while_it_runs_stops_at_once_and_is_fenced_at_its
 
 @pytest.mark.timeout(300)
 async def test_auto_adopt_needs_a_majority(tmp_path):
-    with cluster(tmp_path, "async", cut=(2, 1), auto_adopt=True, adopt_after=2.0) as (
-            _path, (one, two, three), proxy):
+    # adopt_lease (adopt_after / 2) + stats_interval + peer_timeout < adopt_after; a lease
+    # of a few seconds, so that a loaded machine's slow polls do not stop a node
+    with cluster(tmp_path, "async", cut=(2, 1), auto_adopt=True, adopt_after=6.0,
+                 stats_interval=0.5, peer_timeout=1.0) as (_path, (one, two, three), proxy):
         room = await acreate_room(one, "Auto room")
         member = await open_client(one, room, name="m")
         await member.send_ok("hello", client_id="c0")
         await member.close()
-        await async_wait_until(in_thread(lambda: caught_up(one)), timeout=30)
+        await async_wait_until(in_thread(lambda: caught_up(one)), timeout=30,
+                               what="instance 2 to copy instance 1")
         proxy.stop()  # instance 2 (the follower) loses 1; instance 3 still reaches it
 
         def rounds() -> int:

@@ -2,7 +2,8 @@
 
 Placement needs a fresh-enough picture of every peer's load without ever waiting on a peer
 while a user waits for a room. So a background task polls ``GET /internal/stats`` on every
-peer each ``node.stats_interval`` seconds, each call bounded by ``node.peer_timeout``, and
+peer each ``node.stats_interval`` seconds (``?from=N``: the peer adds how long it has not
+reached this node, ``unreached_for_caller``), each call bounded by ``node.peer_timeout``, and
 placement only ever reads the last snapshot, which keeps each peer's ``load`` (the
 measure of ``load.py``, None from a node too old to report it) so that placement ranks
 every instance by the measure the rebalancer uses. A peer that refused, timed out or answered
@@ -84,6 +85,10 @@ class PeerState:
     load: float | None = None  # load.py's measure; None from a node that does not report it
     fetched_at: float = 0.0
     error: str = "not polled yet"
+    # How long the peer said, in its last answer (at ``fetched_at``), that it had not
+    # reached this node (``unreached_for_caller``): a cut one way only, where this node
+    # still reaches the peer, shows here (the owner's lease, ``replication/lease.py``).
+    unreached_us: float = 0.0
 
     @property
     def base_url(self) -> str:
@@ -226,7 +231,8 @@ class PeerPool:
         started = time.monotonic()
         try:
             body = _valid_stats(peer.number, await self._request(
-                peer, "GET", STATS_PATH, None, self._timeout, expect=200))
+                peer, "GET", f"{STATS_PATH}?from={self._local}", None, self._timeout,
+                expect=200))
         except PeerError as exc:
             if peer.healthy:
                 log.warning("peer %s is now unhealthy: %s", peer.number, exc.reason)
@@ -239,6 +245,9 @@ class PeerPool:
         peer.draining = bool(body.get("draining"))
         peer.connections, peer.rooms = body["connections"], body["rooms"]
         peer.load = stats_load(body)
+        seen = body.get("unreached_for_caller")  # absent from a node of an older release
+        peer.unreached_us = float(seen) if isinstance(seen, int | float) \
+            and not isinstance(seen, bool) and seen > 0 else 0.0
         peer.fetched_at = started
 
     def mark_failed(self, number: int, reason: str, draining: bool = False) -> None:

@@ -64,6 +64,9 @@ class PeerFacing(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
+    def unreached_for(self, number: int) -> float:
+        """Seconds since this node last reached instance ``number`` (0 while it does)."""
+
     def metrics(self) -> dict[str, Any]: ...
 
     def commit_seconds(self) -> Buckets: ...
@@ -106,7 +109,13 @@ def build_app(cfg: Config, node: PeerFacing) -> web.Application:
                               "has the details.")
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response(node.stats())
+        """SPEC section 5's stats; asked by peer N (``?from=N``, its stats poll), also how
+        long this node has not reached N, which N's lease reads (a cut one way only)."""
+        body = node.stats()
+        caller = request.query.get("from", "")
+        if caller.isdigit() and int(caller) != node.number:
+            body["unreached_for_caller"] = round(node.unreached_for(int(caller)), 3)
+        return web.json_response(body)
 
     async def metrics(request: web.Request) -> web.Response:
         """Counters for operators and the benchmark: store commits and batches, fan-out

@@ -56,8 +56,10 @@ from shardchat.node.store import Store, StoreError
 
 log = logging.getLogger("shardchat.node")
 
-# The exit code of a node that stopped because its follower adopted rooms it still served
-# (it was adopted while it ran): restart it, and its start fences them.
+# The exit code of a node that stopped at once because its follower adopted rooms it still
+# served (it was adopted while it ran), or because its lease was gone (it could not reach a
+# majority of the others for node.adopt_lease seconds, replication/lease.py): restart it,
+# and its start fences what was adopted.
 EXIT_ADOPTED_AWAY = 3
 
 
@@ -94,7 +96,7 @@ class Node:
         self.started_at = time.monotonic()
         # the follower stream, adoption and fencing (node.replication, SPEC section 9)
         self.online = OnlineReplication(cfg, number, self.store, self._peer_url,
-                                        self.unreached_for)
+                                        self.unreached_for, self.out_of_touch_for)
         self.public_app = PublicApp(cfg.node, number, self.sio, self.store, self.rooms,
                                     self.addresses, self.placer, self.directory,
                                     self.room_state)
@@ -138,6 +140,14 @@ class Node:
         if peer.healthy:
             return 0.0
         return time.monotonic() - (peer.fetched_at or self.started_at)
+
+    def out_of_touch_for(self, number: int) -> float:
+        """For the lease: the longer of how long this node has not reached instance
+        ``number`` and how long ``number``, in its last answer, said it had not reached this
+        node (so a cut one way only, that lets this node poll it, counts too)."""
+        peer = self.placer.peers.get(number)
+        said = peer.unreached_us if peer is not None and peer.healthy else 0.0
+        return max(self.unreached_for(number), said)
 
     def room_state(self, room_id: str) -> dict[str, Any] | None:
         """What this node is to ``room_id`` (``GET /internal/rooms/<room_id>``, and the
@@ -351,7 +361,8 @@ class StopRequest:
 async def serve(cfg: Config, number: int) -> int:
     """Run node N until SIGTERM/SIGINT (or its supervisor is gone); drain and return the
     exit code (0 after a clean drain; ``EXIT_ADOPTED_AWAY`` when it stopped, without a
-    grace period, because its follower adopted rooms it served). A store that cannot be
+    grace period, because its follower adopted rooms it served or its lease was gone). A
+    store that cannot be
     opened (damaged, or in use by another process), or installed libraries the fast engine
     cannot run on, is one logged line and exit code 1."""
     try:
@@ -384,14 +395,14 @@ async def serve(cfg: Config, number: int) -> int:
         watcher = asyncio.create_task(
             lifecycle.watch_parent(parent, lambda why: stop(why, False)), name="parent")
     requested = asyncio.create_task(stop.requested.wait(), name="stop-requested")
-    adopted_away = asyncio.create_task(node.online.adopted_away.wait(), name="adopted-away")
-    await asyncio.wait({requested, adopted_away}, return_when=asyncio.FIRST_COMPLETED)
-    for task in (watcher, sweeper, requested, adopted_away):
+    stop_now = asyncio.create_task(node.online.stop_now.wait(), name="stop-now")
+    await asyncio.wait({requested, stop_now}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (watcher, sweeper, requested, stop_now):
         if task is not None:
             task.cancel()
-    fenced = node.online.adopted_away.is_set()
-    if fenced:  # two owners from now on: no grace period, clients go at once
-        stop(node.online.adopted_away_reason)
+    fenced = node.online.stop_now.is_set()
+    if fenced:  # two owners now, or soon: no grace period, clients go at once
+        stop(node.online.stop_reason)
         stop.hurry.set()
     code = await node.drain(stop.hurry)
     if code == 0:

@@ -7,7 +7,8 @@ it has not reached N for ``node.adopt_after`` seconds itself *and* a strict majo
 instances other than N (M included) report the same. A peer M cannot ask counts as not
 agreeing, so a follower cut off from the rest of the cluster never adopts: at worst the
 cluster waits for an operator (``shardchat adopt``), it never has two owners because of a
-one-sided view.
+one-sided view. The owner's side of the same count is its lease (``lease.py``): cut off
+from that many, it stops before the first vote can pass.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from shardchat.internal_api import REACHABILITY_PATH
+from shardchat.node.replication.lease import needed_to_adopt
 
 log = logging.getLogger("shardchat.node.replication")
 
@@ -86,7 +88,8 @@ class AutoAdopt:
         voters = {n: url for n, url in self._others().items() if n != owner}
         agreeing = 1 + sum(await asyncio.gather(
             *(self._agrees(session, url, owner) for url in voters.values())))
-        needed = (len(voters) + 1) // 2 + 1  # strict majority of the others of ``owner``
+        # a strict majority of the others of ``owner`` (the count its lease is held by)
+        needed = needed_to_adopt(len(voters) + 1)
         rounds = self.votes.get(owner, (0, 0, 0))[2] + 1
         self.votes[owner] = (agreeing, needed, rounds)
         return agreeing >= needed

@@ -11,7 +11,11 @@
   operator's ``shardchat adopt`` or by ``AutoAdopt`` (``auto.py``);
 * ``fence``: at start, before serving, the rooms adopted away from this node become
   forwards; and while it runs, each time its follower connects, it asks the follower
-  whether it adopted rooms this node still serves (``adopted_away``, below).
+  whether it adopted rooms this node still serves (``_check_adopted_away``, below);
+* with ``auto_adopt``, the lease (``lease.py``): a node that cannot reach enough of the
+  others stops before a follower may adopt it.
+
+Both of the last two stop the node at once through ``stop_now``.
 
 With ``replication = "off"`` nothing of this runs (the routes answer 409, saying so).
 """
@@ -42,6 +46,7 @@ from shardchat.node.replication.auto import AutoAdopt
 from shardchat.node.replication.copy import FollowedCopy, copy_path
 from shardchat.node.replication.follow import Follow
 from shardchat.node.replication.gate import AckGate
+from shardchat.node.replication.lease import Lease
 from shardchat.node.replication.stream import ShipLog
 from shardchat.node.store import Store
 
@@ -53,7 +58,8 @@ class OnlineReplication:
 
     def __init__(self, cfg: Config, number: int, store: Store,
                  locate: Callable[[int], str | None],
-                 unreached_for: Callable[[int], float]) -> None:
+                 unreached_for: Callable[[int], float],
+                 out_of_touch_for: Callable[[int], float]) -> None:
         n = cfg.node
         self.cfg = cfg
         self.number = number
@@ -67,11 +73,13 @@ class OnlineReplication:
         self.follows: dict[int, Follow] = {}
         self.auto: AutoAdopt | None = None
         self.adopted: dict[int, int] = {}  # owner -> rooms of its copy held here
-        # Set when this node learns, while it serves, that its follower adopted rooms it
-        # still serves (see ``_check_adopted_away``): the node then stops at once, and its
-        # next start fences them. ``adopted_away_reason`` is the sentence it logs.
-        self.adopted_away = asyncio.Event()
-        self.adopted_away_reason = ""
+        # Set when this node must stop serving at once (no grace period, exit code 3): it
+        # learnt that its follower adopted rooms it still serves (``_check_adopted_away``),
+        # or its lease is gone (``lease.py``); its next start fences what was adopted.
+        # ``stop_reason`` is the sentence it logs.
+        self.stop_now = asyncio.Event()
+        self.stop_reason = ""
+        self.lease: Lease | None = None
         self._checks: set[asyncio.Task[None]] = set()
         # The follower may connect while the start-up fence still waits for answers (the
         # internal listener is up): the rooms that fence takes are not "still served".
@@ -79,6 +87,9 @@ class OnlineReplication:
         self._adopting = asyncio.Lock()
         if self.mode == "off":
             return
+        if n.auto_adopt:
+            self.lease = Lease(number, self._other_numbers, out_of_touch_for,
+                               n.adopt_lease, self._stop)
         follower = cfg.follower_of(number)
         if follower is not None:
             self.ship = ShipLog(store, follower, n.replication_backlog)
@@ -95,6 +106,15 @@ class OnlineReplication:
             self.auto = AutoAdopt(number, list(self.follows), self._others, unreached_for,
                                   n.adopt_after, lambda owner: self.adopt(owner, force=True),
                                   self._headers, n.peer_timeout)
+
+    def _other_numbers(self) -> list[int]:
+        return [i.number for i in self.cfg.instances if i.number != self.number]
+
+    def _stop(self, reason: str) -> None:
+        """Stop serving now (see ``stop_now``); the first reason is the one logged."""
+        if not self.stop_now.is_set():
+            self.stop_reason = reason
+            self.stop_now.set()
 
     def _others(self) -> dict[int, str]:
         out = {}
@@ -119,12 +139,16 @@ class OnlineReplication:
     async def start(self) -> None:
         for follow in self.follows.values():
             await follow.start()
+        if self.lease is not None:
+            self.lease.start()
         if self.auto is not None:
             self.auto.start()
 
     async def close(self) -> None:
         for check in list(self._checks):
             check.cancel()
+        if self.lease is not None:
+            await self.lease.close()
         if self.auto is not None:
             await self.auto.close()
         for follow in self.follows.values():
@@ -229,7 +253,7 @@ class OnlineReplication:
         ran on meanwhile (``shardchat adopt --force``, or ``auto_adopt`` while a partition
         cut it off from the others but not from its clients) learns it here, when the link
         to its follower is back: the adopter follows it again after an adoption. Its rooms
-        then have two owners, so it stops serving at once (``adopted_away``) and its next
+        then have two owners, so it stops serving at once (``stop_now``) and its next
         start fences them, as for any instance that comes back."""
         await self._fenced.wait()
         base = self._locate(follower)
@@ -239,15 +263,15 @@ class OnlineReplication:
             answers = await adoption.ask_adopted(session, {follower: base}, self.number,
                                                  self.cfg.node.peer_timeout)
         served = sorted(r for r in answers.get(follower, {}) if self.store.get_room(r))
-        if not served or self.adopted_away.is_set():
+        if not served or self.stop_now.is_set():
             return
-        self.adopted_away_reason = (
+        reason = (
             f"instance {follower} adopted {len(served)} rooms that instance {self.number} "
             f"still serves (e.g. {served[0]}): it was adopted while it ran (shardchat adopt "
             "--force, or auto_adopt while it was cut off). Stopping now; the next start "
             "makes them forwards to their new owner")
-        log.error("%s", self.adopted_away_reason)
-        self.adopted_away.set()
+        log.error("%s", reason)
+        self._stop(reason)
 
     async def _adopt_route(self, request: web.Request) -> web.Response:
         try:
@@ -284,6 +308,8 @@ class OnlineReplication:
                                **(self.gate.stats() if self.gate is not None else {})}
         if self.follows:
             out["following"] = {str(o): f.stats() for o, f in self.follows.items()}
+        if self.lease is not None:
+            out["lease"] = self.lease.stats()
         if self.auto is not None:
             out["auto_adopt"] = {str(o): {"agreeing": a, "needed": n, "rounds": r}
                                  for o, (a, n, r) in self.auto.votes.items()}
