@@ -56,10 +56,12 @@ class Sender:
     """A member that sends messages with client ids one after the other, until stopped or
     until the node stops answering, and records what each ack said."""
 
-    def __init__(self, client: RoomClient, prefix: str = "live", timeout: float = 3.0):
+    def __init__(self, client: RoomClient, prefix: str = "live", timeout: float = 3.0,
+                 limit: int | None = None):
         self.client = client
         self.prefix = prefix
         self.timeout = timeout
+        self.limit = limit  # messages to send at most (None: until stopped)
         self.acked: dict[str, int] = {}  # client_id -> seq of an ok ack
         self.moved: list[dict[str, Any]] = []  # acks with error "moved"
         self.other: list[Any] = []  # anything else (unavailable, a timeout, a disconnect)
@@ -72,7 +74,7 @@ class Sender:
         return self
 
     async def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and (self.limit is None or self._count < self.limit):
             cid = f"{self.prefix}-{self._count}"
             self._count += 1
             try:

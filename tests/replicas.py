@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from shardchat.config import dump_toml
-from tests.conftest import open_client
-from tests.moves import Sender
+from tests.conftest import Refused, open_client
+from tests.moves import Sender, room_state
 from tests.support import (
     AUTH,
     ROOT,
@@ -197,11 +197,21 @@ def cluster(tmp: Path, mode: str, n: int = 3, cut: tuple[int, int] | None = None
             p.close()
 
 
+# A burst sends at most this many messages in all, so that a member rejoining with
+# last_seq 0 (``check_adopted``) recovers every one of them in its welcome: fewer than
+# node.max_recovery (1,000) and well within one page (node.max_page_bytes). On a fast
+# machine an unbounded burst passed 1,000 while a test waited for a restart.
+BURST_LIMIT = 600
+
+
 async def burst(owner: NodeProcess, room: dict[str, Any], senders: int = 3,
                 until_acked: int = 60) -> tuple[list[Sender], list[Any]]:
-    """Members sending at once until ``until_acked`` messages are acked in all."""
+    """Members sending at once until ``until_acked`` messages are acked in all (each stops
+    after its share of ``BURST_LIMIT``)."""
+    assert until_acked <= BURST_LIMIT
     clients = [await open_client(owner, room, name=f"s{i}") for i in range(senders)]
-    running = [Sender(c, prefix=f"s{i}").start() for i, c in enumerate(clients)]
+    running = [Sender(c, prefix=f"s{i}", limit=BURST_LIMIT // senders).start()
+               for i, c in enumerate(clients)]
     await async_wait_until(lambda: sum(len(s.acked) for s in running) >= until_acked,
                            timeout=60, what="a burst of acked messages")
     return running, clients
@@ -241,3 +251,16 @@ async def check_adopted(adopter: NodeProcess, room: dict[str, Any], acked: dict[
         return history
     finally:
         await member.close()
+
+
+async def assert_fenced(node, room: dict, adopter: int, name: str = "m") -> Any:
+    """``room`` is a forward on ``node`` to ``adopter`` (fenced there after an adoption),
+    and a client joining it there is refused ``moved``; the refusal, for more checks."""
+    status, state = await asyncio.to_thread(room_state, node, room["id"])
+    assert status == 200 and state["state"] == "forwarded" and state["to"] == adopter, state
+    try:
+        await open_client(node, room, name=name)
+    except Refused as refused:
+        assert refused.code == "moved", refused
+        return refused
+    raise AssertionError(f"a client joined room {room['id']} on instance {node.number}")

@@ -14,10 +14,11 @@ import pytest
 import tests.replicas as replicas
 from shardchat.cli_common import EXIT_OK, EXIT_REFUSED
 from shardchat.node.main import EXIT_ADOPTED_AWAY
-from tests.conftest import Refused, acreate_room, open_client
+from tests.conftest import acreate_room, open_client
 from tests.moves import move_room, room_state
 from tests.replicas import (
     adopt,
+    assert_fenced,
     burst,
     caught_up,
     check_adopted,
@@ -185,11 +186,8 @@ async def test_a_fenced_owner_that_comes_back_serves_none_of_its_adopted_rooms(t
         await moved.send_ok("on the adopter", client_id="c5")
         await moved.close()
         await asyncio.to_thread(one.start)  # back with its old disk
-        status, state = await asyncio.to_thread(room_state, one, room["id"])
-        assert status == 200 and state["state"] == "forwarded" and state["to"] == 2, state
-        with pytest.raises(Refused) as refused:
-            await open_client(one, room, name="m")
-        assert refused.value.code == "moved" and refused.value.data["data"]["instance"] == 2
+        refused = await assert_fenced(one, room, 2)
+        assert refused.data["data"]["instance"] == 2
         status, where = await asyncio.to_thread(page_redirect, one.base_url,
                                                 f"/i1/room/{room['id']}")
         assert status == 308 and where == f"/i2/room/{room['id']}", (status, where)
@@ -221,11 +219,7 @@ async def test_an_owner_back_while_its_adopter_is_down_waits_before_serving(tmp_
             socket.create_connection(("127.0.0.1", one.port), timeout=2).close()
         await asyncio.to_thread(two.start)
         await one.wait_ready_async(60)
-        status, state = await asyncio.to_thread(room_state, one, room["id"])
-        assert status == 200 and state["state"] == "forwarded" and state["to"] == 2, state
-        with pytest.raises(Refused) as refused:
-            await open_client(one, room, name="m")
-        assert refused.value.code == "moved"
+        await assert_fenced(one, room, 2)
 
 
 @pytest.mark.timeout(240)
@@ -248,11 +242,7 @@ async def test_an_owner_adopted_while_it_runs_stops_at_once_and_is_fenced_at_its
         assert "instance 2 adopted 1 rooms that instance 1 still serves" in one.log()
         await member.close()
         await asyncio.to_thread(one.start)
-        status, state = await asyncio.to_thread(room_state, one, room["id"])
-        assert status == 200 and state["state"] == "forwarded" and state["to"] == 2, state
-        with pytest.raises(Refused) as refused:
-            await open_client(one, room, name="m")
-        assert refused.value.code == "moved"
+        await assert_fenced(one, room, 2)
         moved = await open_client(two, room["id"], name="m", token=token, last_seq=0)
         assert [m["client_id"] for m in moved.welcome["history"]] == ["c0", "c1", "c2"]
         await moved.send_ok("on the adopter", client_id="c3")

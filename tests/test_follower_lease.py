@@ -17,9 +17,9 @@ import pytest
 
 from shardchat.node.main import EXIT_ADOPTED_AWAY
 from shardchat.node.replication.lease import Lease, needed_to_adopt
-from tests.conftest import Refused, acreate_room, open_client
-from tests.moves import room_state
+from tests.conftest import acreate_room, open_client
 from tests.replicas import (
+    assert_fenced,
     burst,
     caught_up,
     check_adopted,
@@ -111,11 +111,7 @@ async def test_an_owner_cut_off_from_the_majority_stops_before_its_follower_adop
         for proxy in proxies.values():
             proxy.start()
         await asyncio.to_thread(one.start)
-        status, state = await asyncio.to_thread(room_state, one, room["id"])
-        assert status == 200 and state["state"] == "forwarded" and state["to"] == 2, state
-        with pytest.raises(Refused) as refused:
-            await open_client(one, room, name="late")
-        assert refused.value.code == "moved"
+        await assert_fenced(one, room, 2, name="late")
         status, found = await asyncio.to_thread(lookup, one, room["id"])
         assert status == 200 and found["instance"] == 2, found
         # and, back with a majority, it keeps its lease

@@ -15,9 +15,17 @@ import pytest
 
 from shardchat.cli_common import EXIT_OK
 from shardchat.node import faults
-from tests.conftest import Refused, acreate_room, open_client
-from tests.moves import room_state
-from tests.replicas import adopt, burst, caught_up, check_adopted, cluster, lookup, stop_all
+from tests.conftest import acreate_room, open_client
+from tests.replicas import (
+    adopt,
+    assert_fenced,
+    burst,
+    caught_up,
+    check_adopted,
+    cluster,
+    lookup,
+    stop_all,
+)
 from tests.support import async_wait_until, in_thread
 
 
@@ -61,11 +69,7 @@ async def test_fenced_owner_killed_after_fencing_stays_fenced(tmp_path):
         assert one.proc.returncode == -signal.SIGKILL, one.log()
         one.env = {}
         await asyncio.to_thread(one.start)
-        status, state = await asyncio.to_thread(room_state, one, room["id"])
-        assert status == 200 and state["state"] == "forwarded" and state["to"] == 2, state
-        with pytest.raises(Refused) as refused:
-            await open_client(one, room, name="m")
-        assert refused.value.code == "moved"
+        await assert_fenced(one, room, 2)
         adopted = await open_client(two, room["id"], name="m", last_seq=0)
         assert [m["client_id"] for m in adopted.welcome["history"]] == ["c0"]
         await adopted.close()
