@@ -87,21 +87,27 @@ def diff_threads(before: dict[str, float], after: dict[str, float]) -> dict[str,
             if v - before.get(k, 0.0) > 0}
 
 
-def _schedstat(pid: int, field: int) -> float:
-    """Field ``field`` of every thread's schedstat summed, in seconds (0: time on a CPU,
-    1: time runnable but waiting for one); nanoseconds as the scheduler counts them."""
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0.0
-    for tid in tids:
+def _thread_schedstat(pids: Iterable[int], field: int = 0) -> dict[tuple[int, str], int]:
+    """Field ``field`` of each thread's schedstat, by (pid, tid), in nanoseconds as the
+    scheduler counts them (0: time on a CPU, 1: time runnable but waiting for one)."""
+    out: dict[tuple[int, str], int] = {}
+    for pid in pids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                total += int(f.read().split()[field])
-        except (OSError, IndexError, ValueError):
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
             continue
-    return total / 1e9
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                    out[(pid, tid)] = int(f.read().split()[field])
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def _schedstat(pid: int, field: int) -> float:
+    """Field ``field`` of every thread of ``pid`` summed, in seconds."""
+    return sum(_thread_schedstat((pid,), field).values()) / 1e9
 
 
 def runqueue_wait(pid: int) -> float:
@@ -126,23 +132,6 @@ def total_cpu(pids: Iterable[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
 
 
-def _thread_exec_ns(pids: Iterable[int]) -> dict[tuple[int, str], int]:
-    """Nanoseconds on a CPU of every thread of ``pids`` (schedstat), by (pid, tid)."""
-    out: dict[tuple[int, str], int] = {}
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                    out[(pid, tid)] = int(f.read().split()[0])
-            except (OSError, IndexError, ValueError):
-                continue
-    return out
-
-
 class CpuWindow:
     """The servers' CPU seconds from its creation to each ``seconds()``, to the nanosecond.
 
@@ -158,11 +147,11 @@ class CpuWindow:
     def __init__(self, pids: Iterable[int]) -> None:
         self.pids = list(pids)
         self._ticks0 = total_cpu(self.pids)
-        self._ns0 = _thread_exec_ns(self.pids)
+        self._ns0 = _thread_schedstat(self.pids)
         self.counter = "ns"
 
     def seconds(self) -> float:
-        ns = _thread_exec_ns(self.pids)
+        ns = _thread_schedstat(self.pids)
         ticks = total_cpu(self.pids) - self._ticks0
         exact = sum(v - self._ns0.get(t, 0) for t, v in ns.items()) / 1e9
         # each of the two tick readings per process may be up to a tick below the truth
