@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.storelayout import to_clustered
 from shardchat.node import faults
 from shardchat.node.store import DB_NAME, schema
-from shardchat.node.store.schema import MESSAGE_COLUMNS, clustered
+from shardchat.node.store.schema import clustered
 from tests.support import ROOT
 from tests.test_store import opened, room, send
 
@@ -34,20 +35,7 @@ def to_old_layout(path: Path) -> None:
     """Give a closed store the messages table of earlier releases: the same rows, clustered."""
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        columns = "room_id, " + MESSAGE_COLUMNS
-        conn.execute(f"CREATE TABLE old AS SELECT {columns} FROM messages")
-        conn.execute("DROP TABLE messages")
-        conn.execute("""CREATE TABLE messages (
-            room_id TEXT NOT NULL, seq INTEGER NOT NULL, sender_sid TEXT NOT NULL,
-            sender_name TEXT NOT NULL, text TEXT NOT NULL, ts INTEGER NOT NULL,
-            client_id TEXT, sender_member TEXT, PRIMARY KEY (room_id, seq)) WITHOUT ROWID""")
-        conn.execute(f"INSERT INTO messages ({columns}) SELECT {columns} FROM old")
-        conn.execute("DROP TABLE old")
-        conn.execute("CREATE UNIQUE INDEX messages_member_dedup ON messages"
-                     " (room_id, sender_member, client_id)"
-                     " WHERE client_id IS NOT NULL AND sender_member IS NOT NULL")
-        conn.execute("COMMIT")
+        to_clustered(conn)
         assert clustered(conn)
     finally:
         conn.close()

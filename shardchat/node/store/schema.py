@@ -41,8 +41,8 @@ KEY_TTL_MS = 24 * 3600 * 1000
 
 # The messages table: a rowid table, so rows are stored in the order they commit and a
 # commit appends to the table's last pages; PRIMARY KEY (room_id, seq) is then a separate
-# index of small entries. Until schema 5 it was WITHOUT ROWID, clustered by (room, seq):
-# see ``migrate_layout`` for what that cost.
+# index of small entries. Earlier releases made it WITHOUT ROWID, clustered by (room,
+# seq): see ``migrate_layout`` for what that cost.
 _MESSAGE_TABLE = """
     room_id     TEXT NOT NULL,
     seq         INTEGER NOT NULL,
@@ -90,7 +90,7 @@ _ROOM_MOVE_COLUMNS = (("state", f"TEXT NOT NULL DEFAULT '{ACTIVE}'"), ("source",
 
 # The dedup index, created by ``migrate_dedup`` once the column exists. Rows with no member
 # (written before member identities existed) are outside it: nobody can claim them.
-_DEDUP_INDEX = (
+DEDUP_INDEX = (
     "CREATE UNIQUE INDEX IF NOT EXISTS messages_member_dedup"
     " ON messages (room_id, sender_member, client_id)"
     " WHERE client_id IS NOT NULL AND sender_member IS NOT NULL"
@@ -174,7 +174,7 @@ def migrate_dedup(conn: sqlite3.Connection) -> None:
         if "sender_member" not in columns:
             conn.execute("ALTER TABLE messages ADD COLUMN sender_member TEXT")
         conn.execute(f"DROP INDEX IF EXISTS {_OLD_DEDUP_INDEX}")
-        conn.execute(_DEDUP_INDEX)
+        conn.execute(DEDUP_INDEX)
 
 
 def migrate_moves(conn: sqlite3.Connection) -> None:
@@ -189,14 +189,13 @@ def migrate_moves(conn: sqlite3.Connection) -> None:
 
 
 def clustered(conn: sqlite3.Connection) -> bool:
-    """Whether the messages table still has the layout of schema 4 and earlier."""
+    """Whether the messages table still has the layout of earlier releases."""
     (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table'"
                           " AND name = 'messages'").fetchone()
     return "WITHOUT ROWID" in sql.upper()
 
 
-def migrate_layout(conn: sqlite3.Connection,
-                   max_rows: int | None = None) -> str | None:
+def migrate_layout(conn: sqlite3.Connection) -> str | None:
     """The messages table from WITHOUT ROWID (every store made by earlier releases) to a
     rowid table: "rebuilt", "kept" (too many rows to rebuild now), or None (nothing
     to do).
@@ -222,11 +221,10 @@ def migrate_layout(conn: sqlite3.Connection,
     "The messages table's layout")."""
     if not clustered(conn):
         return None
-    limit = LAYOUT_REBUILD_MAX_ROWS if max_rows is None else max_rows
     # stops counting past the limit: a store of millions of rows costs no full count
     (rows,) = conn.execute("SELECT count(*) FROM (SELECT 1 FROM messages LIMIT ?)",
-                           (limit + 1,)).fetchone()
-    if rows > limit:
+                           (LAYOUT_REBUILD_MAX_ROWS + 1,)).fetchone()
+    if rows > LAYOUT_REBUILD_MAX_ROWS:
         return "kept"
     with _migration(conn):
         conn.execute("DROP TABLE IF EXISTS messages_rebuilt")
@@ -237,7 +235,7 @@ def migrate_layout(conn: sqlite3.Connection,
         faults.reach("store.layout_copied")
         conn.execute("DROP TABLE messages")  # and its indexes
         conn.execute("ALTER TABLE messages_rebuilt RENAME TO messages")
-        conn.execute(_DEDUP_INDEX)
+        conn.execute(DEDUP_INDEX)
     return "rebuilt"
 
 
