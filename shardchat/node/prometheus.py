@@ -120,9 +120,10 @@ def _store_families(store: Mapping[str, Any], commits: Buckets) -> Iterator[Metr
                      "and broadcast waits on.", commits)
     recent = store["recent"]
     pages = CounterMetricFamily("shardchat_newest_pages",
-                                "Pages of a room's newest messages (welcomes, short "
-                                "reconnect gaps) by where they came from: memory or the "
-                                "store's file.", labels=["source"])
+                                "Pages of a room's messages (welcomes, reconnect gaps, "
+                                "history requests) by where they came from: memory (the "
+                                "newest 64 of rooms read lately) or the store's file.",
+                                labels=["source"])
     pages.add_metric(["memory"], recent["hits"])
     pages.add_metric(["store"], recent["misses"])
     yield pages

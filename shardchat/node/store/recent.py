@@ -100,9 +100,9 @@ class RecentMessages:
             self.drop(m.room_id)
             return
         if len(records) == self.keep:  # the oldest falls out: older messages exist now
-            gone = records[0]
-            entry.weight -= _weight(gone)
-            self._bytes -= _weight(gone)
+            gone = _weight(records[0])
+            entry.weight -= gone
+            self._bytes -= gone
             entry.complete = False
         records.append(m)
         w = _weight(m)
