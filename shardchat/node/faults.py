@@ -7,20 +7,21 @@ and races would make such tests flaky and slow; a named point is exact:
 durable and nothing after it has happened. SIGKILL, not an exception: nothing
 may be flushed, answered or cleaned up, exactly as when the machine loses power.
 
-The switch is read once, when this module is imported; an unknown name is refused at node
-start (``check``), so a misspelt point in a test fails loudly instead of never firing. Unset,
-``reach`` costs one comparison.
+The switch (``shardchat/faultswitch.py``) is read once, when this module is imported; an
+unknown name is refused at node start (``check``), so a misspelt point in a test fails
+loudly instead of never firing. Unset, ``reach`` costs one comparison.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
+
+from shardchat.faultswitch import AT_ENV as AT_ENV  # the variables, for tests that arm it
+from shardchat.faultswitch import ENV as ENV
+from shardchat.faultswitch import FaultSwitch
 
 log = logging.getLogger(__name__)
 
-ENV = "SHARDCHAT_FAULT"
 
 # Every point a node can be told to die at. Source side of a move: after each step has done
 # its work (and, where it writes, after the write is durable). Target side: after the state
@@ -57,33 +58,17 @@ REPLICATION_POINTS = (
 POINTS = (HANDOFF_POINTS | frozenset(STORE_POINTS) | frozenset(LAYOUT_POINTS)
           | frozenset(REPLICATION_POINTS))
 
-AT_ENV = "SHARDCHAT_FAULT_AT"  # die the n-th time the point is reached (default: the first)
-
-_armed: str | None = os.environ.get(ENV) or None
-_left = int(os.environ.get(AT_ENV) or "1")  # reaches of the armed point until it fires
+_SWITCH = FaultSwitch(POINTS)
+reach = _SWITCH.reach
 
 
 def check() -> None:
     """Refuse a switch that names no known point (called once at node start)."""
-    if _armed is not None and _armed not in POINTS:
-        raise ValueError(f"{ENV}={_armed!r} names no fault point; known points: "
-                         + ", ".join(sorted(POINTS)))
-    if _armed is not None:
-        log.warning("fault injection armed: this node dies (SIGKILL) at %s", _armed)
+    _SWITCH.check()
+    if _SWITCH.armed is not None:
+        log.warning("fault injection armed: this node dies (SIGKILL) at %s", _SWITCH.armed)
 
 
 def armed() -> str | None:
     """The point this process will die at, or None."""
-    return _armed
-
-
-def reach(point: str) -> None:
-    """Die here, at once and without cleanup, when the switch names ``point`` (the
-    ``SHARDCHAT_FAULT_AT``-th time it is reached)."""
-    global _left
-    if point == _armed:
-        _left -= 1
-        if _left > 0:
-            return
-        log.warning("fault point %s reached: killing this process", point)
-        os.kill(os.getpid(), signal.SIGKILL)
+    return _SWITCH.armed
