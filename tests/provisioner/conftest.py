@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import boto3
 import pytest
 from moto import mock_aws
+from moto.core.botocore_stubber import BotocoreStubber
 
 from shardchat import config as config_mod
 from tests.support import ROOT, free_port, http_json, wait_until, write_config
@@ -194,3 +196,18 @@ def write_provision_config(path: Path, net: Network, numbers: list[int], **kw: A
     data = config_dict(net, numbers, **kw)
     return write_config(path, instances=data["instances"], cluster=data["cluster"],
                         aws=data["aws"])
+
+
+@pytest.fixture
+def one_call_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each in-process moto call made one step, as each AWS call is atomic on AWS: moto
+    runs calls from several threads interleaved inside its Python code (a describe can walk
+    a tag dict another thread's create_tags is changing). Only whole calls are serialised;
+    how the calls of racing threads interleave stays as free as on AWS."""
+    guard = threading.Lock()
+    original = BotocoreStubber.__call__
+
+    def one_at_a_time(self: BotocoreStubber, *args: Any, **kwargs: Any) -> Any:
+        with guard:
+            return original(self, *args, **kwargs)
+    monkeypatch.setattr(BotocoreStubber, "__call__", one_at_a_time)

@@ -3,9 +3,10 @@ EC2 tags, and two real nodes booting at the same moment.
 
 The claim relies on each EC2 API call being atomic, as it is on AWS. In-process moto runs
 calls from several threads interleaved inside its Python code (a describe can walk a tag
-dict another thread's create_tags is changing), so ``atomic_moto`` makes each call one step,
-for this module's in-process tests only. The claim protocol itself gets no help: the
-interleaving of whole calls (read, write, wait, read) is as free as on AWS.
+dict another thread's create_tags is changing), so ``one_call_at_a_time`` (conftest.py)
+makes each call one step, for this module's in-process tests only. The claim protocol
+itself gets no help: the interleaving of whole calls (read, write, wait, read) is as free
+as on AWS.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any
 import boto3
 import pytest
 from moto import mock_aws
-from moto.core.botocore_stubber import BotocoreStubber
 
 from shardchat.aws import imds
 from shardchat.aws.claim import ClaimError, claim_number, claims
@@ -45,18 +45,7 @@ CLUSTER = [{"Key": TAG_CLUSTER, "Value": "demo"}]
 
 
 @pytest.fixture
-def atomic_moto(monkeypatch: pytest.MonkeyPatch) -> None:
-    guard = threading.Lock()
-    original = BotocoreStubber.__call__
-
-    def one_at_a_time(self: BotocoreStubber, *args: Any, **kwargs: Any) -> Any:
-        with guard:
-            return original(self, *args, **kwargs)
-    monkeypatch.setattr(BotocoreStubber, "__call__", one_at_a_time)
-
-
-@pytest.fixture
-def ec2(atomic_moto) -> Iterator[tuple[Any, Any]]:
+def ec2(one_call_at_a_time) -> Iterator[tuple[Any, Any]]:
     with mock_aws():
         client = boto3.client("ec2", region_name=REGION)
         yield client, build_network(client, count=0)
@@ -174,6 +163,10 @@ class FakeImds(http.server.ThreadingHTTPServer):
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
 
 class ImdsHandler(http.server.BaseHTTPRequestHandler):
     server: FakeImds
@@ -205,8 +198,7 @@ class ImdsHandler(http.server.BaseHTTPRequestHandler):
 def fake_imds() -> Iterator[FakeImds]:
     server = FakeImds("i-0123456789abcdef0", "10.1.2.3")
     yield server
-    server.shutdown()
-    server.server_close()
+    server.stop()
 
 
 def test_imdsv2_identity_uses_a_session_token(fake_imds, monkeypatch):
@@ -265,8 +257,7 @@ def test_two_nodes_booting_at_once_claim_1_and_2_and_serve(moto_server, tmp_path
             proc.terminate()
             proc.wait(timeout=30)
         for fake in fakes:
-            fake.shutdown()
-            fake.server_close()
+            fake.stop()
 
 
 # -- what `node --auto` refuses ------------------------------------------------------------
@@ -285,6 +276,17 @@ def auto_config(tmp_path, **aws: Any):
                         cluster={"name": "demo", "secret": SECRET,
                                  "data_dir": str(tmp_path / "data")},
                         aws={"region": REGION, "discover": "ec2-tags", **aws})
+
+
+def auto_node(moto_server, tmp_path, me: str, *, claim_settle: float
+              ) -> subprocess.CompletedProcess:
+    """``shardchat node --auto`` run to its end as EC2 instance ``me`` (IMDS on loopback)."""
+    fake = FakeImds(me, "127.0.0.2")
+    try:
+        return node_cmd(auto_config(tmp_path, claim_settle=claim_settle), "--auto",
+                        "--endpoint-url", moto_server.url, env={imds.IMDS_URL_ENV: fake.url})
+    finally:
+        fake.stop()
 
 
 def test_node_wants_exactly_one_of_instance_and_auto(tmp_path):
@@ -306,13 +308,7 @@ def test_auto_on_an_instance_without_the_cluster_tag_exits_1_naming_the_tag(moto
     client = moto_server.client("ec2")
     net = build_network(client, count=0)
     me = add_instances(client, net, 1)[0]
-    fake = FakeImds(me, "127.0.0.2")
-    try:
-        done = node_cmd(auto_config(tmp_path, claim_settle=0.1), "--auto", "--endpoint-url",
-                        moto_server.url, env={imds.IMDS_URL_ENV: fake.url})
-    finally:
-        fake.shutdown()
-        fake.server_close()
+    done = auto_node(moto_server, tmp_path, me, claim_settle=0.1)
     assert done.returncode == 1, done.stderr
     assert f"EC2 instance {me} has no such tag: tag it {TAG_CLUSTER} = demo" in done.stderr
     assert claims(client, "demo") == {}
@@ -328,13 +324,7 @@ def test_auto_refuses_the_100th_number_without_a_shard_table(moto_server, tmp_pa
         client.create_tags(Resources=[iid], Tags=[{"Key": TAG_INSTANCE_NUMBER,
                                                    "Value": str(n)}])
     me = add_instances(client, net, 1, CLUSTER)[0]
-    fake = FakeImds(me, "127.0.0.2")
-    try:
-        done = node_cmd(auto_config(tmp_path, claim_settle=2.0), "--auto", "--endpoint-url",
-                        moto_server.url, env={imds.IMDS_URL_ENV: fake.url})
-    finally:
-        fake.shutdown()
-        fake.server_close()
+    done = auto_node(moto_server, tmp_path, me, claim_settle=2.0)
     assert done.returncode == 2, done.stderr
     assert "Config error at aws.shards: instance 100" in done.stderr
     assert claims(client, "demo")[me] == 100  # kept: it starts once the tables exist

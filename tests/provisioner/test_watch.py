@@ -13,7 +13,6 @@ from typing import Any
 import boto3
 import pytest
 from botocore.exceptions import ClientError
-from moto.core.botocore_stubber import BotocoreStubber
 
 from provisioner.lock import Lock, ensure_table
 from provisioner.watch import CHANGED, FAILED, JITTER, LOCKED, OK, Round, Watcher
@@ -168,19 +167,12 @@ class Timed(Watcher):
             self.spans.append((began, time.monotonic(), self.lock.id or "?"))
 
 
-def test_two_watchers_at_once_take_turns_and_build_the_alb_once(aws, lock, monkeypatch):
+def test_two_watchers_at_once_take_turns_and_build_the_alb_once(aws, lock,
+                                                                 one_call_at_a_time):
     """Two watchers (two hosts, for availability) started at the same moment: their
     reconciles never overlap, one round builds the ALB, every other round finds it done or
     the lock held, and nothing fails. Each moto call is made one step, as each AWS call is
-    (see test_claim.py); the interleaving of whole rounds is free."""
-    guard = threading.Lock()
-    original = BotocoreStubber.__call__
-
-    def one_at_a_time(self: BotocoreStubber, *args: Any, **kwargs: Any) -> Any:
-        with guard:
-            return original(self, *args, **kwargs)
-    monkeypatch.setattr(BotocoreStubber, "__call__", one_at_a_time)
-
+    (``one_call_at_a_time``); the interleaving of whole rounds is free."""
     elbv2, ec2, net = aws
     for n in (1, 2, 3):
         add_instances(ec2, net, 1, tags("demo", n))
