@@ -139,16 +139,21 @@ async def handle(autoscaling: Any, cfg: Config, leaving: Leaving,
     return Outcome(leaving, True, moved, 0, "drained; lifecycle action completed")
 
 
+async def _renew(keep: Callable[[], None], lost: asyncio.Event) -> None:
+    """Renew the scale-in lock once; one that is no longer ours sets ``lost``."""
+    try:
+        await asyncio.to_thread(keep)
+    except LockLost as exc:
+        log.warning("%s", exc.message)
+        lost.set()
+
+
 async def _keeping(keep: Callable[[], None], every: float, lost: asyncio.Event) -> None:
     """Renew the scale-in lock every ``every`` seconds until cancelled or lost."""
-    while True:
+    while not lost.is_set():
         await asyncio.sleep(every)
         try:
-            await asyncio.to_thread(keep)
-        except LockLost as exc:
-            log.warning("%s", exc.message)
-            lost.set()
-            return
+            await _renew(keep, lost)
         except Exception as exc:  # an AWS hiccup: the lease has two more tries before it ends
             log.warning("could not renew the scale-in lock: %s", exc)
 
@@ -166,11 +171,7 @@ async def scale_in_round(autoscaling: Any, cfg: Config, say: Say | None = None,
     try:
         for leaving in await asyncio.to_thread(leaving_instances, autoscaling, cfg):
             if keep is not None and not lost.is_set():  # still ours before each drain
-                try:
-                    await asyncio.to_thread(keep)
-                except LockLost as exc:
-                    log.warning("%s", exc.message)
-                    lost.set()
+                await _renew(keep, lost)
             if lost.is_set():
                 outcomes.append(Outcome(leaving, False, 0, None, "the scale-in lock was "
                                         "taken over: left to its new holder"))
