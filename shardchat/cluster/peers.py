@@ -88,7 +88,7 @@ class PeerState:
     # How long the peer said, in its last answer (at ``fetched_at``), that it had not
     # reached this node (``unreached_for_caller``): a cut one way only, where this node
     # still reaches the peer, shows here (the owner's lease, ``replication/lease.py``).
-    unreached_us: float = 0.0
+    unreached_this_node_for: float = 0.0
 
     @property
     def base_url(self) -> str:
@@ -246,7 +246,7 @@ class PeerPool:
         peer.connections, peer.rooms = body["connections"], body["rooms"]
         peer.load = stats_load(body)
         seen = body.get("unreached_for_caller")  # absent from a node of an older release
-        peer.unreached_us = float(seen) if isinstance(seen, int | float) \
+        peer.unreached_this_node_for = float(seen) if isinstance(seen, int | float) \
             and not isinstance(seen, bool) and seen > 0 else 0.0
         peer.fetched_at = started
 

@@ -146,7 +146,7 @@ class Node:
         ``number`` and how long ``number``, in its last answer, said it had not reached this
         node (so a cut one way only, that lets this node poll it, counts too)."""
         peer = self.placer.peers.get(number)
-        said = peer.unreached_us if peer is not None and peer.healthy else 0.0
+        said = peer.unreached_this_node_for if peer is not None and peer.healthy else 0.0
         return max(self.unreached_for(number), said)
 
     def room_state(self, room_id: str) -> dict[str, Any] | None:
@@ -362,9 +362,8 @@ async def serve(cfg: Config, number: int) -> int:
     """Run node N until SIGTERM/SIGINT (or its supervisor is gone); drain and return the
     exit code (0 after a clean drain; ``EXIT_ADOPTED_AWAY`` when it stopped, without a
     grace period, because its follower adopted rooms it served or its lease was gone). A
-    store that cannot be
-    opened (damaged, or in use by another process), or installed libraries the fast engine
-    cannot run on, is one logged line and exit code 1."""
+    store that cannot be opened (damaged, or in use by another process), or installed
+    libraries the fast engine cannot run on, is one logged line and exit code 1."""
     try:
         node = Node(cfg, number)
     except engine.EngineIncompatible as exc:  # the fast engine's self-check, before serving
