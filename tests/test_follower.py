@@ -279,10 +279,13 @@ async def test_auto_adopt_needs_a_majority(tmp_path):
         assert state["state"] == "owner", state  # no majority: not adopted
         assert "adopted" not in metrics(two)
         one.kill()  # now 3 cannot reach 1 either: a majority
-        await async_wait_until(in_thread(lambda: lookup(three, room["id"])[1].get("instance")
-                                         == 2), timeout=60,
+        # counted in the metrics once instance 2 follows 1 again, just after the adoption
+        await async_wait_until(in_thread(lambda: "adopted" in metrics(two)), timeout=60,
                                what="instance 2 to adopt instance 1 by itself")
         assert metrics(two)["adopted"] == {"1": 1}
+        await async_wait_until(in_thread(lambda: lookup(three, room["id"])[1].get("instance")
+                                         == 2), timeout=60,
+                               what="instance 3 to find the room on instance 2")
 
 
 @pytest.mark.timeout(240)

@@ -96,11 +96,14 @@ async def test_an_owner_cut_off_from_the_majority_stops_before_its_follower_adop
         gone_at = logged_at(log_path, "instance 1 stopped")
         assert gone_at <= exited_at + SLACK
 
-        # the follower adopts by itself, after the owner stopped
+        # the follower adopts by itself, after the owner stopped (its metrics count the
+        # adoption once it follows instance 1 again, a moment after the rooms are its own)
+        await async_wait_until(in_thread(lambda: "adopted" in metrics(two)), timeout=60,
+                               what="instance 2 to adopt instance 1 by itself")
+        assert (await asyncio.to_thread(metrics, two))["adopted"] == {"1": 1}
         await async_wait_until(
             in_thread(lambda: lookup(three, room["id"])[1].get("instance") == 2),
-            timeout=60, what="instance 2 to adopt instance 1 by itself")
-        assert (await asyncio.to_thread(metrics, two))["adopted"] == {"1": 1}
+            timeout=60, what="instance 3 to find the room on instance 2")
         adopted_at = logged_at(two.log_path, "has not reached instance 1 for 8 s: adopting")
         assert adopted_at > gone_at, (adopted_at, gone_at)
         _, found = await asyncio.to_thread(lookup, three, room["id"])

@@ -59,16 +59,17 @@ def varint(data: bytes, at: int) -> tuple[int, int]:
     raise AssertionError("unreachable")
 
 
-def leaf_rows(data: bytes) -> dict[int, list[tuple[str, int]]]:
-    """(room key, seq) of the live rows on each b-tree leaf page, by 0-based page number.
+def leaf_rows(data: bytes) -> dict[int, list[tuple[str, int, int | None]]]:
+    """(room key, seq, rowid) of the live rows on each b-tree leaf page, by 0-based page
+    number (rowid None in a store of the old layout).
 
     Only live cells count: free space keeps stale copies of moved rows, so a plain search
     of the file would aim at the wrong pages. The messages table is a rowid table, whose
     leaf pages have type 0x0D and whose cells are a payload size, the rowid, then the row
-    (a store of schema 4 kept its rows in an index b-tree, leaf type 0x0A, with no rowid);
-    the rows' text is only in the table, so index pages never match."""
+    (a store of an earlier release kept its rows in an index b-tree, leaf type 0x0A, with no
+    rowid); the rows' text is only in the table, so index pages never match."""
     pattern = re.compile(rb"(intact|olddamage|gone)-(\d{5})-")
-    out: dict[int, list[tuple[str, int]]] = {}
+    out: dict[int, list[tuple[str, int, int | None]]] = {}
     for page in range(1, len(data) // PAGE):
         base = page * PAGE
         if data[base] not in (0x0A, 0x0D):
@@ -77,25 +78,31 @@ def leaf_rows(data: bytes) -> dict[int, list[tuple[str, int]]]:
         for i in range(int.from_bytes(data[base + 3:base + 5], "big")):
             ptr = base + int.from_bytes(data[base + 8 + 2 * i:base + 10 + 2 * i], "big")
             size, used = varint(data, ptr)
+            rowid = None
             if data[base] == 0x0D:  # the rowid comes next
-                used += varint(data, ptr + used)[1]
+                rowid, more = varint(data, ptr + used)
+                used += more
             found = pattern.search(data[ptr + used:ptr + used + size])
             if found:
-                rows.append((found.group(1).decode(), int(found.group(2))))
+                rows.append((found.group(1).decode(), int(found.group(2)), rowid))
         if rows:
             out[page] = rows
     return out
 
 
-def inside_runs(leaves: dict[int, list[tuple[str, int]]], doomed, rooms: dict[str, dict]
-                ) -> set[int]:
+def inside_runs(leaves: dict[int, list[tuple[str, int, int | None]]], doomed,
+                rooms: dict[str, dict]) -> set[int]:
     """The leaves holding only doomed rows whose neighbours in key order do too.
 
-    A seek may land on the leaf next to the one holding its key (the separator decides), so
-    the leaves around every run of damage stay readable: the damage hits the doomed rooms'
-    reads and no others."""
-    def first_key(page: int) -> tuple[str, int]:
-        room, seq = min(leaves[page], key=lambda r: (rooms[r[0]]["id"], r[1]))
+    The key is the b-tree's own: the rowid in a rowid table (commit order), (room id, seq)
+    in the old layout. A seek may land on the leaf next to the one holding its key (the
+    separator decides), so the leaves around every run of damage stay readable: the damage
+    hits the doomed rooms' reads and no others. The last leaf is never wrecked either: in
+    commit order it is where every room's next message goes."""
+    def first_key(page: int) -> tuple:
+        if leaves[page][0][2] is not None:
+            return (min(r[2] for r in leaves[page]),)
+        room, seq, _ = min(leaves[page], key=lambda r: (rooms[r[0]]["id"], r[1]))
         return rooms[room]["id"], seq
 
     order = sorted(leaves, key=first_key)
